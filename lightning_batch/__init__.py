@@ -1,0 +1,31 @@
+"""lightning-batch: a PyTorch Lightning plugin that works out the batch size during training.
+
+Public API (imported lazily, so ``import lightning_batch`` stays cheap)::
+
+    from lightning_batch import TaskModule, TabularDataModule, RunConfig, train
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "RunConfig": "lightning_batch.config",
+    "UserError": "lightning_batch.config",
+    "TabularDataModule": "lightning_batch.data",
+    "ResizableBatchSampler": "lightning_batch.sampler",
+    "TaskModule": "lightning_batch.module",
+    "build_model": "lightning_batch.models",
+    "train": "lightning_batch.training",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lightning_batch' has no attribute {name!r}")

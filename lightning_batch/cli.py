@@ -1,0 +1,206 @@
+"""The commands behind ``python experiments/run.py``.
+
+- no arguments: the demo (the seed's linear regression and a classification example);
+- ``train``: one run from flags and/or ``--config FILE.yaml`` (flags win over the file);
+- ``ui``: the MLflow UI on 127.0.0.1 against the project's store.
+
+Bad input prints one ``error: ...`` line and exits with status 2. Only ``experiments/run.py``
+imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from lightning_batch.config import (
+    ACTIVATIONS,
+    INITS,
+    LR_SCHEDULES,
+    MODELS,
+    OPTIMIZERS,
+    TASKS,
+    RunConfig,
+    UserError,
+    load_yaml_config,
+)
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The run options; every default comes from RunConfig (so YAML can sit under the flags)."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", help="bundled (diabetes, digits, breast_cancer, wine, iris), "
+                      "synthetic-regression, synthetic-classification, or a .csv/.parquet path")
+    data.add_argument("--target", help="target column of a CSV/Parquet file")
+    data.add_argument("--task", metavar="|".join(TASKS), help="inferred from the data when omitted")
+    data.add_argument("--rows", type=int, help="rows of synthetic data")
+    data.add_argument("--features", type=int, help="features of synthetic data")
+    data.add_argument("--noise", type=float, help="label noise of synthetic-regression")
+    data.add_argument("--correlation", type=float, help="AR(1) correlation of synthetic features")
+    data.add_argument("--classes", type=int, help="classes of synthetic-classification")
+    data.add_argument("--val-fraction", type=float)
+    data.add_argument("--test-fraction", type=float)
+    data.add_argument("--max-categories", type=int, help="most levels a text feature may have to be one-hot encoded")
+    data.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="train in the file's row order")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", metavar="|".join(MODELS))
+    model.add_argument("--hidden", type=int, nargs="+", help="MLP hidden widths, e.g. --hidden 64 64")
+    model.add_argument("--activation", metavar="|".join(ACTIVATIONS))
+    model.add_argument("--dropout", type=float)
+    model.add_argument("--init", metavar="|".join(INITS))
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--batch-size", help="N (mini-batch), 1 (SGD) or full (full-batch GD)")
+    optim.add_argument("--lr", type=float)
+    optim.add_argument("--optimizer", metavar="|".join(OPTIMIZERS))
+    optim.add_argument("--momentum", type=float)
+    optim.add_argument("--weight-decay", type=float)
+    optim.add_argument("--lr-schedule", metavar="|".join(LR_SCHEDULES))
+    optim.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
+    optim.add_argument("--epochs", type=int)
+    optim.add_argument("--patience", type=int, help="early stopping on val_loss after N stalled validations")
+    optim.add_argument("--val-every", type=int, help="validate every N epochs")
+    optim.add_argument("--seed", type=int)
+
+    track = parser.add_argument_group("tracking")
+    track.add_argument("--experiment", help="MLflow experiment name")
+    track.add_argument("--run-name")
+    track.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
+    track.add_argument("--log-every", type=int, help="log per-step metrics every N steps")
+
+    parser.add_argument("--config", dest="config_file", metavar="FILE.yaml", help="options from a YAML file")
+    parser.add_argument("--verbose", action="store_true", help="show Lightning's own messages")
+    parser.add_argument("--progress", action="store_true", help="show a progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="run.py", description="lightning-batch: train, record in MLflow, compare batch sizes.")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
+    train = commands.add_parser(
+        "train", help="train one configuration", argument_default=argparse.SUPPRESS
+    )
+    _train_arguments(train)
+    ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
+    ui.add_argument("--tracking-uri")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """RunConfig defaults, then the YAML file, then the flags given on the command line."""
+    given = dict(vars(args))
+    for key in ("command", "config_file", "verbose", "progress"):
+        given.pop(key, None)
+    values: dict[str, Any] = {}
+    config_file = getattr(args, "config_file", None)
+    if config_file:
+        from_file = load_yaml_config(config_file)
+        RunConfig.from_mapping(from_file, origin=config_file)  # unknown keys are reported here
+        values.update({str(k).replace("-", "_"): v for k, v in from_file.items()})
+    values.update(given)
+    return RunConfig.from_mapping(values, origin="flags").validate()
+
+
+def _print_summary(results: Sequence[Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="lightning-batch runs")
+    for column in ("dataset", "model", "batch size", "epochs", "val loss", "test loss", "test metric", "seconds",
+                   "MLflow run id"):
+        table.add_column(column)
+    for r in results:
+        metric = (
+            f"acc {r.metrics['test_acc']:.3f}" if "test_acc" in r.metrics else f"rmse {r.metrics.get('test_rmse', 0):.4f}"
+        )
+        sizes = f"{r.batch_size_start}" if r.batch_size_start == r.batch_size_end else (
+            f"{r.batch_size_start} → {r.batch_size_end}")
+        table.add_row(
+            r.dataset, r.model, sizes, str(r.epochs), f"{r.metrics['best_val_loss']:.4f}",
+            f"{r.metrics['test_loss']:.4f}", metric, f"{r.seconds:.1f}", r.run_id,
+        )
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(table)
+    uri = results[0].tracking_uri if results else ""
+    console.print("Open the MLflow UI:  [bold]python experiments/run.py ui[/bold]"
+                  + (f" --tracking-uri {shlex.quote(uri)}" if uri and uri != "sqlite:///mlruns/mlflow.db" else "")
+                  + f"\n   (or: mlflow ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1)", soft_wrap=True)
+
+
+DEMO_RUNS: tuple[dict[str, Any], ...] = (
+    # The seed: y = w·x + b + noise, mini-batch SGD.
+    dict(data="synthetic-regression", rows=20_000, features=8, noise=0.5, model="linear",
+         batch_size=32, lr=0.01, epochs=5, experiment="demo", run_name="seed-linear-regression"),
+    # Classification: 8×8 digit images as 64 tabular features, an MLP with Adam.
+    dict(data="digits", model="mlp", hidden=[64], optimizer="adam", batch_size=32, lr=0.003, epochs=15,
+         experiment="demo", run_name="digits-mlp"),
+)
+
+
+def run_demo(tracking_uri: str | None = None) -> int:
+    from lightning_batch.training import train
+
+    results = []
+    for options in DEMO_RUNS:
+        cfg = RunConfig.from_mapping({**options, "tracking_uri": tracking_uri}).validate()
+        results.append(train(cfg))
+    _print_summary(results)
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from lightning_batch.training import train
+
+    cfg = config_from_args(args)
+    result = train(cfg, progress_bar=getattr(args, "progress", False), verbose=getattr(args, "verbose", False))
+    _print_summary([result])
+    return 0
+
+
+def run_ui(args: argparse.Namespace) -> int:
+    from lightning_batch.tracking import ensure_store, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    ensure_store(uri)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+               "--port", str(args.port)]
+    print(f"MLflow UI on http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            return run_demo(os.environ.get("MLFLOW_TRACKING_URI"))
+        if args.command == "train":
+            return run_train(args)
+        if args.command == "ui":
+            return run_ui(args)
+        raise UserError(f"unknown command {args.command!r}")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: the run was marked KILLED in MLflow", file=sys.stderr)
+        return 130

@@ -1,0 +1,577 @@
+"""Tabular data: read a source, clean it, split it, scale it on train only, serve it by index.
+
+The seed's steps, in order:
+
+1. **read** a CSV/Parquet file, one of scikit-learn's bundled sets, or a generator
+   (:func:`load_frame`);
+2. **clean**: rows with a missing target are dropped and counted; a non-numeric target is an
+   error for regression and label-encoded for classification (:func:`clean_frame`);
+3. **split** train/val/test, seeded, stratified for classification (:func:`split_frame`);
+4. **fit the preprocessing on train only**: median imputation, one-hot encoding of text columns
+   with few levels, standard scaling (:class:`Preprocessor`), then apply it to every split;
+5. **serve** in-memory tensors through a :class:`~lightning_batch.sampler.ResizableBatchSampler`:
+   one tensor index a batch, no per-row collate (:class:`TabularDataModule`).
+
+Example:
+    >>> dm = TabularDataModule(data="iris", batch_size=16, seed=0)
+    >>> dm.setup()
+    >>> (dm.task, dm.n_features, dm.n_outputs, len(dm.train_set))
+    ('classification', 4, 3, 105)
+    >>> x, y = next(iter(dm.train_dataloader()))
+    >>> tuple(x.shape), y.dtype
+    ((16, 4), torch.int64)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_batch.config import SKLEARN_DATASETS, SYNTHETIC_DATASETS, RunConfig, UserError
+from lightning_batch.sampler import ResizableBatchSampler
+
+TARGET = "target"
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. read
+
+
+@dataclass
+class RawTable:
+    """A source as read: the frame, the name of its target column, and where it came from."""
+
+    frame: pd.DataFrame
+    target: str
+    source: str
+    #: For generated data, the truth it was generated from (weights, bias), for tests and reports.
+    truth: dict[str, Any] = field(default_factory=dict)
+
+
+def load_frame(cfg: RunConfig) -> RawTable:
+    """Read the configured source into a DataFrame (no cleaning yet)."""
+    if cfg.data in SYNTHETIC_DATASETS:
+        if cfg.data == "synthetic-regression":
+            return make_linear_regression(cfg.rows, cfg.features, cfg.noise, cfg.seed, cfg.correlation)
+        return make_classification(cfg.rows, cfg.features, cfg.classes, cfg.seed)
+    if cfg.data in SKLEARN_DATASETS:
+        return load_sklearn(cfg.data)
+    return read_table_file(cfg.data, cfg.target or "")
+
+
+def make_linear_regression(
+    rows: int, features: int, noise: float, seed: int, correlation: float = 0.0
+) -> RawTable:
+    """The seed's model as data: y = w·x + b + noise·ε, with x ~ N(0, C), C_ij = correlation^|i-j|.
+
+    >>> table = make_linear_regression(100, 3, 0.1, seed=0)
+    >>> table.frame.shape, sorted(table.truth)
+    ((100, 4), ['bias', 'noise', 'weights'])
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, features))
+    if correlation > 0:
+        lags = np.abs(np.subtract.outer(np.arange(features), np.arange(features)))
+        x = x @ np.linalg.cholesky(correlation**lags).T
+    weights = rng.normal(0.0, 1.0, size=features)
+    bias = float(rng.normal(0.0, 1.0))
+    y = x @ weights + bias + noise * rng.standard_normal(rows)
+    frame = pd.DataFrame(x, columns=[f"x{i}" for i in range(features)])
+    frame[TARGET] = y
+    truth = {"weights": weights.tolist(), "bias": bias, "noise": noise}
+    return RawTable(frame, TARGET, f"synthetic-regression(rows={rows},features={features},noise={noise})", truth)
+
+
+def make_classification(rows: int, features: int, classes: int, seed: int) -> RawTable:
+    """A multi-class problem from scikit-learn's ``make_classification`` (Gaussian clusters)."""
+    from sklearn.datasets import make_classification as sk_make_classification
+
+    informative = max(2, min(features, int(math.ceil(math.log2(classes))) + 2))
+    if features < informative:
+        raise UserError(f"--features {features} is too few for {classes} classes; use --features {informative}")
+    x, y = sk_make_classification(
+        n_samples=rows,
+        n_features=features,
+        n_informative=informative,
+        n_redundant=0,
+        n_classes=classes,
+        n_clusters_per_class=1,
+        class_sep=1.5,
+        random_state=seed,
+    )
+    frame = pd.DataFrame(x, columns=[f"x{i}" for i in range(features)])
+    frame[TARGET] = y
+    return RawTable(frame, TARGET, f"synthetic-classification(rows={rows},features={features},classes={classes})")
+
+
+def load_sklearn(name: str) -> RawTable:
+    """One of scikit-learn's bundled datasets (shipped with the package; nothing is downloaded)."""
+    import sklearn.datasets as skd
+
+    bunch = getattr(skd, f"load_{name}")(as_frame=True)
+    frame = bunch.frame.copy()
+    return RawTable(frame, TARGET, f"sklearn:{name}")
+
+
+def read_table_file(path: str, target: str) -> RawTable:
+    """Read a CSV or Parquet file; any failure is one :class:`UserError` line."""
+    file = Path(path)
+    try:
+        if file.suffix.lower() == ".csv":
+            frame = pd.read_csv(file)
+        else:
+            frame = pd.read_parquet(file)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path} is empty; give a file with a header row and data rows") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot read {path}: {first}; check the file's format") from None
+    except Exception as exc:  # pyarrow raises its own types for damaged Parquet files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot read {path}: {first}; check the file's format") from None
+    columns = [str(c) for c in frame.columns]
+    if len(set(columns)) != len(columns):
+        dupes = sorted({c for c in columns if columns.count(c) > 1})
+        raise UserError(f"{path} has duplicated column names {dupes}; rename them")
+    frame.columns = columns
+    if target not in frame.columns:
+        shown = ", ".join(columns[:10]) + (", ..." if len(columns) > 10 else "")
+        raise UserError(f"target column {target!r} not found in {path}; columns are: {shown}")
+    if frame.shape[1] < 2:
+        raise UserError(f"{path} has no feature columns besides the target {target!r}")
+    return RawTable(frame, target, str(file))
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. clean
+
+
+@dataclass
+class CleanTable:
+    """Features (still raw values) and an encoded target, with what cleaning did."""
+
+    features: pd.DataFrame
+    target: np.ndarray
+    task: str
+    classes: list[str]
+    dropped_rows: int
+    source: str
+    truth: dict[str, Any]
+
+
+def infer_task(target: pd.Series) -> str:
+    """A file's task when ``--task`` is not given: text or few integer levels → classification."""
+    values = target.dropna()
+    if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        return "classification"
+    integral = bool(np.all(np.isfinite(values)) and np.all(np.asarray(values) == np.round(values)))
+    return "classification" if integral and values.nunique() <= 20 else "regression"
+
+
+def clean_frame(raw: RawTable, task: str | None, max_categories: int) -> CleanTable:
+    """Drop rows without a target, encode the target, check there is something to learn from."""
+    frame = raw.frame
+    if len(frame) == 0:
+        raise UserError(f"{raw.source} has no data rows")
+    target = frame[raw.target]
+    if isinstance(target, pd.DataFrame):  # duplicated target name in a frame built by hand
+        raise UserError(f"{raw.source} has several columns named {raw.target!r}; rename them")
+    task = task or infer_task(target)
+    if task == "regression":
+        numeric = pd.to_numeric(target, errors="coerce")
+        bad_text = int((numeric.isna() & target.notna()).sum())
+        if bad_text and bad_text == int(target.notna().sum()):
+            raise UserError(
+                f"target {raw.target!r} is not numeric, so it cannot be regressed; "
+                "pass --task classification or pick a numeric column"
+            )
+        if bad_text:
+            example = target[numeric.isna() & target.notna()].iloc[0]
+            raise UserError(
+                f"target {raw.target!r} has {bad_text} non-numeric value(s) such as {str(example)[:30]!r}; "
+                "fix them or pass --task classification"
+            )
+        keep = numeric.notna() & np.isfinite(numeric.astype(float))
+    else:
+        keep = target.notna()
+    dropped = int((~keep).sum())
+    frame = frame.loc[keep]
+    if len(frame) == 0:
+        raise UserError(f"every row of {raw.source} lacks a usable target {raw.target!r}; nothing to train on")
+    features = frame.drop(columns=[raw.target])
+    if features.shape[1] == 0:
+        raise UserError(f"{raw.source} has no feature columns besides the target {raw.target!r}")
+    if task == "regression":
+        y = pd.to_numeric(frame[raw.target]).to_numpy(dtype=np.float32)
+        classes: list[str] = []
+    else:
+        labels = frame[raw.target].astype(str) if not pd.api.types.is_numeric_dtype(frame[raw.target]) else frame[
+            raw.target
+        ]
+        classes_raw = sorted(pd.unique(labels), key=lambda v: (str(type(v)), v))
+        if len(classes_raw) < 2:
+            raise UserError(
+                f"target {raw.target!r} has a single class ({classes_raw[0]!r}); classification needs at least 2"
+            )
+        index = {value: i for i, value in enumerate(classes_raw)}
+        y = labels.map(index).to_numpy(dtype=np.int64)
+        classes = [str(c) for c in classes_raw]
+    _check_feature_columns(features, raw.source, max_categories)
+    return CleanTable(features, y, task, classes, dropped, raw.source, raw.truth)
+
+
+def _check_feature_columns(features: pd.DataFrame, source: str, max_categories: int) -> None:
+    for name in features.columns:
+        column = features[name]
+        if _is_numeric_column(column):
+            continue
+        levels = column.dropna().nunique()
+        if levels > max_categories:
+            raise UserError(
+                f"feature {name!r} in {source} is text with {levels} levels (> --max-categories "
+                f"{max_categories}); drop it, encode it, or raise --max-categories"
+            )
+
+
+def _is_numeric_column(column: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. split
+
+
+def split_indices(
+    n_rows: int, labels: np.ndarray | None, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded train/val/test row indices; stratified by ``labels`` when every class allows it."""
+    from sklearn.model_selection import train_test_split
+
+    n_test = int(round(n_rows * test_fraction))
+    n_val = int(round(n_rows * val_fraction))
+    if n_test < 1 or n_val < 1 or n_rows - n_test - n_val < 1:
+        need = int(math.ceil(1 / min(val_fraction, test_fraction))) + 1
+        raise UserError(
+            f"{n_rows} usable rows are too few to split into train/val/test; "
+            f"give at least {need} rows or raise --val-fraction/--test-fraction"
+        )
+    rows = np.arange(n_rows)
+
+    def _split(idx: np.ndarray, size: int, strat: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        if strat is not None:
+            try:
+                return train_test_split(idx, test_size=size, random_state=seed, stratify=strat)
+            except ValueError:  # a class too small to stratify: fall back to a plain seeded split
+                pass
+        return train_test_split(idx, test_size=size, random_state=seed)
+
+    rest, test = _split(rows, n_test, labels)
+    rest_labels = labels[rest] if labels is not None else None
+    train, val = _split(rest, n_val, rest_labels)
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. preprocessing, fit on train only
+
+
+@dataclass
+class Preprocessor:
+    """Median imputation, one-hot encoding of text columns and standard scaling, fit on train.
+
+    Stored as plain JSON (:meth:`to_dict`) with the run, so the numbers that turned a raw row into
+    model input are readable and reproducible without unpickling anything.
+    """
+
+    numeric_columns: list[str] = field(default_factory=list)
+    medians: dict[str, float] = field(default_factory=dict)
+    categorical_levels: dict[str, list[str]] = field(default_factory=dict)
+    dropped_columns: list[str] = field(default_factory=list)
+    output_columns: list[str] = field(default_factory=list)
+    mean: list[float] = field(default_factory=list)
+    scale: list[float] = field(default_factory=list)
+
+    @classmethod
+    def fit(cls, train: pd.DataFrame) -> Preprocessor:
+        pre = cls()
+        for name in train.columns:
+            column = train[name]
+            if _is_numeric_column(column):
+                values = _finite_numeric(column)
+                if values.notna().sum() == 0:
+                    pre.dropped_columns.append(name)  # all missing in train: nothing to learn from it
+                    continue
+                pre.numeric_columns.append(name)
+                pre.medians[name] = float(values.median())
+            else:
+                levels = sorted(column.dropna().astype(str).unique().tolist())
+                if not levels:
+                    pre.dropped_columns.append(name)
+                    continue
+                pre.categorical_levels[name] = levels
+        if not pre.numeric_columns and not pre.categorical_levels:
+            raise UserError("every feature column is empty in the training split; nothing to train on")
+        pre.output_columns = list(pre.numeric_columns) + [
+            f"{name}={level}" for name, levels in pre.categorical_levels.items() for level in levels
+        ]
+        unscaled = pre._encode(train)
+        mean = unscaled.mean(axis=0)
+        std = unscaled.std(axis=0)
+        # A constant column keeps scale 1: dividing by ~0 would blow its noise up to unit variance.
+        std = np.where(std < 1e-12, 1.0, std)
+        pre.mean, pre.scale = mean.tolist(), std.tolist()
+        return pre
+
+    def _encode(self, frame: pd.DataFrame) -> np.ndarray:
+        parts = []
+        for name in self.numeric_columns:
+            parts.append(_finite_numeric(frame[name]).fillna(self.medians[name]).to_numpy(dtype=np.float64))
+        for name, levels in self.categorical_levels.items():
+            text = frame[name].astype(str).where(frame[name].notna(), None)
+            for level in levels:  # a level unseen in train encodes as all zeros
+                parts.append((text == level).to_numpy(dtype=np.float64))
+        return np.stack(parts, axis=1) if parts else np.zeros((len(frame), 0))
+
+    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        encoded = self._encode(frame)
+        return ((encoded - np.asarray(self.mean)) / np.asarray(self.scale)).astype(np.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Preprocessor:
+        return cls(**values)
+
+
+def _finite_numeric(column: pd.Series) -> pd.Series:
+    """Numbers with ±inf treated as missing (they would poison the mean and the scaler)."""
+    values = pd.to_numeric(column, errors="coerce").astype(float)
+    return values.where(np.isfinite(values))
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. serve
+
+
+class TensorTableDataset(Dataset):
+    """Rows of two in-memory tensors; ``__getitems__`` answers a whole batch with one index op."""
+
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor) -> None:
+        if len(features) != len(targets):
+            raise ValueError(f"{len(features)} feature rows but {len(targets)} targets")
+        self.features = features
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features[index], self.targets[index]
+
+    def __getitems__(self, indices: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        # DataLoader calls this instead of one __getitem__ per row when it exists.
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return self.features[index], self.targets[index]
+
+
+def keep_batch(batch: Any) -> Any:
+    """Collate that does nothing: ``__getitems__`` already returned the batch tensors."""
+    return batch
+
+
+@dataclass
+class PreparedData:
+    """What :func:`prepare_data` made: tensors per split and the facts a run records."""
+
+    train: TensorTableDataset
+    val: TensorTableDataset
+    test: TensorTableDataset
+    task: str
+    classes: list[str]
+    preprocessor: Preprocessor
+    dropped_rows: int
+    source: str
+    truth: dict[str, Any]
+    raw_frame: pd.DataFrame
+    target_column: str
+
+    @property
+    def n_features(self) -> int:
+        return self.train.features.shape[1]
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.classes) if self.task == "classification" else 1
+
+
+def prepare_data(cfg: RunConfig) -> PreparedData:
+    """Steps 1–4 for a validated config: read, clean, split, fit the preprocessing on train."""
+    raw = load_frame(cfg)
+    clean = clean_frame(raw, cfg.task, cfg.max_categories)
+    labels = clean.target if clean.task == "classification" else None
+    train_idx, val_idx, test_idx = split_indices(
+        len(clean.target), labels, cfg.val_fraction, cfg.test_fraction, cfg.seed
+    )
+    features = clean.features.reset_index(drop=True)
+    pre = Preprocessor.fit(features.iloc[train_idx])
+
+    def _dataset(idx: np.ndarray) -> TensorTableDataset:
+        x = torch.from_numpy(pre.transform(features.iloc[idx]))
+        y = torch.from_numpy(clean.target[idx])
+        if clean.task == "regression":
+            y = y.unsqueeze(1)
+        return TensorTableDataset(x, y)
+
+    return PreparedData(
+        train=_dataset(train_idx),
+        val=_dataset(val_idx),
+        test=_dataset(test_idx),
+        task=clean.task,
+        classes=clean.classes,
+        preprocessor=pre,
+        dropped_rows=clean.dropped_rows,
+        source=clean.source,
+        truth=clean.truth,
+        raw_frame=raw.frame,
+        target_column=raw.target,
+    )
+
+
+class TabularDataModule(pl.LightningDataModule):
+    """Tabular data for a Lightning fit, with a training batch size that may change between steps.
+
+    ``batch_size`` is global (all DDP ranks together); setting it takes effect at the next step.
+    Under DDP, build the Trainer with ``use_distributed_sampler=False``: the sampler shards the
+    batches itself (Lightning's replacement would freeze the size).
+
+    Args:
+        config: a :class:`RunConfig`; keyword arguments override its fields.
+        eval_batch_size: rows per validation/test batch (they never change the model).
+    """
+
+    def __init__(self, config: RunConfig | None = None, *, eval_batch_size: int = 4096, **options: Any) -> None:
+        super().__init__()
+        base = config.to_dict() if config is not None else {}
+        self.config = RunConfig.from_mapping({**base, **options}, origin="TabularDataModule").validate()
+        self.eval_batch_size = eval_batch_size
+        self.prepared: PreparedData | None = None
+        self._train_sampler: ResizableBatchSampler | None = None
+        self._pending_sampler_state: dict[str, Any] | None = None
+
+    # -- data ----------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.prepared is None:  # idempotent: Lightning calls setup per stage
+            self.prepared = prepare_data(self.config)
+            self.config.task = self.prepared.task
+
+    def _data(self) -> PreparedData:
+        if self.prepared is None:
+            self.setup()
+        assert self.prepared is not None
+        return self.prepared
+
+    @property
+    def task(self) -> str:
+        return self._data().task
+
+    @property
+    def n_features(self) -> int:
+        return self._data().n_features
+
+    @property
+    def n_outputs(self) -> int:
+        return self._data().n_outputs
+
+    @property
+    def train_set(self) -> TensorTableDataset:
+        return self._data().train
+
+    @property
+    def val_set(self) -> TensorTableDataset:
+        return self._data().val
+
+    @property
+    def test_set(self) -> TensorTableDataset:
+        return self._data().test
+
+    # -- batch size ------------------------------------------------------------------------------
+    def initial_batch_size(self) -> int:
+        """The configured batch size as a number (``full`` is every training row)."""
+        size = self.config.batch_size
+        return len(self.train_set) if size == "full" else min(int(size), len(self.train_set))
+
+    @property
+    def batch_size(self) -> int:
+        """Global training rows per step; changeable between steps."""
+        if self._train_sampler is not None:
+            return self._train_sampler.batch_size
+        return self.initial_batch_size()
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self.train_batch_sampler.batch_size = int(value)
+
+    @property
+    def train_batch_sampler(self) -> ResizableBatchSampler:
+        if self._train_sampler is None:
+            rank, world = self._rank_and_world()
+            self._train_sampler = ResizableBatchSampler(
+                len(self.train_set),
+                self.initial_batch_size(),
+                shuffle=self.config.shuffle,
+                seed=self.config.seed,
+                rank=rank,
+                world_size=world,
+            )
+            if self._pending_sampler_state is not None:
+                self._train_sampler.load_state_dict(self._pending_sampler_state)
+                self._pending_sampler_state = None
+        return self._train_sampler
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        if trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
+            raise UserError(
+                "TabularDataModule shards batches itself under DDP; build the Trainer with "
+                "use_distributed_sampler=False"
+            )
+        return trainer.global_rank, trainer.world_size
+
+    # -- loaders ---------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_sampler=self.train_batch_sampler, collate_fn=keep_batch)
+
+    def _eval_loader(self, dataset: TensorTableDataset) -> DataLoader:
+        # Every rank evaluates the whole split: the numbers agree across ranks without a sampler.
+        sampler = ResizableBatchSampler(len(dataset), min(self.eval_batch_size, len(dataset)), shuffle=False)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=keep_batch)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_set)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_sampler": self._train_sampler.state_dict() if self._train_sampler else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        sampler_state = state_dict.get("train_sampler")
+        if sampler_state is None:
+            return
+        if self._train_sampler is not None:
+            self._train_sampler.load_state_dict(sampler_state)
+        else:
+            self._pending_sampler_state = sampler_state

@@ -1,0 +1,188 @@
+"""``TaskModule``: one LightningModule for regression (MSE) and classification (cross-entropy).
+
+It wraps any plain model from :mod:`lightning_batch.models` (or your own ``nn.Module``), owns the
+loss, the metrics and the optimizer, and keeps the learning rate in the optimizer's param groups,
+where a callback such as :class:`~lightning_batch.callback.DynamicBatchSize` can change it.
+
+A training step reads top to bottom: forward, loss, count the rows; per-step numbers go to the
+logger's buffer every ``log_every`` steps, not through ``self.log`` (whose bookkeeping costs more
+than a small step itself).
+
+Example:
+    >>> import torch, lightning.pytorch as pl
+    >>> from lightning_batch.models import LinearRegression
+    >>> module = TaskModule(LinearRegression(3), task="regression", lr=0.1)
+    >>> x = torch.randn(64, 3); y = x.sum(1, keepdim=True)
+    >>> loader = [(x, y)] * 20
+    >>> trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
+    ...                      enable_model_summary=False, enable_checkpointing=False)
+    >>> trainer.fit(module, loader)
+    >>> module.samples_seen
+    1280
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torchmetrics
+from torch import nn
+from torch.nn import functional as F
+
+
+class TaskModule(pl.LightningModule):
+    """Train ``model`` for ``task`` with SGD/Adam/AdamW and an optional per-epoch lr schedule.
+
+    Args:
+        model: any ``nn.Module`` mapping a feature batch to predictions (1 column per target) or logits.
+        task: ``regression`` (MSE loss; RMSE and R² metrics) or ``classification`` (cross-entropy;
+            accuracy and macro F1).
+        n_classes: classes, required for classification metrics (default: the model's output width
+            is not known in general, so pass it).
+        optimizer: ``sgd`` (with ``momentum``), ``adam`` or ``adamw``.
+        lr: the learning rate the run starts with.
+        weight_decay: L2 penalty (decoupled for AdamW).
+        lr_schedule: ``none``, ``cosine`` (to 0 over ``max_epochs``), ``step`` (×0.1 at 1/2 and 3/4 of
+            ``max_epochs``) or ``plateau`` (×0.5 when val_loss stalls).
+        log_every: log per-step metrics every N optimizer steps.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: str = "regression",
+        *,
+        n_classes: int | None = None,
+        optimizer: str = "sgd",
+        lr: float = 0.01,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        lr_schedule: str = "none",
+        max_epochs: int = 10,
+        log_every: int = 1,
+    ) -> None:
+        super().__init__()
+        if task not in ("regression", "classification"):
+            raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
+        if task == "classification" and (n_classes is None or n_classes < 2):
+            raise ValueError("classification needs n_classes >= 2 (the number of model outputs)")
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.task = task
+        self.samples_seen = 0
+        self._world_size = 1
+        if task == "regression":
+            metrics = {
+                "rmse": torchmetrics.MeanSquaredError(squared=False),
+                "r2": torchmetrics.R2Score(),
+            }
+        else:
+            metrics = {
+                "acc": torchmetrics.Accuracy(task="multiclass", num_classes=n_classes),
+                "f1": torchmetrics.F1Score(task="multiclass", num_classes=n_classes, average="macro"),
+            }
+        self.val_metrics = torchmetrics.MetricCollection(metrics, prefix="val_")
+        self.test_metrics = self.val_metrics.clone(prefix="test_")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.task == "regression":
+            return F.mse_loss(prediction, target)
+        return F.cross_entropy(prediction, target)
+
+    # -- training --------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self._world_size = self.trainer.world_size
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.loss(self.model(x), y)
+        self._last_loss = loss.detach()
+        self._last_batch_rows = x.shape[0] * self._world_size
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.samples_seen += self._last_batch_rows
+        step = self.trainer.global_step
+        if self.logger is not None and step % self.hparams.log_every == 0:
+            # Straight into the logger's buffer (see tracking.BufferedMLFlowLogger): one dict a step.
+            self.logger.log_metrics(
+                {
+                    "train_loss": float(self._last_loss),
+                    "batch_size": float(self._last_batch_rows),
+                    "lr": self.current_lr,
+                    "samples_seen": float(self.samples_seen),
+                },
+                step=step,
+            )
+
+    @property
+    def current_lr(self) -> float:
+        """The first param group's learning rate, as the optimizer will use it next step."""
+        if self._trainer is None or not self.trainer.optimizers:
+            return float(self.hparams.lr)
+        return float(self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        prediction = self.model(x)
+        loss = self.loss(prediction, y)
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        if self.task == "regression":
+            metrics.update(prediction, y)
+        else:
+            metrics.update(prediction.argmax(dim=1), y)
+        # Weighted by rows so a short last batch counts for what it holds.
+        self.log(f"{stage}_loss", loss, batch_size=x.shape[0], prog_bar=True, sync_dist=True)
+        self.log_dict(metrics, batch_size=x.shape[0])
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._evaluate(batch, "test")
+
+    # -- optimisation ------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = self.model.parameters()
+        if hp.optimizer == "sgd":
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+            )
+        elif hp.optimizer == "adam":
+            optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            raise ValueError(f"unknown optimizer {hp.optimizer!r}; use sgd, adam or adamw")
+        # Schedules step per epoch: an epoch is one pass whatever the batch size did inside it.
+        if hp.lr_schedule == "none":
+            return optimizer
+        if hp.lr_schedule == "cosine":
+            scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, hp.max_epochs))
+        elif hp.lr_schedule == "step":
+            milestones = sorted({max(1, hp.max_epochs // 2), max(1, (3 * hp.max_epochs) // 4)})
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+        elif hp.lr_schedule == "plateau":
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=2)
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss", "interval": "epoch", "strict": False},
+            }
+        else:
+            raise ValueError(f"unknown lr_schedule {hp.lr_schedule!r}; use none, cosine, step or plateau")
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["samples_seen"] = self.samples_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.samples_seen = int(checkpoint.get("samples_seen", 0))

@@ -1,0 +1,164 @@
+"""A batch sampler whose batch size may change between any two steps of an epoch.
+
+Why a sampler of our own: Lightning's data loaders fix the batch size when an epoch begins, and
+its ``BatchSizeFinder`` can only change it between fits. This sampler reads :attr:`batch_size` at
+every ``next()``, so a callback can resize the batches mid-epoch, and it keeps a cursor into the
+epoch's permutation, so an epoch is exactly one pass over the data whatever the resizes were:
+no row is skipped, none is repeated.
+
+The batch size is *global*: the number of rows in one optimizer step summed over all DDP ranks.
+Every rank walks the same seeded permutation and takes its own stride of each global batch, so
+the ranks agree on the step count without talking to each other, and the union of what they see
+in an epoch is the dataset exactly once.
+
+Batches are yielded as one ``LongTensor`` of row indices: a tabular dataset answers with one
+tensor index (see :class:`lightning_batch.data.TensorTableDataset`), never a per-row collate.
+
+Example:
+    >>> sampler = ResizableBatchSampler(10, batch_size=4, shuffle=False)
+    >>> batches = iter(sampler)
+    >>> next(batches).tolist()
+    [0, 1, 2, 3]
+    >>> sampler.batch_size = 2
+    >>> [b.tolist() for b in batches]
+    [[4, 5], [6, 7], [8, 9]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import BatchSampler
+
+
+class ResizableBatchSampler(BatchSampler):
+    """Seeded per-epoch permutation, consumed by a cursor in batches of a changeable size.
+
+    Args:
+        num_samples: rows in the dataset.
+        batch_size: global rows per step (all ranks together); clamped to at least ``world_size``.
+        shuffle: a new seeded permutation each epoch (``seed + epoch``); else sequential order.
+        seed: seed of the permutations; equal on all ranks.
+        rank, world_size: this process's DDP rank and the number of ranks.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        if num_samples < world_size:
+            raise ValueError(f"{num_samples} rows cannot feed {world_size} ranks; use fewer devices")
+        self.num_samples = num_samples
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        # BatchSampler's __init__ validates batch_size and sets drop_last; the base sampler is unused.
+        super().__init__(range(num_samples), int(batch_size), drop_last=False)
+        self.epoch = 0
+        self.cursor = 0  # rows of this epoch's permutation already handed out (all ranks)
+        self.batches_yielded = 0  # steps handed out this epoch
+
+    # BatchSampler.__init__ assigns self.batch_size, which goes through this setter.
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {value!r}")
+        # Every rank needs at least one row per step, or DDP's collective calls would hang.
+        self._batch_size = max(int(value), self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at each epoch start; a new epoch restarts the cursor."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.cursor = 0
+            self.batches_yielded = 0
+
+    def permutation(self, epoch: int | None = None) -> torch.Tensor:
+        """The order of rows in ``epoch`` (the current one by default), identical on every rank."""
+        epoch = self.epoch if epoch is None else epoch
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def _next_take(self, remaining: int) -> int:
+        """Global rows for the next step: a full batch, or the tail if what would be left is too small.
+
+        A leftover smaller than ``world_size`` would leave some rank without a row, so it joins the
+        step before it.
+        """
+        take = min(self._batch_size, remaining)
+        if 0 < remaining - take < self.world_size:
+            take = remaining
+        return take
+
+    def remaining_batches(self) -> int:
+        """Steps left in this epoch if the batch size stays as it is now."""
+        remaining = self.num_samples - self.cursor
+        if remaining <= 0:
+            return 0
+        full, tail = divmod(remaining, self._batch_size)
+        if tail == 0 or (tail < self.world_size and full > 0):
+            return full
+        return full + 1
+
+    def __len__(self) -> int:
+        """Steps in the current epoch: those already taken plus those left at the current size.
+
+        Honest at every moment; after a resize the Trainer must be told (see
+        :func:`lightning_batch.callback.sync_epoch_length`).
+        """
+        if self.cursor >= self.num_samples:  # finished: the next iteration is a fresh epoch
+            return self._full_epoch_batches()
+        return self.batches_yielded + self.remaining_batches()
+
+    def _full_epoch_batches(self) -> int:
+        full, tail = divmod(self.num_samples, self._batch_size)
+        if tail == 0 or (tail < self.world_size and full > 0):
+            return full
+        return full + 1
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.cursor >= self.num_samples:
+            # The previous pass ran to the end without a set_epoch (plain PyTorch use): next epoch.
+            self.set_epoch(self.epoch + 1)
+        order = self.permutation()
+        while self.cursor < self.num_samples:
+            take = self._next_take(self.num_samples - self.cursor)
+            global_batch = order[self.cursor : self.cursor + take]
+            self.cursor += take
+            self.batches_yielded += 1
+            yield global_batch[self.rank :: self.world_size]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "batches_yielded": self.batches_yielded,
+            "batch_size": self._batch_size,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.cursor = int(state["cursor"])
+        self.batches_yielded = int(state["batches_yielded"])
+        self.batch_size = int(state["batch_size"])
+        self.seed = int(state["seed"])

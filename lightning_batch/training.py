@@ -1,0 +1,257 @@
+"""One run, end to end: config → data → TaskModule → Trainer → MLflow, and a summary back.
+
+The order matters for bad input: the config is validated and the data read, cleaned and split
+*before* an MLflow run exists, so a bad file costs nothing but its error line. Once the run
+exists, any exception ends it FAILED with the error in a tag — never left RUNNING.
+
+Example:
+    >>> import tempfile
+    >>> from lightning_batch.config import RunConfig
+    >>> store = tempfile.mkdtemp()
+    >>> cfg = RunConfig(data="iris", epochs=2, batch_size=16, lr=0.1, tracking_uri=f"sqlite:///{store}/m.db")
+    >>> result = train(cfg)
+    >>> result.status, result.metrics["test_acc"] > 0.5
+    ('FINISHED', True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import yaml
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+
+from lightning_batch.config import RunConfig, check_model_for_task
+from lightning_batch.data import TabularDataModule
+from lightning_batch.models import build_model
+from lightning_batch.module import TaskModule
+from lightning_batch.tracking import (
+    BufferedMLFlowLogger,
+    ensure_store,
+    get_or_create_experiment,
+    git_commit,
+    log_dataset_input,
+    plot_loss_curves,
+    resolve_tracking_uri,
+    sqlite_path,
+)
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports back to the CLI, the tuner and tests."""
+
+    run_id: str
+    experiment_id: str
+    status: str
+    dataset: str
+    task: str
+    model: str
+    batch_size_start: int
+    batch_size_end: int
+    epochs: int
+    seconds: float
+    samples_seen: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    tracking_uri: str = ""
+
+
+def quiet_lightning(verbose: bool = False) -> None:
+    """Silence Lightning's start-up chatter (GPU/TPU lines, worker hints) unless ``verbose``."""
+    level = logging.INFO if verbose else logging.WARNING
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "mlflow"):
+        logging.getLogger(name).setLevel(level)
+    if not verbose:
+        # In-memory tensors need no worker processes; Lightning's hint about them is noise here.
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+        warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+        # torch 2.13 deprecates a pytree check that Lightning 2.6 still uses: not the user's concern.
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+
+
+def build_module(cfg: RunConfig, dm: TabularDataModule) -> TaskModule:
+    """The TaskModule for a validated config and a set-up data module."""
+    model = build_model(
+        cfg.model or "linear",
+        n_features=dm.n_features,
+        n_outputs=dm.n_outputs,
+        hidden=cfg.hidden,
+        activation=cfg.activation,
+        dropout=cfg.dropout,
+        init=cfg.init,
+    )
+    return TaskModule(
+        model,
+        task=dm.task,
+        n_classes=dm.n_outputs if dm.task == "classification" else None,
+        optimizer=cfg.optimizer,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        lr_schedule=cfg.lr_schedule,
+        max_epochs=cfg.epochs,
+        log_every=cfg.log_every,
+    )
+
+
+def _checkpoint_dir(uri: str, run_id: str) -> Path:
+    db = sqlite_path(uri)
+    base = db.parent / "checkpoints" if db is not None else Path(tempfile.gettempdir()) / "lightning-batch"
+    return base / run_id
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    callbacks: Sequence[Callback] = (),
+    trainer_options: dict[str, Any] | None = None,
+    progress_bar: bool = False,
+    verbose: bool = False,
+    extra_tags: dict[str, str] | None = None,
+) -> RunResult:
+    """Train, validate and test one configuration, recorded as one MLflow run."""
+    quiet_lightning(verbose)
+    cfg.validate()
+    dm = TabularDataModule(cfg)
+    dm.setup()  # read, clean, split, scale: every data error happens here, before a run exists
+    cfg.task = dm.task
+    cfg.validate()  # a file source's task is known only now: fill in the model default
+    check_model_for_task(cfg.model, dm.task)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = build_module(cfg, dm)
+
+    uri = resolve_tracking_uri(cfg.tracking_uri)
+    ensure_store(uri)
+    experiment_id = get_or_create_experiment(uri, cfg.experiment)
+    tags = {"task": dm.task, "dataset": cfg.data, "model": str(cfg.model), **(extra_tags or {})}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    logger = BufferedMLFlowLogger(
+        experiment_name=cfg.experiment, tracking_uri=uri, run_name=cfg.run_name, tags=tags
+    )
+    run_id = logger.run_id
+    client = logger.experiment
+    checkpoint_dir = _checkpoint_dir(uri, run_id)
+    started = time.perf_counter()
+    try:
+        data = dm.prepared
+        assert data is not None
+        logger.log_hyperparams(
+            {
+                **cfg.to_dict(),
+                "n_train": len(dm.train_set),
+                "n_val": len(dm.val_set),
+                "n_test": len(dm.test_set),
+                "n_features": dm.n_features,
+                "dropped_rows": data.dropped_rows,
+                "batch_size_resolved": dm.initial_batch_size(),
+            }
+        )
+        with contextlib.suppress(Exception):  # a dataset profile is nice to have, never worth a failed run
+            log_dataset_input(client, run_id, data.raw_frame, data.source, data.target_column, cfg.data)
+
+        checkpoint = ModelCheckpoint(
+            dirpath=checkpoint_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1, save_last=True
+        )
+        all_callbacks: list[Callback] = [checkpoint, *callbacks]
+        if cfg.patience:
+            all_callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"))
+        options: dict[str, Any] = dict(
+            max_epochs=cfg.epochs,
+            check_val_every_n_epoch=cfg.val_every,
+            gradient_clip_val=cfg.grad_clip,
+            logger=logger,
+            callbacks=all_callbacks,
+            enable_progress_bar=progress_bar,
+            enable_model_summary=verbose,
+            num_sanity_val_steps=0,
+            use_distributed_sampler=False,
+            accelerator="cpu",
+            devices=1,
+        )
+        options.update(trainer_options or {})
+        trainer = pl.Trainer(**options)
+        trainer.fit(module, datamodule=dm)
+        best_val = checkpoint.best_model_score
+        ckpt_path = "best" if checkpoint.best_model_path else None
+        test_metrics = trainer.test(module, datamodule=dm, ckpt_path=ckpt_path, verbose=False)[0]
+        seconds = time.perf_counter() - started
+        summary = {
+            **{k: float(v) for k, v in test_metrics.items()},
+            "best_val_loss": float(best_val) if best_val is not None else float("nan"),
+            "fit_seconds": seconds,
+            "epochs_run": float(trainer.current_epoch),
+        }
+        logger.log_metrics({k: v for k, v in summary.items() if k.startswith(("best_", "fit_", "epochs_"))})
+        logger.flush()
+        _log_run_artifacts(client, run_id, cfg, dm, logger, checkpoint)
+        logger.finalize("success")
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the best one is an artifact now
+        return RunResult(
+            run_id=run_id,
+            experiment_id=experiment_id,
+            status="FINISHED",
+            dataset=cfg.data,
+            task=dm.task,
+            model=str(cfg.model),
+            batch_size_start=dm.initial_batch_size(),
+            batch_size_end=dm.batch_size,
+            epochs=trainer.current_epoch,
+            seconds=seconds,
+            samples_seen=module.samples_seen,
+            metrics=summary,
+            tracking_uri=uri,
+        )
+    except BaseException as exc:
+        mark_run_failed(logger, exc)
+        raise
+
+
+def mark_run_failed(logger: BufferedMLFlowLogger, exc: BaseException) -> None:
+    """End the run FAILED with the error in its tags (whatever was buffered is written first)."""
+    with contextlib.suppress(Exception):
+        logger.flush()
+    with contextlib.suppress(Exception):
+        message = f"{type(exc).__name__}: {exc}".strip()
+        logger.experiment.set_tag(logger.run_id, "error", message[:4000])
+        logger.experiment.set_terminated(logger.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+
+
+def _log_run_artifacts(
+    client: Any,
+    run_id: str,
+    cfg: RunConfig,
+    dm: TabularDataModule,
+    logger: BufferedMLFlowLogger,
+    checkpoint: ModelCheckpoint,
+) -> None:
+    data = dm.prepared
+    assert data is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        preprocessing = {
+            "task": data.task,
+            "classes": data.classes,
+            "dropped_rows": data.dropped_rows,
+            "source": data.source,
+            **data.preprocessor.to_dict(),
+        }
+        (folder / "preprocessing.json").write_text(json.dumps(preprocessing, indent=2))
+        plot_loss_curves(logger.history, folder / "loss_curves.png")
+        client.log_artifacts(run_id, str(folder))
+    if checkpoint.best_model_path and Path(checkpoint.best_model_path).is_file():
+        client.log_artifact(run_id, checkpoint.best_model_path, "checkpoints")
