@@ -1,0 +1,796 @@
+r"""Gradient noise scale estimation (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training").
+
+The *simple noise scale* is
+
+.. math::  B_\text{simple} = \operatorname{tr}(\Sigma) / |G|^2
+
+where :math:`G` is the true (full-data) gradient and :math:`\Sigma` the covariance of per-example
+gradients.  It predicts the batch size above which larger batches stop paying off.  This module is pure
+PyTorch (it does not import Lightning) so it can be tested and reused on its own.
+
+Unbiased estimator
+------------------
+Let every per-example gradient be an iid draw with mean :math:`G` and covariance :math:`\Sigma`.  Take
+``n`` "small" gradients :math:`g_1..g_n`, each the mean over ``b`` (= ``small_batch``) examples, and
+their mean :math:`\bar g` (a "big" gradient over ``n*b`` examples).  Measure
+
+* ``S = mean_j |g_j|^2``  (mean squared norm of the small gradients),
+* ``T = |mean_j g_j|^2``  (squared norm of the big gradient).
+
+Because :math:`E|X|^2 = |E X|^2 + \operatorname{tr}\operatorname{Cov}(X)` and averaging ``k`` iid
+examples divides the covariance by ``k``:
+
+.. math::
+    E[S] = |G|^2 + \operatorname{tr}(\Sigma)/b, \qquad E[T] = |G|^2 + \operatorname{tr}(\Sigma)/(n b).
+
+Subtracting, :math:`E[S - T] = \operatorname{tr}(\Sigma)\,(n-1)/(n b)`, and solving the two linear
+equations gives unbiased estimates (linearity of expectation: it does not matter that ``S`` and ``T``
+are computed from the same samples)
+
+.. math::
+    \widehat{|G|^2} = \frac{n T - S}{n - 1}, \qquad
+    \widehat{\operatorname{tr}\Sigma} = \frac{n b\,(S - T)}{n - 1}.
+
+This is exactly McCandlish et al.'s appendix A.1 formula with :math:`B_\text{small}=b`,
+:math:`B_\text{big}=n b`:
+:math:`|G|^2 \approx (B_\text{big}|G_\text{big}|^2 - B_\text{small}|G_\text{small}|^2)/(B_\text{big} -
+B_\text{small}) = (n b T - b S)/(n b - b)` and
+:math:`\operatorname{tr}\Sigma \approx (|G_\text{small}|^2 - |G_\text{big}|^2)/(1/B_\text{small} -
+1/B_\text{big}) = (S - T)\,n b/(n - 1)` (using the mean ``S`` of ``n`` small batches instead of a single
+one only lowers the variance).
+
+The same function :func:`unbiased_grad_stats` serves every source of "small" gradients:
+
+* per-example gradients vs the batch gradient: ``small_batch=1, n=B`` (:class:`PerExampleGradNorms`,
+  :func:`per_sample_grad_stats`);
+* per-rank vs all-reduced gradient under DDP: ``small_batch=local batch, n=world size`` (ranks must use
+  equal local batch sizes);
+* micro-batch vs accumulated gradient: ``small_batch=micro-batch size, n=number of micro-batches``
+  (:func:`microbatch_grad_stats`).
+
+Both estimates are unbiased but noisy; a single step's ``|G|^2`` estimate can be negative when the
+noise dominates the signal.  Average the two quantities separately over steps (:class:`NoiseScaleEMA`)
+and take the ratio of the averages.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "GradNoiseStats",
+    "NoiseScaleEMA",
+    "PerExampleGradNorms",
+    "microbatch_grad_stats",
+    "noise_scale",
+    "per_sample_grad_stats",
+    "unbiased_grad_stats",
+]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    # bool is an Integral subclass; ``n=True`` is almost certainly a bug, so reject it explicitly.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def unbiased_grad_stats(
+    mean_small_sqr_norm: float, big_sqr_norm: float, n: int, small_batch: int
+) -> tuple[float, float]:
+    """Unbiased estimates ``(grad_sqr, trace_sigma)`` of ``|G|^2`` and ``tr(Sigma)``.
+
+    Args:
+        mean_small_sqr_norm: ``S``, the mean over ``n`` small gradients of their squared norms.
+        big_sqr_norm: ``T``, the squared norm of the mean of those ``n`` small gradients.
+        n: number of small gradients (>= 2; with one sample the variance is not identifiable).
+        small_batch: number of examples averaged in each small gradient (>= 1).
+
+    Returns:
+        ``(grad_sqr, trace_sigma)`` = ``((n T - S)/(n - 1), n b (S - T)/(n - 1))``.  Either may be
+        negative for a single measurement (they are unbiased, not constrained).
+
+    Example (per-example gradients 1, 3 -> mean 2; b=1, n=2):
+
+    >>> unbiased_grad_stats(mean_small_sqr_norm=(1 + 9) / 2, big_sqr_norm=4.0, n=2, small_batch=1)
+    (3.0, 2.0)
+    """
+    n = _check_int(n, "n (number of small gradients)", 2)
+    b = _check_int(small_batch, "small_batch (examples per small gradient)", 1)
+    s = float(mean_small_sqr_norm)
+    t = float(big_sqr_norm)
+    grad_sqr = (n * t - s) / (n - 1)
+    trace_sigma = n * b * (s - t) / (n - 1)
+    return grad_sqr, trace_sigma
+
+
+def noise_scale(grad_sqr: float, trace_sigma: float) -> float | None:
+    """Simple noise scale ``tr(Sigma) / |G|^2`` from (averaged) estimates.
+
+    Returns ``None`` when ``grad_sqr <= 0`` or either value is not finite: the estimate of ``|G|^2`` is
+    unbiased, not positive, and dividing by a value near or below zero yields a meaningless (huge or
+    negative) "batch size".  A negative ``trace_sigma`` estimate means the noise is below the
+    measurement's resolution, so it is clamped to ``0.0``.
+
+    >>> noise_scale(2.0, 8.0)
+    4.0
+    >>> noise_scale(-1.0, 8.0) is None
+    True
+    >>> noise_scale(2.0, -1.0)
+    0.0
+    """
+    g = float(grad_sqr)
+    tr = float(trace_sigma)
+    if not (math.isfinite(g) and math.isfinite(tr)) or g <= 0.0:
+        return None
+    return max(tr, 0.0) / g
+
+
+@dataclass(frozen=True)
+class GradNoiseStats:
+    """One measurement: the raw norms and the unbiased estimates derived from them.
+
+    Attributes:
+        small_sqr_norm: ``S``, mean squared norm of the ``n`` small gradients.
+        big_sqr_norm: ``T``, squared norm of their mean.
+        grad_sqr: unbiased estimate of ``|G|^2`` (may be negative).
+        trace_sigma: unbiased estimate of ``tr(Sigma)`` of *per-example* gradients (may be negative).
+        n: number of small gradients.
+        small_batch: examples per small gradient.
+    """
+
+    small_sqr_norm: float
+    big_sqr_norm: float
+    grad_sqr: float
+    trace_sigma: float
+    n: int
+    small_batch: int
+
+    @classmethod
+    def from_norms(
+        cls, small_sqr_norm: float, big_sqr_norm: float, n: int, small_batch: int
+    ) -> GradNoiseStats:
+        """Build the record, computing the estimates with :func:`unbiased_grad_stats`.
+
+        >>> GradNoiseStats.from_norms(5.0, 4.0, n=2, small_batch=1).noise_scale
+        0.6666666666666666
+        """
+        grad_sqr, trace_sigma = unbiased_grad_stats(small_sqr_norm, big_sqr_norm, n, small_batch)
+        return cls(
+            float(small_sqr_norm), float(big_sqr_norm), grad_sqr, trace_sigma, int(n), int(small_batch)
+        )
+
+    @property
+    def noise_scale(self) -> float | None:
+        """Single-measurement noise scale (very noisy; prefer :class:`NoiseScaleEMA`)."""
+        return noise_scale(self.grad_sqr, self.trace_sigma)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-example gradient norms of nn.Linear layers via hooks
+# --------------------------------------------------------------------------------------------------
+
+
+def _linear_weight_grad_sqr_norm(a: Tensor, g: Tensor) -> Tensor:
+    """``|g^T a|_F^2`` for ``a`` (B, in), ``g`` (B, out) without always materialising ``g^T a``.
+
+    ``|g^T a|^2 = sum_ij (a_i . a_j)(g_i . g_j)``: the Gram form costs ~``B^2 (in + out)`` flops and
+    ``B^2`` memory, the direct product ~``B in out`` and ``in out`` memory; pick the cheaper so small
+    batches on wide layers stay cheap.
+
+    >>> a, g = torch.ones(2, 3), torch.ones(2, 4)
+    >>> float(_linear_weight_grad_sqr_norm(a, g))  # g^T a is a 4x3 matrix of 2s
+    48.0
+    """
+    batch, d_in = a.shape
+    d_out = g.shape[1]
+    if batch * (d_in + d_out) < d_in * d_out:
+        return ((a @ a.T) * (g @ g.T)).sum()
+    return (g.T @ a).pow(2).sum()
+
+
+_suspension = threading.local()
+
+
+@contextmanager
+def _measurements_suspended() -> Iterator[None]:
+    """Make every :class:`PerExampleGradNorms` ignore forwards run inside (used by the fall-backs below,
+    whose extra forward passes must not overwrite the step's measurement)."""
+    _suspension.depth = getattr(_suspension, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _suspension.depth -= 1
+
+
+def _should_ignore_forward() -> bool:
+    if getattr(_suspension, "depth", 0) > 0 or not torch.is_grad_enabled():
+        return True
+    # Forwards inside torch.func transforms (vmap/grad, e.g. per_sample_grad_stats or a user's own
+    # per-sample code) see one example at a time and batched tensors: they are not training steps.
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
+@dataclass
+class _LayerRecord:
+    """What one covered Linear saw during the current measurement."""
+
+    calls: int = 0
+    backward_calls: int = 0
+    input: Tensor | None = None
+    input_version: int = 0
+    per_example: Tensor | None = None  # (B,) per-example squared grad norm of this layer's params
+    batch_sqr: Tensor | None = None  # 0-dim: squared norm of this layer's mean (batch) gradient
+    problem: str | None = None  # set when this layer's params cannot be measured in this pass
+
+
+class PerExampleGradNorms:
+    """Exact per-example squared gradient norms for the ``nn.Linear`` layers of a module, via hooks.
+
+    For a Linear ``y = W a + c`` with 2-D input ``a`` (batch, features) and ``g_i = dloss_i/dy_i``, the
+    per-example gradients are ``g_i a_i^T`` and ``g_i``, so their squared norms are
+    ``|a_i|^2 |g_i|^2`` and ``|g_i|^2`` -- no per-example gradient is ever materialised.  Contributions
+    of all covered layers are summed per example.  The hooks also compute the squared norm of the
+    *batch-mean* gradient of the covered parameters (``|sum_i g_i a_i^T|^2 / B^2`` etc.) from the same
+    tensors, so the statistics do not depend on ``.grad`` (which may hold accumulated gradients from
+    earlier micro-batches, or the all-reduced gradient under DDP).  :meth:`grad_stats` then applies
+    :func:`unbiased_grad_stats` with ``n = B, small_batch = 1``.
+
+    Loss scaling: with a *mean* loss the gradient reaching a layer's output is ``g_i / B``, so the
+    per-example gradient of the per-example loss is ``B`` times the hook's row; pass
+    ``loss_reduction="sum"`` if the loss is a sum over examples.  Only the batch-size normalisation is
+    modelled -- any other constant factor in the loss scales ``|G|^2`` and ``tr(Sigma)`` alike and
+    cancels in the noise scale.
+
+    Coverage: a parameter is *covered* if it is the ``weight``/``bias`` of an ``nn.Linear`` (not a
+    subclass that overrides ``forward``), is not shared with another module, and in the measured pass
+    that Linear ran exactly once, on a 2-D input.  Everything else that requires grad is reported by
+    :attr:`uncovered_parameter_names` (with :attr:`uncovered_reasons`) so callers can fall back, e.g. to
+    :func:`microbatch_grad_stats`, or treat the estimate as one over a subset of parameters.  Linear
+    layers fed 3-D inputs are uncovered because their per-example gradient is a sum over positions
+    whose norm does not factorise; a Linear applied to a *reshaped* ``(B*T, F)`` input cannot be
+    detected and would be treated as ``B*T`` examples.
+
+    Why forward hooks + tensor hooks on the output rather than ``register_full_backward_hook``: full
+    backward hooks wrap every call in an extra autograd Function even while measurement is disabled,
+    fail on in-place ops on the output (``nn.ReLU(inplace=True)``), and warn on the first layer.  A
+    tensor hook is only registered on steps that are measured, so a disabled instance costs one
+    Python call per Linear forward.  Hooks never return a value, so ``.grad`` is unchanged.
+
+    Cost on a measured step, per covered Linear (vectorised, no Python loop over examples, no device
+    sync until results are read): ``O(B (in + out))`` for the per-example norms plus
+    ``min(B in out, B^2 (in + out))`` for the batch-gradient norm; memory is ``B`` floats per layer plus
+    a reference to the layer input, which autograd saves for the weight gradient anyway.
+
+    Measurement lifecycle: each forward of the wrapped ``module`` (with grad enabled, while
+    :attr:`enabled`) starts a new measurement; the following backward fills it in.  Calling the wrapped
+    module twice before one backward, reusing a Linear within one forward, or running backward twice
+    through the same graph is detected and reported (uncovered layer, or an error from
+    :meth:`grad_stats`) rather than silently mis-measured.  Gradient checkpointing re-runs forwards in
+    backward and makes the affected layers uncovered.  Forwards under ``no_grad``, inside ``torch.func``
+    transforms, and inside :func:`per_sample_grad_stats` / :func:`microbatch_grad_stats` are ignored,
+    so those fall-backs can be run on the uncovered parameters without clobbering the measurement
+    (``S`` and ``T`` are sums over parameters, so the two parts add up).
+
+    Example:
+
+    >>> torch.manual_seed(0) and None
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    >>> with PerExampleGradNorms(net) as hooks:
+    ...     nn.functional.cross_entropy(net(x), y).backward()
+    ...     stats = hooks.grad_stats()
+    >>> stats.n, stats.small_batch, hooks.per_example_sqr_norms().shape
+    (8, 1, torch.Size([8]))
+    >>> hooks.uncovered_parameter_names
+    ()
+    """
+
+    def __init__(
+        self, module: nn.Module, loss_reduction: Literal["mean", "sum"] = "mean", enabled: bool = True
+    ) -> None:
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.module = module
+        self.loss_reduction: Literal["mean", "sum"] = loss_reduction
+        self.enabled = bool(enabled)
+
+        # First name under which each parameter appears (named_parameters de-duplicates shared ones).
+        self._param_names: dict[int, str] = {id(p): name for name, p in module.named_parameters()}
+        self._params: dict[int, nn.Parameter] = {id(p): p for p in module.parameters()}
+        # Which modules own each parameter: a Linear weight tied to e.g. an Embedding also receives that
+        # module's gradient, so its per-example gradient is not just the Linear's outer product.
+        owners: dict[int, set[int]] = {}
+        for mod in module.modules():
+            for p in mod.parameters(recurse=False):
+                owners.setdefault(id(p), set()).add(id(mod))
+
+        self._linears: list[nn.Linear] = []
+        self._static_reasons: dict[int, str] = {}  # param id -> why never coverable
+        for mod in module.modules():
+            if not isinstance(mod, nn.Linear):
+                continue
+            if type(mod).forward is not nn.Linear.forward:
+                for p in mod.parameters(recurse=False):
+                    self._static_reasons[id(p)] = f"{type(mod).__name__} overrides nn.Linear.forward"
+                continue
+            shared = [p for p in (mod.weight, mod.bias) if p is not None and owners[id(p)] != {id(mod)}]
+            for p in shared:
+                self._static_reasons[id(p)] = "parameter is shared with another module"
+            if len(shared) == 0:
+                self._linears.append(mod)
+            else:
+                for p in (mod.weight, mod.bias):
+                    if p is not None and id(p) not in self._static_reasons:
+                        self._static_reasons[id(p)] = "another parameter of this Linear is shared"
+
+        self._generation = 0
+        self._records: dict[nn.Module, _LayerRecord] = {}
+        self._measured = False  # at least one measurement started
+        self._invalid: str | None = None
+        self._handles: list[Any] = [module.register_forward_pre_hook(self._start_measurement)]
+        for mod in self._linears:
+            self._handles.append(mod.register_forward_hook(self._forward_hook, with_kwargs=True))
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Remove all hooks (idempotent).  A completed measurement stays readable."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._generation += 1  # tensor hooks already registered on live graphs become no-ops
+        for rec in self._records.values():
+            rec.input = None  # drop activation references
+
+    def __enter__(self) -> PerExampleGradNorms:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def reset(self) -> None:
+        """Forget the current measurement (the next forward starts a new one anyway)."""
+        self._generation += 1
+        self._records = {}
+        self._invalid = None
+        self._measured = False
+
+    # ---- hooks -------------------------------------------------------------------------------------
+    def _start_measurement(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not self.enabled or _should_ignore_forward():
+            return  # keep the previous measurement readable while disabled / during evaluation
+        self._generation += 1
+        self._records = {}
+        self._invalid = None
+        self._measured = True
+
+    def _forward_hook(
+        self, mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        if not self.enabled or not self._measured or _should_ignore_forward():
+            return
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        rec = self._records.setdefault(mod, _LayerRecord())
+        rec.calls += 1
+        if rec.calls > 1:
+            # Per-example gradient = sum over calls; the norm of a sum needs cross terms we don't have.
+            rec.problem = "Linear called more than once in one forward (weight reuse / checkpointing)"
+            rec.input = None
+            return
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, Tensor) or x.dim() != 2:
+            ndim = x.dim() if isinstance(x, Tensor) else None
+            rec.problem = f"Linear input has {ndim} dims; only 2-D (batch, features) inputs are supported"
+            return
+        if mod.weight.requires_grad:
+            # Autograd already saves this input for the weight gradient, so keeping a reference costs no
+            # extra memory; we only need it until this layer's backward.
+            rec.input = x.detach()
+            rec.input_version = x._version
+        output.register_hook(partial(self._backward_hook, mod, self._generation))
+
+    def _backward_hook(self, mod: nn.Module, generation: int, grad: Tensor) -> None:
+        if generation != self._generation:
+            if self._handles and self._measured:
+                # The graph reaches a forward from an earlier call of the wrapped module, so this
+                # backward mixes several forwards: per-example norms would be wrong.
+                self._invalid = "backward went through more than one forward call of the wrapped module"
+            return
+        rec = self._records.get(mod)
+        if rec is None or rec.problem is not None:
+            return
+        rec.backward_calls += 1
+        if rec.backward_calls > 1:
+            rec.problem = "backward ran more than once through this layer (retain_graph?)"
+            return
+        with torch.no_grad():
+            g = grad.detach()
+            acc_dtype = torch.promote_types(g.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays
+            g = g.to(acc_dtype)
+            batch = g.shape[0]
+            # Rescale hook rows to per-example gradients (of the per-example losses) and to the batch
+            # *mean* gradient, whatever the loss reduction.
+            per_scale, mean_scale = (
+                (float(batch), 1.0) if self.loss_reduction == "mean" else (1.0, 1.0 / batch)
+            )
+            g_sqr = g.pow(2).sum(dim=1)
+            per_example = torch.zeros_like(g_sqr)
+            batch_sqr = g.new_zeros(())
+            weight = mod.weight
+            bias = mod.bias
+            if weight.requires_grad and rec.input is not None:
+                if rec.input._version != rec.input_version:
+                    rec.problem = "Linear input was modified in place after the forward"
+                    rec.input = None
+                    return
+                a = rec.input.to(acc_dtype)
+                per_example += a.pow(2).sum(dim=1) * g_sqr
+                batch_sqr += _linear_weight_grad_sqr_norm(a, g)
+            if isinstance(bias, Tensor) and bias.requires_grad:
+                per_example += g_sqr
+                batch_sqr += g.sum(dim=0).pow(2).sum()
+            rec.per_example = per_example * per_scale**2
+            rec.batch_sqr = batch_sqr * mean_scale**2
+            rec.input = None  # release the activation reference as soon as possible
+
+    # ---- coverage ----------------------------------------------------------------------------------
+    def _trainable(self) -> list[tuple[int, str]]:
+        return [(pid, name) for pid, name in self._param_names.items() if self._params[pid].requires_grad]
+
+    def _coverage(self) -> tuple[list[nn.Module], dict[int, str]]:
+        """(good layers, {param id: reason}) for the current measurement (static before any)."""
+        reasons: dict[int, str] = dict(self._static_reasons)
+        good: list[nn.Module] = []
+        linear_ids = {id(m) for m in self._linears}
+        for mod in self._linears:
+            if self._measured:
+                rec = self._records.get(mod)
+                problem = (
+                    "Linear forward was not called in the measured pass (e.g. weight used functionally, "
+                    "as in nn.MultiheadAttention.out_proj)"
+                    if rec is None
+                    else rec.problem
+                )
+                if problem is not None:
+                    for p in mod.parameters(recurse=False):
+                        reasons[id(p)] = problem
+                    continue
+            good.append(mod)
+        covered = {id(p) for m in good for p in m.parameters(recurse=False)}
+        for mod in self.module.modules():
+            if id(mod) in linear_ids:
+                continue
+            for p in mod.parameters(recurse=False):
+                if id(p) not in covered:
+                    reasons.setdefault(id(p), f"parameter of {type(mod).__name__} (only nn.Linear is hooked)")
+        return good, reasons
+
+    @property
+    def covered_parameter_names(self) -> tuple[str, ...]:
+        """Trainable parameters whose per-example gradients are measured (as of the last measurement;
+        before any measurement, those that are coverable in principle)."""
+        _, reasons = self._coverage()
+        return tuple(name for pid, name in self._trainable() if pid not in reasons)
+
+    @property
+    def uncovered_parameter_names(self) -> tuple[str, ...]:
+        """Trainable parameters *not* included in the statistics (callers should fall back for them)."""
+        _, reasons = self._coverage()
+        return tuple(name for pid, name in self._trainable() if pid in reasons)
+
+    @property
+    def uncovered_reasons(self) -> dict[str, str]:
+        """``{parameter name: why it is not covered}`` for :attr:`uncovered_parameter_names`."""
+        _, reasons = self._coverage()
+        return {name: reasons[pid] for pid, name in self._trainable() if pid in reasons}
+
+    # ---- results -----------------------------------------------------------------------------------
+    def _finished_records(self) -> list[_LayerRecord]:
+        if not self._measured:
+            raise RuntimeError("no measurement: run a forward (with measurement enabled) and backward first")
+        if self._invalid is not None:
+            raise RuntimeError(f"measurement is invalid: {self._invalid}")
+        good, _ = self._coverage()
+        recs = [self._records[m] for m in good if self._records[m].per_example is not None]
+        if not recs:
+            raise RuntimeError("no covered layer received a gradient: did backward run after the forward?")
+        sizes = {int(r.per_example.shape[0]) for r in recs}  # type: ignore[union-attr]
+        if len(sizes) != 1:
+            raise RuntimeError(f"covered Linear layers saw different batch sizes {sorted(sizes)}")
+        return recs
+
+    @property
+    def batch_size(self) -> int | None:
+        """Number of examples in the last completed measurement, or ``None``."""
+        try:
+            return int(self._finished_records()[0].per_example.shape[0])  # type: ignore[union-attr]
+        except RuntimeError:
+            return None
+
+    def per_example_sqr_norms(self) -> Tensor:
+        """``(B,)`` squared norms of the per-example gradients (of the per-example losses) over the
+        covered parameters.  Layers whose output did not reach the loss contribute zero, which is their
+        exact gradient."""
+        recs = self._finished_records()
+        return torch.stack([r.per_example for r in recs]).sum(dim=0)  # type: ignore[misc]
+
+    def batch_grad_sqr_norm(self) -> float:
+        """Squared norm of the batch-mean gradient over the covered parameters (``T``)."""
+        recs = self._finished_records()
+        return float(torch.stack([r.batch_sqr for r in recs]).sum())  # type: ignore[misc]
+
+    def grad_stats(self) -> GradNoiseStats:
+        """``S``, ``T`` and the unbiased ``|G|^2``, ``tr(Sigma)`` estimates (``n = B``, ``small_batch = 1``).
+
+        Synchronises with the device once (two scalars), so call it only on measured steps.
+        """
+        per_example = self.per_example_sqr_norms()
+        batch = int(per_example.shape[0])
+        if batch < 2:
+            raise RuntimeError("need a batch of at least 2 examples to estimate the gradient noise")
+        return GradNoiseStats.from_norms(float(per_example.mean()), self.batch_grad_sqr_norm(), batch, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Generic fall-backs: per-sample gradients with torch.func, and micro-batches
+# --------------------------------------------------------------------------------------------------
+
+
+def _select_params(model: nn.Module, param_names: Iterable[str] | None) -> dict[str, nn.Parameter]:
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if param_names is None:
+        return params
+    wanted = list(param_names)
+    missing = [name for name in wanted if name not in params]
+    if missing:
+        raise ValueError(f"unknown or frozen parameters: {missing}")
+    return {name: params[name] for name in wanted}
+
+
+def per_sample_grad_stats(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    param_names: Iterable[str] | None = None,
+    chunk_size: int | None = None,
+    randomness: Literal["different", "same", "error"] = "different",
+) -> GradNoiseStats:
+    """Exact per-example statistics for any model using ``torch.func`` (``vmap(grad(...))``).
+
+    Each example ``inputs[i]`` is run as a batch of one: ``loss_fn(model(inputs[i:i+1]),
+    targets[i:i+1])``, so ``loss_fn`` is the ordinary (mean) batch loss.  Works for any layer type
+    (conv, normalisation over features, attention...), but not for layers that mix examples (BatchNorm in
+    training mode).  Neither ``.grad`` nor buffers are modified.
+
+    Cost: about one batch forward+backward of compute, but ``chunk_size x (number of parameters)``
+    memory for the per-example gradients (``chunk_size`` defaults to the whole batch); examples are
+    processed in chunks of ``chunk_size`` and reduced immediately.
+
+    Args:
+        param_names: restrict to these parameters (e.g. :attr:`PerExampleGradNorms.uncovered_parameter_names`);
+            default all parameters that require grad.
+        randomness: passed to ``vmap``; ``"different"`` gives each example its own dropout mask.
+
+    >>> torch.manual_seed(0) and None
+    >>> net = nn.Linear(3, 2)
+    >>> x, y = torch.randn(6, 3), torch.randn(6, 2)
+    >>> per_sample_grad_stats(net, nn.functional.mse_loss, x, y).n
+    6
+    """
+    batch = int(inputs.shape[0])
+    if batch < 2:
+        raise ValueError(f"need at least 2 examples, got {batch}")
+    if int(targets.shape[0]) != batch:
+        raise ValueError(f"inputs and targets disagree on the batch size: {batch} vs {targets.shape[0]}")
+    chunk = batch if chunk_size is None else _check_int(chunk_size, "chunk_size", 1)
+    params = {name: p.detach() for name, p in _select_params(model, param_names).items()}
+    others = {name: p.detach() for name, p in model.named_parameters() if name not in params}
+    buffers = dict(model.named_buffers())
+
+    def example_loss(trainable: dict[str, Tensor], x: Tensor, t: Tensor) -> Tensor:
+        out = torch.func.functional_call(model, ({**others, **trainable}, buffers), (x.unsqueeze(0),))
+        return loss_fn(out, t.unsqueeze(0))
+
+    per_example_grads = torch.func.vmap(
+        torch.func.grad(example_loss), in_dims=(None, 0, 0), randomness=randomness
+    )
+    acc_dtype = (
+        torch.promote_types(next(iter(params.values())).dtype, torch.float32) if params else torch.float32
+    )
+    sqr_sum = torch.zeros((), dtype=acc_dtype, device=inputs.device)
+    grad_sum = {name: torch.zeros_like(p, dtype=acc_dtype) for name, p in params.items()}
+    with torch.enable_grad(), _measurements_suspended():
+        for start in range(0, batch, chunk):
+            grads = per_example_grads(params, inputs[start : start + chunk], targets[start : start + chunk])
+            for name, g in grads.items():
+                g = g.detach().to(acc_dtype)
+                sqr_sum += g.flatten(1).pow(2).sum()
+                grad_sum[name] += g.sum(dim=0)
+    big = sum((v / batch).pow(2).sum() for v in grad_sum.values())
+    return GradNoiseStats.from_norms(float(sqr_sum) / batch, float(big), batch, 1)
+
+
+def microbatch_grad_stats(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    num_microbatches: int,
+    *,
+    param_names: Iterable[str] | None = None,
+    restore_buffers: bool = True,
+) -> GradNoiseStats:
+    """Statistics from ``num_microbatches`` equal micro-batch gradients of one batch (any model).
+
+    Splits the batch into ``n`` contiguous micro-batches of ``b = B / n`` examples, computes each
+    micro-batch's gradient of ``loss_fn`` (which must be the *mean* over the micro-batch) with
+    ``torch.autograd.grad`` -- so ``.grad`` is left untouched and no optimizer step happens -- and
+    returns :func:`unbiased_grad_stats` with ``small_batch=b``.  With ``n = B`` this is the exact
+    per-example estimator.
+
+    Cost: ``n`` forward+backward passes over ``b`` examples each (the compute of one batch step, with
+    less parallelism) plus one extra copy of the selected gradients.  Buffers (e.g. BatchNorm running
+    statistics) are restored afterwards when ``restore_buffers``; RNG state (dropout) does advance.
+    Pass the unwrapped module, not a DDP wrapper (its reducer expects a regular backward).
+
+    >>> torch.manual_seed(0) and None
+    >>> net = nn.Linear(3, 2)
+    >>> x, y = torch.randn(8, 3), torch.randn(8, 2)
+    >>> s = microbatch_grad_stats(net, nn.functional.mse_loss, x, y, num_microbatches=4)
+    >>> s.n, s.small_batch
+    (4, 2)
+    """
+    n = _check_int(num_microbatches, "num_microbatches", 2)
+    batch = int(inputs.shape[0])
+    if batch % n != 0:
+        raise ValueError(f"batch size {batch} is not divisible by num_microbatches={n}")
+    if int(targets.shape[0]) != batch:
+        raise ValueError(f"inputs and targets disagree on the batch size: {batch} vs {targets.shape[0]}")
+    b = batch // n
+    params = _select_params(model, param_names)
+    names = list(params)
+    tensors = [params[k] for k in names]
+    saved_buffers = {k: v.detach().clone() for k, v in model.named_buffers()} if restore_buffers else None
+    acc_dtype = torch.promote_types(tensors[0].dtype, torch.float32) if tensors else torch.float32
+    # Accumulate on the device; a single host sync at the end.
+    sqr_sum = torch.zeros((), dtype=acc_dtype, device=inputs.device)
+    grad_sum = [torch.zeros_like(p, dtype=acc_dtype) for p in tensors]
+    try:
+        with torch.enable_grad(), _measurements_suspended():
+            for j in range(n):
+                sl = slice(j * b, (j + 1) * b)
+                loss = loss_fn(model(inputs[sl]), targets[sl])
+                grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+                for acc, g in zip(grad_sum, grads, strict=True):
+                    if g is None:  # parameter not used by this loss: its gradient is exactly zero
+                        continue
+                    g = g.detach().to(acc_dtype)
+                    sqr_sum += g.pow(2).sum()
+                    acc += g
+    finally:
+        if saved_buffers is not None:
+            with torch.no_grad():
+                for k, v in model.named_buffers():
+                    v.copy_(saved_buffers[k])
+    big = float(sum((acc / n).pow(2).sum() for acc in grad_sum)) if grad_sum else 0.0
+    return GradNoiseStats.from_norms(float(sqr_sum) / n, big, n, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# Smoothing
+# --------------------------------------------------------------------------------------------------
+
+
+class NoiseScaleEMA:
+    """Bias-corrected exponential moving averages of ``|G|^2`` and ``tr(Sigma)`` estimates.
+
+    The two quantities are averaged *separately* and the noise scale is the ratio of the averages:
+    single-step ``|G|^2`` estimates are noisy and can be ~0 or negative, so an average of per-step
+    ratios is dominated by (and biased by) those steps, while the ratio of averages is consistent.
+    Adam-style bias correction (divide by ``1 - decay^t``) makes the first values usable instead of
+    being pulled towards the zero initialisation.
+
+    >>> ema = NoiseScaleEMA(decay=0.5)
+    >>> ema.update(grad_sqr=1.0, trace_sigma=1.0)
+    >>> ema.grad_sqr, ema.gns  # bias correction: the first value is returned as is
+    (1.0, 1.0)
+    >>> ema.update(grad_sqr=3.0, trace_sigma=1.0)
+    >>> round(ema.gns, 4)  # 1 / (7/3); averaging the ratios 1 and 1/3 would give 5/9 = 0.5556
+    0.4286
+    """
+
+    def __init__(self, decay: float = 0.95) -> None:
+        self.decay = self._check_decay(decay)
+        self._ema_grad_sqr = 0.0
+        self._ema_trace_sigma = 0.0
+        self._num_updates = 0
+
+    @staticmethod
+    def _check_decay(decay: float) -> float:
+        decay = float(decay)
+        if not (0.0 <= decay < 1.0):
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        return decay
+
+    def update(self, grad_sqr: float, trace_sigma: float) -> None:
+        """Add one measurement (floats or 0-dim tensors).  Non-finite values raise ``ValueError``
+        because a single NaN would otherwise poison the averages forever."""
+        g, tr = float(grad_sqr), float(trace_sigma)
+        if not (math.isfinite(g) and math.isfinite(tr)):
+            raise ValueError(f"non-finite gradient statistics: grad_sqr={g}, trace_sigma={tr}")
+        self._ema_grad_sqr = self.decay * self._ema_grad_sqr + (1.0 - self.decay) * g
+        self._ema_trace_sigma = self.decay * self._ema_trace_sigma + (1.0 - self.decay) * tr
+        self._num_updates += 1
+
+    def reset(self) -> None:
+        """Forget all measurements."""
+        self._ema_grad_sqr = 0.0
+        self._ema_trace_sigma = 0.0
+        self._num_updates = 0
+
+    @property
+    def num_updates(self) -> int:
+        """Number of :meth:`update` calls since construction / reset."""
+        return self._num_updates
+
+    def _correction(self) -> float:
+        return 1.0 - self.decay**self._num_updates
+
+    @property
+    def grad_sqr(self) -> float | None:
+        """Bias-corrected average ``|G|^2`` estimate (may be negative), ``None`` before any update."""
+        return None if self._num_updates == 0 else self._ema_grad_sqr / self._correction()
+
+    @property
+    def grad_var(self) -> float | None:
+        """Bias-corrected average ``tr(Sigma)`` estimate, ``None`` before any update."""
+        return None if self._num_updates == 0 else self._ema_trace_sigma / self._correction()
+
+    @property
+    def gns(self) -> float | None:
+        """``grad_var / grad_sqr`` (ratio of averages).  ``None`` before any update and while the averaged
+        ``|G|^2`` estimate is ``<= 0`` (no meaningful value yet); a negative ``tr(Sigma)`` average is
+        clamped to ``0.0``.  See :func:`noise_scale`."""
+        if self._num_updates == 0:
+            return None
+        # The bias corrections cancel in the ratio; use the corrected values for clarity anyway.
+        return noise_scale(self.grad_sqr, self.grad_var)  # type: ignore[arg-type]
+
+    def state_dict(self) -> dict[str, float | int]:
+        """Plain Python numbers only, so ``torch.load(..., weights_only=True)`` can restore it."""
+        return {
+            "decay": self.decay,
+            "ema_grad_sqr": self._ema_grad_sqr,
+            "ema_trace_sigma": self._ema_trace_sigma,
+            "num_updates": self._num_updates,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore from :meth:`state_dict` (values may be floats, ints or 0-dim tensors)."""
+        expected = {"decay", "ema_grad_sqr", "ema_trace_sigma", "num_updates"}
+        if set(state_dict) != expected:
+            raise KeyError(f"expected keys {sorted(expected)}, got {sorted(state_dict)}")
+        decay = self._check_decay(float(state_dict["decay"]))
+        num_updates = _check_int(int(state_dict["num_updates"]), "num_updates", 0)
+        self.decay = decay
+        self._ema_grad_sqr = float(state_dict["ema_grad_sqr"])
+        self._ema_trace_sigma = float(state_dict["ema_trace_sigma"])
+        self._num_updates = num_updates

@@ -1,0 +1,634 @@
+"""Tests for lightning_batch.noise (gradient noise scale).
+
+References are computed independently of the code under test: per-sample gradients from
+``torch.func.vmap(grad(...))`` or a plain Python loop of ``torch.autograd.grad`` over single examples,
+reduced with the textbook sample-covariance formulas (not with ``unbiased_grad_stats``).
+"""
+
+from __future__ import annotations
+
+import doctest
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+import lightning_batch.noise as noise_module
+from lightning_batch.noise import (
+    GradNoiseStats,
+    NoiseScaleEMA,
+    PerExampleGradNorms,
+    microbatch_grad_stats,
+    noise_scale,
+    per_sample_grad_stats,
+    unbiased_grad_stats,
+)
+
+DTYPE = torch.float64
+
+
+# --------------------------------------------------------------------------------------------------
+# Independent references
+# --------------------------------------------------------------------------------------------------
+
+
+def func_per_sample_grads(model: nn.Module, loss_fn, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """Per-example gradients of the per-example losses via torch.func (each example as a batch of one)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def loss_one(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        return loss_fn(functional_call(model, (p, buffers), (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    return vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+
+
+def loop_per_sample_grads(model: nn.Module, loss_fn, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """Same as above with a Python loop of autograd.grad: independent of torch.func."""
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    rows = []
+    for i in range(x.shape[0]):
+        rows.append(torch.autograd.grad(loss_fn(model(x[i : i + 1]), y[i : i + 1]), params))
+    return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(names)}
+
+
+def flat(per_sample: dict[str, Tensor], names) -> Tensor:
+    return torch.cat([per_sample[k].flatten(1) for k in names], dim=1)  # (B, P)
+
+
+def reference_stats(samples: Tensor, small_batch: int = 1) -> dict[str, float]:
+    """Stats from explicit small gradients ``samples`` (n, P) via the sample covariance.
+
+    tr(Sigma) = b * trace of the unbiased sample covariance of the small gradients (each has covariance
+    Sigma / b); |G|^2 = |mean|^2 - tr(Cov(mean)) = |mean|^2 - tr(Sigma) / (n b).
+    """
+    n = samples.shape[0]
+    mean = samples.mean(0)
+    trace_sigma = small_batch * (samples - mean).pow(2).sum() / (n - 1)
+    grad_sqr = mean.pow(2).sum() - trace_sigma / (n * small_batch)
+    return {
+        "S": float(samples.pow(2).sum(1).mean()),
+        "T": float(mean.pow(2).sum()),
+        "grad_sqr": float(grad_sqr),
+        "trace_sigma": float(trace_sigma),
+    }
+
+
+def assert_stats_close(stats: GradNoiseStats, ref: dict[str, float], rel: float = 1e-4) -> None:
+    assert stats.small_sqr_norm == pytest.approx(ref["S"], rel=rel)
+    assert stats.big_sqr_norm == pytest.approx(ref["T"], rel=rel)
+    assert stats.grad_sqr == pytest.approx(ref["grad_sqr"], rel=rel)
+    assert stats.trace_sigma == pytest.approx(ref["trace_sigma"], rel=rel)
+
+
+def mlp(inplace_relu: bool = False) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(5, 16), nn.ReLU(inplace=inplace_relu), nn.Linear(16, 3)).to(DTYPE)
+
+
+def ce_loss(out: Tensor, y: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(out, y)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, kernel_size=3)
+        self.fc = nn.Linear(3 * 4 * 4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+# --------------------------------------------------------------------------------------------------
+# unbiased_grad_stats
+# --------------------------------------------------------------------------------------------------
+
+
+def test_unbiased_grad_stats_hand_example() -> None:
+    # per-example gradients 1 and 3 (1-D): mean 2, sample variance 2, |G|^2 estimate = 4 - 2/2 = 3
+    assert unbiased_grad_stats(5.0, 4.0, n=2, small_batch=1) == pytest.approx((3.0, 2.0))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    s=st.floats(0, 1e6),
+    t=st.floats(0, 1e6),
+    n=st.integers(2, 4096),
+    b=st.integers(1, 512),
+)
+def test_unbiased_grad_stats_equals_mccandlish_formula(s: float, t: float, n: int, b: int) -> None:
+    grad_sqr, trace_sigma = unbiased_grad_stats(s, t, n=n, small_batch=b)
+    b_small, b_big = b, n * b  # appendix A.1: |G_small|^2 -> S, |G_big|^2 -> T
+    expected_g = (b_big * t - b_small * s) / (b_big - b_small)
+    expected_tr = (s - t) / (1 / b_small - 1 / b_big)
+    assert grad_sqr == pytest.approx(expected_g, rel=1e-9, abs=1e-6)
+    assert trace_sigma == pytest.approx(expected_tr, rel=1e-9, abs=1e-6 * n * b)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    g=st.floats(0, 1e3),
+    tr=st.floats(0, 1e3),
+    n=st.integers(2, 1000),
+    b=st.integers(1, 100),
+)
+def test_unbiased_grad_stats_inverts_expectations(g: float, tr: float, n: int, b: int) -> None:
+    # Plugging in the exact expectations E[S], E[T] must give back |G|^2 and tr(Sigma).
+    got = unbiased_grad_stats(g + tr / b, g + tr / (n * b), n=n, small_batch=b)
+    assert got == pytest.approx((g, tr), rel=1e-7, abs=1e-6)
+
+
+def test_unbiased_grad_stats_is_unbiased_monte_carlo() -> None:
+    gen = torch.Generator().manual_seed(1234)
+    d, n, b, trials = 3, 4, 3, 20000
+    true_g = torch.tensor([1.0, -2.0, 0.5], dtype=DTYPE)
+    a = torch.tensor([[2.0, 0.0, 0.0], [0.5, 1.0, 0.0], [-1.0, 0.3, 3.0]], dtype=DTYPE)
+    sigma = a @ a.T  # correlated covariance
+    true_grad_sqr, true_trace = float(true_g @ true_g), float(sigma.trace())
+
+    examples = true_g + torch.randn(trials, n, b, d, generator=gen, dtype=DTYPE) @ a.T
+    small = examples.mean(2)  # (trials, n, d): each small gradient is a mean of b examples
+    s = small.pow(2).sum(-1).mean(-1)
+    t = small.mean(1).pow(2).sum(-1)
+    est = torch.tensor(
+        [unbiased_grad_stats(float(si), float(ti), n=n, small_batch=b) for si, ti in zip(s, t, strict=True)]
+    )
+    mean, se = est.mean(0), est.std(0) / math.sqrt(trials)
+    assert abs(float(mean[0]) - true_grad_sqr) < 4 * float(se[0])
+    assert abs(float(mean[1]) - true_trace) < 4 * float(se[1])
+    # Sensitivity: the naive |G_small|^2 and |G_big|^2 are biased far beyond this tolerance.
+    assert abs(float(s.mean()) - true_grad_sqr) > 20 * float(se[0])
+    assert abs(float(t.mean()) - true_grad_sqr) > 4 * float(se[0])
+
+
+@pytest.mark.parametrize(
+    ("n", "b", "match"),
+    [
+        (1, 1, "n "),
+        (0, 4, "n "),
+        (2.5, 1, "n "),
+        (True, 1, "n "),
+        (4, 0, "small_batch"),
+        (4, 1.5, "small_batch"),
+    ],
+)
+def test_unbiased_grad_stats_validation(n, b, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        unbiased_grad_stats(1.0, 1.0, n=n, small_batch=b)
+
+
+def test_noise_scale_helper() -> None:
+    assert noise_scale(2.0, 8.0) == 4.0
+    assert noise_scale(0.0, 8.0) is None
+    assert noise_scale(-1.0, 8.0) is None
+    assert noise_scale(float("nan"), 8.0) is None
+    assert noise_scale(1.0, -3.0) == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# PerExampleGradNorms vs exact per-sample gradients
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", [2, 3, 32])  # small batches take the Gram branch for the batch norm
+@pytest.mark.parametrize("inplace_relu", [False, True])
+def test_hooks_match_torch_func_cross_entropy(batch: int, inplace_relu: bool) -> None:
+    torch.manual_seed(0)
+    model = mlp(inplace_relu)
+    x = torch.randn(batch, 5, dtype=DTYPE)
+    y = torch.randint(0, 3, (batch,))
+    with PerExampleGradNorms(model) as hooks:
+        ce_loss(model(x), y).backward()
+        stats = hooks.grad_stats()
+        per_example = hooks.per_example_sqr_norms()
+    names = [k for k, _ in model.named_parameters()]
+    samples = flat(func_per_sample_grads(model, ce_loss, x, y), names)
+    torch.testing.assert_close(per_example, samples.pow(2).sum(1), rtol=1e-6, atol=1e-12)
+    assert_stats_close(stats, reference_stats(samples))
+    assert (stats.n, stats.small_batch) == (batch, 1)
+    assert hooks.covered_parameter_names == tuple(names)
+    assert hooks.uncovered_parameter_names == ()
+
+
+def test_hooks_match_torch_func_mse_mean_and_sum_reduction() -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(DTYPE)
+    x, y = torch.randn(24, 4, dtype=DTYPE), torch.randn(24, 2, dtype=DTYPE)
+    mse = nn.functional.mse_loss  # mean over batch and outputs: per-example loss = mean over outputs
+    names = [k for k, _ in model.named_parameters()]
+    ref = reference_stats(flat(func_per_sample_grads(model, mse, x, y), names))
+
+    with PerExampleGradNorms(model, loss_reduction="mean") as hooks:
+        mse(model(x), y).backward()
+        mean_stats = hooks.grad_stats()
+    assert_stats_close(mean_stats, ref)
+
+    model.zero_grad()
+    with PerExampleGradNorms(model, loss_reduction="sum") as hooks:
+        (model(x) - y).pow(2).mean(1).sum().backward()  # same per-example losses, summed
+        sum_stats = hooks.grad_stats()
+    assert_stats_close(sum_stats, ref)
+
+    # Using the wrong reduction must show up (guards against the scaling being silently ignored).
+    model.zero_grad()
+    with PerExampleGradNorms(model, loss_reduction="sum") as hooks:
+        mse(model(x), y).backward()
+        wrong = hooks.grad_stats()
+    assert wrong.small_sqr_norm == pytest.approx(ref["S"] / 24**2, rel=1e-6)
+
+
+def test_linear_weight_grad_norm_both_branches() -> None:
+    torch.manual_seed(2)
+    for batch, d_in, d_out in [(2, 30, 40), (50, 3, 4)]:  # Gram branch, direct branch
+        a, g = torch.randn(batch, d_in, dtype=DTYPE), torch.randn(batch, d_out, dtype=DTYPE)
+        got = noise_module._linear_weight_grad_sqr_norm(a, g)
+        explicit = sum(torch.outer(g[i], a[i]) for i in range(batch)).pow(2).sum()
+        torch.testing.assert_close(got, explicit)
+
+
+def test_hooks_do_not_change_grad() -> None:
+    torch.manual_seed(3)
+    x, y = torch.randn(16, 5, dtype=DTYPE), torch.randint(0, 3, (16,))
+    plain = mlp(inplace_relu=True)
+    hooked = mlp(inplace_relu=True)
+    hooked.load_state_dict(plain.state_dict())
+    ce_loss(plain(x), y).backward()
+    with PerExampleGradNorms(hooked):
+        ce_loss(hooked(x), y).backward()
+    for (name, p), q in zip(plain.named_parameters(), hooked.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_batch_norm_equals_grad_and_ignores_accumulated_grad() -> None:
+    torch.manual_seed(4)
+    model = mlp()
+    x1, y1 = torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))
+    x2, y2 = torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))
+    with PerExampleGradNorms(model) as hooks:
+        ce_loss(model(x1), y1).backward()
+        # T must be the squared norm of the batch-mean gradient = what .grad holds after zero_grad.
+        assert hooks.batch_grad_sqr_norm() == pytest.approx(
+            sum(float(p.grad.pow(2).sum()) for p in model.parameters()), rel=1e-10
+        )
+        ce_loss(model(x2), y2).backward()  # .grad now accumulates two batches
+        accumulated = hooks.grad_stats()
+    ref = reference_stats(
+        flat(func_per_sample_grads(model, ce_loss, x2, y2), [k for k, _ in model.named_parameters()])
+    )
+    assert_stats_close(accumulated, ref)
+
+
+def test_enable_disable_without_removing_hooks() -> None:
+    torch.manual_seed(5)
+    model = mlp()
+    names = [k for k, _ in model.named_parameters()]
+    batches = [(torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))) for _ in range(3)]
+    hooks = PerExampleGradNorms(model, enabled=False)
+    ce_loss(model(batches[0][0]), batches[0][1]).backward()
+    with pytest.raises(RuntimeError, match="no measurement"):
+        hooks.grad_stats()
+
+    hooks.enabled = True
+    ce_loss(model(batches[1][0]), batches[1][1]).backward()
+    measured = hooks.per_example_sqr_norms().clone()
+
+    hooks.enabled = False  # a disabled step must leave the last measurement untouched
+    ce_loss(model(batches[2][0]), batches[2][1]).backward()
+    torch.testing.assert_close(hooks.per_example_sqr_norms(), measured, rtol=0, atol=0)
+    ref1 = flat(func_per_sample_grads(model, ce_loss, *batches[1]), names)
+    torch.testing.assert_close(measured, ref1.pow(2).sum(1))
+
+    hooks.enabled = True
+    ce_loss(model(batches[2][0]), batches[2][1]).backward()
+    assert_stats_close(
+        hooks.grad_stats(), reference_stats(flat(func_per_sample_grads(model, ce_loss, *batches[2]), names))
+    )
+
+    # Evaluation under no_grad neither starts a measurement nor breaks the stored one.
+    with torch.no_grad():
+        model(batches[0][0])
+    assert hooks.batch_size == 8
+    hooks.remove()
+
+
+def test_remove_and_context_manager() -> None:
+    torch.manual_seed(6)
+    model = mlp()
+    x, y = torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))
+    with PerExampleGradNorms(model) as hooks:
+        ce_loss(model(x), y).backward()
+        before = hooks.per_example_sqr_norms().clone()
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+    ce_loss(model(2 * x), y).backward()  # not measured any more
+    torch.testing.assert_close(hooks.per_example_sqr_norms(), before, rtol=0, atol=0)
+    hooks.remove()  # idempotent
+
+
+# --------------------------------------------------------------------------------------------------
+# Coverage reporting
+# --------------------------------------------------------------------------------------------------
+
+
+class Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, kernel_size=3)
+        self.conv1d = nn.Conv1d(2, 2, kernel_size=1)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.fc = nn.Linear(2 * 3 * 3, 2)
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.conv(x))  # (B, 2, 3, 3)
+        h = self.conv1d(h.flatten(2)).flatten(1)
+        return self.frozen(self.fc(h) * self.scale)
+
+
+def test_coverage_reports_non_linear_parameters() -> None:
+    torch.manual_seed(7)
+    model = Mixed().to(DTYPE)
+    x, y = torch.randn(6, 1, 5, 5, dtype=DTYPE), torch.randint(0, 2, (6,))
+    hooks = PerExampleGradNorms(model)
+    expected_uncovered = {"conv.weight", "conv.bias", "conv1d.weight", "conv1d.bias", "scale"}
+    assert set(hooks.uncovered_parameter_names) == expected_uncovered  # static report before any step
+    ce_loss(model(x), y).backward()
+    assert set(hooks.covered_parameter_names) == {"fc.weight", "fc.bias"}  # frozen params are in neither
+    assert set(hooks.uncovered_parameter_names) == expected_uncovered
+    assert "Conv2d" in hooks.uncovered_reasons["conv.weight"]
+    # The statistics cover exactly the covered parameters.
+    per_sample = func_per_sample_grads(model, ce_loss, x, y)
+    assert_stats_close(hooks.grad_stats(), reference_stats(flat(per_sample, ["fc.weight", "fc.bias"])))
+    hooks.remove()
+
+
+def test_coverage_3d_input_reuse_tying_and_unused_layers() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seq = nn.Linear(4, 4)  # fed (B, T, F): per-example grad is a sum over positions
+            self.reused = nn.Linear(4, 4)  # called twice
+            self.emb = nn.Embedding(10, 4)
+            self.tied = nn.Linear(4, 10, bias=False)
+            self.tied.weight = self.emb.weight
+            self.unused = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: Tensor, tok: Tensor) -> Tensor:
+            h = self.seq(x).mean(1) + self.emb(tok)
+            h = self.reused(torch.relu(self.reused(h)))
+            return self.head(h) + self.tied(h)[:, :2]
+
+    torch.manual_seed(8)
+    net = Net()
+    hooks = PerExampleGradNorms(net)
+    assert "seq.weight" in hooks.covered_parameter_names  # unknown until an input is seen
+    net(torch.randn(5, 3, 4), torch.randint(0, 10, (5,))).sum().backward()
+    reasons = hooks.uncovered_reasons
+    assert set(reasons) == {
+        "seq.weight", "seq.bias", "reused.weight", "reused.bias", "emb.weight", "unused.weight", "unused.bias"
+    }  # fmt: skip
+    assert "3 dims" in reasons["seq.weight"]
+    assert "called more than once" in reasons["reused.weight"]
+    assert "shared" in reasons["emb.weight"]
+    assert "not called" in reasons["unused.weight"]
+    assert hooks.covered_parameter_names == ("head.weight", "head.bias")
+    hooks.remove()
+
+
+def test_two_forwards_before_one_backward_is_rejected() -> None:
+    torch.manual_seed(9)
+    model = mlp()
+    x, y = torch.randn(4, 5, dtype=DTYPE), torch.randint(0, 3, (4,))
+    with PerExampleGradNorms(model) as hooks:
+        (ce_loss(model(x), y) + ce_loss(model(x + 1), y)).backward()
+        with pytest.raises(RuntimeError, match="more than one forward"):
+            hooks.grad_stats()
+
+
+def test_per_example_validation() -> None:
+    with pytest.raises(ValueError, match="loss_reduction"):
+        PerExampleGradNorms(mlp(), loss_reduction="avg")  # type: ignore[arg-type]
+    model = mlp()
+    with PerExampleGradNorms(model) as hooks:
+        ce_loss(model(torch.randn(1, 5, dtype=DTYPE)), torch.tensor([0])).backward()
+        with pytest.raises(RuntimeError, match="at least 2"):
+            hooks.grad_stats()
+
+
+# --------------------------------------------------------------------------------------------------
+# Generic fall-backs on a CNN
+# --------------------------------------------------------------------------------------------------
+
+
+def test_per_sample_and_microbatch_stats_on_cnn() -> None:
+    torch.manual_seed(10)
+    model = SmallCNN().to(DTYPE)
+    x, y = torch.randn(12, 1, 6, 6, dtype=DTYPE), torch.randint(0, 2, (12,))
+    names = [k for k, _ in model.named_parameters()]
+    sentinel = [torch.full_like(p, 7.0) for p in model.parameters()]
+    for p, s in zip(model.parameters(), sentinel, strict=True):
+        p.grad = s.clone()
+
+    samples = flat(loop_per_sample_grads(model, ce_loss, x, y), names)  # independent reference
+    ref = reference_stats(samples)
+    assert_stats_close(per_sample_grad_stats(model, ce_loss, x, y), ref)
+    assert_stats_close(per_sample_grad_stats(model, ce_loss, x, y, chunk_size=5), ref)
+    assert_stats_close(microbatch_grad_stats(model, ce_loss, x, y, num_microbatches=12), ref)
+
+    groups = samples.view(4, 3, -1).mean(1)  # 4 micro-batches of 3 examples (contiguous split)
+    mb = microbatch_grad_stats(model, ce_loss, x, y, num_microbatches=4)
+    assert (mb.n, mb.small_batch) == (4, 3)
+    assert_stats_close(mb, reference_stats(groups, small_batch=3))
+
+    # Restricting to a subset of parameters.
+    conv_only = per_sample_grad_stats(model, ce_loss, x, y, param_names=["conv.weight", "conv.bias"])
+    assert_stats_close(
+        conv_only,
+        reference_stats(flat(loop_per_sample_grads(model, ce_loss, x, y), ["conv.weight", "conv.bias"])),
+    )
+
+    for p, s in zip(model.parameters(), sentinel, strict=True):
+        assert torch.equal(p.grad, s)  # .grad untouched by both fall-backs
+
+
+def test_microbatch_restores_buffers_and_validates() -> None:
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).to(DTYPE)
+    x, y = torch.randn(8, 3, dtype=DTYPE), torch.randn(8, 1, dtype=DTYPE)
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    microbatch_grad_stats(model, nn.functional.mse_loss, x, y, num_microbatches=2)
+    for k, v in model.named_buffers():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match="divisible"):
+        microbatch_grad_stats(model, nn.functional.mse_loss, x, y, num_microbatches=3)
+    with pytest.raises(ValueError, match="num_microbatches"):
+        microbatch_grad_stats(model, nn.functional.mse_loss, x, y, num_microbatches=1)
+    with pytest.raises(ValueError, match="unknown"):
+        per_sample_grad_stats(model, nn.functional.mse_loss, x, y, param_names=["nope"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Closed form: linear regression
+# --------------------------------------------------------------------------------------------------
+# Model: x ~ N(0, I_d), y = w*.x + eps, eps ~ N(0, s^2); per-example loss 1/2 (theta.x - y)^2, theta = w* + delta.
+# Per-example gradient g = (x.delta - eps) x, so G = E[g] = E[x x^T] delta = delta.
+# E|g|^2 = E[(x.delta - eps)^2 |x|^2] = E[(x.delta)^2 |x|^2] + s^2 E|x|^2   (cross term: E[eps] = 0)
+# Rotate so delta = |delta| e_1: E[(x.delta)^2 |x|^2] = |delta|^2 (E[x_1^4] + (d-1) E[x_1^2] E[x_k^2])
+#                                                     = |delta|^2 (3 + d - 1) = (d+2) |delta|^2.
+# So tr(Sigma) = E|g|^2 - |G|^2 = (d+1)|delta|^2 + d s^2 and B_noise = tr(Sigma) / |delta|^2.
+
+D, SIGMA = 8, 1.0
+
+
+def regression_problem():
+    gen = torch.Generator().manual_seed(2024)
+    w_star = torch.randn(D, generator=gen, dtype=DTYPE)
+    delta = torch.randn(D, generator=gen, dtype=DTYPE)
+    delta = delta / delta.norm()  # |delta|^2 = 1
+    model = nn.Linear(D, 1, bias=False).to(DTYPE)
+    with torch.no_grad():
+        model.weight.copy_((w_star + delta).unsqueeze(0))
+
+    def batch(size: int) -> tuple[Tensor, Tensor]:
+        x = torch.randn(size, D, generator=gen, dtype=DTYPE)
+        return x, x @ w_star + SIGMA * torch.randn(size, generator=gen, dtype=DTYPE)
+
+    def loss_fn(out: Tensor, y: Tensor) -> Tensor:
+        return 0.5 * (out.squeeze(1) - y).pow(2).mean()
+
+    true_trace = (D + 1) * 1.0 + D * SIGMA**2
+    return model, batch, loss_fn, 1.0, true_trace
+
+
+def test_closed_form_linear_regression_per_example_hooks() -> None:
+    model, batch, loss_fn, true_grad_sqr, true_trace = regression_problem()
+    ema = NoiseScaleEMA(decay=0.995)
+    with PerExampleGradNorms(model) as hooks:
+        for _ in range(600):
+            x, y = batch(128)
+            model.zero_grad()
+            loss_fn(model(x), y).backward()
+            stats = hooks.grad_stats()
+            ema.update(stats.grad_sqr, stats.trace_sigma)
+    assert ema.grad_sqr == pytest.approx(true_grad_sqr, rel=0.1)
+    assert ema.grad_var == pytest.approx(true_trace, rel=0.1)
+    assert ema.gns == pytest.approx(true_trace / true_grad_sqr, rel=0.1)
+
+
+def test_closed_form_linear_regression_microbatches() -> None:
+    model, batch, loss_fn, true_grad_sqr, true_trace = regression_problem()
+    ema = NoiseScaleEMA(decay=0.995)
+    for _ in range(600):
+        x, y = batch(128)
+        stats = microbatch_grad_stats(model, loss_fn, x, y, num_microbatches=8)
+        ema.update(stats.grad_sqr, stats.trace_sigma)
+    assert ema.gns == pytest.approx(true_trace / true_grad_sqr, rel=0.1)
+    assert ema.grad_var == pytest.approx(true_trace, rel=0.1)
+
+
+# --------------------------------------------------------------------------------------------------
+# NoiseScaleEMA
+# --------------------------------------------------------------------------------------------------
+
+
+def test_ema_is_ratio_of_bias_corrected_averages() -> None:
+    ema = NoiseScaleEMA(decay=0.5)
+    assert (ema.grad_sqr, ema.grad_var, ema.gns) == (None, None, None)
+    ema.update(1.0, 1.0)
+    assert (ema.grad_sqr, ema.grad_var, ema.gns) == (1.0, 1.0, 1.0)  # bias-corrected first value
+    ema.update(3.0, 1.0)
+    # EMAs: grad_sqr 0.5 -> 1.75, trace 0.5 -> 0.75; correction 1 - 0.25 = 0.75
+    assert ema.grad_sqr == pytest.approx(7 / 3)
+    assert ema.grad_var == pytest.approx(1.0)
+    assert ema.gns == pytest.approx(3 / 7)
+    average_of_ratios = (0.5 * 0.5 * 1.0 + 0.5 * (1 / 3)) / 0.75  # = 5/9, what a naive EMA would give
+    assert abs(ema.gns - average_of_ratios) > 0.1
+
+
+def test_ema_constant_input_and_nonpositive_grad_sqr() -> None:
+    ema = NoiseScaleEMA(decay=0.9)
+    for _ in range(5):
+        ema.update(2.0, 10.0)
+        assert ema.grad_sqr == pytest.approx(2.0) and ema.gns == pytest.approx(5.0)
+    ema = NoiseScaleEMA(decay=0.9)
+    ema.update(-1.0, 10.0)
+    assert ema.grad_sqr == pytest.approx(-1.0) and ema.gns is None
+    ema.update(0.5, 10.0)  # EMA of grad_sqr still negative
+    assert ema.gns is None
+    ema.update(5.0, -20.0)  # positive |G|^2, negative trace average -> clamped
+    assert ema.grad_sqr > 0 and ema.grad_var < 0 and ema.gns == 0.0
+
+
+def test_ema_state_dict_round_trip() -> None:
+    ema = NoiseScaleEMA(decay=0.8)
+    for g, tr in [(1.0, 4.0), (0.5, 6.0), (2.0, 3.0)]:
+        ema.update(g, tr)
+    buf = io.BytesIO()
+    torch.save(ema.state_dict(), buf)
+    buf.seek(0)
+    restored = NoiseScaleEMA(decay=0.3)
+    restored.load_state_dict(torch.load(buf, weights_only=True))
+    assert restored.state_dict() == ema.state_dict()
+    ema.update(1.5, 2.5)
+    restored.update(1.5, 2.5)
+    assert (restored.grad_sqr, restored.grad_var, restored.gns, restored.num_updates) == (
+        ema.grad_sqr,
+        ema.grad_var,
+        ema.gns,
+        4,
+    )
+    with pytest.raises(KeyError):
+        restored.load_state_dict({"decay": 0.5})
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.1, 1.5, float("nan")])
+def test_ema_validation(decay: float) -> None:
+    with pytest.raises(ValueError, match="decay"):
+        NoiseScaleEMA(decay=decay)
+
+
+def test_ema_rejects_non_finite() -> None:
+    ema = NoiseScaleEMA()
+    with pytest.raises(ValueError, match="non-finite"):
+        ema.update(float("nan"), 1.0)
+    assert ema.num_updates == 0
+
+
+def test_docstring_examples() -> None:
+    result = doctest.testmod(noise_module)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_hooks_plus_fallback_for_uncovered_params_add_up() -> None:
+    # Workflow: hooks measure the Linear params, a fall-back measures the rest; S and T are sums of
+    # squared norms over parameters, so the two parts must add up to the full-model statistics.
+    torch.manual_seed(12)
+    model = SmallCNN().to(DTYPE)
+    x, y = torch.randn(10, 1, 6, 6, dtype=DTYPE), torch.randint(0, 2, (10,))
+    with PerExampleGradNorms(model) as hooks:
+        ce_loss(model(x), y).backward()
+        linear_part = hooks.grad_stats()
+        uncovered = hooks.uncovered_parameter_names
+        assert uncovered == ("conv.weight", "conv.bias")
+        rest_vmap = per_sample_grad_stats(model, ce_loss, x, y, param_names=uncovered)
+        rest_micro = microbatch_grad_stats(model, ce_loss, x, y, num_microbatches=10, param_names=uncovered)
+        assert hooks.grad_stats() == linear_part  # the fall-backs' forwards did not start a new measurement
+    full = reference_stats(
+        flat(loop_per_sample_grads(model, ce_loss, x, y), [k for k, _ in model.named_parameters()])
+    )
+    for rest in (rest_vmap, rest_micro):
+        combined = GradNoiseStats.from_norms(
+            linear_part.small_sqr_norm + rest.small_sqr_norm,
+            linear_part.big_sqr_norm + rest.big_sqr_norm,
+            10,
+            1,
+        )
+        assert_stats_close(combined, full)
