@@ -43,8 +43,11 @@ class _Parser(argparse.ArgumentParser):
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     """The run options; every default comes from RunConfig (so YAML can sit under the flags)."""
     data = parser.add_argument_group("data")
-    data.add_argument("--data", help="bundled (diabetes, digits, breast_cancer, wine, iris), "
-                      "synthetic-regression, synthetic-classification, or a .csv/.parquet path")
+    data.add_argument(
+        "--data",
+        help="bundled (diabetes, digits, breast_cancer, wine, iris), "
+        "synthetic-regression, synthetic-classification, or a .csv/.parquet path",
+    )
     data.add_argument("--target", help="target column of a CSV/Parquet file")
     data.add_argument("--task", metavar="|".join(TASKS), help="inferred from the data when omitted")
     data.add_argument("--rows", type=int, help="rows of synthetic data")
@@ -54,8 +57,12 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--classes", type=int, help="classes of synthetic-classification")
     data.add_argument("--val-fraction", type=float)
     data.add_argument("--test-fraction", type=float)
-    data.add_argument("--max-categories", type=int, help="most levels a text feature may have to be one-hot encoded")
-    data.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="train in the file's row order")
+    data.add_argument(
+        "--max-categories", type=int, help="most levels a text feature may have to be one-hot encoded"
+    )
+    data.add_argument(
+        "--no-shuffle", dest="shuffle", action="store_false", help="train in the file's row order"
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", metavar="|".join(MODELS))
@@ -89,11 +96,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="run.py", description="lightning-batch: train, record in MLflow, compare batch sizes.")
-    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
-    train = commands.add_parser(
-        "train", help="train one configuration", argument_default=argparse.SUPPRESS
+    parser = _Parser(
+        prog="run.py", description="lightning-batch: train, record in MLflow, compare batch sizes."
     )
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
+    train = commands.add_parser("train", help="train one configuration", argument_default=argparse.SUPPRESS)
     _train_arguments(train)
     ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--tracking-uri")
@@ -122,34 +129,77 @@ def _print_summary(results: Sequence[Any]) -> None:
     from rich.table import Table
 
     table = Table(title="lightning-batch runs")
-    for column in ("dataset", "model", "batch size", "epochs", "val loss", "test loss", "test metric", "seconds",
-                   "MLflow run id"):
+    for column in (
+        "dataset",
+        "model",
+        "batch size",
+        "epochs",
+        "val loss",
+        "test loss",
+        "test metric",
+        "seconds",
+        "MLflow run id",
+    ):
         table.add_column(column)
     for r in results:
         metric = (
-            f"acc {r.metrics['test_acc']:.3f}" if "test_acc" in r.metrics else f"rmse {r.metrics.get('test_rmse', 0):.4f}"
+            f"acc {r.metrics['test_acc']:.3f}"
+            if "test_acc" in r.metrics
+            else f"rmse {r.metrics.get('test_rmse', 0):.4f}"
         )
-        sizes = f"{r.batch_size_start}" if r.batch_size_start == r.batch_size_end else (
-            f"{r.batch_size_start} → {r.batch_size_end}")
+        sizes = (
+            f"{r.batch_size_start}"
+            if r.batch_size_start == r.batch_size_end
+            else (f"{r.batch_size_start} → {r.batch_size_end}")
+        )
         table.add_row(
-            r.dataset, r.model, sizes, str(r.epochs), f"{r.metrics['best_val_loss']:.4f}",
-            f"{r.metrics['test_loss']:.4f}", metric, f"{r.seconds:.1f}", r.run_id,
+            r.dataset,
+            r.model,
+            sizes,
+            str(r.epochs),
+            f"{r.metrics['best_val_loss']:.4f}",
+            f"{r.metrics['test_loss']:.4f}",
+            metric,
+            f"{r.seconds:.1f}",
+            r.run_id,
         )
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
     uri = results[0].tracking_uri if results else ""
-    console.print("Open the MLflow UI:  [bold]python experiments/run.py ui[/bold]"
-                  + (f" --tracking-uri {shlex.quote(uri)}" if uri and uri != "sqlite:///mlruns/mlflow.db" else "")
-                  + f"\n   (or: mlflow ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1)", soft_wrap=True)
+    console.print(
+        "Open the MLflow UI:  [bold]python experiments/run.py ui[/bold]"
+        + (f" --tracking-uri {shlex.quote(uri)}" if uri and uri != "sqlite:///mlruns/mlflow.db" else "")
+        + f"\n   (or: mlflow ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1)",
+        soft_wrap=True,
+    )
 
 
 DEMO_RUNS: tuple[dict[str, Any], ...] = (
     # The seed: y = w·x + b + noise, mini-batch SGD.
-    dict(data="synthetic-regression", rows=20_000, features=8, noise=0.5, model="linear",
-         batch_size=32, lr=0.01, epochs=5, experiment="demo", run_name="seed-linear-regression"),
+    dict(
+        data="synthetic-regression",
+        rows=20_000,
+        features=8,
+        noise=0.5,
+        model="linear",
+        batch_size=32,
+        lr=0.01,
+        epochs=5,
+        experiment="demo",
+        run_name="seed-linear-regression",
+    ),
     # Classification: 8×8 digit images as 64 tabular features, an MLP with Adam.
-    dict(data="digits", model="mlp", hidden=[64], optimizer="adam", batch_size=32, lr=0.003, epochs=15,
-         experiment="demo", run_name="digits-mlp"),
+    dict(
+        data="digits",
+        model="mlp",
+        hidden=[64],
+        optimizer="adam",
+        batch_size=32,
+        lr=0.003,
+        epochs=15,
+        experiment="demo",
+        run_name="digits-mlp",
+    ),
 )
 
 
@@ -168,7 +218,9 @@ def run_train(args: argparse.Namespace) -> int:
     from lightning_batch.training import train
 
     cfg = config_from_args(args)
-    result = train(cfg, progress_bar=getattr(args, "progress", False), verbose=getattr(args, "verbose", False))
+    result = train(
+        cfg, progress_bar=getattr(args, "progress", False), verbose=getattr(args, "verbose", False)
+    )
     _print_summary([result])
     return 0
 
@@ -178,8 +230,18 @@ def run_ui(args: argparse.Namespace) -> int:
 
     uri = resolve_tracking_uri(args.tracking_uri)
     ensure_store(uri)
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-               "--port", str(args.port)]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
     print(f"MLflow UI on http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
     try:
         return subprocess.call(command)

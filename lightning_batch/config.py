@@ -133,7 +133,9 @@ class RunConfig:
         for key, value in values.items():
             name = str(key).replace("-", "_")
             if name not in known:
-                raise UserError(f"unknown option {key!r} in {origin}; valid options: {', '.join(sorted(known))}")
+                raise UserError(
+                    f"unknown option {key!r} in {origin}; valid options: {', '.join(sorted(known))}"
+                )
             clean[name] = value
         return cls(**clean)
 
@@ -156,7 +158,9 @@ class RunConfig:
 
     def _validate_data(self) -> None:
         if not isinstance(self.data, str) or not self.data:
-            raise UserError("--data is empty; pass a dataset name (diabetes, iris, ...) or a .csv/.parquet path")
+            raise UserError(
+                "--data is empty; pass a dataset name (diabetes, iris, ...) or a .csv/.parquet path"
+            )
         if self.is_file_source:
             path = Path(self.data)
             if path.suffix.lower() not in (".csv", ".parquet", ".pq"):
@@ -167,9 +171,13 @@ class RunConfig:
                     )
                 raise UserError(f"{self.data}: unsupported file type; give a .csv or .parquet file")
             if not path.is_file():
-                raise UserError(f"data file not found: {self.data}; check the path (relative to {Path.cwd().name}/)")
+                raise UserError(
+                    f"data file not found: {self.data}; check the path (relative to {Path.cwd().name}/)"
+                )
             if not self.target:
-                raise UserError(f"--target is required for a file source; name the column to predict in {path.name}")
+                raise UserError(
+                    f"--target is required for a file source; name the column to predict in {path.name}"
+                )
         elif self.target:
             raise UserError(f"--target is only for CSV/Parquet files; {self.data} knows its own target")
         if self.task is None:
@@ -211,12 +219,18 @@ class RunConfig:
             check_model_for_task(self.model, self.task)
         if isinstance(self.hidden, int):
             self.hidden = [self.hidden]
-        if not isinstance(self.hidden, list) or not self.hidden or not all(
-            isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in self.hidden
+        if (
+            not isinstance(self.hidden, list)
+            or not self.hidden
+            or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in self.hidden)
         ):
-            raise UserError(f"--hidden must be positive layer widths, got {self.hidden!r}; e.g. --hidden 64 64")
+            raise UserError(
+                f"--hidden must be positive layer widths, got {self.hidden!r}; e.g. --hidden 64 64"
+            )
         if self.activation not in ACTIVATIONS:
-            raise UserError(f"unknown activation {self.activation!r}; use --activation {_choices(ACTIVATIONS)}")
+            raise UserError(
+                f"unknown activation {self.activation!r}; use --activation {_choices(ACTIVATIONS)}"
+            )
         if self.init not in INITS:
             raise UserError(f"unknown init {self.init!r}; use --init {_choices(INITS)}")
         _finite(self.dropout, "--dropout", "--dropout 0.1", minimum=0.0)
@@ -235,7 +249,9 @@ class RunConfig:
             raise UserError(f"--momentum must be below 1, got {self.momentum}; try --momentum 0.9")
         _finite(self.weight_decay, "--weight-decay", "--weight-decay 1e-4", minimum=0.0)
         if self.lr_schedule not in LR_SCHEDULES:
-            raise UserError(f"unknown lr schedule {self.lr_schedule!r}; use --lr-schedule {_choices(LR_SCHEDULES)}")
+            raise UserError(
+                f"unknown lr schedule {self.lr_schedule!r}; use --lr-schedule {_choices(LR_SCHEDULES)}"
+            )
         if self.grad_clip is not None:
             _finite(self.grad_clip, "--grad-clip", "--grad-clip 1.0", minimum=0.0)
             if self.grad_clip == 0:
@@ -273,7 +289,9 @@ def parse_batch_size(value: int | str) -> int | str:
                 f"--batch-size must be a positive integer or 'full', got {value!r}; e.g. --batch-size 32"
             ) from None
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UserError(f"--batch-size must be a positive integer or 'full', got {value!r}; e.g. --batch-size 32")
+        raise UserError(
+            f"--batch-size must be a positive integer or 'full', got {value!r}; e.g. --batch-size 32"
+        )
     return value
 
 
@@ -290,7 +308,9 @@ def load_yaml_config(path: str) -> dict[str, Any]:
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise UserError(f"YAML config {path} must be a mapping of option: value, got a {type(values).__name__}")
+        raise UserError(
+            f"YAML config {path} must be a mapping of option: value, got a {type(values).__name__}"
+        )
     return values
 
 

@@ -87,7 +87,9 @@ def make_linear_regression(
     frame = pd.DataFrame(x, columns=[f"x{i}" for i in range(features)])
     frame[TARGET] = y
     truth = {"weights": weights.tolist(), "bias": bias, "noise": noise}
-    return RawTable(frame, TARGET, f"synthetic-regression(rows={rows},features={features},noise={noise})", truth)
+    return RawTable(
+        frame, TARGET, f"synthetic-regression(rows={rows},features={features},noise={noise})", truth
+    )
 
 
 def make_classification(rows: int, features: int, classes: int, seed: int) -> RawTable:
@@ -96,7 +98,9 @@ def make_classification(rows: int, features: int, classes: int, seed: int) -> Ra
 
     informative = max(2, min(features, int(math.ceil(math.log2(classes))) + 2))
     if features < informative:
-        raise UserError(f"--features {features} is too few for {classes} classes; use --features {informative}")
+        raise UserError(
+            f"--features {features} is too few for {classes} classes; use --features {informative}"
+        )
     x, y = sk_make_classification(
         n_samples=rows,
         n_features=features,
@@ -109,7 +113,9 @@ def make_classification(rows: int, features: int, classes: int, seed: int) -> Ra
     )
     frame = pd.DataFrame(x, columns=[f"x{i}" for i in range(features)])
     frame[TARGET] = y
-    return RawTable(frame, TARGET, f"synthetic-classification(rows={rows},features={features},classes={classes})")
+    return RawTable(
+        frame, TARGET, f"synthetic-classification(rows={rows},features={features},classes={classes})"
+    )
 
 
 def load_sklearn(name: str) -> RawTable:
@@ -205,7 +211,9 @@ def clean_frame(raw: RawTable, task: str | None, max_categories: int) -> CleanTa
     dropped = int((~keep).sum())
     frame = frame.loc[keep]
     if len(frame) == 0:
-        raise UserError(f"every row of {raw.source} lacks a usable target {raw.target!r}; nothing to train on")
+        raise UserError(
+            f"every row of {raw.source} lacks a usable target {raw.target!r}; nothing to train on"
+        )
     features = frame.drop(columns=[raw.target])
     if features.shape[1] == 0:
         raise UserError(f"{raw.source} has no feature columns besides the target {raw.target!r}")
@@ -213,9 +221,11 @@ def clean_frame(raw: RawTable, task: str | None, max_categories: int) -> CleanTa
         y = pd.to_numeric(frame[raw.target]).to_numpy(dtype=np.float32)
         classes: list[str] = []
     else:
-        labels = frame[raw.target].astype(str) if not pd.api.types.is_numeric_dtype(frame[raw.target]) else frame[
-            raw.target
-        ]
+        labels = (
+            frame[raw.target].astype(str)
+            if not pd.api.types.is_numeric_dtype(frame[raw.target])
+            else frame[raw.target]
+        )
         classes_raw = sorted(pd.unique(labels), key=lambda v: (str(type(v)), v))
         if len(classes_raw) < 2:
             raise UserError(
@@ -458,7 +468,9 @@ class TabularDataModule(pl.LightningDataModule):
         eval_batch_size: rows per validation/test batch (they never change the model).
     """
 
-    def __init__(self, config: RunConfig | None = None, *, eval_batch_size: int = 4096, **options: Any) -> None:
+    def __init__(
+        self, config: RunConfig | None = None, *, eval_batch_size: int = 4096, **options: Any
+    ) -> None:
         super().__init__()
         base = config.to_dict() if config is not None else {}
         self.config = RunConfig.from_mapping({**base, **options}, origin="TabularDataModule").validate()

@@ -166,7 +166,9 @@ class TaskModule(pl.LightningModule):
         if hp.lr_schedule == "none":
             return optimizer
         if hp.lr_schedule == "cosine":
-            scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, hp.max_epochs))
+            scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=max(1, hp.max_epochs)
+            )
         elif hp.lr_schedule == "step":
             milestones = sorted({max(1, hp.max_epochs // 2), max(1, (3 * hp.max_epochs) // 4)})
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
@@ -174,7 +176,12 @@ class TaskModule(pl.LightningModule):
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=2)
             return {
                 "optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss", "interval": "epoch", "strict": False},
+                "lr_scheduler": {
+                    "scheduler": scheduler,
+                    "monitor": "val_loss",
+                    "interval": "epoch",
+                    "strict": False,
+                },
             }
         else:
             raise ValueError(f"unknown lr_schedule {hp.lr_schedule!r}; use none, cosine, step or plateau")

@@ -211,10 +211,16 @@ def log_dataset_input(client: Any, run_id: str, frame: Any, source: str, target:
     import warnings
 
     import mlflow.data
+    from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.entities import DatasetInput, InputTag
 
+    # A file is its own source; bundled and generated data are described by how they were made.
+    origin: Any = (
+        str(Path(source).resolve()) if Path(source).is_file() else CodeDatasetSource({"origin": source})
+    )
     with warnings.catch_warnings():  # MLflow guesses a source type for plain strings, noisily
         warnings.simplefilter("ignore")
-        dataset = mlflow.data.from_pandas(frame, source=source, targets=target, name=name)
+        dataset = mlflow.data.from_pandas(frame, source=origin, targets=target, name=name)
+        entity = dataset._to_mlflow_entity()  # infers the schema: warns about integer columns
     tags = [InputTag(key="mlflow.data.context", value="training")]
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags)])
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset=entity, tags=tags)])

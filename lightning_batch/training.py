@@ -164,7 +164,12 @@ def train(
             log_dataset_input(client, run_id, data.raw_frame, data.source, data.target_column, cfg.data)
 
         checkpoint = ModelCheckpoint(
-            dirpath=checkpoint_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1, save_last=True
+            dirpath=checkpoint_dir,
+            filename="best",
+            monitor="val_loss",
+            mode="min",
+            save_top_k=1,
+            save_last=True,
         )
         all_callbacks: list[Callback] = [checkpoint, *callbacks]
         if cfg.patience:
@@ -227,7 +232,9 @@ def mark_run_failed(logger: BufferedMLFlowLogger, exc: BaseException) -> None:
     with contextlib.suppress(Exception):
         message = f"{type(exc).__name__}: {exc}".strip()
         logger.experiment.set_tag(logger.run_id, "error", message[:4000])
-        logger.experiment.set_terminated(logger.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        logger.experiment.set_terminated(
+            logger.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        )
 
 
 def _log_run_artifacts(

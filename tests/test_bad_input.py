@@ -1,0 +1,133 @@
+"""Bad input: one line on stderr saying what is wrong and what to do, exit status 2, no run left behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from lightning_batch.cli import main
+
+from .conftest import RUN_PY, subprocess_env
+
+
+def _write_csv(folder: Path, name: str, frame: pd.DataFrame) -> str:
+    path = folder / name
+    frame.to_csv(path, index=False)
+    return str(path)
+
+
+def _cases(folder: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (argv, a fragment the one-line message must contain)."""
+    text_target = pd.DataFrame({"a": [1.0, 2.0, 3.0] * 10, "y": ["low", "mid", "high"] * 10})
+    nan_target = pd.DataFrame({"a": [1.0, 2.0, 3.0, 4.0], "y": [np.nan] * 4})
+    tiny = pd.DataFrame({"a": [1.0, 2.0, 3.0], "y": [1.0, 2.0, 3.0]})
+    good = pd.DataFrame({"a": np.arange(40.0), "y": np.arange(40.0) * 2})
+    (folder / "empty.csv").write_text("")
+    (folder / "header_only.csv").write_text("a,y\n")
+    (folder / "bad.yaml").write_text("lr: [0.1\n  batch_size: {")
+    (folder / "list.yaml").write_text("- 1\n- 2\n")
+    (folder / "unknown_key.yaml").write_text("learning_rate: 0.1\n")
+    (folder / "notes.txt").write_text("hello")
+    return {
+        "missing file": (["train", "--data", str(folder / "nope.csv"), "--target", "y"], "not found"),
+        "unknown dataset": (["train", "--data", "mnist"], "unknown dataset"),
+        "unsupported file type": (
+            ["train", "--data", str(folder / "notes.txt"), "--target", "y"],
+            "unsupported",
+        ),
+        "missing target column": (
+            ["train", "--data", _write_csv(folder, "g.csv", good), "--target", "z"],
+            "not found",
+        ),
+        "no --target for a file": (
+            ["train", "--data", _write_csv(folder, "g2.csv", good)],
+            "--target is required",
+        ),
+        "non-numeric regression target": (
+            [
+                "train",
+                "--data",
+                _write_csv(folder, "t.csv", text_target),
+                "--target",
+                "y",
+                "--task",
+                "regression",
+            ],
+            "not numeric",
+        ),
+        "empty file": (["train", "--data", str(folder / "empty.csv"), "--target", "y"], "empty"),
+        "header only": (
+            ["train", "--data", str(folder / "header_only.csv"), "--target", "y"],
+            "no data rows",
+        ),
+        "all-NaN target": (
+            ["train", "--data", _write_csv(folder, "n.csv", nan_target), "--target", "y"],
+            "lacks",
+        ),
+        "too few rows to split": (
+            ["train", "--data", _write_csv(folder, "s.csv", tiny), "--target", "y"],
+            "too few",
+        ),
+        "batch size zero": (["train", "--data", "iris", "--batch-size", "0"], "--batch-size"),
+        "batch size negative": (["train", "--data", "iris", "--batch-size", "-4"], "--batch-size"),
+        "batch size text": (["train", "--data", "iris", "--batch-size", "huge"], "--batch-size"),
+        "lr zero": (["train", "--data", "iris", "--lr", "0"], "--lr"),
+        "lr negative": (["train", "--data", "iris", "--lr", "-0.1"], "--lr"),
+        "lr not a number": (["train", "--data", "iris", "--lr", "fast"], "--lr"),
+        "unknown model": (["train", "--data", "iris", "--model", "transformer"], "unknown model"),
+        "unknown task": (["train", "--data", "iris", "--task", "ranking"], "unknown task"),
+        "model wrong for task": (["train", "--data", "iris", "--model", "linear"], "use --model softmax"),
+        "unreadable YAML": (["train", "--config", str(folder / "bad.yaml")], "cannot read YAML"),
+        "YAML not a mapping": (["train", "--config", str(folder / "list.yaml")], "mapping"),
+        "unknown YAML key": (["train", "--config", str(folder / "unknown_key.yaml")], "unknown option"),
+        "missing YAML": (["train", "--config", str(folder / "nope.yaml")], "not found"),
+        "unknown flag": (["train", "--learning-rate", "0.1"], "unrecognized arguments"),
+        "epochs zero": (["train", "--data", "iris", "--epochs", "0"], "--epochs"),
+    }
+
+
+def pytest_generate_tests(metafunc):
+    if "case" in metafunc.fixturenames:
+        import tempfile
+
+        names = list(_cases(Path(tempfile.mkdtemp())).keys())
+        metafunc.parametrize("case", names)
+
+
+def test_bad_input_is_one_line_and_exit_2(case: str, workdir: Path, capsys: pytest.CaptureFixture):
+    argv, fragment = _cases(workdir)[case]
+    status = main(argv)
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert status == 2, captured
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ")
+    assert fragment.lower() in lines[0].lower(), lines[0]
+    assert "Traceback" not in captured.err + captured.out
+    # nothing half-written: no run at all (the error came before a run was created)
+    db = workdir / "mlruns" / "mlflow.db"
+    if db.exists():
+        client = MlflowClient(f"sqlite:///{db}")
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        assert not client.search_runs(experiments), "a bad input must not leave a run behind"
+
+
+def test_the_process_exit_status_is_2(workdir: Path):
+    done = subprocess.run(
+        [sys.executable, str(RUN_PY), "train", "--data", "iris", "--lr", "-1"],
+        cwd=workdir,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: --lr must be a positive number, got -1.0; try --lr 0.01"
+    ]

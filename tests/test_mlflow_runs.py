@@ -1,0 +1,115 @@
+"""What a run leaves in MLflow, read back with MLflow's own client."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from lightning.pytorch.callbacks import Callback
+from mlflow import MlflowClient
+
+from lightning_batch import tracking
+from lightning_batch.config import RunConfig
+from lightning_batch.training import train
+
+from .conftest import RUN_PY, subprocess_env
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list:
+    return client.get_metric_history(run_id, key)
+
+
+def test_demo_writes_two_finished_runs_with_metrics_and_artifacts(workdir: Path):
+    """`python experiments/run.py` with no arguments, as a user runs it, on the default store."""
+    done = subprocess.run(
+        [sys.executable, str(RUN_PY)],
+        cwd=workdir,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1" in done.stdout
+    assert (workdir / "mlruns" / "mlflow.db").is_file()
+    client = MlflowClient("sqlite:///mlruns/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) >= 2
+    by_task = {}
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.info.run_id in done.stdout
+        by_task[run.data.tags["task"]] = run
+        # artifacts under mlruns/artifacts/, not the deprecated file store layout
+        assert "/mlruns/artifacts/" in run.info.artifact_uri
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "preprocessing.json", "loss_curves.png", "checkpoints"} <= names
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == [
+            "checkpoints/best.ckpt"
+        ]
+        # per-step metrics, one value per optimizer step
+        steps = _history(client, run.info.run_id, "train_loss")
+        assert len(steps) > 10
+        assert len(_history(client, run.info.run_id, "batch_size")) == len(steps)
+        assert len(_history(client, run.info.run_id, "lr")) == len(steps)
+        seen = [
+            m.value for m in sorted(_history(client, run.info.run_id, "samples_seen"), key=lambda m: m.step)
+        ]
+        assert seen == sorted(seen) and seen[-1] == int(run.data.params["n_train"]) * int(
+            run.data.params["epochs"]
+        )
+        assert _history(client, run.info.run_id, "val_loss")
+        assert "test_loss" in run.data.metrics
+        assert run.data.params["lr"] and run.data.params["batch_size"]
+        assert {"task", "dataset", "model"} <= set(run.data.tags)
+        assert run.inputs.dataset_inputs, "the dataset is recorded as an MLflow input"
+    assert set(by_task) == {"regression", "classification"}
+    assert {"test_rmse", "test_r2"} <= set(by_task["regression"].data.metrics)
+    assert {"test_acc", "test_f1"} <= set(by_task["classification"].data.metrics)
+    assert "val_rmse" in by_task["regression"].data.metrics
+    assert "val_acc" in by_task["classification"].data.metrics
+
+
+def test_a_run_that_raises_ends_failed_with_the_error(tracking_uri: str):
+    class Explode(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                raise RuntimeError("boom at step 3")
+
+    cfg = RunConfig(data="iris", epochs=2, batch_size=8, tracking_uri=tracking_uri, experiment="fails")
+    with pytest.raises(RuntimeError, match="boom"):
+        train(cfg, callbacks=[Explode()])
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("fails").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "boom at step 3" in run.data.tags["error"]
+    # what was logged before the crash was written, not lost in the buffer (callbacks run before the
+    # module's own on_train_batch_end, so step 3's values never reached the logger)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+
+
+def test_metrics_are_written_in_batches_not_per_step(tracking_uri: str):
+    calls = []
+    original = MlflowClient.log_batch
+
+    def counting(self, run_id, metrics=(), params=(), tags=(), **kwargs):
+        calls.append(len(metrics))
+        return original(self, run_id, metrics=metrics, params=params, tags=tags, **kwargs)
+
+    cfg = RunConfig(data="synthetic-regression", rows=4000, epochs=2, batch_size=8, tracking_uri=tracking_uri)
+    with mock.patch.object(MlflowClient, "log_batch", counting):
+        result = train(cfg)
+    steps = result.samples_seen // 8
+    metric_calls = [n for n in calls if n]
+    assert sum(metric_calls) >= 4 * steps  # every per-step value got written ...
+    assert len(metric_calls) <= 4 * steps // tracking.FLUSH_EVERY + 10  # ... in a handful of writes
+
+
+def test_explicit_tracking_uri_and_env_override(workdir: Path, monkeypatch: pytest.MonkeyPatch):
+    assert tracking.resolve_tracking_uri(None) == "sqlite:///mlruns/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    assert tracking.resolve_tracking_uri(None) == "sqlite:///elsewhere.db"
+    assert tracking.resolve_tracking_uri("sqlite:///flag.db") == "sqlite:///flag.db"

@@ -1,0 +1,112 @@
+"""The resizable sampler: an epoch is one pass over the rows, whatever the resizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_batch.sampler import ResizableBatchSampler
+
+
+def _drain(sampler: ResizableBatchSampler, sizes: list[int]) -> list[torch.Tensor]:
+    """Iterate one epoch, setting the next batch size from ``sizes`` before each step."""
+    batches = []
+    iterator = iter(sampler)
+    step = 0
+    while True:
+        if step < len(sizes):
+            sampler.batch_size = sizes[step]
+        try:
+            batches.append(next(iterator))
+        except StopIteration:
+            return batches
+        step += 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.integers(1, 300),
+    sizes=st.lists(st.integers(1, 64), min_size=0, max_size=40),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_every_row_once_per_epoch_whatever_the_resizes(n, sizes, shuffle, seed):
+    sampler = ResizableBatchSampler(n, batch_size=7, shuffle=shuffle, seed=seed)
+    batches = _drain(sampler, sizes)
+    seen = torch.cat(batches).tolist()
+    assert sorted(seen) == list(range(n))
+    # each step used the batch size in force when it was drawn (the tail may be shorter)
+    for step, batch in enumerate(batches[:-1]):
+        expected = sizes[step] if step < len(sizes) else (sizes[-1] if sizes else 7)
+        assert len(batch) == expected
+    # and the length reported at the end is the number of steps actually taken
+    assert sampler.batches_yielded == len(batches)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n=st.integers(2, 200),
+    world=st.integers(2, 4),
+    sizes=st.lists(st.integers(1, 40), min_size=0, max_size=30),
+    seed=st.integers(0, 1000),
+)
+def test_ranks_partition_each_epoch_and_agree_on_step_count(n, world, sizes, seed):
+    if n < world:
+        return
+    per_rank = []
+    for rank in range(world):
+        sampler = ResizableBatchSampler(n, batch_size=5, seed=seed, rank=rank, world_size=world)
+        per_rank.append(_drain(sampler, sizes))
+    steps = {len(b) for b in per_rank}
+    assert len(steps) == 1, "ranks must take the same number of steps or DDP hangs"
+    assert all(len(batch) >= 1 for batches in per_rank for batch in batches)
+    union = torch.cat([torch.cat(b) for b in per_rank]).tolist()
+    assert sorted(union) == list(range(n))
+
+
+def test_len_is_honest_before_and_after_a_resize():
+    sampler = ResizableBatchSampler(100, batch_size=10, shuffle=False)
+    assert len(sampler) == 10
+    iterator = iter(sampler)
+    for _ in range(3):
+        next(iterator)
+    sampler.batch_size = 35  # 70 rows left: 2 more steps
+    assert len(sampler) == 3 + 2
+    assert sum(1 for _ in iterator) == 2
+
+
+def test_tail_smaller_than_world_joins_the_previous_step():
+    sampler = ResizableBatchSampler(11, batch_size=5, shuffle=False, rank=0, world_size=2)
+    assert len(sampler) == 2  # 5 + 6, not 5 + 5 + 1 (a 1-row step would starve rank 1)
+    assert [len(b) for b in sampler] == [3, 3]
+
+
+def test_new_epoch_new_permutation_and_state_round_trip():
+    sampler = ResizableBatchSampler(50, batch_size=8, seed=3)
+    first = torch.cat(list(sampler))
+    sampler.set_epoch(1)
+    second = torch.cat(list(sampler))
+    assert not torch.equal(first, second)
+    assert sorted(second.tolist()) == list(range(50))
+    # resume mid-epoch from a state_dict: the rest of the epoch is the rest of the same permutation
+    sampler.set_epoch(2)
+    iterator = iter(sampler)
+    head = [next(iterator) for _ in range(2)]
+    state = sampler.state_dict()
+    resumed = ResizableBatchSampler(50, batch_size=1, seed=0)
+    resumed.load_state_dict(state)
+    tail = list(resumed)
+    assert sorted(torch.cat(head + tail).tolist()) == list(range(50))
+    assert torch.equal(torch.cat(head + tail), sampler.permutation(2))
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="positive"):
+        ResizableBatchSampler(10, batch_size=0)
+    with pytest.raises(ValueError, match="ranks"):
+        ResizableBatchSampler(1, batch_size=1, world_size=2)
+    sampler = ResizableBatchSampler(10, batch_size=2)
+    with pytest.raises(ValueError):
+        sampler.batch_size = -3
