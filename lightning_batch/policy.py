@@ -1,0 +1,1010 @@
+"""Batch-size policies: numbers in, numbers out.
+
+Nothing here touches torch or Lightning. The caller measures things (current batch, gradient-noise statistics,
+step times, a memory ceiling) and a :class:`BatchSizeController` turns them into a :class:`Decision`: the next
+global batch size (samples per optimizer step) and the learning-rate multiplier relative to the user's lr0.
+
+Pieces:
+
+* :class:`ThroughputModel` -- step time ``t(B) = alpha + beta * B`` fitted to measured step times.
+* Policies (:func:`make_policy`): ``fixed``, ``memory``, ``noise``, ``goodput`` (Pollux), ``schedule``
+  (Smith et al. 2017).
+* lr rules (:func:`make_lr_rule`): ``none``, ``linear``, ``sqrt``, ``adascale`` (Johnson et al. 2020).
+* :class:`BatchGrid` -- bounds, memory ceiling and rounding to a multiple, shared by the policies and the
+  controller so that what a policy optimises over is exactly what the controller may return.
+
+>>> ctl = BatchSizeController("noise", lr_rule="sqrt", multiple=8)
+>>> d = ctl.decide(PolicyContext(batch_size=64, base_batch=64, noise_scale=250.0, ceiling=1024))
+>>> d.batch_size, round(d.lr_scale, 3), d.changed
+(248, 1.969, True)
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+import numbers
+import statistics
+from abc import ABC, abstractmethod
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+__all__ = [
+    "LR_RULES",
+    "POLICIES",
+    "AdaScaleLrRule",
+    "BatchGrid",
+    "BatchPolicy",
+    "BatchSizeController",
+    "Decision",
+    "FixedPolicy",
+    "GoodputPolicy",
+    "LinearLrRule",
+    "LrRule",
+    "MemoryPolicy",
+    "NoLrRule",
+    "NoisePolicy",
+    "PolicyContext",
+    "SchedulePolicy",
+    "SqrtLrRule",
+    "ThroughputModel",
+    "adascale_gain",
+    "efficiency",
+    "goodput",
+    "goodput_argmax",
+    "make_lr_rule",
+    "make_policy",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _check_int(name: str, value: Any, minimum: int, hint: str) -> int:
+    # bool is an Integral; True as a batch size is always a bug.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__}). {hint}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}. {hint}")
+    return int(value)
+
+
+def _check_opt_int(name: str, value: Any, minimum: int, hint: str) -> int | None:
+    return None if value is None else _check_int(name, value, minimum, hint)
+
+
+def _check_float(name: str, value: Any, minimum: float, hint: str, *, strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}. {hint}")
+    if value < minimum or (strict and value == minimum):
+        op = ">" if strict else ">="
+        raise ValueError(f"{name} must be {op} {minimum}, got {value!r}. {hint}")
+    return float(value)
+
+
+def _check_opt_float(name: str, value: Any, minimum: float, hint: str) -> float | None:
+    return None if value is None else _check_float(name, value, minimum, hint)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# throughput
+
+
+class ThroughputModel:
+    """Step time ``t(B) = alpha + beta * B`` (seconds) fitted to recent measurements.
+
+    Each batch size keeps its last ``window`` step times and the fit uses the *median* of each window, so a
+    few slow steps (GC, checkpointing, data-loader stalls) don't move it; each batch size is weighted by the
+    number of samples in its window. Only the ``max_sizes`` most recently observed batch sizes are kept, so
+    the model follows drift (a changing input pipeline, other jobs on the node).
+
+    The least-squares fit is constrained to ``alpha >= 0`` and ``beta >= 0``: a negative fixed cost, or steps
+    that get faster with more samples, can only be noise, and would make throughput negative or unbounded.
+
+    A fit needs two distinct batch sizes (:attr:`is_fitted`). With only one, :attr:`coefficients` falls back
+    to ``t(B)`` proportional to ``B`` through the origin (``alpha = 0``), i.e. constant throughput -- fine for
+    reporting, but policies that optimise over ``B`` (``goodput``) must wait for :attr:`is_fitted`.
+
+    >>> m = ThroughputModel()
+    >>> for b in (32, 64, 128):
+    ...     m.observe(b, 0.01 + 0.001 * b)
+    >>> alpha, beta = m.coefficients
+    >>> round(alpha, 6), round(beta, 6)
+    (0.01, 0.001)
+    >>> round(m.throughput(100), 3)  # samples / s
+    909.091
+    """
+
+    def __init__(self, window: int = 32, max_sizes: int = 8) -> None:
+        self.window = _check_int("window", window, 1, "Pass e.g. window=32 step times kept per batch size.")
+        self.max_sizes = _check_int(
+            "max_sizes", max_sizes, 2, "Pass e.g. max_sizes=8; a line fit needs at least 2 batch sizes."
+        )
+        self._times: OrderedDict[int, deque[float]] = OrderedDict()
+
+    def observe(self, batch_size: int, seconds: float) -> None:
+        """Record one optimizer step of ``batch_size`` samples that took ``seconds``."""
+        batch_size = _check_int("batch_size", batch_size, 1, "Pass the global samples per optimizer step.")
+        seconds = _check_float(
+            "seconds", seconds, 0.0, "Pass the wall time of one optimizer step in seconds.", strict=True
+        )
+        times = self._times.pop(batch_size, None)
+        if times is None:
+            times = deque(maxlen=self.window)
+        times.append(seconds)
+        self._times[batch_size] = times  # re-inserted last = most recently used
+        while len(self._times) > self.max_sizes:
+            self._times.popitem(last=False)
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Batch sizes currently in the model, least recently observed first."""
+        return list(self._times)
+
+    @property
+    def is_fitted(self) -> bool:
+        """True once step times for at least two distinct batch sizes were observed."""
+        return len(self._times) >= 2
+
+    @property
+    def coefficients(self) -> tuple[float, float] | None:
+        """``(alpha, beta)`` of ``t(B) = alpha + beta * B``, or None without any measurement."""
+        points = [(b, statistics.median(ts), len(ts)) for b, ts in self._times.items()]
+        if not points:
+            return None
+        if len(points) == 1:
+            b, t, _ = points[0]
+            return 0.0, t / b
+        sw = sum(w for _, _, w in points)
+        xm = sum(w * b for b, _, w in points) / sw
+        ym = sum(w * t for _, t, w in points) / sw
+        # Centred sums: B can be ~1e5 and t ~1e-2, the raw normal equations lose digits.
+        sxx = sum(w * (b - xm) ** 2 for b, _, w in points)
+        sxy = sum(w * (b - xm) * (t - ym) for b, t, w in points)
+        beta = sxy / sxx
+        alpha = ym - beta * xm
+        if alpha >= 0.0 and beta >= 0.0:
+            return alpha, beta
+        # The unconstrained optimum is infeasible, so the constrained one lies on a boundary of the
+        # quadrant (the objective is convex): best of "through the origin" and "constant time".
+        through_origin = (0.0, sum(w * b * t for b, t, w in points) / sum(w * b * b for b, _, w in points))
+        constant = (ym, 0.0)
+
+        def sse(ab: tuple[float, float]) -> float:
+            return sum(w * (t - ab[0] - ab[1] * b) ** 2 for b, t, w in points)
+
+        return min((through_origin, constant), key=sse)
+
+    def step_time(self, batch_size: float) -> float | None:
+        """Predicted seconds per step at ``batch_size``, or None without any measurement."""
+        ab = self.coefficients
+        return None if ab is None else ab[0] + ab[1] * batch_size
+
+    def throughput(self, batch_size: float) -> float | None:
+        """Predicted samples per second ``B / t(B)``, or None when it cannot be predicted."""
+        t = self.step_time(batch_size)
+        return None if t is None or t <= 0.0 else batch_size / t
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python state: ``{"samples": [[batch, [seconds, ...]], ...]}`` (oldest batch size first)."""
+        return {"samples": [[b, list(ts)] for b, ts in self._times.items()]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict` (windows are re-bounded by this model's ``window``)."""
+        if not isinstance(state, dict) or "samples" not in state:
+            raise ValueError(
+                f"state must be a dict from ThroughputModel.state_dict(), got {state!r}. "
+                "Pass the dict returned by state_dict()."
+            )
+        self._times.clear()
+        for b, ts in state["samples"]:
+            for t in ts:
+                self.observe(b, t)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the admissible batch sizes
+
+
+def _floor(x: float) -> int:
+    # Guard against 15.999999999 from float arithmetic on integer-valued quantities.
+    return math.floor(x + 1e-9)
+
+
+def _ceil(x: float) -> int:
+    return math.ceil(x - 1e-9)
+
+
+@dataclass(frozen=True)
+class BatchGrid:
+    """The batch sizes a decision may return.
+
+    Integers in ``[lo, hi]`` (``hi=None``: unbounded) that are multiples of ``multiple``, plus the sizes below
+    ``multiple`` -- so a batch of 1..7 stays possible when the bounds allow it, rather than being rounded to
+    0 or up to 8. If ``[lo, hi]`` holds no multiple at all, every integer in it is admissible (the bounds
+    beat the rounding).
+
+    >>> g = BatchGrid(lo=1, hi=100, multiple=8)
+    >>> g.round(3), g.round(12), g.round(13), g.round(99), g.round(500)
+    (3, 8, 16, 96, 96)
+    >>> g.below(50.0), g.above(50.0)
+    (48, 56)
+    """
+
+    lo: int
+    hi: int | None
+    multiple: int = 1
+
+    def __post_init__(self) -> None:
+        _check_int("lo", self.lo, 1, "Pass the smallest allowed batch size, e.g. lo=1.")
+        _check_opt_int("hi", self.hi, self.lo, "Pass hi >= lo, or hi=None for no upper bound.")
+        _check_int("multiple", self.multiple, 1, "Pass e.g. multiple=8, or multiple=1 for no rounding.")
+
+    @classmethod
+    def from_bounds(
+        cls, min_batch: int, max_batch: int | None, ceiling: int | None, multiple: int = 1
+    ) -> BatchGrid:
+        """Combine user bounds with a memory ceiling.
+
+        The ceiling wins over ``min_batch``: a batch that doesn't fit cannot be trained on, so if the ceiling
+        is below ``min_batch`` the grid becomes ``[ceiling, ceiling]``.
+        """
+        bounds = [b for b in (max_batch, ceiling) if b is not None]
+        hi = min(bounds) if bounds else None
+        lo = min_batch if hi is None else min(min_batch, hi)
+        return cls(lo=lo, hi=hi, multiple=multiple)
+
+    @property
+    def _all_ints(self) -> bool:
+        m = self.multiple
+        if m <= 1:
+            return True
+        first = -(-self.lo // m) * m
+        return self.hi is not None and first > self.hi
+
+    def in_bounds(self, batch_size: int) -> bool:
+        """``lo <= batch_size <= hi`` (ignoring rounding)."""
+        return batch_size >= self.lo and (self.hi is None or batch_size <= self.hi)
+
+    def contains(self, batch_size: int) -> bool:
+        """Whether ``batch_size`` is admissible (in bounds and correctly rounded)."""
+        if not self.in_bounds(batch_size):
+            return False
+        return self._all_ints or batch_size < self.multiple or batch_size % self.multiple == 0
+
+    def clamp(self, batch_size: float) -> int:
+        """Nearest integer in ``[lo, hi]`` (no rounding to the multiple)."""
+        b = max(self.lo, math.floor(batch_size + 0.5))
+        return b if self.hi is None else min(b, self.hi)
+
+    def round(self, batch_size: float) -> int:
+        """Nearest admissible batch size; ties go down (less memory)."""
+        b = self.clamp(batch_size)
+        m = self.multiple
+        if self._all_ints or b < m:
+            return b
+        down = b // m * m
+        candidates = [c for c in (down, down + m) if self.in_bounds(c)]
+        # Non-empty: if neither neighbour multiple were in bounds, no multiple would be (see _all_ints).
+        return min(candidates, key=lambda c: (abs(c - b), c))
+
+    def below(self, x: float) -> int | None:
+        """Largest admissible batch size ``<= x``, or None."""
+        if x < self.lo:
+            return None
+        b = _floor(x)
+        if self.hi is not None:
+            b = min(b, self.hi)
+        m = self.multiple
+        if self._all_ints or b < m:
+            return b
+        down = b // m * m
+        # down >= m, so when down < lo the sizes below m are below lo too: nothing admissible <= x.
+        return down if down >= self.lo else None
+
+    def above(self, x: float) -> int | None:
+        """Smallest admissible batch size ``>= x``, or None."""
+        if self.hi is not None and x > self.hi:
+            return None
+        b = max(_ceil(x), self.lo)
+        m = self.multiple
+        if self._all_ints or b < m:
+            return b
+        up = -(-b // m) * m
+        return up if self.hi is None or up <= self.hi else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# context, efficiency, goodput
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """Everything a policy may look at for one decision.
+
+    ``batch_size`` and ``base_batch`` are global (samples per optimizer step); ``base_batch`` is the user's
+    initial batch B0, where lr0 was tuned. ``noise_scale`` is the gradient-noise scale
+    ``B_noise = tr(Sigma) / |G|^2``; when it is None it is derived from ``trace_sigma`` and ``grad_sqr`` if
+    both are given (:attr:`b_noise`). ``trace_sigma`` is the trace of the *per-sample* gradient covariance.
+    ``ceiling`` is the largest batch that fits in memory (None: unknown). ``step_times`` are ``(batch_size,
+    seconds)`` measurements since the last decision (the controller feeds them into its
+    :class:`ThroughputModel`). ``min_batch``, ``max_batch``, ``multiple`` and ``throughput`` are set by the
+    controller from its own settings; fill them yourself only when calling a policy directly.
+
+    >>> PolicyContext(batch_size=32, base_batch=32, grad_sqr=2.0, trace_sigma=100.0).b_noise
+    50.0
+    """
+
+    batch_size: int
+    base_batch: int
+    noise_scale: float | None = None
+    grad_sqr: float | None = None
+    trace_sigma: float | None = None
+    ceiling: int | None = None
+    epoch: int = 0
+    step_times: Sequence[tuple[int, float]] = ()
+    min_batch: int = 1
+    max_batch: int | None = None
+    multiple: int = 1
+    throughput: ThroughputModel | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen dataclass: normalise numpy scalars etc. to plain Python
+        set_(
+            self, "batch_size", _check_int("batch_size", self.batch_size, 1, "Pass the current global batch.")
+        )
+        set_(
+            self,
+            "base_batch",
+            _check_int("base_batch", self.base_batch, 1, "Pass the initial global batch B0."),
+        )
+        set_(
+            self,
+            "noise_scale",
+            _check_opt_float("noise_scale", self.noise_scale, 0.0, "Pass tr(Sigma)/|G|^2 >= 0, or None."),
+        )
+        set_(self, "grad_sqr", _check_opt_float("grad_sqr", self.grad_sqr, 0.0, "Pass |G|^2 >= 0, or None."))
+        set_(
+            self,
+            "trace_sigma",
+            _check_opt_float("trace_sigma", self.trace_sigma, 0.0, "Pass tr(Sigma) >= 0, or None."),
+        )
+        set_(
+            self,
+            "ceiling",
+            _check_opt_int(
+                "ceiling", self.ceiling, 1, "Pass the largest batch that fits (>= 1), or None if unknown."
+            ),
+        )
+        set_(self, "epoch", _check_int("epoch", self.epoch, 0, "Pass the 0-based epoch index."))
+        set_(self, "min_batch", _check_int("min_batch", self.min_batch, 1, "Pass e.g. min_batch=1."))
+        set_(
+            self,
+            "max_batch",
+            _check_opt_int(
+                "max_batch",
+                self.max_batch,
+                self.min_batch,
+                "Pass max_batch >= min_batch, or None for no cap.",
+            ),
+        )
+        set_(
+            self,
+            "multiple",
+            _check_int("multiple", self.multiple, 1, "Pass e.g. multiple=8 (1: no rounding)."),
+        )
+        set_(self, "step_times", tuple((int(b), float(t)) for b, t in self.step_times))
+
+    @property
+    def b_noise(self) -> float | None:
+        """The gradient-noise scale, given or derived from ``trace_sigma / grad_sqr``; None if unknown."""
+        if self.noise_scale is not None:
+            return self.noise_scale
+        if self.trace_sigma is not None and self.grad_sqr is not None and self.grad_sqr > 0.0:
+            return self.trace_sigma / self.grad_sqr
+        return None
+
+    @property
+    def grid(self) -> BatchGrid:
+        """The admissible batch sizes under this context's bounds, ceiling and rounding."""
+        return BatchGrid.from_bounds(self.min_batch, self.max_batch, self.ceiling, self.multiple)
+
+
+def efficiency(batch_size: float, base_batch: float, noise_scale: float) -> float:
+    """Statistical efficiency ``(B_noise + B0) / (B_noise + B)`` (Pollux): progress per sample at ``B``
+    relative to ``B0``. 1 at ``B = B0``; below 1 for larger batches.
+
+    >>> efficiency(320, 64, 192.0)
+    0.5
+    """
+    if batch_size <= 0 or base_batch <= 0 or noise_scale < 0:
+        raise ValueError(
+            f"efficiency needs batch_size > 0, base_batch > 0, noise_scale >= 0; got {batch_size!r}, "
+            f"{base_batch!r}, {noise_scale!r}. Pass positive batch sizes and a non-negative B_noise."
+        )
+    return (noise_scale + base_batch) / (noise_scale + batch_size)
+
+
+def goodput(batch_size: float, base_batch: float, noise_scale: float, alpha: float, beta: float) -> float:
+    """``throughput(B) * efficiency(B)`` with ``t(B) = alpha + beta * B``: useful samples per second,
+    measured in base-batch samples.
+
+    >>> round(goodput(128, 64, 64.0, 0.01, 0.001), 3)
+    618.357
+    """
+    return batch_size / (alpha + beta * batch_size) * efficiency(batch_size, base_batch, noise_scale)
+
+
+def goodput_argmax(
+    alpha: float, beta: float, noise_scale: float, base_batch: float, grid: BatchGrid
+) -> int | None:
+    """The admissible batch size maximising :func:`goodput`, or None when the model has no maximum in
+    ``grid``.
+
+    Maximising ``B / ((alpha + beta B)(B_noise + B))`` has a closed form: the derivative of its log is
+    ``(alpha B_noise - beta B^2) / (B (alpha + beta B)(B_noise + B))``, which changes sign once, at
+    ``B* = sqrt(alpha B_noise / beta)``. Goodput is therefore unimodal, and its maximum over any ordered set
+    of candidates is at one of the two candidates bracketing ``B*``; :class:`BatchGrid` gives those directly
+    (multiples of the rounding step, or the sizes below it). This is the exact argmax of the model over the
+    admissible sizes, in O(1) instead of a grid search.
+
+    >>> goodput_argmax(0.01, 0.001, 400.0, 64, BatchGrid(1, 4096, multiple=1))  # sqrt(0.01*400/0.001) = 63.2
+    63
+    """
+    if alpha <= 0.0 and beta <= 0.0:
+        return None
+    if beta <= 0.0:
+        # Constant step time: throughput grows linearly and beats the efficiency loss; take the largest.
+        if grid.hi is None:
+            return None
+        candidates = [grid.below(grid.hi)]
+    else:
+        # alpha == 0 or B_noise == 0 makes goodput decreasing: B* = 0 -> the smallest admissible size.
+        x = math.sqrt(alpha * noise_scale / beta)
+        candidates = [grid.below(x), grid.above(x)]
+    found = [c for c in candidates if c is not None]
+    if not found:
+        return None
+    # Exact ties (possible only on symmetric round-off) go to the smaller, cheaper batch.
+    return max(found, key=lambda b: (goodput(b, base_batch, noise_scale, alpha, beta), -b))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# policies
+
+
+class BatchPolicy(ABC):
+    """A rule for the next batch size. Subclasses implement :meth:`propose_with_reason`.
+
+    Policies return a raw proposal; the :class:`BatchSizeController` applies bounds, ceiling, rounding and
+    hysteresis. Policies here keep no state beyond their configuration (they are functions of the context), so
+    their :meth:`state_dict` is empty, which makes resuming from a checkpoint trivially consistent.
+    """
+
+    name: str = ""
+
+    @abstractmethod
+    def propose_with_reason(self, ctx: PolicyContext) -> tuple[int, str]:
+        """The proposed batch size and a short human-readable reason."""
+
+    def propose(self, ctx: PolicyContext) -> int:
+        """The proposed batch size."""
+        return self.propose_with_reason(ctx)[0]
+
+    def predicted_gain(self, ctx: PolicyContext, batch_size: int) -> float | None:
+        """Predicted relative improvement of moving from ``ctx.batch_size`` to ``batch_size`` (0.1 = +10%),
+        or None when the policy has no objective to measure it with (the controller then uses the relative
+        size change)."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python state (empty: policies are stateless)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 -- optional hook, a no-op here
+        """Restore from :meth:`state_dict` (nothing to restore)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class FixedPolicy(BatchPolicy):
+    """Always the base batch B0 (bounds and ceiling still apply).
+
+    >>> FixedPolicy().propose(PolicyContext(batch_size=96, base_batch=64))
+    64
+    """
+
+    name = "fixed"
+
+    def propose_with_reason(self, ctx: PolicyContext) -> tuple[int, str]:
+        return ctx.base_batch, f"fixed: base batch {ctx.base_batch}"
+
+
+class MemoryPolicy(BatchPolicy):
+    """The largest batch that fits: the memory ceiling, capped by ``max_batch``. Keeps the current batch
+    while the ceiling is unknown.
+
+    >>> MemoryPolicy().propose(PolicyContext(batch_size=64, base_batch=64, ceiling=1000, max_batch=512))
+    512
+    """
+
+    name = "memory"
+
+    def propose_with_reason(self, ctx: PolicyContext) -> tuple[int, str]:
+        if ctx.ceiling is None:
+            return ctx.batch_size, "memory: ceiling unknown, keeping current batch"
+        hi = ctx.grid.hi
+        assert hi is not None  # a ceiling is set
+        return (
+            hi,
+            f"memory: largest batch that fits = {hi} (ceiling {ctx.ceiling}, max_batch {ctx.max_batch})",
+        )
+
+
+class NoisePolicy(BatchPolicy):
+    """``B = clamp(k * B_noise, min_batch, min(ceiling, max_batch))`` (McCandlish et al. 2018: the critical
+    batch is about ``B_noise``). Keeps the current batch while ``B_noise`` is unknown.
+
+    >>> ctx = PolicyContext(batch_size=64, base_batch=64, noise_scale=300.0, ceiling=128)
+    >>> NoisePolicy(k=0.5).propose(ctx)
+    128
+    """
+
+    name = "noise"
+
+    def __init__(self, k: float = 1.0) -> None:
+        self.k = _check_float("k", k, 0.0, "Pass a positive multiplier of B_noise, e.g. k=1.0.", strict=True)
+
+    def propose_with_reason(self, ctx: PolicyContext) -> tuple[int, str]:
+        bn = ctx.b_noise
+        if bn is None:
+            return ctx.batch_size, "noise: no gradient-noise estimate yet, keeping current batch"
+        b = ctx.grid.clamp(self.k * bn)
+        return b, f"noise: {self.k:g} * B_noise ({bn:.4g}) -> {b}"
+
+    def __repr__(self) -> str:
+        return f"NoisePolicy(k={self.k!r})"
+
+
+class GoodputPolicy(BatchPolicy):
+    """Pollux (Qiao et al., OSDI'21): maximise ``goodput(B) = throughput(B) * efficiency(B)``, with
+    ``efficiency(B) = (B_noise + B0) / (B_noise + B)``, over the admissible sizes in
+    ``[min_batch, min(ceiling, max_batch)]`` (see :func:`goodput_argmax` for why the argmax is exact).
+
+    Keeps the current batch until ``B_noise`` is known and the :class:`ThroughputModel` is fitted (step times
+    at two batch sizes). Since a policy that never moves never measures a second size, ``explore_factor``
+    (off by default) proposes ``current * explore_factor`` (or divided, at the upper bound) while only one
+    batch size has been timed.
+
+    >>> m = ThroughputModel()
+    >>> m.observe(32, 0.01 + 0.001 * 32)
+    >>> m.observe(64, 0.01 + 0.001 * 64)
+    >>> ctx = PolicyContext(batch_size=32, base_batch=32, noise_scale=900.0, ceiling=4096, throughput=m)
+    >>> GoodputPolicy().propose(ctx)  # sqrt(0.01 * 900 / 0.001) = 94.9
+    95
+    """
+
+    name = "goodput"
+
+    def __init__(self, explore_factor: float | None = None) -> None:
+        if explore_factor is not None:
+            explore_factor = _check_float(
+                "explore_factor", explore_factor, 1.0, "Pass e.g. explore_factor=2.0, or None.", strict=True
+            )
+        self.explore_factor = explore_factor
+
+    def propose_with_reason(self, ctx: PolicyContext) -> tuple[int, str]:
+        bn = ctx.b_noise
+        model = ctx.throughput
+        if bn is None:
+            return ctx.batch_size, "goodput: no gradient-noise estimate yet, keeping current batch"
+        if model is None or not model.is_fitted:
+            if self.explore_factor is not None and model is not None and model.batch_sizes:
+                grid = ctx.grid
+                up = grid.clamp(ctx.batch_size * self.explore_factor)
+                b = up if up != ctx.batch_size else grid.clamp(ctx.batch_size / self.explore_factor)
+                return b, f"goodput: exploring B={b} to fit the throughput model"
+            return (
+                ctx.batch_size,
+                "goodput: throughput needs step times at 2 batch sizes, keeping current batch",
+            )
+        alpha, beta = model.coefficients  # type: ignore[misc]  # fitted -> not None
+        best = goodput_argmax(alpha, beta, bn, ctx.base_batch, ctx.grid)
+        if best is None:
+            return ctx.batch_size, "goodput: model has no maximum within the bounds, keeping current batch"
+        return best, f"goodput: argmax B={best} (B_noise={bn:.4g}, t(B)={alpha:.3g}+{beta:.3g}*B)"
+
+    def predicted_gain(self, ctx: PolicyContext, batch_size: int) -> float | None:
+        """``goodput(batch_size) / goodput(current) - 1`` under the fitted model, or None."""
+        bn = ctx.b_noise
+        model = ctx.throughput
+        if bn is None or model is None or not model.is_fitted:
+            return None
+        alpha, beta = model.coefficients  # type: ignore[misc]
+        return (
+            goodput(batch_size, ctx.base_batch, bn, alpha, beta)
+            / goodput(ctx.batch_size, ctx.base_batch, bn, alpha, beta)
+            - 1.0
+        )
+
+    def __repr__(self) -> str:
+        return f"GoodputPolicy(explore_factor={self.explore_factor!r})"
+
+
+class SchedulePolicy(BatchPolicy):
+    """Smith et al. 2017, "Don't decay the learning rate, increase the batch size": from each milestone epoch
+    on, multiply the batch by ``factor`` where one would have decayed the lr.
+
+    ``B(epoch) = B0 * prod(factor_i for milestone_i <= epoch)``. It is a function of the epoch and B0 only
+    (not of the current batch), so it is idempotent within an epoch and needs no state to resume.
+    ``factor`` is one number for all milestones or one per milestone.
+
+    >>> p = SchedulePolicy(milestones=[30, 60], factor=2.0)
+    >>> [p.propose(PolicyContext(batch_size=64, base_batch=64, epoch=e)) for e in (0, 29, 30, 59, 60, 90)]
+    [64, 64, 128, 128, 256, 256]
+    """
+
+    name = "schedule"
+
+    def __init__(self, milestones: Sequence[int] = (), factor: float | Sequence[float] = 2.0) -> None:
+        ms = [
+            _check_int("milestones[i]", m, 0, "Pass epoch indices, e.g. milestones=[30, 60].")
+            for m in milestones
+        ]
+        if any(b <= a for a, b in itertools.pairwise(ms)):
+            raise ValueError(
+                f"milestones must be strictly increasing, got {ms!r}. Pass e.g. milestones=[30, 60]."
+            )
+        if isinstance(factor, numbers.Real):
+            factor = _check_float(
+                "factor", factor, 0.0, "Pass a positive factor, e.g. factor=2.0.", strict=True
+            )
+            factors = [factor] * len(ms)
+        else:
+            factors = list(factor)
+            if len(factors) != len(ms):
+                raise ValueError(
+                    f"factor has {len(factors)} entries for {len(ms)} milestones. "
+                    "Pass one factor per milestone, or a single number for all."
+                )
+        self.factors = [
+            _check_float("factor", f, 0.0, "Pass a positive factor, e.g. factor=2.0.", strict=True)
+            for f in factors
+        ]
+        self.milestones = ms
+
+    def propose_with_reason(self, ctx: PolicyContext) -> tuple[int, str]:
+        scale = 1.0
+        passed = 0
+        for m, f in zip(self.milestones, self.factors, strict=True):
+            if ctx.epoch >= m:
+                scale *= f
+                passed += 1
+        b = max(1, round(ctx.base_batch * scale))
+        return b, f"schedule: epoch {ctx.epoch}, {passed} milestone(s) passed, B0 * {scale:g} = {b}"
+
+    def __repr__(self) -> str:
+        return f"SchedulePolicy(milestones={self.milestones!r}, factor={self.factors!r})"
+
+
+POLICIES: dict[str, type[BatchPolicy]] = {
+    cls.name: cls for cls in (FixedPolicy, MemoryPolicy, NoisePolicy, GoodputPolicy, SchedulePolicy)
+}
+
+
+def _make(registry: dict[str, type], kind: str, name: str, kwargs: dict[str, Any]) -> Any:
+    if not isinstance(name, str) or name.lower() not in registry:
+        raise ValueError(f"Unknown {kind} {name!r}. Pass one of: {', '.join(sorted(registry))}.")
+    cls = registry[name.lower()]
+    try:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError as e:
+        params = [p for p in inspect.signature(cls).parameters]
+        raise ValueError(
+            f"Invalid arguments for {kind} {name!r}: {e}. Accepted: {', '.join(params) or '(none)'}."
+        ) from None
+    return cls(**kwargs)
+
+
+def make_policy(name: str, **kwargs: Any) -> BatchPolicy:
+    """Build a policy by name: ``fixed``, ``memory``, ``noise`` (k), ``goodput`` (explore_factor),
+    ``schedule`` (milestones, factor).
+
+    >>> make_policy("schedule", milestones=[10])
+    SchedulePolicy(milestones=[10], factor=[2.0])
+    """
+    return _make(POLICIES, "batch policy", name, kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# learning-rate rules
+
+
+def adascale_gain(
+    batch_size: float, base_batch: float, grad_sqr: float | None, trace_sigma: float | None
+) -> float | None:
+    """AdaScale gain ratio (Johnson et al. 2020) for scale ``S = B / B0``:
+    ``r = (sigma^2 + |G|^2) / (sigma^2 / S + |G|^2)`` with ``sigma^2 = tr(Sigma) / B0`` the gradient
+    variance at the base batch. ``r`` lies in ``[1, S]`` for ``S >= 1`` (``[S, 1]`` below): 1 without noise,
+    ``S`` for pure noise. Equivalently ``r = S * efficiency(B)``. None when the statistics are missing or
+    both zero.
+
+    >>> adascale_gain(256, 64, grad_sqr=1.0, trace_sigma=64.0)  # sigma^2 = 1, S = 4: 2 / 1.25
+    1.6
+    """
+    if grad_sqr is None or trace_sigma is None:
+        return None
+    sigma2 = trace_sigma / base_batch
+    s = batch_size / base_batch
+    denom = sigma2 / s + grad_sqr
+    if denom <= 0.0:
+        return None
+    return (sigma2 + grad_sqr) / denom
+
+
+class LrRule(ABC):
+    """Learning-rate multiplier relative to lr0 when the batch goes from B0 to B. Stateless."""
+
+    name: str = ""
+
+    @abstractmethod
+    def scale(
+        self,
+        batch_size: int,
+        base_batch: int,
+        grad_sqr: float | None = None,
+        trace_sigma: float | None = None,
+    ) -> float:
+        """lr / lr0 at ``batch_size``."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class NoLrRule(LrRule):
+    """Keep lr0.
+
+    >>> NoLrRule().scale(256, 64)
+    1.0
+    """
+
+    name = "none"
+
+    def scale(
+        self,
+        batch_size: int,
+        base_batch: int,
+        grad_sqr: float | None = None,
+        trace_sigma: float | None = None,
+    ) -> float:
+        return 1.0
+
+
+class LinearLrRule(LrRule):
+    """Goyal et al. 2017: ``lr = lr0 * B / B0``.
+
+    >>> LinearLrRule().scale(256, 64)
+    4.0
+    """
+
+    name = "linear"
+
+    def scale(
+        self,
+        batch_size: int,
+        base_batch: int,
+        grad_sqr: float | None = None,
+        trace_sigma: float | None = None,
+    ) -> float:
+        return batch_size / base_batch
+
+
+class SqrtLrRule(LrRule):
+    """Square-root scaling (Krizhevsky 2014; common for Adam): ``lr = lr0 * sqrt(B / B0)``.
+
+    >>> SqrtLrRule().scale(256, 64)
+    2.0
+    """
+
+    name = "sqrt"
+
+    def scale(
+        self,
+        batch_size: int,
+        base_batch: int,
+        grad_sqr: float | None = None,
+        trace_sigma: float | None = None,
+    ) -> float:
+        return math.sqrt(batch_size / base_batch)
+
+
+class AdaScaleLrRule(LrRule):
+    """AdaScale: the multiplier is the gain ratio :func:`adascale_gain`; 1 while statistics are missing
+    (so a run starts like ``none`` until the noise estimator has warmed up).
+
+    >>> AdaScaleLrRule().scale(256, 64, grad_sqr=1.0, trace_sigma=64.0)
+    1.6
+    >>> AdaScaleLrRule().scale(256, 64)
+    1.0
+    """
+
+    name = "adascale"
+
+    def scale(
+        self,
+        batch_size: int,
+        base_batch: int,
+        grad_sqr: float | None = None,
+        trace_sigma: float | None = None,
+    ) -> float:
+        r = adascale_gain(batch_size, base_batch, grad_sqr, trace_sigma)
+        return 1.0 if r is None else r
+
+
+LR_RULES: dict[str, type[LrRule]] = {
+    cls.name: cls for cls in (NoLrRule, LinearLrRule, SqrtLrRule, AdaScaleLrRule)
+}
+
+
+def make_lr_rule(name: str) -> LrRule:
+    """Build an lr rule by name: ``none``, ``linear``, ``sqrt``, ``adascale``.
+
+    >>> make_lr_rule("sqrt").scale(100, 25)
+    2.0
+    """
+    return _make(LR_RULES, "lr rule", name, {})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# controller
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the controller decided: the batch to use now, lr multiplier relative to lr0, why, and the
+    predicted gain of the proposed change (None when it was not needed or cannot be predicted)."""
+
+    batch_size: int
+    lr_scale: float
+    reason: str
+    predicted_gain: float | None
+    changed: bool
+    proposed: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict for logging."""
+        return {
+            "batch_size": self.batch_size,
+            "lr_scale": self.lr_scale,
+            "reason": self.reason,
+            "predicted_gain": self.predicted_gain,
+            "changed": self.changed,
+            "proposed": self.proposed,
+        }
+
+
+class BatchSizeController:
+    """Wraps a policy with bounds, the memory ceiling, rounding, hysteresis and an lr rule.
+
+    Per :meth:`decide`:
+
+    1. ``ctx.step_times`` go into the controller's :class:`ThroughputModel`.
+    2. The policy proposes a batch; it is rounded into the :class:`BatchGrid` of ``[min_batch,
+       min(ceiling, max_batch)]`` and multiples of ``multiple`` (sizes below ``multiple`` stay allowed).
+    3. Hysteresis -- changing the batch has a cost (re-tracing, new data-loader iterators, lr jumps), so a
+       change is only applied if its predicted gain exceeds ``hysteresis`` (default 5%). The gain is the
+       policy's own :meth:`~BatchPolicy.predicted_gain` where it has an objective (``goodput``:
+       ``goodput(new) / goodput(current) - 1``), otherwise the relative size change ``|new / current - 1|``
+       (``noise``, ``memory``, ``schedule``, ``fixed``). Exception: when the current batch is outside the
+       bounds -- typically because the ceiling shrank below it -- the change is forced, whatever the gain.
+    4. The lr multiplier is the lr rule at the resulting batch.
+
+    >>> ctl = BatchSizeController("fixed", multiple=8)
+    >>> d = ctl.decide(PolicyContext(batch_size=256, base_batch=256, ceiling=200))
+    >>> d.batch_size, d.changed, d.reason.split(":")[0]
+    (200, True, 'forced')
+    """
+
+    def __init__(
+        self,
+        policy: BatchPolicy | str = "fixed",
+        *,
+        lr_rule: LrRule | str = "none",
+        min_batch: int = 1,
+        max_batch: int | None = None,
+        multiple: int = 8,
+        hysteresis: float = 0.05,
+        throughput: ThroughputModel | None = None,
+    ) -> None:
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        if not isinstance(self.policy, BatchPolicy):
+            raise ValueError(f"policy must be a BatchPolicy or a name, got {policy!r}. Pass e.g. 'goodput'.")
+        self.lr_rule = make_lr_rule(lr_rule) if isinstance(lr_rule, str) else lr_rule
+        if not isinstance(self.lr_rule, LrRule):
+            raise ValueError(f"lr_rule must be an LrRule or a name, got {lr_rule!r}. Pass e.g. 'sqrt'.")
+        self.min_batch = _check_int("min_batch", min_batch, 1, "Pass e.g. min_batch=1.")
+        self.max_batch = _check_opt_int(
+            "max_batch", max_batch, self.min_batch, "Pass max_batch >= min_batch, or None for no cap."
+        )
+        self.multiple = _check_int("multiple", multiple, 1, "Pass e.g. multiple=8, or 1 for no rounding.")
+        self.hysteresis = _check_float(
+            "hysteresis", hysteresis, 0.0, "Pass a relative gain threshold, e.g. hysteresis=0.05 (5%)."
+        )
+        self.throughput = throughput if throughput is not None else ThroughputModel()
+        self.num_changes = 0
+
+    def observe_step(self, batch_size: int, seconds: float) -> None:
+        """Record one measured optimizer step (alternative to ``PolicyContext.step_times``)."""
+        self.throughput.observe(batch_size, seconds)
+
+    def decide(self, ctx: PolicyContext) -> Decision:
+        """The batch size and lr multiplier to use from now on."""
+        for b, t in ctx.step_times:
+            self.throughput.observe(b, t)
+        ctx = replace(
+            ctx,
+            step_times=(),
+            min_batch=self.min_batch,
+            max_batch=self.max_batch,
+            multiple=self.multiple,
+            throughput=self.throughput,
+        )
+        grid = ctx.grid
+        cur = ctx.batch_size
+        raw, why = self.policy.propose_with_reason(ctx)
+        target = grid.round(raw)
+        gain: float | None
+        if not grid.in_bounds(cur):
+            new, gain = target, self.policy.predicted_gain(ctx, target)
+            reason = (
+                f"forced: current batch {cur} outside [{grid.lo}, {grid.hi}] (ceiling {ctx.ceiling}); {why}"
+            )
+        elif target == cur:
+            new, gain = cur, 0.0
+            reason = f"keep: {why}"
+        else:
+            gain = self.policy.predicted_gain(ctx, target)
+            measure = "predicted gain"
+            if gain is None:
+                gain, measure = abs(target / cur - 1.0), "size change"
+            # The epsilon keeps an exact 5% (105/100 - 1 = 0.05000000000000004) on the 'hold' side.
+            if gain > self.hysteresis + 1e-12:
+                new = target
+                reason = f"change: {cur} -> {target}, {measure} {gain:.1%} > {self.hysteresis:.1%}; {why}"
+            else:
+                new = cur
+                reason = (
+                    f"hold: {cur} (proposed {target}), {measure} {gain:.1%} <= {self.hysteresis:.1%}; {why}"
+                )
+        trace = ctx.trace_sigma
+        bn = ctx.b_noise
+        if trace is None and bn is not None and ctx.grad_sqr is not None:
+            trace = bn * ctx.grad_sqr
+        lr_scale = float(self.lr_rule.scale(new, ctx.base_batch, ctx.grad_sqr, trace))
+        if new != cur:
+            self.num_changes += 1
+        return Decision(new, lr_scale, reason, gain, new != cur, target)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python state for checkpoints."""
+        return {
+            "throughput": self.throughput.state_dict(),
+            "policy": self.policy.state_dict(),
+            "num_changes": self.num_changes,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`."""
+        missing = {"throughput", "policy", "num_changes"} - set(state)
+        if missing:
+            raise ValueError(
+                f"state is missing {sorted(missing)}. Pass the dict from BatchSizeController.state_dict()."
+            )
+        self.throughput.load_state_dict(state["throughput"])
+        self.policy.load_state_dict(state["policy"])
+        self.num_changes = int(state["num_changes"])

@@ -1,0 +1,508 @@
+"""Tests for lightning_batch.policy: every expected value is computed independently of the code under test
+(brute force, hand algebra, or the papers' formulas written out again)."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import math
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_batch import policy
+from lightning_batch.policy import (
+    LR_RULES,
+    POLICIES,
+    AdaScaleLrRule,
+    BatchGrid,
+    BatchSizeController,
+    FixedPolicy,
+    GoodputPolicy,
+    MemoryPolicy,
+    NoisePolicy,
+    PolicyContext,
+    SchedulePolicy,
+    ThroughputModel,
+    adascale_gain,
+    efficiency,
+    make_lr_rule,
+    make_policy,
+)
+
+
+def test_doctests() -> None:
+    result = doctest.testmod(policy, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 10
+    assert result.failed == 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# independent reference implementations
+
+
+def ref_goodput(b: int, b0: int, bn: float, alpha: float, beta: float) -> float:
+    # Pollux: throughput(B) * (B_noise + B0) / (B_noise + B), throughput from t(B) = alpha + beta B.
+    return (b / (alpha + beta * b)) * ((bn + b0) / (bn + b))
+
+
+def ref_admissible(lo: int, hi: int, m: int) -> list[int]:
+    """The documented rounding contract, enumerated: multiples of m and sizes below m, unless the range holds
+    no multiple at all, in which case every integer."""
+    multiples = [b for b in range(lo, hi + 1) if b % m == 0]
+    if m == 1 or not multiples:
+        return list(range(lo, hi + 1))
+    return [b for b in range(lo, hi + 1) if b % m == 0 or b < m]
+
+
+def fitted_model(alpha: float, beta: float, sizes: tuple[int, ...] = (16, 64)) -> ThroughputModel:
+    m = ThroughputModel()
+    for b in sizes:
+        m.observe(b, alpha + beta * b)
+    return m
+
+
+# ------------------------------------------------------------------------------------------------------------
+# ThroughputModel
+
+
+def test_throughput_recovers_alpha_beta_from_noisy_times() -> None:
+    rng = random.Random(1)
+    alpha, beta = 0.045, 0.0012
+    m = ThroughputModel(window=40)
+    for _ in range(40):
+        for b in (16, 32, 64, 128, 256):
+            t = (alpha + beta * b) * math.exp(rng.gauss(0.0, 0.05))
+            if rng.random() < 0.1:  # stalls: GC, checkpoint, data loader
+                t *= 4.0
+            m.observe(b, t)
+    a_hat, b_hat = m.coefficients
+    assert a_hat == pytest.approx(alpha, rel=0.1)
+    assert b_hat == pytest.approx(beta, rel=0.05)
+    assert m.throughput(100) == pytest.approx(100 / (alpha + beta * 100), rel=0.05)
+
+
+def test_throughput_fallbacks_and_constraints() -> None:
+    m = ThroughputModel()
+    assert m.coefficients is None and m.throughput(10) is None and not m.is_fitted
+    m.observe(32, 0.64)
+    # One size: time proportional to B through the origin, i.e. constant throughput; not a fit.
+    assert m.coefficients == (0.0, pytest.approx(0.02))
+    assert m.throughput(1000) == pytest.approx(50.0)
+    assert not m.is_fitted
+    # Times that *fall* with B are noise: the fit must keep beta >= 0 and alpha >= 0.
+    m2 = ThroughputModel()
+    for b, t in ((16, 1.0), (32, 0.9), (64, 0.8)):
+        m2.observe(b, t)
+    a, b = m2.coefficients
+    assert a >= 0 and b >= 0
+    assert (a, b) == (pytest.approx(0.9), 0.0)  # the best feasible line is the constant mean
+
+
+def test_throughput_window_and_eviction() -> None:
+    m = ThroughputModel(window=3, max_sizes=2)
+    for t in (9.0, 9.0, 9.0, 1.0, 1.0, 1.0):
+        m.observe(10, t)
+    m.observe(20, 2.0)
+    assert m.coefficients == (pytest.approx(0.0), pytest.approx(0.1))  # only the last 3 times of B=10 count
+    m.observe(40, 4.0)  # evicts B=10, the least recently observed
+    assert m.batch_sizes == [20, 40]
+
+
+def test_throughput_state_dict_round_trip() -> None:
+    m = fitted_model(0.02, 0.001, sizes=(8, 16, 32, 16))
+    state = json.loads(json.dumps(m.state_dict()))
+    m2 = ThroughputModel()
+    m2.load_state_dict(state)
+    assert m2.state_dict() == m.state_dict()
+    assert m2.coefficients == m.coefficients
+    with pytest.raises(ValueError, match="state_dict"):
+        m2.load_state_dict({"nope": 1})
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"batch_size": 0, "seconds": 1.0}, {"batch_size": 8, "seconds": 0.0}, {"batch_size": 8, "seconds": -1}],
+)
+def test_throughput_rejects_bad_measurements(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="Pass"):
+        ThroughputModel().observe(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# efficiency and goodput
+
+
+def test_efficiency_formula() -> None:
+    assert efficiency(64, 64, 123.0) == 1.0
+    assert efficiency(1000, 100, 0.0) == pytest.approx(0.1)  # no noise: only B0/B of the samples count
+    assert efficiency(300, 100, 100.0) == pytest.approx(200 / 400)
+    assert efficiency(50, 100, 100.0) == pytest.approx(200 / 150)
+    with pytest.raises(ValueError, match="Pass"):
+        efficiency(0, 100, 1.0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    alpha=st.floats(1e-4, 1.0),
+    beta=st.floats(1e-7, 1e-2),
+    bn=st.floats(0.0, 1e5),
+    b0=st.integers(1, 1024),
+    lo=st.integers(1, 64),
+    width=st.integers(0, 3000),
+    max_batch=st.none() | st.integers(64, 4096),
+)
+def test_goodput_argmax_matches_brute_force(alpha, beta, bn, b0, lo, width, max_batch) -> None:
+    ceiling = lo + width
+    ctx = PolicyContext(
+        batch_size=lo,
+        base_batch=b0,
+        noise_scale=bn,
+        ceiling=ceiling,
+        min_batch=lo,
+        max_batch=max(max_batch, lo) if max_batch is not None else None,
+        throughput=fitted_model(alpha, beta),
+    )
+    hi = min(ceiling, ctx.max_batch) if ctx.max_batch is not None else ceiling
+    got = GoodputPolicy().propose(ctx)
+    values = {b: ref_goodput(b, b0, bn, alpha, beta) for b in range(lo, hi + 1)}
+    best = max(values.values())
+    assert lo <= got <= hi
+    # The model's alpha/beta are re-fitted from two points, so allow float round-off between near-ties.
+    assert ref_goodput(got, b0, bn, alpha, beta) >= best * (1 - 1e-9)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    alpha=st.floats(1e-4, 1.0),
+    beta=st.floats(1e-7, 1e-2),
+    bn=st.floats(0.0, 1e5),
+    b0=st.integers(1, 1024),
+    lo=st.integers(1, 40),
+    width=st.integers(0, 3000),
+)
+def test_goodput_argmax_with_rounding_step(alpha, beta, bn, b0, lo, width) -> None:
+    hi = lo + width
+    ctx = PolicyContext(
+        batch_size=lo,
+        base_batch=b0,
+        noise_scale=bn,
+        ceiling=hi,
+        min_batch=lo,
+        multiple=8,
+        throughput=fitted_model(alpha, beta),
+    )
+    got = GoodputPolicy().propose(ctx)
+    allowed = ref_admissible(lo, hi, 8)
+    assert got in allowed
+    best_allowed = max(ref_goodput(b, b0, bn, alpha, beta) for b in allowed)
+    assert ref_goodput(got, b0, bn, alpha, beta) >= best_allowed * (1 - 1e-9)
+    # ... and within one rounding step of the unrestricted integer argmax.
+    unrestricted = max(range(lo, hi + 1), key=lambda b: ref_goodput(b, b0, bn, alpha, beta))
+    assert abs(got - unrestricted) <= 8
+
+
+def test_goodput_falls_back_to_current_batch() -> None:
+    base = {"batch_size": 96, "base_batch": 64, "ceiling": 4096}
+    one_size = fitted_model(0.01, 0.001, sizes=(96,))
+    assert (
+        GoodputPolicy().propose(PolicyContext(**base, throughput=fitted_model(0.01, 0.001))) == 96
+    )  # no B_noise
+    assert GoodputPolicy().propose(PolicyContext(**base, noise_scale=500.0)) == 96  # no model
+    assert GoodputPolicy().propose(PolicyContext(**base, noise_scale=500.0, throughput=one_size)) == 96
+    # Exploring measures a second batch size instead of waiting forever.
+    explorer = GoodputPolicy(explore_factor=2.0)
+    assert explorer.propose(PolicyContext(**base, noise_scale=500.0, throughput=one_size)) == 192
+    at_top = PolicyContext(batch_size=96, base_batch=64, ceiling=96, noise_scale=500.0, throughput=one_size)
+    assert explorer.propose(at_top) == 48
+
+
+def test_goodput_without_upper_bound_uses_closed_form() -> None:
+    # B* = sqrt(alpha * B_noise / beta) = sqrt(0.02 * 2000 / 0.0001) = 632.5
+    ctx = PolicyContext(
+        batch_size=64, base_batch=64, noise_scale=2000.0, throughput=fitted_model(0.02, 0.0001)
+    )
+    got = GoodputPolicy().propose(ctx)
+    brute = max(range(1, 5000), key=lambda b: ref_goodput(b, 64, 2000.0, 0.02, 0.0001))
+    assert got == brute
+
+
+# ------------------------------------------------------------------------------------------------------------
+# lr rules
+
+
+def test_adascale_limits_and_hand_computation() -> None:
+    # sigma^2 = 0 (no noise): r = 1 for any scale.
+    assert adascale_gain(512, 64, grad_sqr=3.0, trace_sigma=0.0) == pytest.approx(1.0)
+    # |G|^2 = 0 (pure noise): r = S.
+    assert adascale_gain(512, 64, grad_sqr=0.0, trace_sigma=5.0) == pytest.approx(8.0)
+    # B0 = 64, B = 256 -> S = 4; tr = 128 -> sigma^2 = 2; |G|^2 = 1: r = (2 + 1) / (2/4 + 1) = 2.
+    assert adascale_gain(256, 64, grad_sqr=1.0, trace_sigma=128.0) == pytest.approx(2.0)
+    assert AdaScaleLrRule().scale(256, 64, 1.0, 128.0) == pytest.approx(2.0)
+    # Missing statistics: lr0.
+    assert AdaScaleLrRule().scale(256, 64) == 1.0
+    assert AdaScaleLrRule().scale(256, 64, grad_sqr=1.0) == 1.0
+    assert AdaScaleLrRule().scale(256, 64, grad_sqr=0.0, trace_sigma=0.0) == 1.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    b0=st.integers(1, 512),
+    scale=st.integers(1, 64),
+    g2=st.floats(1e-6, 1e3),
+    tr=st.floats(0.0, 1e6),
+)
+def test_adascale_in_range_and_equals_scaled_efficiency(b0, scale, g2, tr) -> None:
+    b = b0 * scale
+    r = adascale_gain(b, b0, grad_sqr=g2, trace_sigma=tr)
+    assert 1.0 - 1e-9 <= r <= scale * (1 + 1e-9)
+    # Substituting sigma^2 = B_noise |G|^2 / B0 gives r = S (B_noise + B0) / (B_noise + B).
+    bn = tr / g2
+    assert r == pytest.approx(scale * (bn + b0) / (bn + b), rel=1e-9)
+
+
+def test_simple_lr_rules() -> None:
+    assert make_lr_rule("none").scale(300, 100) == 1.0
+    assert make_lr_rule("linear").scale(300, 100) == pytest.approx(3.0)
+    assert make_lr_rule("sqrt").scale(300, 100) == pytest.approx(math.sqrt(3.0))
+    assert make_lr_rule("linear").scale(50, 100) == pytest.approx(0.5)
+    assert set(LR_RULES) == {"none", "linear", "sqrt", "adascale"}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# controller: hysteresis, rounding, bounds, ceiling
+
+
+def noise_ctx(current: int, bn: float, **kw) -> PolicyContext:
+    return PolicyContext(batch_size=current, base_batch=64, noise_scale=bn, **kw)
+
+
+@pytest.mark.parametrize(
+    ("bn", "changes"), [(104.0, False), (105.0, False), (95.0, False), (106.0, True), (94.0, True)]
+)
+def test_hysteresis_on_relative_size_change(bn: float, changes: bool) -> None:
+    ctl = BatchSizeController(NoisePolicy(), multiple=1)
+    d = ctl.decide(noise_ctx(100, bn))
+    assert d.changed is changes
+    assert d.batch_size == (round(bn) if changes else 100)
+    assert d.predicted_gain == pytest.approx(abs(bn / 100 - 1))
+    assert d.proposed == round(bn)
+
+
+def test_hysteresis_on_goodput_gain() -> None:
+    alpha, beta, bn, b0 = 0.05, 0.0005, 4000.0, 64
+    ctl = BatchSizeController(GoodputPolicy(), multiple=1, throughput=fitted_model(alpha, beta))
+    opt = max(range(1, 3000), key=lambda b: ref_goodput(b, b0, bn, alpha, beta))
+    ratio = {
+        b: ref_goodput(opt, b0, bn, alpha, beta) / ref_goodput(b, b0, bn, alpha, beta) for b in range(1, 3000)
+    }
+    near = min(
+        (b for b in ratio if 1.0 < ratio[b] <= 1.049), key=lambda b: -abs(b - opt)
+    )  # farthest still <5%
+    far = max(b for b in ratio if ratio[b] > 1.06 and b < opt)
+    d_near = ctl.decide(PolicyContext(batch_size=near, base_batch=b0, noise_scale=bn))
+    assert not d_near.changed and d_near.batch_size == near
+    assert d_near.predicted_gain == pytest.approx(ratio[near] - 1, rel=1e-6)
+    d_far = ctl.decide(PolicyContext(batch_size=far, base_batch=b0, noise_scale=bn))
+    assert d_far.changed and d_far.batch_size == opt
+    assert d_far.predicted_gain == pytest.approx(ratio[far] - 1, rel=1e-6)
+
+
+def test_batch_grid_rounding() -> None:
+    g = BatchGrid(lo=1, hi=1000, multiple=8)
+    assert [g.round(x) for x in (1, 3, 7, 8, 11, 12, 13, 1000, 5000)] == [1, 3, 7, 8, 8, 8, 16, 1000, 1000]
+    assert BatchGrid(lo=9, hi=15, multiple=8).round(12) == 12  # no multiple of 8 in range: bounds win
+    assert BatchGrid(lo=9, hi=20, multiple=8).round(9) == 16
+    assert BatchGrid(lo=1, hi=5, multiple=8).round(100) == 5
+    assert BatchGrid.from_bounds(min_batch=64, max_batch=None, ceiling=40, multiple=8) == BatchGrid(40, 40, 8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    min_batch=st.integers(1, 40),
+    extra=st.integers(0, 300),
+    ceiling=st.none() | st.integers(1, 400),
+    multiple=st.sampled_from([1, 2, 8, 16]),
+    proposal=st.floats(0.0, 2000.0),
+)
+def test_controller_output_is_rounded_and_bounded(min_batch, extra, ceiling, multiple, proposal) -> None:
+    max_batch = min_batch + extra
+    ctl = BatchSizeController(
+        NoisePolicy(), min_batch=min_batch, max_batch=max_batch, multiple=multiple, hysteresis=0
+    )
+    d = ctl.decide(noise_ctx(min(max_batch, ceiling or max_batch), proposal, ceiling=ceiling))
+    hi = max_batch if ceiling is None else min(max_batch, ceiling)
+    lo = min(min_batch, hi)
+    assert d.batch_size in ref_admissible(lo, hi, multiple)
+    # Rounding moves a proposal by less than one step (unless the bounds clamp it).
+    clamped = min(max(round(proposal), lo), hi)
+    assert abs(d.batch_size - clamped) < max(multiple, 1) or d.batch_size in (lo, hi)
+
+
+def test_small_batches_survive_rounding() -> None:
+    ctl = BatchSizeController(NoisePolicy(), min_batch=1, max_batch=7, multiple=8, hysteresis=0)
+    assert ctl.decide(noise_ctx(4, 3.0)).batch_size == 3
+    ctl = BatchSizeController(NoisePolicy(), min_batch=1, multiple=8, hysteresis=0)
+    assert ctl.decide(noise_ctx(4, 2.0)).batch_size == 2
+
+
+def test_ceiling_shrink_forces_change() -> None:
+    # 256 -> 248 is a 3% change, below the hysteresis, but 256 no longer fits.
+    ctl = BatchSizeController("fixed", multiple=8)
+    d = ctl.decide(PolicyContext(batch_size=256, base_batch=256, ceiling=250))
+    assert d.changed and d.batch_size == 248
+    assert d.reason.startswith("forced")
+    # The same with a goodput policy that would otherwise hold.
+    ctl = BatchSizeController(GoodputPolicy(), multiple=1, throughput=fitted_model(0.01, 0.001))
+    d = ctl.decide(PolicyContext(batch_size=512, base_batch=64, noise_scale=1e9, ceiling=500))
+    assert d.batch_size <= 500 and d.changed and d.reason.startswith("forced")
+    # Ceiling below min_batch: memory wins.
+    ctl = BatchSizeController("fixed", min_batch=64, multiple=8)
+    assert ctl.decide(PolicyContext(batch_size=64, base_batch=64, ceiling=20)).batch_size == 20
+
+
+def test_ceiling_growth_is_not_forced() -> None:
+    ctl = BatchSizeController("memory", multiple=1)
+    d = ctl.decide(PolicyContext(batch_size=1000, base_batch=64, ceiling=1030))
+    assert not d.changed and d.batch_size == 1000  # +3% is not worth a change
+
+
+def test_controller_lr_scale_follows_rule() -> None:
+    ctl = BatchSizeController("schedule", lr_rule="linear", multiple=1)
+    ctl.policy = SchedulePolicy([1])
+    assert ctl.decide(PolicyContext(batch_size=64, base_batch=64, epoch=0)).lr_scale == 1.0
+    d = ctl.decide(PolicyContext(batch_size=64, base_batch=64, epoch=1))
+    assert (d.batch_size, d.lr_scale) == (128, 2.0)
+    # Held changes keep the lr of the batch actually used.
+    ctl = BatchSizeController(NoisePolicy(), lr_rule="linear", multiple=1)
+    assert ctl.decide(noise_ctx(100, 103.0)).lr_scale == pytest.approx(100 / 64)
+    # AdaScale gets tr(Sigma) derived from B_noise * |G|^2 when only those are given.
+    ctl = BatchSizeController("fixed", lr_rule="adascale", multiple=1)
+    d = ctl.decide(PolicyContext(batch_size=256, base_batch=256, noise_scale=128.0, grad_sqr=1.0))
+    assert d.lr_scale == 1.0  # B = B0
+    ctl = BatchSizeController(NoisePolicy(), lr_rule="adascale", multiple=1)
+    d = ctl.decide(PolicyContext(batch_size=64, base_batch=64, noise_scale=256.0, grad_sqr=2.0))
+    assert d.batch_size == 256 and d.lr_scale == pytest.approx(4 * (256 + 64) / (256 + 256))
+
+
+def test_controller_feeds_step_times_and_round_trips_state() -> None:
+    ctl = BatchSizeController(GoodputPolicy(), multiple=1)
+    times = [(32, 0.01 + 0.001 * 32), (64, 0.01 + 0.001 * 64)] * 3
+    d = ctl.decide(
+        PolicyContext(batch_size=32, base_batch=32, noise_scale=900.0, ceiling=4096, step_times=times)
+    )
+    assert d.batch_size == max(range(1, 4097), key=lambda b: ref_goodput(b, 32, 900.0, 0.01, 0.001))
+    state = json.loads(json.dumps(ctl.state_dict()))
+    ctl2 = BatchSizeController(GoodputPolicy(), multiple=1)
+    ctl2.load_state_dict(state)
+    assert ctl2.state_dict() == ctl.state_dict()
+    ctx = PolicyContext(batch_size=40, base_batch=32, noise_scale=2500.0, ceiling=4096)
+    assert ctl2.decide(ctx) == ctl.decide(ctx)
+    with pytest.raises(ValueError, match="state_dict"):
+        ctl2.load_state_dict({})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the other policies
+
+
+def test_schedule_milestones() -> None:
+    p = SchedulePolicy(milestones=[10, 20, 30], factor=[2.0, 2.0, 1.5])
+    expected = {0: 100, 9: 100, 10: 200, 19: 200, 20: 400, 29: 400, 30: 600, 100: 600}
+    assert {e: p.propose(PolicyContext(batch_size=1, base_batch=100, epoch=e)) for e in expected} == expected
+    assert SchedulePolicy().propose(PolicyContext(batch_size=7, base_batch=100, epoch=50)) == 100
+    for bad in (
+        {"milestones": [5, 5]},
+        {"milestones": [3], "factor": [2, 2]},
+        {"milestones": [-1]},
+        {"factor": 0},
+    ):
+        with pytest.raises(ValueError, match="Pass"):
+            SchedulePolicy(**bad)
+
+
+def test_fixed_memory_noise_policies() -> None:
+    assert (
+        FixedPolicy().propose(PolicyContext(batch_size=10, base_batch=64, ceiling=32)) == 64
+    )  # controller clamps
+    assert MemoryPolicy().propose(PolicyContext(batch_size=10, base_batch=64)) == 10
+    assert (
+        MemoryPolicy().propose(PolicyContext(batch_size=10, base_batch=64, ceiling=700, max_batch=512)) == 512
+    )
+    assert (
+        MemoryPolicy().propose(PolicyContext(batch_size=10, base_batch=64, ceiling=300, max_batch=512)) == 300
+    )
+    assert NoisePolicy(k=2.0).propose(noise_ctx(10, 50.0, ceiling=1000)) == 100
+    assert NoisePolicy().propose(noise_ctx(10, 50.0, ceiling=30)) == 30
+    assert NoisePolicy().propose(noise_ctx(10, 0.2, min_batch=4)) == 4
+    assert NoisePolicy().propose(PolicyContext(batch_size=10, base_batch=64)) == 10  # no estimate yet
+    # B_noise derived from tr(Sigma) / |G|^2
+    assert (
+        NoisePolicy().propose(PolicyContext(batch_size=10, base_batch=64, grad_sqr=0.5, trace_sigma=60.0))
+        == 120
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# argument errors
+
+
+def test_unknown_names_list_valid_ones() -> None:
+    with pytest.raises(ValueError) as e:
+        make_policy("pollux")
+    for name in POLICIES:
+        assert name in str(e.value)
+    with pytest.raises(ValueError) as e:
+        make_lr_rule("cosine")
+    for name in ("none", "linear", "sqrt", "adascale"):
+        assert name in str(e.value)
+    with pytest.raises(ValueError, match="Accepted: k"):
+        make_policy("noise", kk=2)
+    with pytest.raises(ValueError, match="Pass one of"):
+        BatchSizeController("nope")
+    assert isinstance(make_policy("GOODPUT"), GoodputPolicy)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"batch_size": 0, "base_batch": 8},
+        {"batch_size": 8, "base_batch": 8, "ceiling": 0},
+        {"batch_size": 8, "base_batch": 8, "noise_scale": -1.0},
+        {"batch_size": 8, "base_batch": 8, "noise_scale": float("nan")},
+        {"batch_size": True, "base_batch": 8},
+        {"batch_size": 8.5, "base_batch": 8},
+        {"batch_size": 8, "base_batch": 8, "min_batch": 16, "max_batch": 8},
+        {"batch_size": 8, "base_batch": 8, "epoch": -1},
+    ],
+)
+def test_context_rejects_bad_values(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="Pass"):
+        PolicyContext(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"min_batch": 0},
+        {"max_batch": 0},
+        {"multiple": 0},
+        {"hysteresis": -0.1},
+        {"lr_rule": "nope"},
+        {"lr_rule": 3},
+    ],
+)
+def test_controller_rejects_bad_values(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="Pass"):
+        BatchSizeController("fixed", **kwargs)
+
+
+def test_policy_args_rejected() -> None:
+    with pytest.raises(ValueError, match="Pass"):
+        NoisePolicy(k=0)
+    with pytest.raises(ValueError, match="Pass"):
+        GoodputPolicy(explore_factor=1.0)
+    with pytest.raises(ValueError, match="Pass"):
+        ThroughputModel(max_sizes=1)
