@@ -7,7 +7,9 @@
   touches it: two processes creating the same sqlite schema at once race.
 - :class:`BufferedMLFlowLogger` is Lightning's ``MLFlowLogger`` with one change: metrics are
   buffered and written with ``log_batch`` ~1000 at a time (a sqlite write costs ~5–10 ms; a step
-  can cost less than 1 ms), and kept in memory for the run's plots.
+  can cost less than 1 ms), and kept in memory for the run's plots. Even batched, MLflow's SQL
+  store spends ~0.16 ms of Python per value (measured with 3.17 on sqlite), which is why
+  per-step metrics are logged every ``log_every`` steps (default 10) rather than every step.
 
 Example:
     >>> resolve_tracking_uri("sqlite:///tmp/x.db")
@@ -134,21 +136,19 @@ class BufferedMLFlowLogger(MLFlowLogger):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._pending: list[Any] = []
+        self._pending: list[tuple[str, float, int, int]] = []  # (key, value, timestamp ms, step)
         self._last_flush = time.monotonic()
         #: name -> [(step, value)], everything logged by this process.
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
         timestamp = int(time.time() * 1000)
         step = step or 0
         for key, value in metrics.items():
             value = float(value)
             self.history[key].append((step, value))
-            self._pending.append(Metric(key=key, value=value, timestamp=timestamp, step=step))
+            self._pending.append((key, value, timestamp, step))
         if len(self._pending) >= FLUSH_EVERY or time.monotonic() - self._last_flush > FLUSH_SECONDS:
             self.flush()
 
@@ -158,9 +158,12 @@ class BufferedMLFlowLogger(MLFlowLogger):
         self._last_flush = time.monotonic()
         if not self._pending:
             return
+        from mlflow.entities import Metric
+
         pending, self._pending = self._pending, []
-        for start in range(0, len(pending), FLUSH_EVERY):
-            self.experiment.log_batch(run_id=self.run_id, metrics=pending[start : start + FLUSH_EVERY])
+        rows = [Metric(key=k, value=v, timestamp=t, step=s) for k, v, t, s in pending]
+        for start in range(0, len(rows), FLUSH_EVERY):
+            self.experiment.log_batch(run_id=self.run_id, metrics=rows[start : start + FLUSH_EVERY])
 
     @rank_zero_only
     def save(self) -> None:

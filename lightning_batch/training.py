@@ -102,6 +102,7 @@ def build_module(cfg: RunConfig, dm: TabularDataModule) -> TaskModule:
         weight_decay=cfg.weight_decay,
         lr_schedule=cfg.lr_schedule,
         max_epochs=cfg.epochs,
+        grad_clip=cfg.grad_clip,
         log_every=cfg.log_every,
     )
 
@@ -177,7 +178,6 @@ def train(
         options: dict[str, Any] = dict(
             max_epochs=cfg.epochs,
             check_val_every_n_epoch=cfg.val_every,
-            gradient_clip_val=cfg.grad_clip,
             logger=logger,
             callbacks=all_callbacks,
             enable_progress_bar=progress_bar,

@@ -79,7 +79,9 @@ def test_a_run_that_raises_ends_failed_with_the_error(tracking_uri: str):
             if trainer.global_step == 3:
                 raise RuntimeError("boom at step 3")
 
-    cfg = RunConfig(data="iris", epochs=2, batch_size=8, tracking_uri=tracking_uri, experiment="fails")
+    cfg = RunConfig(
+        data="iris", epochs=2, batch_size=8, log_every=1, tracking_uri=tracking_uri, experiment="fails"
+    )
     with pytest.raises(RuntimeError, match="boom"):
         train(cfg, callbacks=[Explode()])
     client = MlflowClient(tracking_uri)
@@ -99,7 +101,9 @@ def test_metrics_are_written_in_batches_not_per_step(tracking_uri: str):
         calls.append(len(metrics))
         return original(self, run_id, metrics=metrics, params=params, tags=tags, **kwargs)
 
-    cfg = RunConfig(data="synthetic-regression", rows=4000, epochs=2, batch_size=8, tracking_uri=tracking_uri)
+    cfg = RunConfig(
+        data="synthetic-regression", rows=4000, epochs=2, batch_size=8, log_every=1, tracking_uri=tracking_uri
+    )
     with mock.patch.object(MlflowClient, "log_batch", counting):
         result = train(cfg)
     steps = result.samples_seen // 8
