@@ -21,9 +21,11 @@ from typing import Any, NoReturn
 from lightning_batch.config import (
     ACTIVATIONS,
     INITS,
+    LR_RULES,
     LR_SCHEDULES,
     MODELS,
     OPTIMIZERS,
+    POLICIES,
     TASKS,
     RunConfig,
     UserError,
@@ -72,7 +74,19 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--init", metavar="|".join(INITS))
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--batch-size", help="N (mini-batch), 1 (SGD) or full (full-batch GD)")
+    optim.add_argument("--batch-size", help="N (mini-batch), 1 (SGD), full (full-batch GD) or auto (adapts)")
+    optim.add_argument(
+        "--policy", metavar="|".join(POLICIES), help="how the batch size moves (auto: goodput)"
+    )
+    optim.add_argument("--lr-rule", metavar="|".join(LR_RULES), help="how lr follows the batch size")
+    optim.add_argument("--base-batch", type=int, help="where --batch-size auto starts")
+    optim.add_argument("--min-batch", type=int)
+    optim.add_argument("--max-batch", type=int)
+    optim.add_argument("--memory-budget", type=float, help="share of free memory the batch may use (0-1]")
+    optim.add_argument("--adjust-every", type=int, help="reconsider the batch size every N steps")
+    optim.add_argument(
+        "--milestones", type=int, nargs="+", help="epochs where --policy schedule doubles the batch"
+    )
     optim.add_argument("--lr", type=float)
     optim.add_argument("--optimizer", metavar="|".join(OPTIMIZERS))
     optim.add_argument("--momentum", type=float)
@@ -149,8 +163,8 @@ def _print_summary(results: Sequence[Any]) -> None:
         )
         sizes = (
             f"{r.batch_size_start}"
-            if r.batch_size_start == r.batch_size_end
-            else (f"{r.batch_size_start} → {r.batch_size_end}")
+            if r.batch_size_start == r.batch_size_end == r.batch_size_max
+            else f"{r.batch_size_start} → {r.batch_size_end} (max {r.batch_size_max})"
         )
         table.add_row(
             r.dataset,

@@ -14,7 +14,7 @@ Example:
     >>> RunConfig(lr=-1).validate()
     Traceback (most recent call last):
     ...
-    lightning_batch.config.UserError: --lr must be a positive number, got -1.0; try --lr 0.01
+    lightning_batch.config.UserError: --lr must be a positive number, got -1; try --lr 0.01
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("none", "cosine", "step", "plateau")
 ACTIVATIONS = ("relu", "gelu", "tanh")
 INITS = ("default", "xavier", "kaiming")
-BATCH_MODES = ("full",)
+BATCH_MODES = ("full", "auto")
+POLICIES = ("fixed", "memory", "noise", "goodput", "schedule")
+LR_RULES = ("auto", "none", "linear", "sqrt", "adascale")
 
 
 def _choices(values: tuple[str, ...] | dict[str, str]) -> str:
@@ -96,7 +98,22 @@ class RunConfig:
 
     # --- optimisation ---------------------------------------------------------------------------
     batch_size: int | str = 32
-    """Samples per optimizer step: N (mini-batch), 1 (SGD) or ``full`` (full-batch GD)."""
+    """Samples per optimizer step: N (mini-batch), 1 (SGD), ``full`` (full-batch GD) or ``auto``
+    (start at ``base_batch``, then let the ``policy`` move it during training)."""
+    policy: str | None = None
+    """How the batch size moves: fixed, memory, noise, goodput, schedule (``auto`` defaults to goodput)."""
+    lr_rule: str = "auto"
+    """How lr follows the batch: none, linear, sqrt, adascale; ``auto``: adascale for SGD, sqrt for Adam(W)."""
+    base_batch: int = 32
+    """The batch ``auto`` starts from (where ``lr`` applies)."""
+    min_batch: int = 8
+    max_batch: int | None = None
+    memory_budget: float = 0.5
+    """Share of free memory the batch-size probe may plan for (available RAM on CPU, device memory on CUDA)."""
+    adjust_every: int = 50
+    """Reconsider the batch size every N optimizer steps."""
+    milestones: list[int] = field(default_factory=list)
+    """Epochs where the ``schedule`` policy multiplies the batch size by 2."""
     lr: float = 0.01
     optimizer: str = "sgd"
     momentum: float = 0.0
@@ -155,7 +172,55 @@ class RunConfig:
         if not isinstance(self.experiment, str) or not self.experiment.strip():
             raise UserError("--experiment must be a non-empty name, e.g. --experiment my-study")
         _positive_int(self.log_every, "--log-every", "--log-every 10")
+        self._validate_batch_policy()
         return self
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether a DynamicBatchSize callback moves the batch size during training."""
+        return self.batch_size == "auto" or self.policy not in (None, "fixed")
+
+    @property
+    def resolved_policy(self) -> str:
+        return self.policy or ("goodput" if self.batch_size == "auto" else "fixed")
+
+    @property
+    def resolved_lr_rule(self) -> str:
+        if self.lr_rule != "auto":
+            return self.lr_rule
+        return "adascale" if self.optimizer == "sgd" else "sqrt"
+
+    def _validate_batch_policy(self) -> None:
+        if self.policy is not None and self.policy not in POLICIES:
+            raise UserError(f"unknown policy {self.policy!r}; use --policy {_choices(POLICIES)}")
+        if self.lr_rule not in LR_RULES:
+            raise UserError(f"unknown lr rule {self.lr_rule!r}; use --lr-rule {_choices(LR_RULES)}")
+        _positive_int(self.base_batch, "--base-batch", "--base-batch 32")
+        _positive_int(self.min_batch, "--min-batch", "--min-batch 8")
+        if self.max_batch is not None:
+            _positive_int(self.max_batch, "--max-batch", "--max-batch 4096")
+            if self.max_batch < self.min_batch:
+                raise UserError(
+                    f"--max-batch {self.max_batch} is below --min-batch {self.min_batch}; raise it"
+                )
+        _finite(self.memory_budget, "--memory-budget", "--memory-budget 0.5", minimum=0.0)
+        if not 0 < self.memory_budget <= 1:
+            raise UserError(
+                f"--memory-budget is a fraction of free memory in (0, 1], got {self.memory_budget}"
+            )
+        _positive_int(self.adjust_every, "--adjust-every", "--adjust-every 50")
+        if isinstance(self.milestones, int):
+            self.milestones = [self.milestones]
+        if not isinstance(self.milestones, list) or not all(
+            isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in self.milestones
+        ):
+            raise UserError(
+                f"--milestones must be positive epoch numbers, got {self.milestones!r}; e.g. --milestones 3 6"
+            )
+        if self.resolved_policy == "schedule" and not self.milestones:
+            raise UserError(
+                "--policy schedule needs --milestones (epochs where the batch doubles), e.g. --milestones 3 6"
+            )
 
     def _validate_data(self) -> None:
         if not isinstance(self.data, str) or not self.data:
@@ -274,10 +339,10 @@ def check_model_for_task(model: str | None, task: str) -> None:
 
 
 def parse_batch_size(value: int | str) -> int | str:
-    """``"full"`` stays a mode; anything else must be a positive integer.
+    """``"full"`` and ``"auto"`` stay modes; anything else must be a positive integer.
 
-    >>> parse_batch_size("64"), parse_batch_size("full")
-    (64, 'full')
+    >>> parse_batch_size("64"), parse_batch_size("full"), parse_batch_size("AUTO")
+    (64, 'full', 'auto')
     """
     if isinstance(value, str):
         text = value.strip().lower()

@@ -517,9 +517,13 @@ class TabularDataModule(pl.LightningDataModule):
 
     # -- batch size ------------------------------------------------------------------------------
     def initial_batch_size(self) -> int:
-        """The configured batch size as a number (``full`` is every training row)."""
+        """The configured batch size as a number (``full`` is every training row; ``auto`` starts at base_batch)."""
         size = self.config.batch_size
-        return len(self.train_set) if size == "full" else min(int(size), len(self.train_set))
+        if size == "full":
+            return len(self.train_set)
+        if size == "auto":
+            size = self.config.base_batch
+        return min(int(size), len(self.train_set))
 
     @property
     def batch_size(self) -> int:

@@ -654,10 +654,12 @@ class _ProbeRun:
         while self._trials_left():
             best = max(self.ok)
             limit = self._upper_limit()
-            nxt = 2 * best if limit is None else min(2 * best, limit)
-            # Guard: never run a step predicted over budget, even before there is a slope to predict with
-            # (on CPU an over-budget step may mean the OOM killer, not an exception).
-            nxt = min(nxt, self._conservative_limit())
+            # Jump straight to the largest batch that is safe without a slope (the conservative limit):
+            # doubling from a small start takes a dozen trials when a batch costs a few hundred bytes, as
+            # a tabular model's does on CPU. The guard also means no step is predicted over budget, even
+            # before there is a slope to predict with (on CPU an over-budget step may mean the OOM
+            # killer, not an exception).
+            nxt = self._conservative_limit() if limit is None else min(self._conservative_limit(), limit)
             if nxt <= best:
                 return  # nothing larger can be tried safely; the ceiling is `best` unless the fit finds more
             fitted = self._trial(nxt)
@@ -701,7 +703,7 @@ def probe_max_batch(run_step: RunStep, meter: MemoryMeter, **kwargs: Any) -> Mem
     """Shortcut for ``MemoryProbe(meter, **kwargs).run(run_step)``.
 
     >>> meter = FakeMemoryMeter(base_bytes=0, bytes_per_sample=1_000, capacity_bytes=1_000_000)
-    >>> probe_max_batch(lambda b: None, meter).ceiling  # true largest 900; 0.95 * 900 = 855
-    855
+    >>> probe_max_batch(lambda b: None, meter).ceiling  # no fixed cost: the safe jump lands on the true 900
+    900
     """
     return MemoryProbe(meter, **kwargs).run(run_step)

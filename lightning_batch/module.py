@@ -12,10 +12,11 @@ numbers go to the logger's buffer every ``log_every`` steps, not through ``self.
 
 Example:
     >>> import torch, lightning.pytorch as pl
+    >>> from torch.utils.data import DataLoader, TensorDataset
     >>> from lightning_batch.models import LinearRegression
     >>> module = TaskModule(LinearRegression(3), task="regression", lr=0.1)
-    >>> x = torch.randn(64, 3); y = x.sum(1, keepdim=True)
-    >>> loader = [(x, y)] * 20
+    >>> x = torch.randn(1280, 3); y = x.sum(1, keepdim=True)
+    >>> loader = DataLoader(TensorDataset(x, y), batch_size=64)
     >>> trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
     ...                      enable_model_summary=False, enable_checkpointing=False)
     >>> trainer.fit(module, loader)
@@ -25,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import lightning.pytorch as pl
@@ -32,6 +34,13 @@ import torch
 import torchmetrics
 from torch import nn
 from torch.nn import functional as F
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocator's out-of-memory error (CUDA's, a CPU ``MemoryError``, or one reported as text)."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 class TaskModule(pl.LightningModule):
@@ -54,6 +63,9 @@ class TaskModule(pl.LightningModule):
         log_every: log per-step metrics every N optimizer steps (train_loss as the window's mean);
             MLflow's SQL store costs ~0.16 ms a value, so 1 (every step) is for short runs.
     """
+
+    #: This module logs batch_size and lr itself (DynamicBatchSize need not).
+    logs_batch_size = True
 
     def __init__(
         self,
@@ -84,6 +96,11 @@ class TaskModule(pl.LightningModule):
         # Per-step scratch values in a plain dict: attribute writes on an nn.Module are slow.
         self._step: dict[str, Any] = {}
         self._val_loss_fresh = False
+        #: Rows one forward/backward pass may hold, learnt from an out-of-memory error (None: no limit).
+        self.max_rows_per_pass: int | None = None
+        #: Out-of-memory errors recovered from by redoing the step's rows in smaller passes.
+        self.oom_recoveries = 0
+        self._max_eval_rows: int | None = None
         if task == "regression":
             metrics = {
                 "rmse": torchmetrics.MeanSquaredError(squared=False),
@@ -113,8 +130,7 @@ class TaskModule(pl.LightningModule):
         x, y = batch
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        loss = self.loss(self.model(x), y)
-        self.manual_backward(loss)
+        loss = self._forward_backward(x, y, optimizer)
         if self.hparams.grad_clip:
             self.clip_gradients(
                 optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm"
@@ -126,6 +142,55 @@ class TaskModule(pl.LightningModule):
         self._step["loss_sum"] = self._step.get("loss_sum", 0.0) + loss
         self._step["window"] = self._step.get("window", 0) + 1
         return loss
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, optimizer: Any) -> torch.Tensor:
+        """Gradients of the batch's mean loss; on out-of-memory, redo the same rows in halves.
+
+        Composer-style recovery: the step's rows are split into passes of at most
+        ``max_rows_per_pass`` rows whose gradients accumulate (each pass's loss weighted by its
+        share of rows), so the step's gradient is the full batch's. Under DDP every rank learns
+        whether any rank ran out of memory (one all-reduce), so all redo the step together, and
+        only the last pass synchronises gradients.
+        """
+        rows = len(x)
+        strategy = self.trainer.strategy
+        distributed = self._world_size > 1
+        while True:
+            per_pass = min(rows, self.max_rows_per_pass or rows)
+            starts = range(0, rows, per_pass)
+            total = torch.zeros((), device=x.device)
+            failed = False
+            try:
+                for i, start in enumerate(starts):
+                    xs, ys = x[start : start + per_pass], y[start : start + per_pass]
+                    last = i == len(starts) - 1
+                    no_sync = (
+                        strategy.block_backward_sync()
+                        if distributed and not last
+                        else contextlib.nullcontext()
+                    )
+                    with no_sync:
+                        loss = self.loss(self.model(xs), ys) * (len(xs) / rows)
+                        self.manual_backward(loss)
+                    total = total + loss.detach()
+            except Exception as exc:  # noqa: BLE001 -- only out-of-memory is handled, the rest re-raised
+                if not is_out_of_memory(exc):
+                    raise
+                failed = True
+            if distributed:
+                failed = strategy.reduce_boolean_decision(failed, all=False)
+            if not failed:
+                return total
+            optimizer.zero_grad()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if per_pass <= 1:
+                raise MemoryError(
+                    "out of memory even with 1 row per pass; free memory, use a smaller model, or lower "
+                    "--memory-budget so the batch-size probe plans for less"
+                )
+            self.max_rows_per_pass = per_pass // 2
+            self.oom_recoveries += 1
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.samples_seen += self._step["rows"]
@@ -177,9 +242,20 @@ class TaskModule(pl.LightningModule):
         return float(self.trainer.optimizers[0].param_groups[0]["lr"])
 
     # -- evaluation --------------------------------------------------------------------------------
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Predictions for a whole evaluation batch, in smaller passes after an out-of-memory error."""
+        while True:
+            per_pass = min(len(x), self._max_eval_rows or len(x))
+            try:
+                return torch.cat([self.model(x[i : i + per_pass]) for i in range(0, len(x), per_pass)])
+            except Exception as exc:  # noqa: BLE001 -- only out-of-memory is handled, the rest re-raised
+                if not is_out_of_memory(exc) or per_pass <= 1:
+                    raise
+                self._max_eval_rows = per_pass // 2
+
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
-        prediction = self.model(x)
+        prediction = self._predict(x)
         loss = self.loss(prediction, y)
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         if self.task == "regression":

@@ -904,6 +904,10 @@ class BatchSizeController:
        bounds -- typically because the ceiling shrank below it -- the change is forced, whatever the gain.
     4. The lr multiplier is the lr rule at the resulting batch.
 
+    Between 2 and 3, a trust region: a proposal more than ``max_step_factor`` (default 4) away from the
+    current batch is pulled back to it, because the throughput model only knows the sizes measured so
+    far; the next decision, with a measurement at the new size, can go on.
+
     >>> ctl = BatchSizeController("fixed", multiple=8)
     >>> d = ctl.decide(PolicyContext(batch_size=256, base_batch=256, ceiling=200))
     >>> d.batch_size, d.changed, d.reason.split(":")[0]
@@ -920,6 +924,7 @@ class BatchSizeController:
         multiple: int = 8,
         hysteresis: float = 0.05,
         throughput: ThroughputModel | None = None,
+        max_step_factor: float | None = 4.0,
     ) -> None:
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         if not isinstance(self.policy, BatchPolicy):
@@ -936,6 +941,15 @@ class BatchSizeController:
             "hysteresis", hysteresis, 0.0, "Pass a relative gain threshold, e.g. hysteresis=0.05 (5%)."
         )
         self.throughput = throughput if throughput is not None else ThroughputModel()
+        if max_step_factor is not None:
+            max_step_factor = _check_float(
+                "max_step_factor",
+                max_step_factor,
+                1.0,
+                "Pass e.g. max_step_factor=4.0, or None.",
+                strict=True,
+            )
+        self.max_step_factor = max_step_factor
         self.num_changes = 0
 
     def observe_step(self, batch_size: int, seconds: float) -> None:
@@ -958,6 +972,13 @@ class BatchSizeController:
         cur = ctx.batch_size
         raw, why = self.policy.propose_with_reason(ctx)
         target = grid.round(raw)
+        if self.max_step_factor is not None and grid.in_bounds(cur):
+            # A trust region: the throughput model is fitted on sizes seen so far, so a far jump is an
+            # extrapolation. Moving at most x4 per decision lets the next decision measure and correct.
+            bounded = grid.round(min(max(target, cur / self.max_step_factor), cur * self.max_step_factor))
+            if bounded != target:
+                why = f"{why} (proposed {target}; at most x{self.max_step_factor:g} per decision)"
+                target = bounded
         gain: float | None
         if not grid.in_bounds(cur):
             new, gain = target, self.policy.predicted_gain(ctx, target)

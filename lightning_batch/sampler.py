@@ -33,6 +33,23 @@ import torch
 from torch.utils.data import BatchSampler
 
 
+class _EpochRelay:
+    """Stands in as the batch sampler's ``.sampler``: Lightning calls ``set_epoch`` on
+    ``batch_sampler.sampler``, never on the batch sampler itself, so this passes the call on."""
+
+    def __init__(self, owner: ResizableBatchSampler) -> None:
+        self._owner = owner
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self._owner.num_samples))
+
+    def __len__(self) -> int:
+        return self._owner.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self._owner.set_epoch(epoch)
+
+
 class ResizableBatchSampler(BatchSampler):
     """Seeded per-epoch permutation, consumed by a cursor in batches of a changeable size.
 
@@ -65,8 +82,8 @@ class ResizableBatchSampler(BatchSampler):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        # BatchSampler's __init__ validates batch_size and sets drop_last; the base sampler is unused.
-        super().__init__(range(num_samples), int(batch_size), drop_last=False)
+        # BatchSampler's __init__ validates batch_size and sets drop_last; its sampler only relays set_epoch.
+        super().__init__(_EpochRelay(self), int(batch_size), drop_last=False)
         self.epoch = 0
         self.cursor = 0  # rows of this epoch's permutation already handed out (all ranks)
         self.batches_yielded = 0  # steps handed out this epoch
@@ -84,7 +101,7 @@ class ResizableBatchSampler(BatchSampler):
         self._batch_size = max(int(value), self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at each epoch start; a new epoch restarts the cursor."""
+        """Called by Lightning at each epoch start (through ``.sampler``); a new epoch restarts the cursor."""
         if epoch != self.epoch:
             self.epoch = epoch
             self.cursor = 0

@@ -209,6 +209,44 @@ def plot_loss_curves(history: Mapping[str, list[tuple[int, float]]], path: Path)
     return path
 
 
+def plot_batch_dynamics(rows: list[dict[str, float]], path: Path) -> Path:
+    """PNG of batch size, learning rate and gradient noise scale against samples seen."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(7, 7), dpi=110, sharex=True)
+    seen = [r["samples_seen"] for r in rows]
+    for ax, key, label in (
+        (axes[0], "batch_size", "batch size"),
+        (axes[1], "lr", "learning rate"),
+        (axes[2], "gns", "gradient noise scale B_noise"),
+    ):
+        points = [(x, r[key]) for x, r in zip(seen, rows, strict=True) if math.isfinite(r.get(key, math.nan))]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, drawstyle="steps-post" if key != "gns" else "default", lw=1.4)
+            if key != "lr" and min(ys) > 0:
+                ax.set_yscale("log")
+        if key == "gns":
+            batch = [(x, r["batch_size"]) for x, r in zip(seen, rows, strict=True)]
+            if batch:
+                xs, ys = zip(*batch, strict=True)
+                ax.plot(xs, ys, lw=0.8, ls="--", color="grey", label="batch size")
+                ax.legend(loc="best")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("samples seen")
+    axes[0].set_title("how the batch size moved")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def log_dataset_input(client: Any, run_id: str, frame: Any, source: str, target: str, name: str) -> None:
     """Record the dataset as an MLflow input of the run (digest, schema, profile, source)."""
     import warnings

@@ -32,6 +32,7 @@ import lightning.pytorch as pl
 import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
+from lightning_batch.callback import DynamicBatchSize
 from lightning_batch.config import RunConfig, check_model_for_task
 from lightning_batch.data import TabularDataModule
 from lightning_batch.models import build_model
@@ -42,6 +43,7 @@ from lightning_batch.tracking import (
     get_or_create_experiment,
     git_commit,
     log_dataset_input,
+    plot_batch_dynamics,
     plot_loss_curves,
     resolve_tracking_uri,
     sqlite_path,
@@ -60,6 +62,7 @@ class RunResult:
     model: str
     batch_size_start: int
     batch_size_end: int
+    batch_size_max: int
     epochs: int
     seconds: float
     samples_seen: int
@@ -103,6 +106,20 @@ def build_module(cfg: RunConfig, dm: TabularDataModule) -> TaskModule:
         lr_schedule=cfg.lr_schedule,
         max_epochs=cfg.epochs,
         grad_clip=cfg.grad_clip,
+        log_every=cfg.log_every,
+    )
+
+
+def build_resizer(cfg: RunConfig) -> DynamicBatchSize:
+    """The DynamicBatchSize callback a config asks for (``cfg.dynamic`` must be true)."""
+    return DynamicBatchSize(
+        policy=cfg.resolved_policy,
+        lr_rule=cfg.resolved_lr_rule,
+        min_batch=cfg.min_batch,
+        max_batch=cfg.max_batch,
+        adjust_every=cfg.adjust_every,
+        memory_budget=cfg.memory_budget,
+        milestones=tuple(cfg.milestones),
         log_every=cfg.log_every,
     )
 
@@ -173,6 +190,9 @@ def train(
             save_last=True,
         )
         all_callbacks: list[Callback] = [checkpoint, *callbacks]
+        resizer = build_resizer(cfg) if cfg.dynamic else None
+        if resizer is not None:
+            all_callbacks.append(resizer)
         if cfg.patience:
             all_callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"))
         options: dict[str, Any] = dict(
@@ -202,7 +222,7 @@ def train(
         }
         logger.log_metrics({k: v for k, v in summary.items() if k.startswith(("best_", "fit_", "epochs_"))})
         logger.flush()
-        _log_run_artifacts(client, run_id, cfg, dm, logger, checkpoint)
+        _log_run_artifacts(client, run_id, cfg, dm, logger, checkpoint, resizer)
         logger.finalize("success")
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the best one is an artifact now
         return RunResult(
@@ -214,6 +234,9 @@ def train(
             model=str(cfg.model),
             batch_size_start=dm.initial_batch_size(),
             batch_size_end=dm.batch_size,
+            batch_size_max=max(
+                [dm.initial_batch_size(), *(int(v) for _, v in logger.history.get("batch_size", []))]
+            ),
             epochs=trainer.current_epoch,
             seconds=seconds,
             samples_seen=module.samples_seen,
@@ -244,6 +267,7 @@ def _log_run_artifacts(
     dm: TabularDataModule,
     logger: BufferedMLFlowLogger,
     checkpoint: ModelCheckpoint,
+    resizer: DynamicBatchSize | None,
 ) -> None:
     data = dm.prepared
     assert data is not None
@@ -259,6 +283,19 @@ def _log_run_artifacts(
         }
         (folder / "preprocessing.json").write_text(json.dumps(preprocessing, indent=2))
         plot_loss_curves(logger.history, folder / "loss_curves.png")
+        if resizer is not None:
+            if resizer.history:
+                plot_batch_dynamics(resizer.history, folder / "batch_size.png")
+            (folder / "batch_size_decisions.json").write_text(
+                json.dumps(
+                    {
+                        "decisions": resizer.decisions,
+                        "probe": resizer.probe.as_dict() if resizer.probe else None,
+                    },
+                    indent=2,
+                    default=str,
+                )
+            )
         client.log_artifacts(run_id, str(folder))
     if checkpoint.best_model_path and Path(checkpoint.best_model_path).is_file():
         client.log_artifact(run_id, checkpoint.best_model_path, "checkpoints")

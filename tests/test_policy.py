@@ -330,7 +330,12 @@ def test_batch_grid_rounding() -> None:
 def test_controller_output_is_rounded_and_bounded(min_batch, extra, ceiling, multiple, proposal) -> None:
     max_batch = min_batch + extra
     ctl = BatchSizeController(
-        NoisePolicy(), min_batch=min_batch, max_batch=max_batch, multiple=multiple, hysteresis=0
+        NoisePolicy(),
+        min_batch=min_batch,
+        max_batch=max_batch,
+        multiple=multiple,
+        hysteresis=0,
+        max_step_factor=None,  # rounding and bounds alone (the trust region has its own test)
     )
     d = ctl.decide(noise_ctx(min(max_batch, ceiling or max_batch), proposal, ceiling=ceiling))
     hi = max_batch if ceiling is None else min(max_batch, ceiling)
@@ -339,6 +344,25 @@ def test_controller_output_is_rounded_and_bounded(min_batch, extra, ceiling, mul
     # Rounding moves a proposal by less than one step (unless the bounds clamp it).
     clamped = min(max(round(proposal), lo), hi)
     assert abs(d.batch_size - clamped) < max(multiple, 1) or d.batch_size in (lo, hi)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    current=st.integers(1, 4096),
+    proposal=st.floats(1, 1e6),
+    factor=st.sampled_from([2.0, 4.0, 8.0]),
+    multiple=st.sampled_from([1, 8]),
+)
+def test_trust_region_moves_at_most_factor_per_decision(current, proposal, factor, multiple) -> None:
+    ctl = BatchSizeController(NoisePolicy(), multiple=multiple, hysteresis=0, max_step_factor=factor)
+    d = ctl.decide(noise_ctx(current, proposal))
+    unbounded = BatchSizeController(NoisePolicy(), multiple=multiple, hysteresis=0, max_step_factor=None)
+    free = unbounded.decide(noise_ctx(current, proposal)).batch_size
+    # within the region (up to one rounding step), and in the same direction as the free proposal
+    assert current / factor - multiple <= d.batch_size <= current * factor + multiple
+    assert (d.batch_size - current) * (free - current) >= 0
+    if current / factor <= free <= current * factor:
+        assert d.batch_size == free
 
 
 def test_small_batches_survive_rounding() -> None:

@@ -110,3 +110,17 @@ def test_bad_arguments_are_refused():
     sampler = ResizableBatchSampler(10, batch_size=2)
     with pytest.raises(ValueError):
         sampler.batch_size = -3
+
+
+def test_lightning_reaches_set_epoch_through_the_sampler_attribute():
+    """Lightning calls set_epoch on ``batch_sampler.sampler``; the relay must reach the cursor."""
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader
+
+    sampler = ResizableBatchSampler(20, batch_size=8, seed=1)
+    loader = DataLoader(range(20), batch_sampler=sampler)
+    list(iter(sampler))
+    assert sampler.cursor == 20
+    _set_sampler_epoch(loader, 5)
+    assert (sampler.epoch, sampler.cursor) == (5, 0)
+    assert torch.equal(torch.cat(list(sampler)), sampler.permutation(5))

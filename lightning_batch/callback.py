@@ -1,0 +1,541 @@
+"""``DynamicBatchSize``: the Lightning callback that moves the batch size during training.
+
+It is glue between the Trainer and three pieces of plain math:
+
+- :mod:`lightning_batch.memory` finds the largest batch that fits (once, when training starts);
+- :mod:`lightning_batch.noise` measures the gradient noise scale every ``measure_every`` steps;
+- :mod:`lightning_batch.policy` decides, every ``adjust_every`` steps, the batch size and the lr
+  multiplier that go with it.
+
+It then writes the decision where the training reads it: the batch size into the
+:class:`~lightning_batch.sampler.ResizableBatchSampler` (mid-epoch; the Trainer is told the
+epoch's new length, see :func:`sync_epoch_length`), the lr into the optimizer's param groups and
+the schedulers' base lrs.
+
+Under DDP every rank measures its own per-example statistics; the estimates are averaged with
+one all-reduce, the decision is taken on rank 0 and broadcast, so all ranks switch at the same
+step. Its ``state_dict`` holds the batch size, the EMAs, the throughput model and the lr scale,
+so a fit resumed from a checkpoint continues where it was.
+
+Example:
+    >>> import lightning.pytorch as pl
+    >>> from lightning_batch import TabularDataModule, TaskModule, build_model
+    >>> dm = TabularDataModule(data="synthetic-regression", rows=4000, batch_size=16, seed=0)
+    >>> dm.setup()
+    >>> module = TaskModule(build_model("linear", dm.n_features, 1), lr=0.05)
+    >>> resize = DynamicBatchSize(policy="noise", adjust_every=20, probe_memory=False)
+    >>> trainer = pl.Trainer(max_epochs=2, callbacks=[resize], use_distributed_sampler=False, logger=False,
+    ...                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    >>> trainer.fit(module, datamodule=dm)
+    >>> module.samples_seen == 2 * len(dm.train_set), resize.batch_size >= 16
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_batch.memory import (
+    CpuMemoryMeter,
+    CudaMemoryMeter,
+    MemoryMeter,
+    MemoryProbe,
+    MemoryProbeError,
+    MemoryProbeResult,
+)
+from lightning_batch.noise import NoiseScaleEMA, PerExampleGradNorms, microbatch_grad_stats
+from lightning_batch.policy import (
+    BatchSizeController,
+    Decision,
+    PolicyContext,
+    make_policy,
+)
+from lightning_batch.sampler import ResizableBatchSampler
+
+log = logging.getLogger(__name__)
+
+#: Steps timed at a batch size before the next decision may move it again.
+MIN_STEPS_PER_DECISION = 5
+#: The metrics this callback logs (besides ``batch_size`` and ``lr`` for modules that don't).
+METRICS = ("gns", "grad_sqr", "grad_var", "throughput", "mem_peak")
+
+
+def find_resizable_sampler(trainer: pl.Trainer) -> ResizableBatchSampler:
+    """The training loader's :class:`ResizableBatchSampler`, or a clear error saying how to get one."""
+    loader = trainer.train_dataloader
+    sampler = getattr(loader, "batch_sampler", None)
+    if isinstance(sampler, ResizableBatchSampler):
+        return sampler
+    datamodule = getattr(trainer, "datamodule", None)
+    sampler = getattr(datamodule, "train_batch_sampler", None)
+    if isinstance(sampler, ResizableBatchSampler):
+        return sampler
+    raise RuntimeError(
+        "DynamicBatchSize needs the training DataLoader to use a ResizableBatchSampler "
+        "(batch_sampler=ResizableBatchSampler(len(dataset), batch_size)); TabularDataModule does this for you"
+    )
+
+
+def sync_epoch_length(trainer: pl.Trainer, sampler: ResizableBatchSampler) -> None:
+    """Tell the Trainer how many steps the current epoch now has, after a mid-epoch resize.
+
+    Lightning reads the epoch's length when the fit starts (the combined loader's ``limits``, the
+    loop's ``max_batches``, the end-of-epoch validation check ``val_check_batch``) and when each
+    epoch starts (the data fetcher's stopping count). Call this after every resize and at every
+    epoch start. A batch that grows would otherwise skip the epoch-end validation; one that
+    shrinks would cut the epoch short and silently drop rows. These are private attributes of
+    Lightning 2.6; ``tests/test_callback.py`` checks the behaviour they produce (every row once,
+    one validation per epoch), so an upgrade that moves them fails loudly.
+    """
+    finished = sampler.cursor >= sampler.num_samples  # resized after the epoch's last batch was drawn
+    total = sampler.batches_yielded if finished else len(sampler)
+    fit_loop = trainer.fit_loop
+    limit = trainer.limit_train_batches
+    if isinstance(limit, int):
+        total = min(total, limit)
+    elif limit < 1.0:
+        total = max(1, int(total * limit))
+    fit_loop.max_batches = total
+    loader = getattr(fit_loop, "_combined_loader", None)
+    if loader is not None:
+        # The combined loader caps every later epoch at the length it had when the fit began.
+        loader.limits = [limit if isinstance(limit, int) else (float("inf") if limit >= 1.0 else total)]
+    fetcher = getattr(fit_loop, "_data_fetcher", None)
+    if fetcher is not None and fetcher.length is not None:
+        fetcher.length = total
+        fetcher.done = fetcher.fetched >= total
+    interval = trainer.val_check_interval
+    if isinstance(interval, float) and trainer.check_val_every_n_epoch is not None:
+        trainer.val_check_batch = max(1, int(total * interval))
+
+
+class DynamicBatchSize(Callback):
+    """Adapt the (global) batch size during training; rescale the learning rate to match.
+
+    Args:
+        policy: ``fixed``, ``memory`` (largest that fits), ``noise`` (``k × B_noise``), ``goodput``
+            (Pollux: throughput × statistical efficiency) or ``schedule`` (grow at milestones).
+        lr_rule: how lr follows the batch: ``none``, ``linear``, ``sqrt`` or ``adascale``.
+        min_batch, max_batch: bounds of the batch size (global, all ranks together).
+        multiple: round batch sizes to a multiple of this (sizes below it stay allowed).
+        adjust_every: decide every N optimizer steps (sooner when a quarter epoch of rows went by).
+        measure_every: measure the noise statistics every N steps (1: every step).
+        hysteresis: change only when the predicted gain exceeds this (0.05 = 5%).
+        ema_decay: decay of the EMAs of ``|G|²`` and ``tr(Σ)`` (their ratio is the noise scale).
+        noise_k: the ``noise`` policy's multiple of ``B_noise``.
+        explore_factor: ``goodput`` tries ``B × explore_factor`` once, to time a second size.
+        milestones, schedule_factor: the ``schedule`` policy's epochs and growth factor.
+        probe_memory: find the memory ceiling when training starts (needs ``pl_module.loss``).
+        memory_budget: share of memory the probe may plan for (of free device memory on CUDA, of
+            available RAM on CPU, where an OOM kills the process instead of raising).
+        log_every: log this callback's metrics every N steps.
+        module_attr: the attribute of the LightningModule holding the network whose forward is
+            called once per step (hooks go there); ``None`` hooks the LightningModule itself.
+        fallback_microbatches: micro-batches for the noise statistics of parameters outside
+            ``nn.Linear`` layers (convolutions...), measured every ``fallback_every`` steps.
+    """
+
+    def __init__(
+        self,
+        policy: str = "goodput",
+        lr_rule: str = "adascale",
+        *,
+        min_batch: int = 1,
+        max_batch: int | None = None,
+        multiple: int = 8,
+        adjust_every: int = 50,
+        measure_every: int = 1,
+        hysteresis: float = 0.05,
+        ema_decay: float = 0.95,
+        noise_k: float = 1.0,
+        explore_factor: float = 2.0,
+        milestones: tuple[int, ...] = (),
+        schedule_factor: float = 2.0,
+        probe_memory: bool = True,
+        memory_budget: float = 0.5,
+        log_every: int = 10,
+        module_attr: str | None = "model",
+        fallback_microbatches: int = 8,
+        fallback_every: int = 10,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("adjust_every", adjust_every),
+            ("measure_every", measure_every),
+            ("log_every", log_every),
+            ("fallback_every", fallback_every),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 < memory_budget <= 1:
+            raise ValueError(f"memory_budget must be a fraction in (0, 1], got {memory_budget!r}; e.g. 0.5")
+        policy_options: dict[str, Any] = {}
+        if policy == "noise":
+            policy_options = {"k": noise_k}
+        elif policy == "goodput":
+            policy_options = {"explore_factor": explore_factor}
+        elif policy == "schedule":
+            policy_options = {"milestones": tuple(milestones), "factor": schedule_factor}
+        self.policy_name = policy
+        self.lr_rule_name = lr_rule
+        self.controller = BatchSizeController(
+            make_policy(policy, **policy_options),
+            lr_rule=lr_rule,
+            min_batch=min_batch,
+            max_batch=max_batch,
+            multiple=multiple,
+            hysteresis=hysteresis,
+        )
+        self.ema = NoiseScaleEMA(ema_decay)
+        self.adjust_every = adjust_every
+        self.measure_every = measure_every
+        self.probe_memory = probe_memory
+        self.memory_budget = memory_budget
+        self.log_every = log_every
+        self.module_attr = module_attr
+        self.fallback_microbatches = fallback_microbatches
+        self.fallback_every = fallback_every
+
+        # Run state (all in state_dict).
+        self.base_batch: int | None = None
+        self.batch_size: int | None = None
+        self.lr_scale = 1.0
+        self.ceiling: int | None = None
+        self.probe: MemoryProbeResult | None = None
+        self.decisions: list[dict[str, Any]] = []
+        #: One row per log interval: step, samples_seen, batch_size, lr, gns, ...; for plots and reports.
+        self.history: list[dict[str, float]] = []
+
+        # Per-fit scratch.
+        self._sampler: ResizableBatchSampler | None = None
+        self._norms: PerExampleGradNorms | None = None
+        self._step_started = 0.0
+        self._step_times: list[tuple[int, float]] = []
+        self._measured_this_step = False
+        self._samples_seen = 0
+        self._steps_since_decision = 0
+        self._rows_since_decision = 0
+        self._loaded_state: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # set-up
+
+    def _network(self, pl_module: pl.LightningModule) -> nn.Module:
+        inner = getattr(pl_module, self.module_attr, None) if self.module_attr else None
+        return inner if isinstance(inner, nn.Module) else pl_module
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sampler = find_resizable_sampler(trainer)
+        self._norms = PerExampleGradNorms(self._network(pl_module), loss_reduction="mean", enabled=False)
+        if self._loaded_state is not None:
+            self._restore(trainer)
+            return
+        self.base_batch = self._sampler.batch_size
+        self.batch_size = self._sampler.batch_size
+        if self.probe_memory and self.controller.policy.name != "fixed":
+            self._probe_memory(trainer, pl_module)
+        # A start above the ceiling (or the bounds) is corrected before the first step.
+        decision = self.controller.decide(self._context(trainer))
+        if decision.changed:
+            self._apply(trainer, decision)
+
+    def _probe_memory(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loss_fn = getattr(pl_module, "loss", None)
+        dataset = trainer.train_dataloader.dataset
+        if not callable(loss_fn) or not hasattr(dataset, "__getitems__"):
+            log.warning("DynamicBatchSize: no pl_module.loss or batched dataset; skipping the memory probe")
+            return
+        world = trainer.world_size
+        network = self._network(pl_module)
+        device = pl_module.device
+        meter: MemoryMeter
+        if device.type == "cuda":
+            meter = CudaMemoryMeter(device, budget_fraction=self.memory_budget)
+        else:
+            meter = CpuMemoryMeter(budget_fraction=self.memory_budget)
+        generator = torch.Generator().manual_seed(trainer.global_rank)
+        local_rows = len(dataset)
+
+        def run_step(batch: int) -> None:
+            index = torch.randint(local_rows, (batch,), generator=generator)
+            x, y = dataset.__getitems__(index)
+            loss = loss_fn(network(x.to(device)), y.to(device))
+            loss.backward()
+            network.zero_grad(set_to_none=True)
+
+        # The probe must leave no trace: same parameters, buffers, grads and random state after it.
+        buffers = {name: b.detach().clone() for name, b in network.named_buffers()}
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            try:
+                run_step(min(8, local_rows))  # warm-up: lazy allocations are not per-sample cost
+                network.zero_grad(set_to_none=True)
+                self.probe = MemoryProbe(meter, upper_bound=max(1, local_rows // world)).run(run_step)
+            except MemoryProbeError as exc:
+                raise MemoryError(
+                    f"not even the smallest batch fits the memory budget ({self.memory_budget:.0%} of "
+                    f"{meter.name} memory, {meter.budget_bytes() / 2**20:.0f} MiB): {exc}"
+                ) from None
+            finally:
+                network.zero_grad(set_to_none=True)
+                for name, buffer in network.named_buffers():
+                    buffer.copy_(buffers[name])
+        local_ceiling = self.probe.ceiling
+        if world > 1:
+            # The global ceiling is what the tightest rank can hold, times the number of ranks.
+            local_ceiling = int(trainer.strategy.reduce(torch.tensor(float(local_ceiling)), reduce_op="min"))
+        self.ceiling = max(1, local_ceiling * world)
+        if trainer.logger is not None:
+            trainer.logger.log_hyperparams(self.probe.as_dict("memory_probe_"))
+            trainer.logger.log_metrics(self.probe.metrics("memory_probe_"), step=trainer.global_step)
+
+    # ------------------------------------------------------------------------------------------
+    # every step
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._sampler is not None:
+            sync_epoch_length(trainer, self._sampler)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._measured_this_step = trainer.global_step % self.measure_every == 0
+        if self._norms is not None:
+            self._norms.enabled = self._measured_this_step
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        seconds = time.perf_counter() - self._step_started
+        rows = (
+            len(batch[0]) * trainer.world_size if isinstance(batch, (tuple, list)) else self.batch_size or 0
+        )
+        self._samples_seen += rows
+        self._step_times.append((rows, seconds))
+        if self._measured_this_step:
+            self._measure(trainer, pl_module, batch)
+        step = trainer.global_step
+        self._steps_since_decision += 1
+        self._rows_since_decision += rows
+        if self._decision_due():
+            self._decide(trainer)
+        if step % self.log_every == 0:
+            self._log(trainer, pl_module, rows, seconds)
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """One step's unbiased |G|² and tr(Σ) into the EMAs (averaged over ranks first)."""
+        assert self._norms is not None
+        grad_sqr = trace = 0.0
+        try:
+            if self._norms.covered_parameter_names:
+                stats = self._norms.grad_stats()
+                grad_sqr, trace = stats.grad_sqr, stats.trace_sigma
+        except (RuntimeError, ValueError):
+            return  # e.g. an OOM-split step ran several forwards: skip this measurement
+        uncovered = self._norms.uncovered_parameter_names
+        step = trainer.global_step
+        if uncovered:
+            loss_fn = getattr(pl_module, "loss", None)
+            if (
+                not callable(loss_fn)
+                or step % self.fallback_every != 0
+                or not isinstance(batch, (tuple, list))
+            ):
+                if not self._norms.covered_parameter_names:
+                    return
+            else:
+                x, y = batch[0], batch[1]
+                parts = min(self.fallback_microbatches, len(x))
+                usable = (len(x) // parts) * parts
+                if parts >= 2 and usable >= 2:
+                    extra = microbatch_grad_stats(
+                        self._network(pl_module),
+                        loss_fn,
+                        x[:usable],
+                        y[:usable],
+                        parts,
+                        param_names=uncovered,
+                    )
+                    # |G|² and tr(Σ) are sums over parameters: disjoint subsets add up.
+                    grad_sqr += extra.grad_sqr
+                    trace += extra.trace_sigma
+        values = torch.tensor([grad_sqr, trace], dtype=torch.float64)
+        if trainer.world_size > 1:
+            values = trainer.strategy.reduce(values.to(pl_module.device), reduce_op="mean").cpu()
+        grad_sqr, trace = float(values[0]), float(values[1])
+        if math.isfinite(grad_sqr) and math.isfinite(trace):
+            self.ema.update(grad_sqr, trace)
+
+    def _decision_due(self) -> bool:
+        """Every ``adjust_every`` steps, or sooner once a quarter epoch of rows went by (a large batch
+        makes few steps an epoch), but never before ``MIN_STEPS_PER_DECISION`` steps at the current size
+        were timed."""
+        if self._steps_since_decision < MIN_STEPS_PER_DECISION:
+            return False
+        if self._steps_since_decision >= self.adjust_every:
+            return True
+        epoch_rows = self._sampler.num_samples if self._sampler is not None else 0
+        return epoch_rows > 0 and self._rows_since_decision >= epoch_rows / 4
+
+    def _context(self, trainer: pl.Trainer) -> PolicyContext:
+        step_times, self._step_times = self._step_times, []
+        gns = self.ema.gns
+        grad_sqr = self.ema.grad_sqr
+        trace = self.ema.grad_var
+        return PolicyContext(
+            batch_size=self.batch_size or 1,
+            base_batch=self.base_batch or 1,
+            noise_scale=gns if gns is not None and math.isfinite(gns) else None,
+            grad_sqr=max(grad_sqr, 0.0) if grad_sqr is not None else None,
+            trace_sigma=max(trace, 0.0) if trace is not None else None,
+            ceiling=self._effective_ceiling(trainer),
+            epoch=trainer.current_epoch,
+            step_times=step_times,
+        )
+
+    def _effective_ceiling(self, trainer: pl.Trainer) -> int | None:
+        """The probed ceiling, lowered by any OOM the module recovered from (rows that fit per pass)."""
+        ceiling = self.ceiling
+        oom_rows = getattr(trainer.lightning_module, "max_rows_per_pass", None)
+        if oom_rows:
+            oom_global = int(oom_rows) * trainer.world_size
+            ceiling = oom_global if ceiling is None else min(ceiling, oom_global)
+        if self._sampler is not None:
+            epoch_rows = self._sampler.num_samples * trainer.world_size
+            ceiling = epoch_rows if ceiling is None else min(ceiling, epoch_rows)
+        return ceiling
+
+    def _decide(self, trainer: pl.Trainer) -> None:
+        self._steps_since_decision = self._rows_since_decision = 0
+        decision: Decision | None = None
+        context = self._context(trainer)
+        if trainer.is_global_zero:
+            decision = self.controller.decide(context)
+        # Rank 0 decides (its throughput model is the one that counts); every rank applies the same.
+        decision = trainer.strategy.broadcast(decision, src=0)
+        if decision is not None and decision.changed:
+            self._apply(trainer, decision)
+
+    def _apply(self, trainer: pl.Trainer, decision: Decision) -> None:
+        assert self._sampler is not None
+        old = self.batch_size
+        self._sampler.batch_size = decision.batch_size
+        self.batch_size = self._sampler.batch_size
+        sync_epoch_length(trainer, self._sampler)
+        self._set_lr_scale(trainer, decision.lr_scale)
+        self.decisions.append(
+            {
+                "step": trainer.global_step,
+                "epoch": trainer.current_epoch,
+                "samples_seen": self._samples_seen,
+                "from": old,
+                "to": self.batch_size,
+                "lr_scale": self.lr_scale,
+                "reason": decision.reason,
+            }
+        )
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(
+                {"batch_size_change": float(self.batch_size)}, step=trainer.global_step
+            )
+
+    def _set_lr_scale(self, trainer: pl.Trainer, scale: float) -> None:
+        """Multiply every lr by ``scale / current scale``; schedulers' base lrs follow, so they stay coherent."""
+        ratio = scale / self.lr_scale
+        if ratio == 1.0:
+            return
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] *= ratio
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs = [lr * ratio for lr in scheduler.base_lrs]
+            if hasattr(scheduler, "_last_lr"):
+                scheduler._last_lr = [lr * ratio for lr in scheduler._last_lr]
+        self.lr_scale = scale
+
+    # ------------------------------------------------------------------------------------------
+    # logging
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rows: int, seconds: float) -> None:
+        gns = self.ema.gns
+        row = {
+            "step": float(trainer.global_step),
+            "samples_seen": float(self._samples_seen),
+            "batch_size": float(self.batch_size or rows),
+            "lr": float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else float("nan"),
+            "gns": float(gns) if gns is not None else float("nan"),
+            "grad_sqr": float(self.ema.grad_sqr) if self.ema.grad_sqr is not None else float("nan"),
+            "grad_var": float(self.ema.grad_var) if self.ema.grad_var is not None else float("nan"),
+            "throughput": rows / seconds if seconds > 0 else float("nan"),
+            "mem_peak": float(_memory_peak(pl_module.device)),
+        }
+        self.history.append(row)
+        if trainer.logger is None:
+            return
+        metrics = {k: v for k, v in row.items() if k in METRICS and math.isfinite(v)}
+        if not getattr(pl_module, "logs_batch_size", False):
+            metrics.update(batch_size=row["batch_size"], lr=row["lr"])
+        trainer.logger.log_metrics(metrics, step=trainer.global_step)
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "base_batch": self.base_batch,
+            "batch_size": self.batch_size,
+            "lr_scale": self.lr_scale,
+            "ceiling": self.ceiling,
+            "probe": self.probe.state_dict() if self.probe is not None else None,
+            "ema": self.ema.state_dict(),
+            "controller": self.controller.state_dict(),
+            "decisions": list(self.decisions),
+            "samples_seen": self._samples_seen,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Applied in on_train_start, once the sampler exists.
+        self._loaded_state = dict(state_dict)
+
+    def _restore(self, trainer: pl.Trainer) -> None:
+        state, self._loaded_state = self._loaded_state or {}, None
+        self.base_batch = state["base_batch"]
+        self.batch_size = state["batch_size"]
+        self.lr_scale = float(state["lr_scale"])  # the optimizer's lr was restored with it
+        self.ceiling = state["ceiling"]
+        self.probe = MemoryProbeResult.from_state_dict(state["probe"]) if state["probe"] else None
+        self.ema.load_state_dict(state["ema"])
+        self.controller.load_state_dict(state["controller"])
+        self.decisions = list(state["decisions"])
+        self._samples_seen = int(state["samples_seen"])
+        assert self._sampler is not None
+        if self.batch_size is not None:
+            self._sampler.batch_size = self.batch_size
+            sync_epoch_length(trainer, self._sampler)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._norms is not None:
+            self._norms.remove()
+            self._norms = None
+
+
+def _memory_peak(device: torch.device) -> int:
+    """Peak bytes: CUDA's allocator high-water mark, or the process's resident set on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    with contextlib.suppress(Exception):
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    return 0

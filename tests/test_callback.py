@@ -1,0 +1,306 @@
+"""DynamicBatchSize in real Lightning fits: resizing mid-epoch, lr rules, OOM, resume, DDP, MLflow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from mlflow import MlflowClient
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_batch.callback import DynamicBatchSize, sync_epoch_length
+from lightning_batch.config import RunConfig
+from lightning_batch.data import TabularDataModule, TensorTableDataset
+from lightning_batch.models import LinearRegression
+from lightning_batch.module import TaskModule
+from lightning_batch.training import build_module, train
+
+from .conftest import ROOT, subprocess_env
+
+
+class RecordingDataset(TensorTableDataset):
+    def __init__(self, base: TensorTableDataset) -> None:
+        super().__init__(base.features, base.targets)
+        self.served: list[list[int]] = []
+
+    def __getitems__(self, indices):
+        self.served.append([int(i) for i in indices])
+        return super().__getitems__(indices)
+
+
+class EpochRecorder(Callback):
+    """Rows per epoch, validations per epoch, batch size per step."""
+
+    def __init__(self, dataset: RecordingDataset) -> None:
+        self.dataset = dataset
+        self.epochs: list[list[int]] = []
+        self.validations: dict[int, int] = {}
+        self.sizes: list[int] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.dataset.served.clear()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.sizes.append(len(batch[0]))
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self.validations[trainer.current_epoch] = self.validations.get(trainer.current_epoch, 0) + 1
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.epochs.append([i for batch in self.dataset.served for i in batch])
+
+
+def _setup(
+    rows: int = 600, batch_size: int = 16, **options
+) -> tuple[TabularDataModule, RecordingDataset, TaskModule]:
+    cfg = RunConfig(
+        data="synthetic-regression", rows=rows, features=3, batch_size=batch_size, lr=0.05, **options
+    )
+    dm = TabularDataModule(cfg.validate())
+    dm.setup()
+    dataset = RecordingDataset(dm.prepared.train)
+    dm.prepared.train = dataset
+    return dm, dataset, build_module(cfg, dm)
+
+
+def _trainer(epochs: int, callbacks: list, **options) -> pl.Trainer:
+    defaults = dict(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    defaults.update(options)
+    return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+class ScriptedResize(Callback):
+    """Sets the next batch size from a script after every step, as DynamicBatchSize does."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.sizes = list(sizes)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        sync_epoch_length(trainer, trainer.datamodule.train_batch_sampler)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.sizes:
+            sampler = trainer.datamodule.train_batch_sampler
+            sampler.batch_size = self.sizes.pop(0)
+            sync_epoch_length(trainer, sampler)
+
+
+@settings(max_examples=15, deadline=None)
+@given(sizes=st.lists(st.integers(1, 60), min_size=1, max_size=25))
+@example(sizes=[22, 1, 90, 90, 1])  # resized right after the epoch's last batch was drawn
+@example(sizes=[1, 18, 3, 40])
+def test_mid_epoch_resizes_keep_every_row_once_per_epoch_and_one_validation(sizes):
+    """Growing and shrinking mid-epoch, in a real Trainer: each epoch is one pass, validated once."""
+    dm, dataset, module = _setup(rows=300, batch_size=7)
+    recorder = EpochRecorder(dataset)
+    trainer = _trainer(2, [ScriptedResize(sizes), recorder])
+    trainer.fit(module, datamodule=dm)
+    n = len(dataset)
+    assert len(recorder.epochs) == 2
+    for rows in recorder.epochs:
+        assert sorted(rows) == list(range(n)), "an epoch must see every row exactly once"
+    assert recorder.validations == {0: 1, 1: 1}
+    assert module.samples_seen == 2 * n
+    # the sizes actually used follow the script (the tail of an epoch may be shorter)
+    expected = [7, *sizes]
+    for used, wanted in zip(recorder.sizes, expected, strict=False):
+        assert used <= wanted
+
+
+def test_schedule_policy_grows_batch_and_lr_at_the_milestone():
+    dm, dataset, module = _setup(rows=800, batch_size=16)
+    resize = DynamicBatchSize(
+        policy="schedule", lr_rule="linear", milestones=(1,), probe_memory=False, adjust_every=5
+    )
+    recorder = EpochRecorder(dataset)
+    trainer = _trainer(2, [resize, recorder])
+    trainer.fit(module, datamodule=dm)
+    assert resize.batch_size == 32
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1)  # 0.05 × 32/16
+    assert [d["to"] for d in resize.decisions] == [32]
+    assert resize.decisions[0]["epoch"] == 1
+    assert all(sorted(rows) == list(range(len(dataset))) for rows in recorder.epochs)
+
+
+def test_lr_scale_keeps_a_scheduler_coherent():
+    cfg = RunConfig(
+        data="synthetic-regression",
+        rows=800,
+        features=3,
+        batch_size=16,
+        lr=0.05,
+        lr_schedule="step",
+        epochs=4,
+    ).validate()
+    dm = TabularDataModule(cfg)
+    dm.setup()
+    module = build_module(cfg, dm)
+    resize = DynamicBatchSize(
+        policy="schedule", lr_rule="linear", milestones=(1,), probe_memory=False, adjust_every=5
+    )
+    trainer = _trainer(4, [resize])
+    trainer.fit(module, datamodule=dm)
+    # milestones of the step schedule at epochs 2 and 3 (×0.1 each); the batch doubled at epoch 1 (×2)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 * 2 * 0.1 * 0.1)
+    assert trainer.lr_scheduler_configs[0].scheduler.base_lrs == [pytest.approx(0.1)]
+
+
+class OutOfMemoryAbove(torch.nn.Module):
+    """A linear model that raises CUDA's OOM error when a pass holds more than ``limit`` rows."""
+
+    def __init__(self, n_features: int, limit: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(n_features, 1)
+        self.limit = limit
+        self.ooms = 0
+
+    def forward(self, x):
+        if len(x) > self.limit:
+            self.ooms += 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return self.linear(x)
+
+
+def test_out_of_memory_redoes_the_same_rows_in_halves_with_the_same_gradient():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 5), torch.randn(64, 1)
+    model = OutOfMemoryAbove(5, limit=20)
+    reference = LinearRegression(5)
+    reference.linear.load_state_dict(model.linear.state_dict())
+    module = TaskModule(model, lr=0.1)
+    trainer = _trainer(1, [], limit_val_batches=0)
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=64))
+    assert model.ooms == 2  # 64 rows, then 32, fail; 16 fit
+    assert module.max_rows_per_pass == 16 and module.oom_recoveries == 2
+    # one SGD step on the full batch, done by hand
+    loss = torch.nn.functional.mse_loss(reference(x), y)
+    loss.backward()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= 0.1 * p.grad
+    torch.testing.assert_close(model.linear.weight, reference.linear.weight, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model.linear.bias, reference.linear.bias, rtol=1e-6, atol=1e-6)
+
+
+def test_after_an_out_of_memory_the_batch_size_comes_down_to_what_fits():
+    cfg = RunConfig(data="synthetic-regression", rows=1000, features=4, batch_size=96, lr=0.02).validate()
+    dm = TabularDataModule(cfg)
+    dm.setup()
+    model = OutOfMemoryAbove(4, limit=40)
+    module = TaskModule(model, lr=0.02)
+    resize = DynamicBatchSize(policy="fixed", probe_memory=False, adjust_every=5)
+    dataset = RecordingDataset(dm.prepared.train)
+    dm.prepared.train = dataset
+    recorder = EpochRecorder(dataset)
+    trainer = _trainer(2, [resize, recorder])
+    trainer.fit(module, datamodule=dm)
+    assert module.oom_recoveries >= 1
+    assert resize.batch_size <= 40
+    assert resize.decisions[0]["reason"].startswith("forced")
+    assert all(sorted(rows) == list(range(len(dataset))) for rows in recorder.epochs), (
+        "no row lost to the OOM"
+    )
+
+
+def test_a_step_that_cannot_fit_one_row_fails_clearly():
+    model = OutOfMemoryAbove(3, limit=0)
+    module = TaskModule(model, lr=0.1)
+    with pytest.raises(MemoryError, match="even with 1 row"):
+        _trainer(1, [], limit_val_batches=0).fit(
+            module, DataLoader(TensorDataset(torch.randn(8, 3), torch.randn(8, 1)), batch_size=8)
+        )
+
+
+def test_resume_from_a_checkpoint_restores_the_controller_state(tmp_path: Path):
+    dm, _, module = _setup(rows=2000, batch_size=16)
+    resize = DynamicBatchSize(policy="noise", lr_rule="sqrt", probe_memory=False, adjust_every=10)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    _trainer(1, [resize, checkpoint], enable_checkpointing=True).fit(module, datamodule=dm)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("DynamicBatchSize")]
+    assert state["batch_size"] != 16, "the first epoch should have moved the batch size"
+
+    dm2, _, module2 = _setup(rows=2000, batch_size=16)
+    resumed = DynamicBatchSize(policy="noise", lr_rule="sqrt", probe_memory=False, adjust_every=10)
+    seen = {}
+
+    class Peek(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.setdefault("rows", len(batch[0]))
+            seen.setdefault("updates", resumed.ema.num_updates)
+
+    trainer = _trainer(2, [resumed, Peek()])
+    trainer.fit(module2, datamodule=dm2, ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.base_batch == 16
+    assert seen["rows"] == state["batch_size"], "the resumed fit starts at the saved batch size"
+    assert seen["updates"] == state["ema"]["num_updates"]
+    assert resumed.decisions[: len(state["decisions"])] == state["decisions"]
+    assert module2.samples_seen == 2 * len(dm2.train_set)
+
+
+def test_auto_run_records_the_batch_dynamics_in_mlflow(tracking_uri: str):
+    cfg = RunConfig(
+        data="synthetic-regression",
+        rows=20_000,
+        features=8,
+        batch_size="auto",
+        lr=0.01,
+        epochs=3,
+        tracking_uri=tracking_uri,
+        experiment="auto",
+    )
+    result = train(cfg)
+    assert result.batch_size_max > 32
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(result.run_id)
+    assert int(run.data.params["memory_probe_ceiling"]) >= 1
+    assert run.data.params["memory_probe_backend"] == "cpu"
+    assert int(run.data.params["memory_probe_trials"]) <= 4
+    for key in ("gns", "grad_sqr", "grad_var", "throughput", "mem_peak", "batch_size", "lr"):
+        assert client.get_metric_history(result.run_id, key), key
+    names = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"batch_size.png", "batch_size_decisions.json"} <= names
+    # the regression reaches the noise floor (noise 0.5 → MSE 0.25)
+    assert result.metrics["test_loss"] < 0.3
+
+
+@pytest.mark.ddp
+def test_two_rank_ddp_fit_agrees_on_batch_sizes_and_covers_each_epoch_once(tmp_path: Path):
+    out = tmp_path / "ddp"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "ddp_fit.py"), str(out)],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0 = json.loads(Path(f"{out}.rank0.json").read_text())
+    rank1 = json.loads(Path(f"{out}.rank1.json").read_text())
+    assert rank0["sizes"] == rank1["sizes"], "both ranks must use the same batch size at every step"
+    assert len(set(rank0["sizes"])) > 2, "the batch size should have moved several times"
+    assert rank0["decisions"] == rank1["decisions"]
+    assert rank0["lr"] == rank1["lr"]
+    assert rank0["ceiling"] == rank1["ceiling"] and rank0["ceiling"] is not None
+    for epoch, rows in rank0["epochs"].items():
+        union = rows + rank1["epochs"][epoch]
+        assert sorted(union) == list(range(rank0["n_train"])), f"epoch {epoch}: every row once across ranks"
