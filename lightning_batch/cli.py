@@ -189,30 +189,45 @@ def _print_summary(results: Sequence[Any]) -> None:
 
 
 DEMO_RUNS: tuple[dict[str, Any], ...] = (
-    # The seed: y = w·x + b + noise, mini-batch SGD.
+    # The seed: y = w·x + b + noise, mini-batch SGD at B=32, lr=0.01 ...
     dict(
         data="synthetic-regression",
-        rows=20_000,
-        features=8,
+        rows=50_000,
+        features=16,
         noise=0.5,
+        correlation=0.5,
         model="linear",
         batch_size=32,
         lr=0.01,
-        epochs=5,
+        epochs=4,
         experiment="demo",
-        run_name="seed-linear-regression",
+        run_name="seed-fixed-32",
     ),
-    # Classification: 8×8 digit images as 64 tabular features, an MLP with Adam.
+    # ... and the same problem with the batch size left to the run (goodput policy, AdaScale lr).
+    dict(
+        data="synthetic-regression",
+        rows=50_000,
+        features=16,
+        noise=0.5,
+        correlation=0.5,
+        model="linear",
+        batch_size="auto",
+        lr=0.01,
+        epochs=4,
+        experiment="demo",
+        run_name="seed-auto",
+    ),
+    # Classification: 8×8 digit images as 64 tabular features, an MLP with Adam, batch size auto.
     dict(
         data="digits",
         model="mlp",
         hidden=[64],
         optimizer="adam",
-        batch_size=32,
+        batch_size="auto",
         lr=0.003,
         epochs=15,
         experiment="demo",
-        run_name="digits-mlp",
+        run_name="digits-mlp-auto",
     ),
 )
 

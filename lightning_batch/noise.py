@@ -343,6 +343,10 @@ class PerExampleGradNorms:
         self._records: dict[nn.Module, _LayerRecord] = {}
         self._measured = False  # at least one measurement started
         self._invalid: str | None = None
+        self._version = 0  # bumped whenever a hook changes a record (cache key of _coverage)
+        self._coverage_cache: tuple[tuple[int, int, bool], tuple[list[nn.Module], dict[int, str]]] | None = (
+            None
+        )
         self._handles: list[Any] = [module.register_forward_pre_hook(self._start_measurement)]
         for mod in self._linears:
             self._handles.append(mod.register_forward_hook(self._forward_hook, with_kwargs=True))
@@ -386,6 +390,7 @@ class PerExampleGradNorms:
             return
         if not isinstance(output, Tensor) or not output.requires_grad:
             return
+        self._version += 1  # records change: cached coverage is stale
         rec = self._records.setdefault(mod, _LayerRecord())
         rec.calls += 1
         if rec.calls > 1:
@@ -411,10 +416,12 @@ class PerExampleGradNorms:
                 # The graph reaches a forward from an earlier call of the wrapped module, so this
                 # backward mixes several forwards: per-example norms would be wrong.
                 self._invalid = "backward went through more than one forward call of the wrapped module"
+                self._version += 1
             return
         rec = self._records.get(mod)
         if rec is None or rec.problem is not None:
             return
+        self._version += 1
         rec.backward_calls += 1
         if rec.backward_calls > 1:
             rec.problem = "backward ran more than once through this layer (retain_graph?)"
@@ -422,31 +429,41 @@ class PerExampleGradNorms:
         with torch.no_grad():
             g = grad.detach()
             acc_dtype = torch.promote_types(g.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays
-            g = g.to(acc_dtype)
+            if g.dtype != acc_dtype:
+                g = g.to(acc_dtype)
             batch = g.shape[0]
             # Rescale hook rows to per-example gradients (of the per-example losses) and to the batch
             # *mean* gradient, whatever the loss reduction.
             per_scale, mean_scale = (
                 (float(batch), 1.0) if self.loss_reduction == "mean" else (1.0, 1.0 / batch)
             )
-            g_sqr = g.pow(2).sum(dim=1)
-            per_example = torch.zeros_like(g_sqr)
-            batch_sqr = g.new_zeros(())
-            weight = mod.weight
-            bias = mod.bias
-            if weight.requires_grad and rec.input is not None:
-                if rec.input._version != rec.input_version:
+            g_sqr = (g * g).sum(dim=1)
+            weight_measured = weight_grad = mod.weight.requires_grad
+            has_bias = isinstance(mod.bias, Tensor) and mod.bias.requires_grad
+            if weight_grad:
+                if rec.input is None:
+                    weight_measured = False
+                elif rec.input._version != rec.input_version:
                     rec.problem = "Linear input was modified in place after the forward"
                     rec.input = None
                     return
-                a = rec.input.to(acc_dtype)
-                per_example += a.pow(2).sum(dim=1) * g_sqr
-                batch_sqr += _linear_weight_grad_sqr_norm(a, g)
-            if isinstance(bias, Tensor) and bias.requires_grad:
-                per_example += g_sqr
-                batch_sqr += g.sum(dim=0).pow(2).sum()
-            rec.per_example = per_example * per_scale**2
-            rec.batch_sqr = batch_sqr * mean_scale**2
+            # Per example: |a_i|²|g_i|² (weight) + |g_i|² (bias) = (|a_i|² + 1)|g_i|² -- one product.
+            if weight_measured:
+                a = rec.input if rec.input.dtype == acc_dtype else rec.input.to(acc_dtype)
+                a_sqr = (a * a).sum(dim=1)
+                per_example = (a_sqr + 1.0) * g_sqr if has_bias else a_sqr * g_sqr
+                batch_sqr = _linear_weight_grad_sqr_norm(a, g)
+                if has_bias:
+                    g_sum = g.sum(dim=0)
+                    batch_sqr = batch_sqr + (g_sum * g_sum).sum()
+            elif has_bias:
+                per_example = g_sqr
+                g_sum = g.sum(dim=0)
+                batch_sqr = (g_sum * g_sum).sum()
+            else:
+                per_example, batch_sqr = torch.zeros_like(g_sqr), g.new_zeros(())
+            rec.per_example = per_example * per_scale**2 if per_scale != 1.0 else per_example
+            rec.batch_sqr = batch_sqr * mean_scale**2 if mean_scale != 1.0 else batch_sqr
             rec.input = None  # release the activation reference as soon as possible
 
     # ---- coverage ----------------------------------------------------------------------------------
@@ -454,7 +471,16 @@ class PerExampleGradNorms:
         return [(pid, name) for pid, name in self._param_names.items() if self._params[pid].requires_grad]
 
     def _coverage(self) -> tuple[list[nn.Module], dict[int, str]]:
-        """(good layers, {param id: reason}) for the current measurement (static before any)."""
+        """(good layers, {param id: reason}) for the current measurement (static before any).
+
+        Cached until the hooks change a record: a step reads coverage several times (covered, uncovered,
+        statistics), and walking the module tree each time costs more than the statistics."""
+        key = (self._generation, self._version, self._measured)
+        if self._coverage_cache is None or self._coverage_cache[0] != key:
+            self._coverage_cache = (key, self._compute_coverage())
+        return self._coverage_cache[1]
+
+    def _compute_coverage(self) -> tuple[list[nn.Module], dict[int, str]]:
         reasons: dict[int, str] = dict(self._static_reasons)
         good: list[nn.Module] = []
         linear_ids = {id(m) for m in self._linears}

@@ -99,7 +99,7 @@ class ThroughputModel:
 
     Each batch size keeps its last ``window`` step times and the fit uses the *median* of each window, so a
     few slow steps (GC, checkpointing, data-loader stalls) don't move it; each batch size is weighted by the
-    number of samples in its window. Only the ``max_sizes`` most recently observed batch sizes are kept, so
+    number of samples in its window over its squared time (a fit of relative errors). Only the ``max_sizes`` most recently observed batch sizes are kept, so
     the model follows drift (a changing input pipeline, other jobs on the node).
 
     The least-squares fit is constrained to ``alpha >= 0`` and ``beta >= 0``: a negative fixed cost, or steps
@@ -153,7 +153,9 @@ class ThroughputModel:
     @property
     def coefficients(self) -> tuple[float, float] | None:
         """``(alpha, beta)`` of ``t(B) = alpha + beta * B``, or None without any measurement."""
-        points = [(b, statistics.median(ts), len(ts)) for b, ts in self._times.items()]
+        # Weighted by count / t²: least squares on *relative* errors, so the slow large-batch points
+        # (whose absolute noise is largest) don't swamp the small-batch ones that pin down alpha.
+        points = [(b, t, len(ts) / (t * t)) for b, ts in self._times.items() for t in [statistics.median(ts)]]
         if not points:
             return None
         if len(points) == 1:

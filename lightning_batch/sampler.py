@@ -87,6 +87,7 @@ class ResizableBatchSampler(BatchSampler):
         self.epoch = 0
         self.cursor = 0  # rows of this epoch's permutation already handed out (all ranks)
         self.batches_yielded = 0  # steps handed out this epoch
+        self.last_global_rows = 0  # rows of the last step over all ranks (the same number on every rank)
 
     # BatchSampler.__init__ assigns self.batch_size, which goes through this setter.
     @property
@@ -162,6 +163,7 @@ class ResizableBatchSampler(BatchSampler):
             global_batch = order[self.cursor : self.cursor + take]
             self.cursor += take
             self.batches_yielded += 1
+            self.last_global_rows = take
             yield global_batch[self.rank :: self.world_size]
 
     def state_dict(self) -> dict[str, Any]:

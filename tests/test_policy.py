@@ -98,7 +98,10 @@ def test_throughput_fallbacks_and_constraints() -> None:
         m2.observe(b, t)
     a, b = m2.coefficients
     assert a >= 0 and b >= 0
-    assert (a, b) == (pytest.approx(0.9), 0.0)  # the best feasible line is the constant mean
+    # the best feasible line is the constant: the mean weighted for relative errors (weights 1/t²)
+    times = (1.0, 0.9, 0.8)
+    weighted_mean = sum(1 / t for t in times) / sum(1 / t**2 for t in times)
+    assert (a, b) == (pytest.approx(weighted_mean), 0.0)
 
 
 def test_throughput_window_and_eviction() -> None:

@@ -1,0 +1,256 @@
+"""Time to a target validation loss: fixed batch sizes, Lightning's BatchSizeFinder and this project's
+policies, side by side in one process.
+
+Tasks:
+
+- ``regression``: the seed's linear model on y = w·x + b + noise with correlated features
+  (100k rows, d=32, noise 0.5, AR(1) correlation 0.5); target: a validation MSE within 0.2% of the
+  closed-form least-squares solution's (fit on the training split).
+- ``classification``: a 10-class synthetic problem with an MLP (64-64); target: 1.02 × the lowest
+  validation cross-entropy that any fixed (B, lr) grid run reaches within the budget.
+
+Methods, every one from the same seed, on the same data, with SGD:
+
+- ``seed``: the seed's configuration, B=32, lr=0.01;
+- ``BatchSizeFinder``: Lightning's ``BatchSizeFinder(mode="power")`` from B=32, lr=0.01 (on a CPU
+  nothing runs out of memory, so it settles on the largest batch the data allows);
+- ``memory``, ``noise``, ``goodput`` (= ``--batch-size auto``), ``schedule``: DynamicBatchSize from
+  B0=32, lr0=0.01, lr rule AdaScale;
+- ``grid B=…, lr=…``: fixed batch sizes × learning rates; the fastest one is the oracle.
+
+The clock runs from ``on_fit_start`` (so BatchSizeFinder's search and the memory probe count) and
+pauses while the benchmark itself evaluates the validation loss (every tenth of an epoch of rows).
+A run stops at the target or at the time budget.
+
+    python benchmarks/time_to_target.py [--task regression classification] [--budget 30] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import lightning.pytorch as pl  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import BatchSizeFinder, Callback  # noqa: E402
+
+from lightning_batch.callback import DynamicBatchSize  # noqa: E402
+from lightning_batch.config import RunConfig  # noqa: E402
+from lightning_batch.data import TabularDataModule  # noqa: E402
+from lightning_batch.training import build_module, build_resizer, quiet_lightning  # noqa: E402
+
+TASKS: dict[str, dict[str, Any]] = {
+    "regression": dict(
+        data="synthetic-regression", rows=100_000, features=32, noise=0.5, correlation=0.5, model="linear"
+    ),
+    "classification": dict(
+        data="synthetic-classification", rows=100_000, features=20, classes=10, model="mlp", hidden=[64, 64]
+    ),
+}
+SEED = dict(batch_size=32, lr=0.01)
+GRID_BATCHES = (32, 256, 2048)
+GRID_LRS = (0.01, 0.03, 0.1, 0.3)
+POLICIES = ("memory", "noise", "goodput", "schedule")
+
+
+class TimeToTarget(Callback):
+    """Records (seconds, samples, val loss) every tenth of an epoch; stops at the target or the budget."""
+
+    def __init__(
+        self, x_val: torch.Tensor, y_val: torch.Tensor, target: float | None, budget_s: float
+    ) -> None:
+        self.x_val, self.y_val = x_val, y_val
+        self.target = target
+        self.budget_s = budget_s
+        self.points: list[tuple[float, int, float]] = []
+        self.paused = 0.0
+        self.rows = 0
+        self.next_eval = 0
+        self.started = 0.0
+
+    def on_fit_start(self, trainer, pl_module):
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started - self.paused
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rows += len(batch[0])
+        if self.rows < self.next_eval:
+            if self.elapsed() > self.budget_s:
+                trainer.should_stop = True
+            return
+        pause = time.perf_counter()
+        seconds = self.elapsed()
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            loss = float(pl_module.loss(pl_module(self.x_val), self.y_val))
+        pl_module.train(was_training)
+        self.points.append((seconds, self.rows, loss))
+        epoch_rows = len(trainer.datamodule.train_set)
+        self.next_eval = self.rows + max(1, epoch_rows // 10)
+        self.paused += time.perf_counter() - pause
+        if (
+            (self.target is not None and loss <= self.target)
+            or seconds > self.budget_s
+            or not math.isfinite(loss)
+        ):
+            trainer.should_stop = True
+
+
+def run_method(task: dict[str, Any], method: dict[str, Any], target: float | None, budget_s: float) -> dict:
+    cfg = RunConfig(**task, **method["config"], epochs=10_000, seed=0).validate()
+    dm = TabularDataModule(cfg)
+    dm.setup()
+    pl.seed_everything(0, verbose=False)
+    module = build_module(cfg, dm)
+    clock = TimeToTarget(dm.val_set.features, dm.val_set.targets, target, budget_s)
+    callbacks: list[Callback] = [clock]
+    if method.get("finder"):
+        callbacks.append(BatchSizeFinder(mode="power", init_val=cfg.batch_size, steps_per_trial=3))
+    if cfg.dynamic:
+        callbacks.append(build_resizer(cfg))
+    with tempfile.TemporaryDirectory() as root:
+        trainer = pl.Trainer(
+            max_epochs=cfg.epochs,
+            limit_val_batches=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            use_distributed_sampler=False,
+            accelerator="cpu",
+            devices=1,
+            callbacks=callbacks,
+            default_root_dir=root,
+        )
+        trainer.fit(module, datamodule=dm)
+    resizer = next((c for c in callbacks if isinstance(c, DynamicBatchSize)), None)
+    sizes = [
+        dm.initial_batch_size(),
+        int(dm.batch_size),
+        *(d["to"] for d in (resizer.decisions if resizer else [])),
+    ]
+    return {
+        "method": method["name"],
+        "points": clock.points,
+        "final_batch": int(dm.batch_size),
+        "max_batch": max(sizes),
+    }
+
+
+def least_squares_val_mse(task: dict[str, Any]) -> float:
+    dm = TabularDataModule(RunConfig(**task, seed=0).validate())
+    dm.setup()
+    x, y = dm.train_set.features.double().numpy(), dm.train_set.targets.double().numpy().ravel()
+    design = np.hstack([x, np.ones((len(x), 1))])
+    solution, *_ = np.linalg.lstsq(design, y, rcond=None)
+    xv, yv = dm.val_set.features.double().numpy(), dm.val_set.targets.double().numpy().ravel()
+    return float(np.mean((np.hstack([xv, np.ones((len(xv), 1))]) @ solution - yv) ** 2))
+
+
+def first_reach(points: list[tuple[float, int, float]], target: float) -> tuple[float, int] | None:
+    for seconds, rows, loss in points:
+        if loss <= target:
+            return seconds, rows
+    return None
+
+
+def methods() -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = [
+        {"name": "seed (B=32, lr=0.01)", "config": dict(SEED)},
+        {"name": "BatchSizeFinder (lr=0.01)", "config": dict(SEED), "finder": True},
+    ]
+    for policy in POLICIES:
+        extra: dict[str, Any] = {"milestones": [1, 2, 3, 4, 6, 8]} if policy == "schedule" else {}
+        name = "auto (goodput)" if policy == "goodput" else f"policy {policy}"
+        out.append({"name": name, "config": dict(SEED, policy=policy, **extra)})
+    for batch in GRID_BATCHES:
+        for lr in GRID_LRS:
+            out.append(
+                {"name": f"grid B={batch}, lr={lr}", "config": dict(batch_size=batch, lr=lr), "grid": True}
+            )
+    return out
+
+
+def run_task(name: str, budget_s: float) -> dict[str, Any]:
+    task = TASKS[name]
+    target = least_squares_val_mse(task) * 1.002 if name == "regression" else None
+    results = []
+    for method in methods():
+        result = run_method(task, method, target, budget_s)
+        result["grid"] = bool(method.get("grid"))
+        results.append(result)
+        print(f"  {name:<14} {method['name']:<28} {len(result['points']):>4} evaluations", flush=True)
+    if target is None:  # classification: what the best fixed run reaches, with 2% slack
+        best = min(p[2] for r in results if r["grid"] for p in r["points"])
+        target = best * 1.02
+    for r in results:
+        reach = first_reach(r["points"], target)
+        r["reached"] = reach is not None
+        r["seconds"], r["samples"] = reach if reach else (None, None)
+    oracle = min((r for r in results if r["grid"] and r["reached"]), key=lambda r: r["seconds"])
+    seed = results[0]
+    for r in results:
+        r["vs_oracle"] = r["seconds"] / oracle["seconds"] if r["reached"] else None
+        r["seed_vs_this"] = (seed["seconds"] / r["seconds"]) if (r["reached"] and seed["reached"]) else None
+    return {
+        "task": name,
+        "target": target,
+        "budget_s": budget_s,
+        "oracle": oracle["method"],
+        "results": results,
+    }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print(
+        f"\n{report['task']}: target val loss {report['target']:.5f}; budget {report['budget_s']:.0f} s; "
+        f"oracle = {report['oracle']}"
+    )
+    print(f"{'method':<28} {'reached':>7} {'seconds':>8} {'samples':>10} {'× oracle':>9} {'max batch':>9}")
+    for r in report["results"]:
+        if r["grid"] and r["method"] != report["oracle"]:
+            continue
+        seconds = f"{r['seconds']:.2f}" if r["reached"] else f">{report['budget_s']:.0f}"
+        samples = f"{r['samples']:,}" if r["reached"] else "-"
+        ratio = f"{r['vs_oracle']:.2f}" if r["vs_oracle"] else "-"
+        print(
+            f"{r['method']:<28} {'yes' if r['reached'] else 'no':>7} {seconds:>8} {samples:>10} {ratio:>9} "
+            f"{r['max_batch']:>9}"
+        )
+    grid = [r for r in report["results"] if r["grid"]]
+    reached = sum(r["reached"] for r in grid)
+    print(f"(grid: {reached}/{len(grid)} fixed (B, lr) runs reached the target; the fastest is the oracle)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--budget", type=float, default=30.0, help="seconds per run")
+    parser.add_argument(
+        "--json", type=Path, default=Path(__file__).parent / "results" / "time_to_target.json"
+    )
+    args = parser.parse_args()
+    quiet_lightning()
+    reports = [run_task(name, args.budget) for name in args.task]
+    for report in reports:
+        print_table(report)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(reports, indent=2))
+    print(f"\nwritten: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
