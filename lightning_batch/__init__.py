@@ -2,7 +2,7 @@
 
 Public API (imported lazily, so ``import lightning_batch`` stays cheap)::
 
-    from lightning_batch import TaskModule, TabularDataModule, RunConfig, train
+    from lightning_batch import DynamicBatchSize, TaskModule, TabularDataModule, RunConfig, train
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ _EXPORTS = {
     "TabularDataModule": "lightning_batch.data",
     "ResizableBatchSampler": "lightning_batch.sampler",
     "TaskModule": "lightning_batch.module",
+    "DynamicBatchSize": "lightning_batch.callback",
     "build_model": "lightning_batch.models",
     "train": "lightning_batch.training",
 }

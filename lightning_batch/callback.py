@@ -220,6 +220,9 @@ class DynamicBatchSize(Callback):
         # Per-fit scratch.
         self._sampler: ResizableBatchSampler | None = None
         self._norms: PerExampleGradNorms | None = None
+        self._named_params: dict[str, nn.Parameter] = {}
+        self._grad_t_from_params = True
+        self._grad_t: torch.Tensor | None = None
         self._step_started = 0.0
         self._step_times: list[tuple[int, float]] = []
         self._measured_this_step = False
@@ -238,7 +241,15 @@ class DynamicBatchSize(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sampler = find_resizable_sampler(trainer)
-        self._norms = PerExampleGradNorms(self._network(pl_module), loss_reduction="mean", enabled=False)
+        network = self._network(pl_module)
+        # T, the squared norm of the batch's mean gradient, is read from .grad right after backward
+        # (an extra matmul per layer in the hooks would cost as much as the weight gradient itself).
+        # That needs .grad to hold exactly this step's gradient: not with gradient accumulation.
+        self._grad_t_from_params = trainer.accumulate_grad_batches == 1
+        self._norms = PerExampleGradNorms(
+            network, loss_reduction="mean", enabled=False, batch_grad_from_hooks=not self._grad_t_from_params
+        )
+        self._named_params = dict(network.named_parameters())
         if self._loaded_state is not None:
             self._restore(trainer)
             return
@@ -312,6 +323,7 @@ class DynamicBatchSize(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._measured_this_step = trainer.global_step % self.measure_every == 0
+        self._grad_t = None
         if self._norms is not None:
             self._norms.enabled = self._measured_this_step
 
@@ -340,6 +352,19 @@ class DynamicBatchSize(Callback):
         self._step_started = time.perf_counter()
         self._cycle_is_clean = True
 
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Before clipping and the optimizer step; under DDP after the all-reduce, i.e. the global mean.
+        if not (self._measured_this_step and self._grad_t_from_params and self._norms is not None):
+            return
+        try:
+            names = self._norms.covered_parameter_names
+        except RuntimeError:
+            return
+        grads = [self._named_params[n].grad for n in names if self._named_params[n].grad is not None]
+        if grads:
+            norms = torch._foreach_norm(grads)
+            self._grad_t = torch.stack(norms).pow(2).sum()
+
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._cycle_is_clean = False
 
@@ -347,48 +372,64 @@ class DynamicBatchSize(Callback):
         self._cycle_is_clean = False
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        """One step's unbiased |G|² and tr(Σ) into the EMAs (averaged over ranks first)."""
-        assert self._norms is not None
-        grad_sqr = trace = 0.0
-        try:
-            if self._norms.covered_parameter_names:
-                stats = self._norms.grad_stats()
-                grad_sqr, trace = stats.grad_sqr, stats.trace_sigma
-        except (RuntimeError, ValueError):
-            return  # e.g. an OOM-split step ran several forwards: skip this measurement
-        uncovered = self._norms.uncovered_parameter_names
-        step = trainer.global_step
-        if uncovered:
-            loss_fn = getattr(pl_module, "loss", None)
-            if (
-                not callable(loss_fn)
-                or step % self.fallback_every != 0
-                or not isinstance(batch, (tuple, list))
-            ):
-                if not self._norms.covered_parameter_names:
-                    return
-            else:
-                x, y = batch[0], batch[1]
-                parts = min(self.fallback_microbatches, len(x))
-                usable = (len(x) // parts) * parts
-                if parts >= 2 and usable >= 2:
-                    extra = microbatch_grad_stats(
-                        self._network(pl_module),
-                        loss_fn,
-                        x[:usable],
-                        y[:usable],
-                        parts,
-                        param_names=uncovered,
-                    )
-                    # |G|² and tr(Σ) are sums over parameters: disjoint subsets add up.
-                    grad_sqr += extra.grad_sqr
-                    trace += extra.trace_sigma
-        values = torch.tensor([grad_sqr, trace], dtype=torch.float64)
+        """One step's unbiased |G|² and tr(Σ) into the EMAs (averaged over ranks first).
+
+        Every rank takes part in the all-reduce whatever happened locally (a rank that could not
+        measure sends NaN), so a rank-local problem cannot deadlock the others; the EMAs move only
+        when every rank measured.
+        """
+        estimate = self._local_estimate(trainer, pl_module, batch)
+        values = torch.tensor(estimate if estimate is not None else (math.nan, math.nan), dtype=torch.float64)
         if trainer.world_size > 1:
             values = trainer.strategy.reduce(values.to(pl_module.device), reduce_op="mean").cpu()
         grad_sqr, trace = float(values[0]), float(values[1])
         if math.isfinite(grad_sqr) and math.isfinite(trace):
             self.ema.update(grad_sqr, trace)
+
+    def _local_estimate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any
+    ) -> tuple[float, float] | None:
+        """(|G|², tr(Σ)) from this rank's batch, or None when this step can't be measured.
+
+        Linear layers come from the per-example hooks. Other parameters (convolutions, norms)
+        need the micro-batch fallback, run every ``fallback_every`` steps; on other steps such a
+        model is not measured at all, since a partial estimate would bias the EMAs. A module
+        without a ``loss`` method gets the Linear layers' estimate alone, consistently.
+        """
+        assert self._norms is not None
+        uncovered = self._norms.uncovered_parameter_names
+        loss_fn = getattr(pl_module, "loss", None)
+        full_model = bool(uncovered) and callable(loss_fn) and isinstance(batch, (tuple, list))
+        if full_model and trainer.global_step % self.fallback_every != 0:
+            return None
+        if not full_model and not self._norms.covered_parameter_names:
+            return None  # nothing this callback can measure in this model
+        grad_sqr = trace = 0.0
+        try:
+            if self._norms.covered_parameter_names:
+                if self._grad_t_from_params:
+                    if self._grad_t is None or self._sampler is None:
+                        return None
+                    global_rows = self._sampler.last_global_rows
+                    stats = self._norms.grad_stats_with(float(self._grad_t), n=global_rows)
+                else:
+                    stats = self._norms.grad_stats()
+                grad_sqr, trace = stats.grad_sqr, stats.trace_sigma
+            if full_model:
+                x, y = batch[0], batch[1]
+                parts = min(self.fallback_microbatches, len(x))
+                usable = (len(x) // parts) * parts
+                if parts < 2:
+                    return None
+                extra = microbatch_grad_stats(
+                    self._network(pl_module), loss_fn, x[:usable], y[:usable], parts, param_names=uncovered
+                )
+                # |G|² and tr(Σ) are sums over parameters: disjoint subsets add up.
+                grad_sqr += extra.grad_sqr
+                trace += extra.trace_sigma
+        except (RuntimeError, ValueError):
+            return None  # e.g. a 1-row tail batch, or an OOM-split step that ran several forwards
+        return grad_sqr, trace
 
     def _decision_due(self) -> bool:
         """Every ``adjust_every`` steps, or sooner once a quarter epoch of rows went by (a large batch

@@ -105,6 +105,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     track.add_argument("--log-every", type=int, help="log per-step metrics every N steps")
 
     parser.add_argument("--config", dest="config_file", metavar="FILE.yaml", help="options from a YAML file")
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        help="continue a stopped run from its last checkpoint, on the same MLflow run",
+    )
     parser.add_argument("--verbose", action="store_true", help="show Lightning's own messages")
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
 
@@ -126,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """RunConfig defaults, then the YAML file, then the flags given on the command line."""
     given = dict(vars(args))
-    for key in ("command", "config_file", "verbose", "progress"):
+    for key in ("command", "config_file", "verbose", "progress", "resume"):
         given.pop(key, None)
     values: dict[str, Any] = {}
     config_file = getattr(args, "config_file", None)

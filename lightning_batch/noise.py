@@ -302,13 +302,21 @@ class PerExampleGradNorms:
     """
 
     def __init__(
-        self, module: nn.Module, loss_reduction: Literal["mean", "sum"] = "mean", enabled: bool = True
+        self,
+        module: nn.Module,
+        loss_reduction: Literal["mean", "sum"] = "mean",
+        enabled: bool = True,
+        batch_grad_from_hooks: bool = True,
     ) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         self.module = module
         self.loss_reduction: Literal["mean", "sum"] = loss_reduction
         self.enabled = bool(enabled)
+        #: False: skip the batch-gradient norm T in the hooks (it costs one more matmul per layer, as much
+        #: as the weight gradient itself); the caller reads it from ``.grad`` and passes it to
+        #: :meth:`grad_stats_with` (valid when ``.grad`` holds exactly this batch's mean gradient).
+        self.batch_grad_from_hooks = bool(batch_grad_from_hooks)
 
         # First name under which each parameter appears (named_parameters de-duplicates shared ones).
         self._param_names: dict[int, str] = {id(p): name for name, p in module.named_parameters()}
@@ -448,20 +456,21 @@ class PerExampleGradNorms:
                     rec.input = None
                     return
             # Per example: |a_i|²|g_i|² (weight) + |g_i|² (bias) = (|a_i|² + 1)|g_i|² -- one product.
+            with_batch = self.batch_grad_from_hooks
+            batch_sqr = g.new_zeros(())
             if weight_measured:
                 a = rec.input if rec.input.dtype == acc_dtype else rec.input.to(acc_dtype)
                 a_sqr = (a * a).sum(dim=1)
                 per_example = (a_sqr + 1.0) * g_sqr if has_bias else a_sqr * g_sqr
-                batch_sqr = _linear_weight_grad_sqr_norm(a, g)
-                if has_bias:
-                    g_sum = g.sum(dim=0)
-                    batch_sqr = batch_sqr + (g_sum * g_sum).sum()
+                if with_batch:
+                    batch_sqr = _linear_weight_grad_sqr_norm(a, g)
             elif has_bias:
                 per_example = g_sqr
-                g_sum = g.sum(dim=0)
-                batch_sqr = (g_sum * g_sum).sum()
             else:
-                per_example, batch_sqr = torch.zeros_like(g_sqr), g.new_zeros(())
+                per_example = torch.zeros_like(g_sqr)
+            if has_bias and with_batch:
+                g_sum = g.sum(dim=0)
+                batch_sqr = batch_sqr + (g_sum * g_sum).sum()
             rec.per_example = per_example * per_scale**2 if per_scale != 1.0 else per_example
             rec.batch_sqr = batch_sqr * mean_scale**2 if mean_scale != 1.0 else batch_sqr
             rec.input = None  # release the activation reference as soon as possible
@@ -558,11 +567,31 @@ class PerExampleGradNorms:
 
     def batch_grad_sqr_norm(self) -> float:
         """Squared norm of the batch-mean gradient over the covered parameters (``T``)."""
+        if not self.batch_grad_from_hooks:
+            raise RuntimeError(
+                "batch_grad_from_hooks=False: T is not measured here; use grad_stats_with(T, n)"
+            )
         recs = self._finished_records()
         return float(torch.stack([r.batch_sqr for r in recs]).sum())  # type: ignore[misc]
 
+    def grad_stats_with(self, batch_grad_sqr_norm: float, n: int) -> GradNoiseStats:
+        """The unbiased statistics from this measurement's per-example norms and an outside ``T``.
+
+        ``T`` is the squared norm of the mean gradient (over the covered parameters) of ``n``
+        examples that include this measurement's ``B``: e.g. ``sum(p.grad.norm()**2)`` read right
+        after backward, where ``n = B`` on one device and the global batch under DDP (the
+        all-reduced gradient). ``E[S] = |G|² + tr(Σ)`` does not depend on which examples the mean
+        covers, so :func:`unbiased_grad_stats` applies with ``n`` and ``small_batch = 1``.
+        """
+        per_example = self.per_example_sqr_norms()
+        if n < 2 or n < int(per_example.shape[0]):
+            raise RuntimeError(f"n={n} must be at least 2 and at least this measurement's batch")
+        return GradNoiseStats.from_norms(float(per_example.mean()), float(batch_grad_sqr_norm), n, 1)
+
     def grad_stats(self) -> GradNoiseStats:
         """``S``, ``T`` and the unbiased ``|G|^2``, ``tr(Sigma)`` estimates (``n = B``, ``small_batch = 1``).
+
+        Needs ``batch_grad_from_hooks=True`` (the default); otherwise use :meth:`grad_stats_with`.
 
         Synchronises with the device once (two scalars), so call it only on measured steps.
         """

@@ -33,7 +33,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from lightning_batch.callback import DynamicBatchSize
-from lightning_batch.config import RunConfig, check_model_for_task
+from lightning_batch.config import RunConfig, UserError, check_model_for_task
 from lightning_batch.data import TabularDataModule
 from lightning_batch.models import build_model
 from lightning_batch.module import TaskModule
@@ -138,9 +138,17 @@ def train(
     progress_bar: bool = False,
     verbose: bool = False,
     extra_tags: dict[str, str] | None = None,
+    resume_run_id: str | None = None,
 ) -> RunResult:
-    """Train, validate and test one configuration, recorded as one MLflow run."""
+    """Train, validate and test one configuration, recorded as one MLflow run.
+
+    ``resume_run_id`` continues a run that stopped (crashed, killed, interrupted) from its last
+    checkpoint, on the same MLflow run: model, optimizer, sampler position and the batch-size
+    controller's state come back from the checkpoint, the config from the run's store folder.
+    """
     quiet_lightning(verbose)
+    if resume_run_id is not None:
+        cfg = load_resumable_config(cfg, resume_run_id)
     cfg.validate()
     dm = TabularDataModule(cfg)
     dm.setup()  # read, clean, split, scale: every data error happens here, before a run exists
@@ -158,28 +166,31 @@ def train(
     if commit:
         tags["mlflow.source.git.commit"] = commit
     logger = BufferedMLFlowLogger(
-        experiment_name=cfg.experiment, tracking_uri=uri, run_name=cfg.run_name, tags=tags
+        experiment_name=cfg.experiment,
+        tracking_uri=uri,
+        run_name=cfg.run_name,
+        tags=tags,
+        run_id=resume_run_id,
     )
     run_id = logger.run_id
     client = logger.experiment
     checkpoint_dir = _checkpoint_dir(uri, run_id)
+    resume_from = checkpoint_dir / "last.ckpt" if resume_run_id else None
     started = time.perf_counter()
     try:
         data = dm.prepared
         assert data is not None
-        logger.log_hyperparams(
-            {
-                **cfg.to_dict(),
-                "n_train": len(dm.train_set),
-                "n_val": len(dm.val_set),
-                "n_test": len(dm.test_set),
-                "n_features": dm.n_features,
-                "dropped_rows": data.dropped_rows,
-                "batch_size_resolved": dm.initial_batch_size(),
-            }
-        )
-        with contextlib.suppress(Exception):  # a dataset profile is nice to have, never worth a failed run
-            log_dataset_input(client, run_id, data.raw_frame, data.source, data.target_column, cfg.data)
+        if resume_run_id is not None:
+            client.update_run(run_id, status="RUNNING")
+            client.set_tag(run_id, "resumed", "true")
+        else:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            (checkpoint_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            _log_params(logger, cfg, dm)
+            with contextlib.suppress(
+                Exception
+            ):  # a dataset profile is nice to have, never worth a failed run
+                log_dataset_input(client, run_id, data.raw_frame, data.source, data.target_column, cfg.data)
 
         checkpoint = ModelCheckpoint(
             dirpath=checkpoint_dir,
@@ -209,7 +220,7 @@ def train(
         )
         options.update(trainer_options or {})
         trainer = pl.Trainer(**options)
-        trainer.fit(module, datamodule=dm)
+        trainer.fit(module, datamodule=dm, ckpt_path=resume_from)
         best_val = checkpoint.best_model_score
         ckpt_path = "best" if checkpoint.best_model_path else None
         test_metrics = trainer.test(module, datamodule=dm, ckpt_path=ckpt_path, verbose=False)[0]
@@ -246,6 +257,37 @@ def train(
     except BaseException as exc:
         mark_run_failed(logger, exc)
         raise
+
+
+def _log_params(logger: BufferedMLFlowLogger, cfg: RunConfig, dm: TabularDataModule) -> None:
+    data = dm.prepared
+    assert data is not None
+    logger.log_hyperparams(
+        {
+            **cfg.to_dict(),
+            "n_train": len(dm.train_set),
+            "n_val": len(dm.val_set),
+            "n_test": len(dm.test_set),
+            "n_features": dm.n_features,
+            "dropped_rows": data.dropped_rows,
+            "batch_size_resolved": dm.initial_batch_size(),
+        }
+    )
+
+
+def load_resumable_config(cfg: RunConfig, run_id: str) -> RunConfig:
+    """The config a run started with (saved beside its checkpoints), for ``--resume RUN_ID``."""
+    uri = resolve_tracking_uri(cfg.tracking_uri)
+    folder = _checkpoint_dir(uri, run_id)
+    saved, last = folder / "config.yaml", folder / "last.ckpt"
+    if not saved.is_file() or not last.is_file():
+        raise UserError(
+            f"run {run_id} has no checkpoint to resume from in {folder}; it finished (its best checkpoint is an "
+            "MLflow artifact) or never reached the end of an epoch — start a new run instead"
+        )
+    values = yaml.safe_load(saved.read_text()) or {}
+    values["tracking_uri"] = cfg.tracking_uri
+    return RunConfig.from_mapping(values, origin=str(saved))
 
 
 def mark_run_failed(logger: BufferedMLFlowLogger, exc: BaseException) -> None:

@@ -304,3 +304,53 @@ def test_two_rank_ddp_fit_agrees_on_batch_sizes_and_covers_each_epoch_once(tmp_p
     for epoch, rows in rank0["epochs"].items():
         union = rows + rank1["epochs"][epoch]
         assert sorted(union) == list(range(rank0["n_train"])), f"epoch {epoch}: every row once across ranks"
+
+
+def test_a_stopped_run_resumes_on_the_same_mlflow_run_with_the_controller_state(tracking_uri: str):
+    class StopInEpoch(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 2:
+                raise RuntimeError("machine went away")
+
+    cfg = RunConfig(
+        data="synthetic-regression",
+        rows=6000,
+        features=4,
+        batch_size=16,
+        policy="noise",
+        lr=0.02,
+        epochs=4,
+        adjust_every=20,
+        tracking_uri=tracking_uri,
+        experiment="resume",
+    )
+    with pytest.raises(RuntimeError, match="went away"):
+        train(cfg, callbacks=[StopInEpoch()])
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert run.info.status == "FAILED"
+    saved = torch.load(
+        Path(tracking_uri.removeprefix("sqlite:///")).parent / "checkpoints" / run.info.run_id / "last.ckpt",
+        weights_only=False,
+    )
+    (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("DynamicBatchSize")]
+
+    result = train(RunConfig(tracking_uri=tracking_uri), resume_run_id=run.info.run_id)
+    assert result.run_id == run.info.run_id
+    assert len(client.search_runs([client.get_experiment_by_name("resume").experiment_id])) == 1
+    finished = client.get_run(run.info.run_id)
+    assert finished.info.status == "FINISHED" and finished.data.tags["resumed"] == "true"
+    assert result.samples_seen == 4 * int(finished.data.params["n_train"])
+    assert result.epochs == 4
+    # the controller went on from its saved decisions rather than starting over at B=16
+    decisions = json.loads(
+        Path(client.download_artifacts(run.info.run_id, "batch_size_decisions.json")).read_text()
+    )
+    assert decisions["decisions"][: len(state["decisions"])] == state["decisions"]
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tracking_uri: str):
+    from lightning_batch.config import UserError
+
+    with pytest.raises(UserError, match="no checkpoint to resume"):
+        train(RunConfig(tracking_uri=tracking_uri), resume_run_id="0123456789abcdef")

@@ -632,3 +632,23 @@ def test_hooks_plus_fallback_for_uncovered_params_add_up() -> None:
             1,
         )
         assert_stats_close(combined, full)
+
+
+def test_grad_stats_with_an_outside_batch_norm_equals_the_hooks_own():
+    """T read from .grad after backward (the callback's cheap path) gives the same statistics."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    with PerExampleGradNorms(net) as hooks:
+        nn.functional.cross_entropy(net(x), y).backward()
+        reference = hooks.grad_stats()
+    net.zero_grad()
+    cheap = PerExampleGradNorms(net, batch_grad_from_hooks=False)
+    nn.functional.cross_entropy(net(x), y).backward()
+    t = sum(float(p.grad.pow(2).sum()) for p in net.parameters())
+    stats = cheap.grad_stats_with(t, n=32)
+    assert stats.grad_sqr == pytest.approx(reference.grad_sqr, rel=1e-4)
+    assert stats.trace_sigma == pytest.approx(reference.trace_sigma, rel=1e-4)
+    with pytest.raises(RuntimeError, match="grad_stats_with"):
+        cheap.grad_stats()
+    cheap.remove()
