@@ -19,8 +19,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import lightning.pytorch as pl  # noqa: E402
+
+from _common import training_only_trainer  # noqa: E402
 
 from lightning_batch.callback import DynamicBatchSize  # noqa: E402
 from lightning_batch.config import RunConfig  # noqa: E402
@@ -42,20 +44,7 @@ def steps_per_second(dm: TabularDataModule, cfg: RunConfig, steps: int, measure_
                 log_every=10**9,
             )
         )
-    trainer = pl.Trainer(
-        max_steps=steps,
-        max_epochs=-1,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-        accelerator="cpu",
-        devices=1,
-        callbacks=callbacks,
-    )
+    trainer = training_only_trainer(max_steps=steps, callbacks=callbacks)
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     return steps / (time.perf_counter() - start)

@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from _common import training_only_trainer  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lightning_batch.config import RunConfig  # noqa: E402
@@ -56,19 +57,7 @@ def plain_loop_steps_per_second(x: torch.Tensor, y: torch.Tensor, batch_size: in
 def project_steps_per_second(dm: TabularDataModule, cfg: RunConfig, steps: int, uri: str) -> float:
     module = build_module(cfg, dm)  # logs per-step metrics every cfg.log_every steps
     logger = BufferedMLFlowLogger(experiment_name="overhead", tracking_uri=uri)
-    trainer = pl.Trainer(
-        max_steps=steps,
-        max_epochs=-1,
-        limit_val_batches=0,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-        accelerator="cpu",
-        devices=1,
-    )
+    trainer = training_only_trainer(max_steps=steps, logger=logger)
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - start

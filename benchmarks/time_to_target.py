@@ -40,10 +40,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lightning.pytorch as pl  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import training_only_trainer  # noqa: E402
 from lightning.pytorch.callbacks import BatchSizeFinder, Callback  # noqa: E402
 
 from lightning_batch.callback import DynamicBatchSize  # noqa: E402
@@ -126,20 +128,7 @@ def run_method(task: dict[str, Any], method: dict[str, Any], target: float | Non
     if cfg.dynamic:
         callbacks.append(build_resizer(cfg))
     with tempfile.TemporaryDirectory() as root:
-        trainer = pl.Trainer(
-            max_epochs=cfg.epochs,
-            limit_val_batches=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            use_distributed_sampler=False,
-            accelerator="cpu",
-            devices=1,
-            callbacks=callbacks,
-            default_root_dir=root,
-        )
+        trainer = training_only_trainer(max_epochs=cfg.epochs, callbacks=callbacks, default_root_dir=root)
         trainer.fit(module, datamodule=dm)
     resizer = next((c for c in callbacks if isinstance(c, DynamicBatchSize)), None)
     sizes = [

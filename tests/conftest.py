@@ -6,6 +6,7 @@ import os
 import warnings
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +24,23 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def tracking_uri(workdir: Path) -> str:
     return f"sqlite:///{workdir}/mlruns/mlflow.db"
+
+
+def quiet_trainer(epochs: int, callbacks: list | None = None, **options) -> pl.Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar or sanity check; ``options`` override."""
+    defaults = dict(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    defaults.update(options)
+    return pl.Trainer(callbacks=callbacks or [], **defaults)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

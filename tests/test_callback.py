@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -23,7 +22,7 @@ from lightning_batch.models import LinearRegression
 from lightning_batch.module import TaskModule
 from lightning_batch.training import build_module, train
 
-from .conftest import ROOT, subprocess_env
+from .conftest import ROOT, quiet_trainer, subprocess_env
 
 
 class RecordingDataset(TensorTableDataset):
@@ -71,22 +70,6 @@ def _setup(
     return dm, dataset, build_module(cfg, dm)
 
 
-def _trainer(epochs: int, callbacks: list, **options) -> pl.Trainer:
-    defaults = dict(
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-        accelerator="cpu",
-        devices=1,
-    )
-    defaults.update(options)
-    return pl.Trainer(callbacks=callbacks, **defaults)
-
-
 class ScriptedResize(Callback):
     """Sets the next batch size from a script after every step, as DynamicBatchSize does."""
 
@@ -111,7 +94,7 @@ def test_mid_epoch_resizes_keep_every_row_once_per_epoch_and_one_validation(size
     """Growing and shrinking mid-epoch, in a real Trainer: each epoch is one pass, validated once."""
     dm, dataset, module = _setup(rows=300, batch_size=7)
     recorder = EpochRecorder(dataset)
-    trainer = _trainer(2, [ScriptedResize(sizes), recorder])
+    trainer = quiet_trainer(2, [ScriptedResize(sizes), recorder])
     trainer.fit(module, datamodule=dm)
     n = len(dataset)
     assert len(recorder.epochs) == 2
@@ -131,7 +114,7 @@ def test_schedule_policy_grows_batch_and_lr_at_the_milestone():
         policy="schedule", lr_rule="linear", milestones=(1,), probe_memory=False, adjust_every=5
     )
     recorder = EpochRecorder(dataset)
-    trainer = _trainer(2, [resize, recorder])
+    trainer = quiet_trainer(2, [resize, recorder])
     trainer.fit(module, datamodule=dm)
     assert resize.batch_size == 32
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1)  # 0.05 × 32/16
@@ -156,7 +139,7 @@ def test_lr_scale_keeps_a_scheduler_coherent():
     resize = DynamicBatchSize(
         policy="schedule", lr_rule="linear", milestones=(1,), probe_memory=False, adjust_every=5
     )
-    trainer = _trainer(4, [resize])
+    trainer = quiet_trainer(4, [resize])
     trainer.fit(module, datamodule=dm)
     # milestones of the step schedule at epochs 2 and 3 (×0.1 each); the batch doubled at epoch 1 (×2)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 * 2 * 0.1 * 0.1)
@@ -186,7 +169,7 @@ def test_out_of_memory_redoes_the_same_rows_in_halves_with_the_same_gradient():
     reference = LinearRegression(5)
     reference.linear.load_state_dict(model.linear.state_dict())
     module = TaskModule(model, lr=0.1)
-    trainer = _trainer(1, [], limit_val_batches=0)
+    trainer = quiet_trainer(1, [], limit_val_batches=0)
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=64))
     assert model.ooms == 2  # 64 rows, then 32, fail; 16 fit
     assert module.max_rows_per_pass == 16 and module.oom_recoveries == 2
@@ -210,7 +193,7 @@ def test_after_an_out_of_memory_the_batch_size_comes_down_to_what_fits():
     dataset = RecordingDataset(dm.prepared.train)
     dm.prepared.train = dataset
     recorder = EpochRecorder(dataset)
-    trainer = _trainer(2, [resize, recorder])
+    trainer = quiet_trainer(2, [resize, recorder])
     trainer.fit(module, datamodule=dm)
     assert module.oom_recoveries >= 1
     assert resize.batch_size <= 40
@@ -224,7 +207,7 @@ def test_a_step_that_cannot_fit_one_row_fails_clearly():
     model = OutOfMemoryAbove(3, limit=0)
     module = TaskModule(model, lr=0.1)
     with pytest.raises(MemoryError, match="even with 1 row"):
-        _trainer(1, [], limit_val_batches=0).fit(
+        quiet_trainer(1, [], limit_val_batches=0).fit(
             module, DataLoader(TensorDataset(torch.randn(8, 3), torch.randn(8, 1)), batch_size=8)
         )
 
@@ -233,7 +216,7 @@ def test_resume_from_a_checkpoint_restores_the_controller_state(tmp_path: Path):
     dm, _, module = _setup(rows=2000, batch_size=16)
     resize = DynamicBatchSize(policy="noise", lr_rule="sqrt", probe_memory=False, adjust_every=10)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    _trainer(1, [resize, checkpoint], enable_checkpointing=True).fit(module, datamodule=dm)
+    quiet_trainer(1, [resize, checkpoint], enable_checkpointing=True).fit(module, datamodule=dm)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
     (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("DynamicBatchSize")]
     assert state["batch_size"] != 16, "the first epoch should have moved the batch size"
@@ -247,7 +230,7 @@ def test_resume_from_a_checkpoint_restores_the_controller_state(tmp_path: Path):
             seen.setdefault("rows", len(batch[0]))
             seen.setdefault("updates", resumed.ema.num_updates)
 
-    trainer = _trainer(2, [resumed, Peek()])
+    trainer = quiet_trainer(2, [resumed, Peek()])
     trainer.fit(module2, datamodule=dm2, ckpt_path=tmp_path / "last.ckpt")
     assert resumed.base_batch == 16
     assert seen["rows"] == state["batch_size"], "the resumed fit starts at the saved batch size"

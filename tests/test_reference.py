@@ -11,20 +11,7 @@ from lightning_batch.config import RunConfig
 from lightning_batch.data import TabularDataModule
 from lightning_batch.training import build_module
 
-
-def _trainer(epochs: int, **options) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-        accelerator="cpu",
-        devices=1,
-        **options,
-    )
+from .conftest import quiet_trainer
 
 
 def test_one_epoch_of_minibatch_sgd_matches_the_seed_loop():
@@ -60,7 +47,7 @@ def test_one_epoch_of_minibatch_sgd_matches_the_seed_loop():
         loss.backward()
         optimizer.step()
 
-    _trainer(1, limit_val_batches=0).fit(module, datamodule=dm)
+    quiet_trainer(1, limit_val_batches=0).fit(module, datamodule=dm)
     ours = module.model.linear
     assert module.samples_seen == len(x_train)
     torch.testing.assert_close(ours.weight, reference.weight, rtol=1e-5, atol=1e-5)
@@ -85,7 +72,7 @@ def test_full_batch_gd_converges_to_least_squares():
     dm = TabularDataModule(cfg)
     dm.setup()
     module = build_module(cfg, dm)
-    _trainer(cfg.epochs, check_val_every_n_epoch=cfg.val_every).fit(module, datamodule=dm)
+    quiet_trainer(cfg.epochs, check_val_every_n_epoch=cfg.val_every).fit(module, datamodule=dm)
     assert module.samples_seen == 300 * len(dm.train_set)  # one step per epoch: full-batch GD
 
     x = dm.train_set.features.double().numpy()
@@ -109,6 +96,6 @@ def test_sgd_is_batch_size_one():
     dm = TabularDataModule(cfg)
     dm.setup()
     module = build_module(cfg, dm)
-    trainer = _trainer(1, limit_val_batches=0)
+    trainer = quiet_trainer(1, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == len(dm.train_set)
