@@ -110,7 +110,7 @@ class RunConfig:
     max_batch: int | None = None
     memory_budget: float = 0.5
     """Share of free memory the batch-size probe may plan for (available RAM on CPU, device memory on CUDA)."""
-    adjust_every: int = 50
+    adjust_every: int = 20
     """Reconsider the batch size every N optimizer steps."""
     milestones: list[int] = field(default_factory=list)
     """Epochs where the ``schedule`` policy multiplies the batch size by 2."""
@@ -208,7 +208,7 @@ class RunConfig:
             raise UserError(
                 f"--memory-budget is a fraction of free memory in (0, 1], got {self.memory_budget}"
             )
-        _positive_int(self.adjust_every, "--adjust-every", "--adjust-every 50")
+        _positive_int(self.adjust_every, "--adjust-every", "--adjust-every 20")
         if isinstance(self.milestones, int):
             self.milestones = [self.milestones]
         if not isinstance(self.milestones, list) or not all(
