@@ -158,7 +158,7 @@ class TaskModule(pl.LightningModule):
         while True:
             per_pass = min(rows, self.max_rows_per_pass or rows)
             starts = range(0, rows, per_pass)
-            total = torch.zeros((), device=x.device)
+            total: torch.Tensor | None = None  # the batch loss, summed over passes
             failed = False
             try:
                 for i, start in enumerate(starts):
@@ -172,7 +172,7 @@ class TaskModule(pl.LightningModule):
                     with no_sync:
                         loss = self.loss(self.model(xs), ys) * (len(xs) / rows)
                         self.manual_backward(loss)
-                    total = total + loss.detach()
+                    total = loss.detach() if total is None else total + loss.detach()
             except Exception as exc:  # noqa: BLE001 -- only out-of-memory is handled, the rest re-raised
                 if not is_out_of_memory(exc):
                     raise
@@ -180,6 +180,7 @@ class TaskModule(pl.LightningModule):
             if distributed:
                 failed = strategy.reduce_boolean_decision(failed, all=False)
             if not failed:
+                assert total is not None
                 return total
             optimizer.zero_grad()
             if torch.cuda.is_available():

@@ -127,15 +127,19 @@ class ResizableBatchSampler(BatchSampler):
             take = remaining
         return take
 
-    def remaining_batches(self) -> int:
-        """Steps left in this epoch if the batch size stays as it is now."""
-        remaining = self.num_samples - self.cursor
-        if remaining <= 0:
+    def _steps_for(self, rows: int) -> int:
+        """Steps that ``rows`` rows take at the current batch size (a tail too small for every rank joins
+        the step before it, as :meth:`_next_take` does)."""
+        if rows <= 0:
             return 0
-        full, tail = divmod(remaining, self._batch_size)
+        full, tail = divmod(rows, self._batch_size)
         if tail == 0 or (tail < self.world_size and full > 0):
             return full
         return full + 1
+
+    def remaining_batches(self) -> int:
+        """Steps left in this epoch if the batch size stays as it is now."""
+        return self._steps_for(self.num_samples - self.cursor)
 
     def __len__(self) -> int:
         """Steps in the current epoch: those already taken plus those left at the current size.
@@ -144,14 +148,8 @@ class ResizableBatchSampler(BatchSampler):
         :func:`lightning_batch.callback.sync_epoch_length`).
         """
         if self.cursor >= self.num_samples:  # finished: the next iteration is a fresh epoch
-            return self._full_epoch_batches()
+            return self._steps_for(self.num_samples)
         return self.batches_yielded + self.remaining_batches()
-
-    def _full_epoch_batches(self) -> int:
-        full, tail = divmod(self.num_samples, self._batch_size)
-        if tail == 0 or (tail < self.world_size and full > 0):
-            return full
-        return full + 1
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if self.cursor >= self.num_samples:
