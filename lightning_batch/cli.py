@@ -2,6 +2,7 @@
 
 - no arguments: the demo (the seed's linear regression and a classification example);
 - ``train``: one run from flags and/or ``--config FILE.yaml`` (flags win over the file);
+- ``tune``: an Optuna study over lr and batch size (and policy); every trial a child MLflow run;
 - ``ui``: the MLflow UI on 127.0.0.1 against the project's store.
 
 Bad input prints one ``error: ...`` line and exits with status 2. Only ``experiments/run.py``
@@ -26,8 +27,12 @@ from lightning_batch.config import (
     MODELS,
     OPTIMIZERS,
     POLICIES,
+    PRUNERS,
+    RETRAIN_MODES,
+    SAMPLERS,
     TASKS,
     RunConfig,
+    TuneConfig,
     UserError,
     load_yaml_config,
 )
@@ -42,7 +47,7 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
-def _train_arguments(parser: argparse.ArgumentParser) -> None:
+def _train_arguments(parser: argparse.ArgumentParser, resumable: bool = True) -> None:
     """The run options; every default comes from RunConfig (so YAML can sit under the flags)."""
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -105,11 +110,12 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     track.add_argument("--log-every", type=int, help="log per-step metrics every N steps")
 
     parser.add_argument("--config", dest="config_file", metavar="FILE.yaml", help="options from a YAML file")
-    parser.add_argument(
-        "--resume",
-        metavar="RUN_ID",
-        help="continue a stopped run from its last checkpoint, on the same MLflow run",
-    )
+    if resumable:
+        parser.add_argument(
+            "--resume",
+            metavar="RUN_ID",
+            help="continue a stopped run from its last checkpoint, on the same MLflow run",
+        )
     parser.add_argument("--verbose", action="store_true", help="show Lightning's own messages")
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
 
@@ -121,6 +127,33 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
     train = commands.add_parser("train", help="train one configuration", argument_default=argparse.SUPPRESS)
     _train_arguments(train)
+    tune = commands.add_parser(
+        "tune", help="Optuna study over lr and batch size", argument_default=argparse.SUPPRESS
+    )
+    _train_arguments(tune, resumable=False)
+    study = tune.add_argument_group("study")
+    study.add_argument(
+        "--trials", type=int, help="trials this invocation runs (default 20), split over --workers"
+    )
+    study.add_argument("--timeout", type=float, help="stop starting trials after S seconds")
+    study.add_argument("--workers", type=int, help="worker processes on this machine (default 1)")
+    study.add_argument(
+        "--storage",
+        help="Optuna RDB URL (default sqlite:///mlruns/optuna.db; postgresql://... for many machines)",
+    )
+    study.add_argument("--study", help="study name (also the MLflow experiment); an existing one is resumed")
+    study.add_argument("--sampler", metavar="|".join(SAMPLERS), help="default tpe")
+    study.add_argument("--pruner", metavar="|".join(PRUNERS), help="default median")
+    study.add_argument("--space", metavar="FILE.yaml", help="search space (default: lr, batch_size, policy)")
+    study.add_argument(
+        "--retrain",
+        metavar="|".join(RETRAIN_MODES),
+        help="refit the best config as-is (default) or on train+val",
+    )
+    study.add_argument("--study-seed", type=int, help="sampler seed (default 0)")
+    study.add_argument(
+        "--heartbeat-interval", type=int, help="seconds between worker heartbeats (default 10)"
+    )
     ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--tracking-uri")
     ui.add_argument("--port", type=int, default=5000)
@@ -131,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """RunConfig defaults, then the YAML file, then the flags given on the command line."""
     given = dict(vars(args))
-    for key in ("command", "config_file", "verbose", "progress", "resume"):
+    for key in ("command", "config_file", "verbose", "progress", "resume", *TUNE_FLAGS):
         given.pop(key, None)
     values: dict[str, Any] = {}
     config_file = getattr(args, "config_file", None)
@@ -141,6 +174,72 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         values.update({str(k).replace("-", "_"): v for k, v in from_file.items()})
     values.update(given)
     return RunConfig.from_mapping(values, origin="flags").validate()
+
+
+#: ``tune`` flags that are study options, not run options (argparse dest -> TuneConfig field).
+TUNE_FLAGS = {
+    "trials": "trials",
+    "timeout": "timeout",
+    "workers": "workers",
+    "storage": "storage",
+    "study": "study",
+    "sampler": "sampler",
+    "pruner": "pruner",
+    "retrain": "retrain",
+    "study_seed": "seed",
+    "heartbeat_interval": "heartbeat_interval",
+    "space": "space",
+}
+
+
+def tune_config_from_args(args: argparse.Namespace) -> TuneConfig:
+    """Study options from the flags; ``--space`` is read from its YAML file (a ``space:`` key or the mapping)."""
+    from lightning_batch.search_space import parse_space
+
+    values = {field: getattr(args, flag) for flag, field in TUNE_FLAGS.items() if hasattr(args, flag)}
+    if "space" in values:
+        raw = load_yaml_config(values["space"])
+        values["space"] = raw.get("space", raw) if isinstance(raw, dict) else raw
+        parse_space(values["space"], origin=str(args.space))  # errors name the file
+    return TuneConfig(**values).validate()
+
+
+def _print_tune_summary(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from lightning_batch.tuning import redact
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    table = Table(title=f"study {result.study}")
+    table.add_column("")
+    table.add_column("value")
+    for name, value in result.best_params.items():
+        table.add_row(f"best {name}", f"{value:.4g}" if isinstance(value, float) else str(value))
+    table.add_row(
+        "best val loss",
+        f"{result.best_value:.5g}" if result.best_value is not None else "- (no trial completed)",
+    )
+    table.add_row("best trial", str(result.best_trial))
+    for name, value in sorted(result.test_metrics.items()):
+        table.add_row(f"refit {name}", f"{value:.5g}")
+    table.add_row("trials", ", ".join(f"{n} {s.lower()}" for s, n in result.states.items() if n))
+    table.add_row("compute", f"{result.trial_epochs} trial-epochs, {result.seconds:.1f} s")
+    table.add_row("MLflow study run", result.parent_run_id)
+    if result.retrain_run_id:
+        table.add_row("MLflow refit run", result.retrain_run_id)
+    console.print(table)
+    console.print(
+        "Open the MLflow UI:      [bold]python experiments/run.py ui"
+        + (
+            f" --tracking-uri {shlex.quote(result.tracking_uri)}"
+            if result.tracking_uri != "sqlite:///mlruns/mlflow.db"
+            else ""
+        )
+        + "[/bold]\n"
+        + f"Open optuna-dashboard:  [bold]optuna-dashboard {shlex.quote(redact(result.storage))} --host 127.0.0.1[/bold]",
+        soft_wrap=True,
+    )
 
 
 def _print_summary(results: Sequence[Any]) -> None:
@@ -259,6 +358,16 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_tune(args: argparse.Namespace) -> int:
+    from lightning_batch.tuning import tune
+
+    cfg = config_from_args(args)
+    options = tune_config_from_args(args)
+    result = tune(cfg, options, echo=lambda line: print(line, flush=True))
+    _print_tune_summary(result)
+    return 0
+
+
 def run_ui(args: argparse.Namespace) -> int:
     from lightning_batch.tracking import ensure_store, resolve_tracking_uri
 
@@ -291,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(os.environ.get("MLFLOW_TRACKING_URI"))
         if args.command == "train":
             return run_train(args)
+        if args.command == "tune":
+            return run_tune(args)
         if args.command == "ui":
             return run_ui(args)
         raise UserError(f"unknown command {args.command!r}")

@@ -87,6 +87,9 @@ class RunConfig:
     """A text feature column with at most this many levels is one-hot encoded; more is an error."""
     shuffle: bool = True
     """Shuffle the training rows each epoch (seeded); off gives the seed's sequential order."""
+    train_on_val: bool = False
+    """Train on train+val (scaling fit on both); for the final fit of a tuned configuration. The
+    val metrics are then on rows the model has seen."""
 
     # --- model ----------------------------------------------------------------------------------
     model: str | None = None
@@ -359,6 +362,74 @@ def parse_batch_size(value: int | str) -> int | str:
             f"--batch-size must be a positive integer or 'full', got {value!r}; e.g. --batch-size 32"
         )
     return value
+
+
+SAMPLERS = ("tpe", "gp", "random", "grid")
+PRUNERS = ("median", "hyperband", "none")
+RETRAIN_MODES = ("as-is", "train+val", "none")
+
+
+@dataclass
+class TuneConfig:
+    """How to search; the training options themselves are a :class:`RunConfig`."""
+
+    study: str = "lightning-batch-study"
+    trials: int = 20
+    """Trials this invocation runs, split across ``workers``."""
+    timeout: float | None = None
+    """Stop starting new trials after this many seconds (per worker)."""
+    workers: int = 1
+    storage: str | None = None
+    """Optuna RDB URL; default ``sqlite:///`` ``optuna.db`` beside the MLflow sqlite store (or ``mlruns/``)."""
+    sampler: str = "tpe"
+    pruner: str = "median"
+    space: dict[str, Any] | None = None
+    """The search space mapping (see :mod:`lightning_batch.search_space`); None: the default."""
+    retrain: str = "as-is"
+    """After the search, refit the best configuration ``as-is`` (train split) or on ``train+val``, and
+    test it once; ``none`` skips it."""
+    seed: int = 0
+    """Sampler seed (worker i uses seed + i, so workers do not propose the same points)."""
+    heartbeat_interval: int = 10
+    grace_period: int | None = None
+    """Seconds without a heartbeat before a running trial counts as lost; default 3 × the interval."""
+    max_retry: int = 1
+    """How many times a lost trial is re-queued with the same parameters."""
+    startup_trials: int = 5
+    """Trials the median pruner and TPE observe before they act."""
+    enqueue: list[dict[str, Any]] = field(default_factory=list)
+    """Parameter sets to try first (e.g. a known good config), as Optuna's ``enqueue_trial``."""
+
+    def validate(self) -> TuneConfig:
+        if not isinstance(self.study, str) or not self.study.strip():
+            raise UserError("--study must be a non-empty name, e.g. --study lr-vs-batch")
+        for name, value, example in (
+            ("--trials", self.trials, "--trials 20"),
+            ("--workers", self.workers, "--workers 2"),
+            ("--heartbeat-interval", self.heartbeat_interval, "--heartbeat-interval 10"),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{name} must be a positive integer, got {value!r}; e.g. {example}")
+        if self.workers > self.trials:
+            raise UserError(f"--workers {self.workers} is more than --trials {self.trials}; lower --workers")
+        if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
+            raise UserError(f"--timeout must be a positive number of seconds, got {self.timeout!r}")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {self.sampler!r}; use --sampler {'|'.join(SAMPLERS)}")
+        if self.pruner not in PRUNERS:
+            raise UserError(f"unknown pruner {self.pruner!r}; use --pruner {'|'.join(PRUNERS)}")
+        if self.retrain not in RETRAIN_MODES:
+            raise UserError(f"unknown retrain mode {self.retrain!r}; use --retrain {'|'.join(RETRAIN_MODES)}")
+        if self.storage is not None and not str(self.storage).startswith(
+            ("sqlite:///", "postgresql", "mysql")
+        ):
+            raise UserError(
+                f"--storage must be an RDB URL (sqlite:///path/optuna.db or postgresql://user@host/db), got {self.storage!r}"
+            )
+        from lightning_batch.search_space import parse_space  # it imports this module
+
+        parse_space(self.space)
+        return self
 
 
 def load_yaml_config(path: str) -> dict[str, Any]:

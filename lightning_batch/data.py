@@ -432,6 +432,8 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
         len(clean.target), labels, cfg.val_fraction, cfg.test_fraction, cfg.seed
     )
     features = clean.features.reset_index(drop=True)
+    if cfg.train_on_val:  # a tuned configuration's final fit: every row but the test split
+        train_idx = np.concatenate([train_idx, val_idx])
     pre = Preprocessor.fit(features.iloc[train_idx])
 
     def _dataset(idx: np.ndarray) -> TensorTableDataset:

@@ -19,11 +19,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,24 @@ class RunResult:
     samples_seen: int
     metrics: dict[str, float] = field(default_factory=dict)
     tracking_uri: str = ""
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Fail the run when the validation loss is NaN or infinite: training diverged.
+
+    Runs before any user callback, so a tuner's pruner never sees the NaN (Optuna's median pruner
+    would call such a trial PRUNED; it is a failure).
+    """
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get("val_loss")
+        if trainer.sanity_checking or value is None:
+            return
+        if not math.isfinite(float(value)):
+            raise FloatingPointError(
+                f"val_loss is {float(value)} after epoch {trainer.current_epoch} (step {trainer.global_step}): "
+                "training diverged; lower --lr or set --grad-clip"
+            )
 
 
 def quiet_lightning(verbose: bool = False) -> None:
@@ -139,12 +158,20 @@ def train(
     verbose: bool = False,
     extra_tags: dict[str, str] | None = None,
     resume_run_id: str | None = None,
+    evaluate_test: bool = True,
+    clean_stops: tuple[type[BaseException], ...] = (),
+    on_run_created: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Train, validate and test one configuration, recorded as one MLflow run.
 
     ``resume_run_id`` continues a run that stopped (crashed, killed, interrupted) from its last
     checkpoint, on the same MLflow run: model, optimizer, sampler position and the batch-size
     controller's state come back from the checkpoint, the config from the run's store folder.
+
+    ``evaluate_test=False`` skips the test split (a tuning trial must not look at it).
+    ``clean_stops`` are exceptions that stop a run on purpose (Optuna's ``TrialPruned``): the run
+    ends FINISHED with a ``stopped`` tag instead of FAILED, and the exception propagates.
+    ``on_run_created`` is told the MLflow run id as soon as the run exists (a tuner records it).
     """
     quiet_lightning(verbose)
     if resume_run_id is not None:
@@ -180,6 +207,8 @@ def train(
     try:
         data = dm.prepared
         assert data is not None
+        if on_run_created is not None:
+            on_run_created(run_id)
         if resume_run_id is not None:
             client.update_run(run_id, status="RUNNING")
             client.set_tag(run_id, "resumed", "true")
@@ -200,7 +229,7 @@ def train(
             save_top_k=1,
             save_last=True,
         )
-        all_callbacks: list[Callback] = [checkpoint, *callbacks]
+        all_callbacks: list[Callback] = [checkpoint, StopOnNonFiniteLoss(), *callbacks]
         resizer = build_resizer(cfg) if cfg.dynamic else None
         if resizer is not None:
             all_callbacks.append(resizer)
@@ -223,7 +252,11 @@ def train(
         trainer.fit(module, datamodule=dm, ckpt_path=resume_from)
         best_val = checkpoint.best_model_score
         ckpt_path = "best" if checkpoint.best_model_path else None
-        test_metrics = trainer.test(module, datamodule=dm, ckpt_path=ckpt_path, verbose=False)[0]
+        test_metrics = (
+            trainer.test(module, datamodule=dm, ckpt_path=ckpt_path, verbose=False)[0]
+            if evaluate_test
+            else {}
+        )
         seconds = time.perf_counter() - started
         summary = {
             **{k: float(v) for k, v in test_metrics.items()},
@@ -254,6 +287,10 @@ def train(
             metrics=summary,
             tracking_uri=uri,
         )
+    except clean_stops as exc:
+        mark_run_stopped(logger, exc)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        raise
     except BaseException as exc:
         mark_run_failed(logger, exc)
         raise
@@ -300,6 +337,15 @@ def mark_run_failed(logger: BufferedMLFlowLogger, exc: BaseException) -> None:
         logger.experiment.set_terminated(
             logger.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         )
+
+
+def mark_run_stopped(logger: BufferedMLFlowLogger, exc: BaseException) -> None:
+    """End a run stopped on purpose (e.g. pruned) FINISHED, its metrics so far written, the reason in a tag."""
+    with contextlib.suppress(Exception):
+        logger.flush()
+    with contextlib.suppress(Exception):
+        logger.experiment.set_tag(logger.run_id, "stopped", str(exc)[:4000] or type(exc).__name__)
+        logger.experiment.set_terminated(logger.run_id, "FINISHED")
 
 
 def _log_run_artifacts(

@@ -1,0 +1,661 @@
+"""Optuna studies over lr and batch size (and batch policy); every trial is a child MLflow run.
+
+One study is one MLflow experiment (named after the study) holding a parent run for the study,
+one child run per trial (``mlflow.parentRunId``) and, after the search, one run that refits the best
+configuration and evaluates it once on the test split. The study itself lives in an Optuna RDB
+storage (default ``sqlite:///mlruns/optuna.db``; PostgreSQL for many machines): the same name
+resumes it, and any number of workers — processes here or on other machines — share it.
+
+Why each piece:
+
+- trials report ``val_loss`` per epoch through optuna-integration's ``PyTorchLightningPruningCallback``,
+  so the pruner (median by default) stops hopeless trials early; a pruned trial's run ends FINISHED
+  with ``optuna_trial_state=PRUNED``, not as a crash;
+- RDB storages get a heartbeat: a worker that dies (SIGKILL, lost machine) leaves a trial whose
+  heartbeat goes stale; the next worker to start a trial marks it FAIL, ends its MLflow run FAILED and
+  queues a retry with the same parameters (:class:`StaleTrialRetry`);
+- workers on one machine are separate processes (``python -m lightning_batch.tuning``), so a crash
+  in one cannot take the others down, and each is given its share of the CPU threads.
+
+Example (one process, in-memory data, a throw-away store):
+    >>> import tempfile
+    >>> from lightning_batch.config import RunConfig
+    >>> root = tempfile.mkdtemp()
+    >>> base = RunConfig(data="iris", epochs=2, tracking_uri=f"sqlite:///{root}/mlflow.db")
+    >>> options = TuneConfig(study="iris-doc", trials=2, storage=f"sqlite:///{root}/optuna.db", retrain="none")
+    >>> result = tune(base, options, echo=lambda line: None)
+    >>> result.states["COMPLETE"] + result.states["PRUNED"] + result.states["FAIL"]
+    2
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from lightning_batch.config import RunConfig, TuneConfig, UserError
+from lightning_batch.search_space import ParamSpec, apply_params, parse_space
+from lightning_batch.tracking import (
+    ensure_store,
+    get_or_create_experiment,
+    resolve_tracking_uri,
+    sqlite_path,
+)
+
+#: Trial user attributes that tie a trial to its MLflow run and its process.
+RUN_ID_ATTR = "mlflow_run_id"
+PARENT_ATTR = "mlflow_parent_run_id"
+TRIAL_STATE_TAG = "optuna_trial_state"
+
+Echo = Callable[[str], None]
+
+
+@dataclass
+class TuneResult:
+    """What a study run reports back: the best trial, the refit's test metrics, counts by state."""
+
+    study: str
+    storage: str
+    tracking_uri: str
+    parent_run_id: str
+    best_params: dict[str, Any]
+    best_value: float | None
+    best_trial: int | None
+    states: dict[str, int] = field(default_factory=dict)
+    retrain_run_id: str | None = None
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    trial_epochs: float = 0.0
+    seconds: float = 0.0
+
+
+# -- storage, sampler, pruner ----------------------------------------------------------------------
+
+
+def resolve_storage(storage: str | None, tracking_uri: str) -> str:
+    """``--storage`` or ``optuna.db`` beside the MLflow sqlite DB (``mlruns/optuna.db`` by default)."""
+    if storage:
+        return storage
+    db = sqlite_path(tracking_uri)
+    folder = db.parent if db is not None else Path("mlruns")
+    return f"sqlite:///{folder / 'optuna.db'}"
+
+
+def redact(url: str) -> str:
+    """A storage URL without its password, fit for logs and tags."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
+
+
+class StaleTrialRetry(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a heartbeat-stale trial, plus ending that trial's MLflow run FAILED.
+
+    The dead worker could not close its run; whoever notices the stale heartbeat does it here.
+    """
+
+    def __init__(self, tracking_uri: str, max_retry: int | None) -> None:
+        super().__init__(max_retry=max_retry)
+        self.tracking_uri = tracking_uri
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id:
+            with contextlib.suppress(Exception):
+                from mlflow import MlflowClient
+
+                client = MlflowClient(self.tracking_uri)
+                client.set_tag(run_id, TRIAL_STATE_TAG, "FAIL")
+                client.set_tag(
+                    run_id,
+                    "error",
+                    f"worker lost: no heartbeat from pid {trial.user_attrs.get('worker_pid')} "
+                    f"on {trial.user_attrs.get('worker_host')}; the trial is re-queued",
+                )
+                client.set_terminated(run_id, "FAILED")
+        super().__call__(study, trial)
+
+
+def make_storage(url: str, tracking_uri: str, options: TuneConfig) -> RDBStorage:
+    """An RDB storage with heartbeat and retry of lost trials (sqlite waits on locks instead of failing)."""
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///") :])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    else:
+        engine_kwargs["pool_pre_ping"] = True
+    grace = options.grace_period or 3 * options.heartbeat_interval
+    try:
+        with warnings.catch_warnings():
+            # The heartbeat has been "experimental" since Optuna 2.8; it is what finds dead workers.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=options.heartbeat_interval,
+                grace_period=grace,
+                heartbeat_stale_trial_callback=StaleTrialRetry(tracking_uri, options.max_retry),
+            )
+    except Exception as exc:  # sqlalchemy/driver errors: a wrong URL, a server that is down
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot open the Optuna storage {redact(url)}: {message}") from exc
+
+
+def make_sampler(
+    options: TuneConfig, space: dict[str, ParamSpec], worker: int = 0
+) -> optuna.samplers.BaseSampler:
+    seed = options.seed + worker
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if options.sampler == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=options.startup_trials)
+        if options.sampler == "gp":
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=options.startup_trials)
+        if options.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.GridSampler({name: spec.grid() for name, spec in space.items()}, seed=seed)
+
+
+def make_pruner(options: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
+    if options.pruner == "median":
+        # Judge a trial only after its first epoch's validation: epoch 0 says little about an lr.
+        return optuna.pruners.MedianPruner(n_startup_trials=options.startup_trials, n_warmup_steps=1)
+    if options.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1), reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+# -- the objective ---------------------------------------------------------------------------------
+
+
+class Objective:
+    """Train one trial's configuration as a child MLflow run and return its best validation loss."""
+
+    def __init__(
+        self, base: RunConfig, space: dict[str, ParamSpec], parent_run_id: str, tracking_uri: str
+    ) -> None:
+        self.base = base
+        self.space = space
+        self.parent_run_id = parent_run_id
+        self.tracking_uri = tracking_uri
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        from optuna_integration import PyTorchLightningPruningCallback
+
+        from lightning_batch.training import train
+
+        params = {name: spec.suggest(trial) for name, spec in self.space.items()}
+        values = {
+            **self.base.to_dict(),
+            "experiment": trial.study.study_name,
+            "run_name": f"trial-{trial.number}",
+            "tracking_uri": self.tracking_uri,
+        }
+        cfg = apply_params(RunConfig.from_mapping(values), params)
+        trial.set_user_attr("worker_pid", os.getpid())
+        trial.set_user_attr("worker_host", socket.gethostname())
+        trial.set_user_attr(RUN_ID_ATTR, "")  # a retried trial must not point at its predecessor's run
+        retry_of = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+        tags = {
+            "mlflow.parentRunId": self.parent_run_id,
+            "optuna_study": trial.study.study_name,
+            "optuna_trial_number": str(trial.number),
+            TRIAL_STATE_TAG: "RUNNING",
+        }
+        if retry_of is not None:
+            tags["optuna_retry_of"] = str(retry_of)
+        pruning = PyTorchLightningPruningCallback(trial, monitor="val_loss")
+        try:
+            result = train(
+                cfg,
+                callbacks=[pruning],
+                extra_tags=tags,
+                evaluate_test=False,
+                clean_stops=(optuna.TrialPruned,),
+                on_run_created=lambda run_id: trial.set_user_attr(RUN_ID_ATTR, run_id),
+            )
+            value = result.metrics.get("best_val_loss", math.nan)
+            trial.set_user_attr("epochs_run", result.epochs)
+            if not math.isfinite(value):
+                raise FloatingPointError(f"val_loss is {value}: the trial diverged (lr {cfg.lr} too high?)")
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:  # Optuna records FAIL but not why: keep the reason for the report
+            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+            raise
+        return float(value)
+
+
+# -- per-trial bookkeeping (runs in the worker, after Optuna set the state) ------------------------
+
+
+class TrialReporter:
+    """Prints one progress line per trial and puts the trial's final state on its MLflow run."""
+
+    def __init__(self, tracking_uri: str, total: int, echo: Echo, worker: int = 0) -> None:
+        self.tracking_uri = tracking_uri
+        self.total = total
+        self.echo = echo
+        self.worker = worker
+        self.done = 0
+        self.started = time.perf_counter()
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.done += 1
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id:
+            with contextlib.suppress(Exception):
+                from mlflow import MlflowClient
+
+                client = MlflowClient(self.tracking_uri)
+                client.set_tag(run_id, TRIAL_STATE_TAG, trial.state.name)
+                if trial.state == TrialState.FAIL and client.get_run(run_id).info.status == "FINISHED":
+                    # The fit finished but Optuna refused its value (NaN): the run failed too.
+                    client.set_tag(
+                        run_id, "error", str(trial.user_attrs.get("fail_reason", "trial failed"))[:4000]
+                    )
+                    client.set_terminated(run_id, "FAILED")
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / self.done * (self.total - self.done)
+        value = f"{trial.value:.5g}" if trial.value is not None else "-"
+        if trial.state == TrialState.PRUNED and trial.intermediate_values:
+            last = max(trial.intermediate_values)
+            value = f"{trial.intermediate_values[last]:.5g} (pruned after epoch {last})"
+        params = " ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
+        if trial.state == TrialState.FAIL:
+            params += f"  ({trial.user_attrs.get('fail_reason', 'failed').splitlines()[0][:200]})"
+        try:
+            best = f"{study.best_value:.5g} (#{study.best_trial.number})"
+        except ValueError:
+            best = "-"
+        seconds = (
+            (trial.datetime_complete - trial.datetime_start).total_seconds()
+            if trial.datetime_complete and trial.datetime_start
+            else 0.0
+        )
+        prefix = f"[worker {self.worker}] " if self.worker else ""
+        self.echo(
+            f"{prefix}trial {trial.number:>3} {trial.state.name:<8} val_loss {value}  {params}  "
+            f"{seconds:.1f}s  best {best}  [{self.done}/{self.total}, ETA {eta:.0f}s]"
+        )
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# -- study set-up, workers, summary ----------------------------------------------------------------
+
+
+def open_study(base: RunConfig, options: TuneConfig, worker: int = 0) -> tuple[optuna.Study, str]:
+    """The study (created or resumed by name) and its storage URL."""
+    tracking_uri = resolve_tracking_uri(base.tracking_uri)
+    url = resolve_storage(options.storage, tracking_uri)
+    storage = make_storage(url, tracking_uri, options)
+    space = parse_space(options.space)
+    # Each trial gets its own progress line (TrialReporter), failures with their reason.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(
+        study_name=options.study,
+        storage=storage,
+        direction="minimize",
+        sampler=make_sampler(options, space, worker),
+        pruner=make_pruner(options, base.epochs),
+        load_if_exists=True,
+    )
+    return study, url
+
+
+def ensure_parent_run(study: optuna.Study, base: RunConfig, options: TuneConfig, storage_url: str) -> str:
+    """The study's parent MLflow run: the one recorded on the study, or a new one."""
+    from mlflow import MlflowClient
+
+    tracking_uri = resolve_tracking_uri(base.tracking_uri)
+    ensure_store(tracking_uri)
+    experiment_id = get_or_create_experiment(tracking_uri, options.study)
+    client = MlflowClient(tracking_uri)
+    existing = study.user_attrs.get(PARENT_ATTR)
+    if existing:
+        with contextlib.suppress(Exception):
+            client.update_run(existing, status="RUNNING")
+            return str(existing)
+    run = client.create_run(
+        experiment_id,
+        run_name=f"study-{options.study}",
+        tags={
+            "optuna_study": options.study,
+            "lightning_batch.role": "study",
+            "optuna_storage": redact(storage_url),
+        },
+    )
+    run_id = run.info.run_id
+    study.set_user_attr(PARENT_ATTR, run_id)
+    search = {"space": {n: s.to_dict() for n, s in parse_space(options.space).items()}}
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "search_space.json").write_text(json.dumps(search, indent=2))
+        Path(tmp, "base_config.json").write_text(json.dumps(base.to_dict(), indent=2, default=str))
+        client.log_artifacts(run_id, tmp)
+    from mlflow.entities import Param
+
+    params = {
+        "sampler": options.sampler,
+        "pruner": options.pruner,
+        "retrain": options.retrain,
+        "data": base.data,
+        "model": str(base.model),
+        "epochs": base.epochs,
+        "space": ",".join(parse_space(options.space)),
+    }
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    return run_id
+
+
+def _quota(trials: int, workers: int, index: int) -> int:
+    """Trials worker ``index`` runs: ``trials`` split as evenly as possible."""
+    return trials // workers + (1 if index < trials % workers else 0)
+
+
+def run_worker(base: RunConfig, options: TuneConfig, worker: int, quota: int, echo: Echo = print) -> None:
+    """Run ``quota`` trials of the study in this process."""
+    from lightning_batch.training import quiet_lightning
+
+    quiet_lightning(False)
+    study, _ = open_study(base, options, worker)
+    parent = study.user_attrs.get(PARENT_ATTR)
+    if not parent:
+        raise UserError(f"study {options.study!r} has no parent MLflow run; start it with `run.py tune`")
+    tracking_uri = resolve_tracking_uri(base.tracking_uri)
+    space = parse_space(options.space)
+    reporter = TrialReporter(tracking_uri, quota, echo, worker)
+    study.optimize(
+        Objective(base, space, parent, tracking_uri),
+        n_trials=quota,
+        timeout=options.timeout,
+        callbacks=[reporter],
+        catch=(Exception,),
+        gc_after_trial=True,
+    )
+
+
+def _worker_command(spec_path: Path, worker: int, quota: int) -> list[str]:
+    return [sys.executable, "-m", "lightning_batch.tuning", str(spec_path), str(worker), str(quota)]
+
+
+def _run_workers(base: RunConfig, options: TuneConfig, echo: Echo) -> list[int]:
+    """Start ``options.workers`` processes, wait for all; their exit codes."""
+    threads = max(1, (os.cpu_count() or 1) // options.workers)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "LIGHTNING_BATCH_THREADS": str(threads)}
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp, "spec.json")
+        spec.write_text(json.dumps({"base": base.to_dict(), "options": asdict(options)}, default=str))
+        processes = [
+            subprocess.Popen(
+                _worker_command(spec, i + 1, _quota(options.trials, options.workers, i)), env=env
+            )
+            for i in range(options.workers)
+        ]
+        echo(f"started {len(processes)} workers: pids {', '.join(str(p.pid) for p in processes)}")
+        try:
+            codes = [p.wait() for p in processes]
+        except KeyboardInterrupt:
+            for p in processes:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGINT)
+            for p in processes:
+                p.wait()
+            raise
+    for i, code in enumerate(codes, start=1):
+        if code != 0:
+            echo(f"worker {i} exited with status {code}; its unfinished trial is recovered below")
+    return codes
+
+
+def recover_lost_trials(study: optuna.Study, base: RunConfig, options: TuneConfig, echo: Echo) -> None:
+    """After the workers: wait out the grace period of trials whose worker died, fail them (which
+    queues their retries) and run the queued retries here, so a lost worker loses no trial."""
+    grace = options.grace_period or 3 * options.heartbeat_interval
+    storage = study._storage
+    deadline = time.monotonic() + grace + options.heartbeat_interval + 5
+    while any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
+        stale = storage._get_stale_trial_ids(study._study_id)  # type: ignore[attr-defined]
+        if stale:
+            optuna.storages.fail_stale_trials(study)
+            continue
+        if time.monotonic() > deadline:
+            break  # a trial another machine is still running: not ours to touch
+        time.sleep(1.0)
+    waiting = [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
+    if waiting:
+        echo(f"re-running {len(waiting)} trial(s) lost with their worker")
+        run_worker(base, options, 0, len(waiting), echo)
+
+
+def _log_study_summary(
+    study: optuna.Study, parent_run_id: str, tracking_uri: str, storage_url: str
+) -> dict[str, int]:
+    """Best params/value, trials per state and Optuna's plots on the parent run."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(tracking_uri)
+    trials = study.get_trials(deepcopy=False)
+    states = Counter(t.state.name for t in trials)
+    counts = {s: states.get(s, 0) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"trials_{k.lower()}", float(v), now, 0) for k, v in counts.items()]
+    metrics.append(Metric("trial_epochs", float(trial_epochs(trials)), now, 0))
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if complete:
+        best = study.best_trial
+        metrics.append(Metric("best_val_loss", float(best.value), now, 0))  # type: ignore[arg-type]
+        client.set_tag(parent_run_id, "best_trial", str(best.number))
+        for name, value in best.params.items():
+            client.set_tag(parent_run_id, f"best_param.{name}", _short(value))
+    client.log_batch(parent_run_id, metrics=metrics)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        _study_plots(study, folder)
+        summary = {
+            "study": study.study_name,
+            "storage": redact(storage_url),
+            "states": counts,
+            "best_trial": study.best_trial.number if complete else None,
+            "best_value": study.best_value if complete else None,
+            "best_params": study.best_params if complete else {},
+            "trials": [
+                {
+                    "number": t.number,
+                    "state": t.state.name,
+                    "value": t.value,
+                    "params": t.params,
+                    "epochs": len(t.intermediate_values),
+                    RUN_ID_ATTR: t.user_attrs.get(RUN_ID_ATTR),
+                }
+                for t in trials
+            ],
+        }
+        (folder / "study_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        client.log_artifacts(parent_run_id, str(folder))
+    return counts
+
+
+def trial_epochs(trials: list[FrozenTrial]) -> int:
+    """Compute spent, in epochs trained: a pruned trial counts the epochs it reported."""
+    return sum(
+        int(t.user_attrs.get("epochs_run") or len(t.intermediate_values))
+        for t in trials
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    )
+
+
+def _study_plots(study: optuna.Study, folder: Path) -> list[str]:
+    """Optuna's matplotlib plots as PNGs; a plot the trials cannot support yet is left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    params = list(study.best_params) if any(t.state == TrialState.COMPLETE for t in study.trials) else []
+    plots: dict[str, Callable[[], Any]] = {
+        "optimization_history": lambda: ovm.plot_optimization_history(study),
+        "intermediate_values": lambda: ovm.plot_intermediate_values(study),
+        "slice": lambda: ovm.plot_slice(study),
+        "param_importances": lambda: ovm.plot_param_importances(study),
+    }
+    if {"lr", "batch_size"} <= set(params):
+        plots["contour_lr_batch_size"] = lambda: ovm.plot_contour(study, params=["lr", "batch_size"])
+    written = []
+    for name, make in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = make()
+                figure = _figure_of(axes)
+                figure.set_size_inches(8, 5.5)
+                figure.tight_layout()
+                figure.savefig(folder / f"{name}.png", dpi=110)
+            plt.close(figure)
+            written.append(name)
+        except Exception:  # e.g. importances need 2+ complete trials with varied params
+            plt.close("all")
+    return written
+
+
+def _figure_of(axes: Any) -> Any:
+    if hasattr(axes, "figure"):
+        return axes.figure
+    return axes.flat[0].figure  # an array of axes (slice, contour of several params)
+
+
+def retrain_best(study: optuna.Study, base: RunConfig, options: TuneConfig, parent_run_id: str) -> Any:
+    """Refit the best trial's configuration (``as-is`` or on ``train+val``) and test it once."""
+    from lightning_batch.training import train
+
+    best = study.best_trial
+    values = {
+        **base.to_dict(),
+        "experiment": options.study,
+        "run_name": f"best-of-{options.study}",
+        "train_on_val": options.retrain == "train+val",
+    }
+    cfg = apply_params(RunConfig.from_mapping(values), best.params)
+    tags = {
+        "optuna_study": options.study,
+        "lightning_batch.role": "best-retrain",
+        "study_parent_run_id": parent_run_id,
+        "optuna_best_trial": str(best.number),
+        "retrain": options.retrain,
+    }
+    return train(cfg, extra_tags=tags)
+
+
+def tune(base: RunConfig, options: TuneConfig, echo: Echo = print) -> TuneResult:
+    """Run (or resume) a study: trials as child runs, then the summary and the best config's refit."""
+    from mlflow import MlflowClient
+
+    from lightning_batch.data import TabularDataModule
+    from lightning_batch.training import quiet_lightning
+
+    started = time.perf_counter()
+    quiet_lightning(False)
+    base.validate()
+    options.validate()
+    TabularDataModule(base).setup()  # bad data fails here, once, before any study or run exists
+    tracking_uri = resolve_tracking_uri(base.tracking_uri)
+    base = RunConfig.from_mapping({**base.to_dict(), "tracking_uri": tracking_uri})
+    study, url = open_study(base, options)
+    parent = ensure_parent_run(study, base, options, url)
+    for params in options.enqueue:
+        study.enqueue_trial(params, skip_if_exists=True)
+    client = MlflowClient(tracking_uri)
+    status = "FAILED"
+    try:
+        echo(
+            f"study {options.study!r} on {redact(url)}: {options.trials} trials, {options.workers} worker(s), "
+            f"{options.sampler} sampler, {options.pruner} pruner"
+        )
+        if options.workers == 1:
+            run_worker(base, options, 0, options.trials, echo)
+        else:
+            _run_workers(base, options, echo)
+        recover_lost_trials(study, base, options, echo)
+        counts = _log_study_summary(study, parent, tracking_uri, url)
+        result = TuneResult(
+            study=options.study,
+            storage=url,
+            tracking_uri=tracking_uri,
+            parent_run_id=parent,
+            best_params={},
+            best_value=None,
+            best_trial=None,
+            states=counts,
+            trial_epochs=trial_epochs(study.get_trials(deepcopy=False)),
+        )
+        if counts["COMPLETE"]:
+            best = study.best_trial
+            result.best_params, result.best_value, result.best_trial = best.params, best.value, best.number
+            if options.retrain != "none":
+                echo(f"refitting trial {best.number}'s configuration ({options.retrain}) and testing it once")
+                final = retrain_best(study, base, options, parent)
+                result.retrain_run_id = final.run_id
+                result.test_metrics = {k: v for k, v in final.metrics.items() if k.startswith("test_")}
+                client.set_tag(parent, "best_retrain_run_id", final.run_id)
+                from mlflow.entities import Metric
+
+                now = int(time.time() * 1000)
+                client.log_batch(
+                    parent,
+                    metrics=[Metric(f"best_{k}", float(v), now, 0) for k, v in result.test_metrics.items()],
+                )
+        result.seconds = time.perf_counter() - started
+        status = "FINISHED"
+        return result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            client.set_terminated(parent, status)
+
+
+def _worker_main(argv: list[str]) -> int:
+    """``python -m lightning_batch.tuning SPEC.json WORKER QUOTA``: one worker process."""
+    spec_path, worker, quota = argv[0], int(argv[1]), int(argv[2])
+    spec = json.loads(Path(spec_path).read_text())
+    threads = os.environ.get("LIGHTNING_BATCH_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    base = RunConfig.from_mapping(spec["base"])
+    options = TuneConfig(**spec["options"])
+    run_worker(base, options, worker, quota, echo=lambda line: print(line, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))
