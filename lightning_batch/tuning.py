@@ -402,8 +402,8 @@ def _worker_command(spec_path: Path, worker: int, quota: int) -> list[str]:
     return [sys.executable, "-m", "lightning_batch.tuning", str(spec_path), str(worker), str(quota)]
 
 
-def _run_workers(base: RunConfig, options: TuneConfig, echo: Echo) -> list[int]:
-    """Start ``options.workers`` processes, wait for all; their exit codes."""
+def _run_workers(base: RunConfig, options: TuneConfig, echo: Echo) -> tuple[list[int], set[int]]:
+    """Start ``options.workers`` processes, wait for all; their exit codes and pids."""
     threads = max(1, (os.cpu_count() or 1) // options.workers)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "LIGHTNING_BATCH_THREADS": str(threads)}
     package_root = str(Path(__file__).resolve().parent.parent)
@@ -430,27 +430,43 @@ def _run_workers(base: RunConfig, options: TuneConfig, echo: Echo) -> list[int]:
     for i, code in enumerate(codes, start=1):
         if code != 0:
             echo(f"worker {i} exited with status {code}; its unfinished trial is recovered below")
-    return codes
+    return codes, {p.pid for p in processes}
 
 
-def recover_lost_trials(study: optuna.Study, base: RunConfig, options: TuneConfig, echo: Echo) -> None:
-    """After the workers: wait out the grace period of trials whose worker died, fail them (which
-    queues their retries) and run the queued retries here, so a lost worker loses no trial."""
-    grace = options.grace_period or 3 * options.heartbeat_interval
-    storage = study._storage
-    deadline = time.monotonic() + grace + options.heartbeat_interval + 5
-    while any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
-        stale = storage._get_stale_trial_ids(study._study_id)  # type: ignore[attr-defined]
-        if stale:
+def recover_lost_trials(
+    study: optuna.Study, base: RunConfig, options: TuneConfig, echo: Echo, pids: set[int], workers_died: bool
+) -> None:
+    """After the workers: make good what a dead worker lost, so the study gets the trials asked for.
+
+    A worker killed mid-trial leaves a RUNNING trial whose heartbeat goes stale; once the grace
+    period is over it is failed here (which ends its MLflow run FAILED and queues a retry with the
+    same parameters, see :class:`StaleTrialRetry`). Then the retries and any trials the dead
+    worker never started are run in this process. Trials are counted by the pids that ran them,
+    so other machines' trials on the same study never count as ours.
+    """
+    if workers_died:
+        grace = options.grace_period or 3 * options.heartbeat_interval
+        deadline = time.monotonic() + grace + options.heartbeat_interval + 5
+        ours_running = lambda: [  # noqa: E731
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get("worker_pid") in pids
+        ]
+        while ours_running() and time.monotonic() < deadline:
             optuna.storages.fail_stale_trials(study)
-            continue
-        if time.monotonic() > deadline:
-            break  # a trial another machine is still running: not ours to touch
-        time.sleep(1.0)
-    waiting = [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
-    if waiting:
-        echo(f"re-running {len(waiting)} trial(s) lost with their worker")
-        run_worker(base, options, 0, len(waiting), echo)
+            time.sleep(1.0)
+    trials = study.get_trials(deepcopy=False)
+    ours = [t for t in trials if t.user_attrs.get("worker_pid") in pids and t.state.is_finished()]
+    retried = {
+        t.system_attrs.get("failed_trial") for t in trials if t.system_attrs.get("failed_trial") is not None
+    }
+    lost = [t for t in ours if t.state == TrialState.FAIL and t.number in retried]
+    shortfall = options.trials - (len(ours) - len(lost))
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    if options.timeout is None and shortfall > 0 or waiting:
+        count = max(shortfall, waiting) if options.timeout is None else waiting
+        echo(f"running {count} trial(s) here that a lost worker did not finish")
+        run_worker(base, options, 0, count, echo)
 
 
 def _log_study_summary(
@@ -598,11 +614,15 @@ def tune(base: RunConfig, options: TuneConfig, echo: Echo = print) -> TuneResult
             f"study {options.study!r} on {redact(url)}: {options.trials} trials, {options.workers} worker(s), "
             f"{options.sampler} sampler, {options.pruner} pruner"
         )
+        pids = {os.getpid()}
+        workers_died = False
         if options.workers == 1:
             run_worker(base, options, 0, options.trials, echo)
         else:
-            _run_workers(base, options, echo)
-        recover_lost_trials(study, base, options, echo)
+            codes, worker_pids = _run_workers(base, options, echo)
+            pids |= worker_pids
+            workers_died = any(code != 0 for code in codes)
+        recover_lost_trials(study, base, options, echo, pids, workers_died)
         counts = _log_study_summary(study, parent, tracking_uri, url)
         result = TuneResult(
             study=options.study,

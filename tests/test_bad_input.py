@@ -34,7 +34,34 @@ def _cases(folder: Path) -> dict[str, tuple[list[str], str]]:
     (folder / "list.yaml").write_text("- 1\n- 2\n")
     (folder / "unknown_key.yaml").write_text("learning_rate: 0.1\n")
     (folder / "notes.txt").write_text("hello")
+    (folder / "space_bad_range.yaml").write_text("lr: {low: 1.0, high: 0.1}\n")
+    (folder / "space_bad_name.yaml").write_text("space:\n  data: [iris, wine]\n")
+    (folder / "space_log_zero.yaml").write_text("lr: {low: 0, high: 1, log: true}\n")
+    tune = ["tune", "--data", "iris", "--epochs", "1"]
     return {
+        "tune: unknown sampler": ([*tune, "--sampler", "bayes"], "unknown sampler"),
+        "tune: unknown pruner": ([*tune, "--pruner", "asha"], "unknown pruner"),
+        "tune: more workers than trials": ([*tune, "--trials", "2", "--workers", "4"], "lower --workers"),
+        "tune: zero trials": ([*tune, "--trials", "0"], "--trials must be a positive integer"),
+        "tune: space range upside down": (
+            [*tune, "--space", str(folder / "space_bad_range.yaml")],
+            "must be below high",
+        ),
+        "tune: space searches the dataset": (
+            [*tune, "--space", str(folder / "space_bad_name.yaml")],
+            "cannot be searched",
+        ),
+        "tune: log range from zero": (
+            [*tune, "--space", str(folder / "space_log_zero.yaml")],
+            "needs low > 0",
+        ),
+        "tune: space file missing": ([*tune, "--space", str(folder / "none.yaml")], "not found"),
+        "tune: storage not an RDB URL": ([*tune, "--storage", "redis://localhost"], "must be an RDB URL"),
+        "tune: storage server down": (
+            [*tune, "--storage", "postgresql://nobody:secret@127.0.0.1:9/none"],
+            "cannot open the Optuna storage",
+        ),
+        "tune: bad data": (["tune", "--data", "mnist"], "unknown dataset"),
         "missing file": (["train", "--data", str(folder / "nope.csv"), "--target", "y"], "not found"),
         "unknown dataset": (["train", "--data", "mnist"], "unknown dataset"),
         "unsupported file type": (
