@@ -3,6 +3,7 @@
 Public API (imported lazily, so ``import lightning_batch`` stays cheap)::
 
     from lightning_batch import DynamicBatchSize, TaskModule, TabularDataModule, RunConfig, train
+    from lightning_batch import TuneConfig, tune
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ _EXPORTS = {
     "DynamicBatchSize": "lightning_batch.callback",
     "build_model": "lightning_batch.models",
     "train": "lightning_batch.training",
+    "TuneConfig": "lightning_batch.config",
+    "tune": "lightning_batch.tuning",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from lightning.pytorch.callbacks import Callback
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
@@ -226,17 +227,17 @@ class Objective:
         if retry_of is not None:
             tags["optuna_retry_of"] = str(retry_of)
         pruning = PyTorchLightningPruningCallback(trial, monitor="val_loss")
+        epochs = _EpochCounter()
         try:
             result = train(
                 cfg,
-                callbacks=[pruning],
+                callbacks=[pruning, epochs],
                 extra_tags=tags,
                 evaluate_test=False,
                 clean_stops=(optuna.TrialPruned,),
                 on_run_created=lambda run_id: trial.set_user_attr(RUN_ID_ATTR, run_id),
             )
             value = result.metrics.get("best_val_loss", math.nan)
-            trial.set_user_attr("epochs_run", result.epochs)
             if not math.isfinite(value):
                 raise FloatingPointError(f"val_loss is {value}: the trial diverged (lr {cfg.lr} too high?)")
         except optuna.TrialPruned:
@@ -244,7 +245,19 @@ class Objective:
         except Exception as exc:  # Optuna records FAIL but not why: keep the reason for the report
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
             raise
+        finally:
+            trial.set_user_attr("epochs_run", epochs.begun)  # the study's compute, pruned or not
         return float(value)
+
+
+class _EpochCounter(Callback):
+    """Counts the training epochs a trial began (its compute, whether it completes or not)."""
+
+    def __init__(self) -> None:
+        self.begun = 0
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self.begun += 1
 
 
 # -- per-trial bookkeeping (runs in the worker, after Optuna set the state) ------------------------
@@ -519,9 +532,13 @@ def _log_study_summary(
 
 
 def trial_epochs(trials: list[FrozenTrial]) -> int:
-    """Compute spent, in epochs trained: a pruned trial counts the epochs it reported."""
+    """Compute spent, in epochs trained (begun): pruned and failed trials count what they ran.
+
+    A trial whose worker died never recorded its count: it counts the epochs it reported plus the
+    one it was in.
+    """
     return sum(
-        int(t.user_attrs.get("epochs_run") or len(t.intermediate_values))
+        int(t.user_attrs["epochs_run"]) if "epochs_run" in t.user_attrs else len(t.intermediate_values) + 1
         for t in trials
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     )

@@ -151,6 +151,8 @@ def test_six_trial_study_one_child_run_per_trial_with_matching_states(workdir: P
     states = {t.number: t.state.name for t in trials}
     assert states == {0: "COMPLETE", 1: "COMPLETE", 2: "COMPLETE", 3: "FAIL", 4: "PRUNED", 5: "PRUNED"}
     assert result.states["COMPLETE"] == 3 and result.states["PRUNED"] == 2 and result.states["FAIL"] == 1
+    # compute: 3 complete x 3 epochs, the diverged one's first epoch, 2 pruned x 2 epochs
+    assert result.trial_epochs == 3 * 3 + 1 + 2 * 2
     assert (
         sum("trial" in line and ("COMPLETE" in line or "PRUNED" in line or "FAIL" in line) for line in lines)
         == 6
