@@ -465,3 +465,23 @@ def test_a_study_recorded_through_an_mlflow_tracking_server(workdir: Path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_sampler_and_pruner_choices_build_optunas_own():
+    from lightning_batch.tuning import make_pruner, make_sampler
+
+    space = parse_space(None)
+    kinds = {
+        name: type(make_sampler(TuneConfig(sampler=name), space)).__name__
+        for name in ("tpe", "gp", "random", "grid")
+    }
+    assert kinds == {"tpe": "TPESampler", "gp": "GPSampler", "random": "RandomSampler", "grid": "GridSampler"}
+    pruners = {
+        name: type(make_pruner(TuneConfig(pruner=name), epochs=9)).__name__
+        for name in ("median", "hyperband", "none")
+    }
+    assert pruners == {"median": "MedianPruner", "hyperband": "HyperbandPruner", "none": "NopPruner"}
+    # workers get different sampler seeds, so two workers do not propose the same first points
+    first = [make_sampler(TuneConfig(sampler="random"), space, worker=w) for w in (1, 2)]
+    study = [optuna.create_study(sampler=s) for s in first]
+    assert study[0].ask().suggest_float("x", 0, 1) != study[1].ask().suggest_float("x", 0, 1)
