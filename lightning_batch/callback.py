@@ -564,6 +564,9 @@ class DynamicBatchSize(Callback):
             "controller": self.controller.state_dict(),
             "decisions": list(self.decisions),
             "samples_seen": self._samples_seen,
+            # Where the next decision falls: a resumed fit decides at the same steps as an unbroken one.
+            "steps_since_decision": self._steps_since_decision,
+            "rows_since_decision": self._rows_since_decision,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -581,6 +584,8 @@ class DynamicBatchSize(Callback):
         self.controller.load_state_dict(state["controller"])
         self.decisions = list(state["decisions"])
         self._samples_seen = int(state["samples_seen"])
+        self._steps_since_decision = int(state.get("steps_since_decision", 0))
+        self._rows_since_decision = int(state.get("rows_since_decision", 0))
         assert self._sampler is not None
         if self.batch_size is not None:
             self._sampler.batch_size = self.batch_size

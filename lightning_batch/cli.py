@@ -17,6 +17,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from lightning_batch.config import (
@@ -98,6 +99,11 @@ def _train_arguments(parser: argparse.ArgumentParser, resumable: bool = True) ->
     optim.add_argument("--weight-decay", type=float)
     optim.add_argument("--lr-schedule", metavar="|".join(LR_SCHEDULES))
     optim.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
+    optim.add_argument(
+        "--on-nan",
+        metavar="fail|skip",
+        help="a NaN loss fails the run (default) or skips the step, halving lr",
+    )
     optim.add_argument("--epochs", type=int)
     optim.add_argument("--patience", type=int, help="early stopping on val_loss after N stalled validations")
     optim.add_argument("--val-every", type=int, help="validate every N epochs")
@@ -108,6 +114,9 @@ def _train_arguments(parser: argparse.ArgumentParser, resumable: bool = True) ->
     track.add_argument("--run-name")
     track.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
     track.add_argument("--log-every", type=int, help="log per-step metrics every N steps")
+    track.add_argument(
+        "--checkpoint-every", type=int, help="save the resumable checkpoint every N steps (default 200)"
+    )
 
     parser.add_argument("--config", dest="config_file", metavar="FILE.yaml", help="options from a YAML file")
     if resumable:
@@ -347,12 +356,27 @@ def run_demo(tracking_uri: str | None = None) -> int:
     return 0
 
 
+def _resume_run_id(value: str | None) -> str | None:
+    """``--resume`` takes a run id, or the path of its ``last.ckpt`` (``.../checkpoints/RUN_ID/last.ckpt``)."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.suffix == ".ckpt":
+        if not path.is_file():
+            raise UserError(f"checkpoint not found: {value}; pass the run id or the path of its last.ckpt")
+        return path.resolve().parent.name
+    return value
+
+
 def run_train(args: argparse.Namespace) -> int:
     from lightning_batch.training import train
 
     cfg = config_from_args(args)
     result = train(
-        cfg, progress_bar=getattr(args, "progress", False), verbose=getattr(args, "verbose", False)
+        cfg,
+        progress_bar=getattr(args, "progress", False),
+        verbose=getattr(args, "verbose", False),
+        resume_run_id=_resume_run_id(getattr(args, "resume", None)),
     )
     _print_summary([result])
     return 0

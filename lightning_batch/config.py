@@ -123,7 +123,9 @@ class RunConfig:
     weight_decay: float = 0.0
     lr_schedule: str = "none"
     grad_clip: float | None = None
-    """Clip the global gradient norm to this value (done by the Trainer)."""
+    """Clip the global gradient norm to this value; grad_norm and clipped_fraction are logged."""
+    on_nan: str = "fail"
+    """A NaN/inf training loss: ``fail`` the run (the step in a tag) or ``skip`` the step and halve the lr."""
     epochs: int = 10
     patience: int | None = None
     """Stop early when val_loss has not improved for this many validations (off when unset)."""
@@ -139,6 +141,9 @@ class RunConfig:
     log_every: int = 10
     """Log per-step metrics every N optimizer steps (train_loss averaged over them). Buffered, one
     database write per ~1000 values; still ~0.16 ms a value in MLflow's SQL store, so 1 is for short runs."""
+    checkpoint_every: int = 200
+    """Save the resumable ``last.ckpt`` every N optimizer steps (and at each epoch end); a killed run
+    loses at most this many steps (``--resume RUN_ID``)."""
 
     # --- derived by validate() --------------------------------------------------------------------
 
@@ -175,6 +180,9 @@ class RunConfig:
         if not isinstance(self.experiment, str) or not self.experiment.strip():
             raise UserError("--experiment must be a non-empty name, e.g. --experiment my-study")
         _positive_int(self.log_every, "--log-every", "--log-every 10")
+        if self.on_nan not in ("fail", "skip"):
+            raise UserError(f"--on-nan must be fail or skip, got {self.on_nan!r}")
+        _positive_int(self.checkpoint_every, "--checkpoint-every", "--checkpoint-every 200")
         self._validate_batch_policy()
         return self
 

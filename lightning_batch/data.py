@@ -581,6 +581,14 @@ class TabularDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.test_set)
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning calls this once per batch it is about to train, in order, after fetching ahead:
+        # the sampler learns which of its batches were really trained (for exact mid-epoch resume).
+        trainer = self.trainer
+        if trainer is not None and trainer.training and self._train_sampler is not None:
+            self._train_sampler.batch_trained()
+        return batch
+
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"train_sampler": self._train_sampler.state_dict() if self._train_sampler else None}

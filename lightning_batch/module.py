@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -43,6 +44,19 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; ``step`` is the optimizer step where it was seen."""
+
+    def __init__(self, step: int, value: float, *, window: int = 1, skipped: int = 0) -> None:
+        where = f"at step {step}" if window == 1 else f"in the {window} steps up to step {step}"
+        extra = f" after {skipped} skipped steps" if skipped else ""
+        super().__init__(
+            f"training loss is not finite ({value}) {where}{extra}: training diverged; lower --lr, set "
+            "--grad-clip, or pass --on-nan skip to skip such steps and halve the lr"
+        )
+        self.step = step
+
+
 class TaskModule(pl.LightningModule):
     """Train ``model`` for ``task`` with SGD/Adam/AdamW and an optional per-epoch lr schedule.
 
@@ -57,9 +71,13 @@ class TaskModule(pl.LightningModule):
         weight_decay: L2 penalty (decoupled for AdamW).
         lr_schedule: ``none``, ``cosine`` (to 0 over ``max_epochs``), ``step`` (×0.1 at 1/2 and 3/4 of
             ``max_epochs``) or ``plateau`` (×0.5 when val_loss stalls); stepped once per epoch.
-        grad_clip: clip the global gradient norm to this value (through the Trainer's precision
-            plugin, ``self.clip_gradients``; ``Trainer(gradient_clip_val=...)`` is for automatic
-            optimization only).
+        grad_clip: clip the global gradient norm to this value (``Trainer(gradient_clip_val=...)``
+            is for automatic optimization only); ``grad_norm`` (before clipping) and
+            ``clipped_fraction`` are logged every ``log_every`` steps.
+        on_nan: a non-finite training loss ``fail``s the run (:class:`NonFiniteLossError`, with the
+            step), or ``skip``s the step and halves the lr (counted in ``nan_skips``; 20 in a row fail).
+            On CPU the check is every step; on an accelerator, ``fail`` checks when a logging window
+            closes (a per-step check would be a device sync per step).
         log_every: log per-step metrics every N optimizer steps (train_loss as the window's mean);
             MLflow's SQL store costs ~0.16 ms a value, so 1 (every step) is for short runs.
     """
@@ -81,12 +99,15 @@ class TaskModule(pl.LightningModule):
         max_epochs: int = 10,
         grad_clip: float | None = None,
         log_every: int = 10,
+        on_nan: str = "fail",
     ) -> None:
         super().__init__()
         if task not in ("regression", "classification"):
             raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
         if task == "classification" and (n_classes is None or n_classes < 2):
             raise ValueError("classification needs n_classes >= 2 (the number of model outputs)")
+        if on_nan not in ("fail", "skip"):
+            raise ValueError(f"on_nan must be 'fail' or 'skip', got {on_nan!r}")
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.task = task
@@ -100,6 +121,9 @@ class TaskModule(pl.LightningModule):
         self.max_rows_per_pass: int | None = None
         #: Out-of-memory errors recovered from by redoing the step's rows in smaller passes.
         self.oom_recoveries = 0
+        #: Steps skipped because their loss was NaN/inf (``on_nan="skip"``), each halving the lr.
+        self.nan_skips = 0
+        self._nan_streak = 0
         self._max_eval_rows: int | None = None
         if task == "regression":
             metrics = {
@@ -125,19 +149,42 @@ class TaskModule(pl.LightningModule):
     # -- training --------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         self._world_size = self.trainer.world_size
+        self._check_every_step = self.hparams.on_nan == "skip" or self.device.type == "cpu"
+
+    def _finite_or_skip(self, loss: torch.Tensor, optimizer: Any) -> bool:
+        """True when the step's loss is finite; else fail the run, or skip the step (halving the lr)."""
+        if bool(torch.isfinite(loss)):
+            self._nan_streak = 0
+            return True
+        step = self.trainer.global_step
+        if self.hparams.on_nan == "fail" or self._nan_streak >= 20:
+            raise NonFiniteLossError(step, float(loss), skipped=self.nan_skips)
+        optimizer.zero_grad()
+        for group in optimizer.param_groups:
+            group["lr"] *= 0.5
+        self.nan_skips += 1
+        self._nan_streak += 1
+        # The sampler moved on; the optimizer did not step, so Lightning's global_step does not either.
+        self._step["rows"] = 0
+        return False
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        loss = self._forward_backward(x, y, optimizer)
+        loss = self._forward_backward(x, y, optimizer).detach()
+        if self._check_every_step and not self._finite_or_skip(loss, optimizer):
+            return loss  # skipped: no update, lr halved
         if self.hparams.grad_clip:
-            self.clip_gradients(
-                optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm"
-            )
+            # The total norm before clipping, kept as a tensor: summed over the window, no host sync.
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.grad_clip, foreach=True)
+            self._step["grad_norm"] = self._step.get("grad_norm", 0.0) + norm
+            self._step["clipped"] = self._step.get("clipped", 0.0) + (norm > self.hparams.grad_clip).float()
         optimizer.step()
-        loss = loss.detach()
         self._step["rows"] = x.shape[0] * self._world_size
+        # Counted here, not in on_train_batch_end: callbacks (a mid-epoch checkpoint) run before
+        # the module's own batch-end hook and must see this step as done.
+        self.samples_seen += self._step["rows"]
         # Summed as a tensor over the logging window: no host sync until the window closes.
         self._step["loss_sum"] = self._step.get("loss_sum", 0.0) + loss
         self._step["window"] = self._step.get("window", 0) + 1
@@ -194,7 +241,6 @@ class TaskModule(pl.LightningModule):
             self.oom_recoveries += 1
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.samples_seen += self._step["rows"]
         if self.trainer.global_step % self.hparams.log_every == 0:
             self._log_step_window()
 
@@ -204,15 +250,26 @@ class TaskModule(pl.LightningModule):
 
     def _log_step_window(self) -> None:
         step = self.trainer.global_step
+        window = max(self._step.get("window", 0), 1)
+        loss_mean = float(self._step.get("loss_sum", 0.0)) / window
+        if not self._check_every_step and not math.isfinite(loss_mean):
+            raise NonFiniteLossError(step, loss_mean, window=window)
+        extra: dict[str, float] = {}
+        if "grad_norm" in self._step:
+            extra["grad_norm"] = float(self._step.pop("grad_norm")) / window
+            extra["clipped_fraction"] = float(self._step.pop("clipped")) / window
+        if self.nan_skips:
+            extra["nan_skips"] = float(self.nan_skips)
         if self.logger is not None:
             # Straight into the logger's buffer (see tracking.BufferedMLFlowLogger): one dict a window.
             # train_loss is the mean over the window's steps, so no step's loss goes unrecorded.
             self.logger.log_metrics(
                 {
-                    "train_loss": float(self._step["loss_sum"]) / self._step["window"],
+                    "train_loss": loss_mean,
                     "batch_size": float(self._step["rows"]),
                     "lr": self.current_lr,
                     "samples_seen": float(self.samples_seen),
+                    **extra,
                 },
                 step=step,
             )

@@ -11,6 +11,11 @@ Every rank walks the same seeded permutation and takes its own stride of each gl
 the ranks agree on the step count without talking to each other, and the union of what they see
 in an epoch is the dataset exactly once.
 
+A loader may fetch ahead of training (Lightning prefetches one batch to know which is the last),
+so the sampler's cursor runs ahead of what was trained. The consumer reports each batch it trains
+with :meth:`batch_trained`; :meth:`state_dict` then saves the *trained* position, and a fit resumed
+from a mid-epoch checkpoint goes on with exactly the rows not yet trained.
+
 Batches are yielded as one ``LongTensor`` of row indices: a tabular dataset answers with one
 tensor index (see :class:`lightning_batch.data.TensorTableDataset`), never a per-row collate.
 
@@ -26,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -88,6 +94,8 @@ class ResizableBatchSampler(BatchSampler):
         self.cursor = 0  # rows of this epoch's permutation already handed out (all ranks)
         self.batches_yielded = 0  # steps handed out this epoch
         self.last_global_rows = 0  # rows of the last step over all ranks (the same number on every rank)
+        self._in_flight: deque[int] = deque()  # global rows of batches handed out but not yet trained
+        self._tracks_training = False  # whether a consumer reports trained batches
 
     # BatchSampler.__init__ assigns self.batch_size, which goes through this setter.
     @property
@@ -107,6 +115,7 @@ class ResizableBatchSampler(BatchSampler):
             self.epoch = epoch
             self.cursor = 0
             self.batches_yielded = 0
+            self._in_flight.clear()
 
     def permutation(self, epoch: int | None = None) -> torch.Tensor:
         """The order of rows in ``epoch`` (the current one by default), identical on every rank."""
@@ -161,14 +170,26 @@ class ResizableBatchSampler(BatchSampler):
             global_batch = order[self.cursor : self.cursor + take]
             self.cursor += take
             self.batches_yielded += 1
-            self.last_global_rows = take
+            self._in_flight.append(take)
+            if not self._tracks_training:
+                self.last_global_rows = take
             yield global_batch[self.rank :: self.world_size]
 
+    def batch_trained(self) -> int:
+        """The consumer trained the oldest batch handed out: its global rows (also ``last_global_rows``)."""
+        self._tracks_training = True
+        if not self._in_flight:
+            return 0
+        self.last_global_rows = self._in_flight.popleft()
+        return self.last_global_rows
+
     def state_dict(self) -> dict[str, Any]:
+        """The position after the last *trained* batch (batches fetched ahead are handed out again)."""
+        ahead = sum(self._in_flight) if self._tracks_training else 0
         return {
             "epoch": self.epoch,
-            "cursor": self.cursor,
-            "batches_yielded": self.batches_yielded,
+            "cursor": self.cursor - ahead,
+            "batches_yielded": self.batches_yielded - (len(self._in_flight) if self._tracks_training else 0),
             "batch_size": self._batch_size,
             "seed": self.seed,
         }
@@ -177,5 +198,6 @@ class ResizableBatchSampler(BatchSampler):
         self.epoch = int(state["epoch"])
         self.cursor = int(state["cursor"])
         self.batches_yielded = int(state["batches_yielded"])
+        self._in_flight.clear()
         self.batch_size = int(state["batch_size"])
         self.seed = int(state["seed"])

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
@@ -101,6 +102,8 @@ def quiet_lightning(verbose: bool = False) -> None:
         warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
         # torch 2.13 deprecates a pytree check that Lightning 2.6 still uses: not the user's concern.
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+        # Our step checkpoints hold the state after the step, with the sampler's trained position to match.
+        warnings.filterwarnings("ignore", message=r".*manual optimization and every_n_train_steps.*")
 
 
 def build_module(cfg: RunConfig, dm: TabularDataModule) -> TaskModule:
@@ -126,6 +129,7 @@ def build_module(cfg: RunConfig, dm: TabularDataModule) -> TaskModule:
         max_epochs=cfg.epochs,
         grad_clip=cfg.grad_clip,
         log_every=cfg.log_every,
+        on_nan=cfg.on_nan,
     )
 
 
@@ -222,14 +226,32 @@ def train(
                 log_dataset_input(client, run_id, data.raw_frame, data.source, data.target_column, cfg.data)
 
         checkpoint = ModelCheckpoint(
-            dirpath=checkpoint_dir,
-            filename="best",
-            monitor="val_loss",
-            mode="min",
-            save_top_k=1,
-            save_last=True,
+            dirpath=checkpoint_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1
         )
-        all_callbacks: list[Callback] = [checkpoint, StopOnNonFiniteLoss(), *callbacks]
+        # The resumable state, mid-epoch included (the sampler saves its trained position). Lightning
+        # writes it atomically: a temporary file renamed over the old one, so a kill during a save
+        # leaves the previous last.ckpt whole.
+        # Two writers of the same file, because Lightning takes either a step or an epoch trigger.
+        last_by_steps = ModelCheckpoint(
+            dirpath=checkpoint_dir,
+            filename="last",
+            every_n_train_steps=cfg.checkpoint_every,
+            enable_version_counter=False,
+        )
+        last_by_epoch = ModelCheckpoint(
+            dirpath=checkpoint_dir,
+            filename="last",
+            every_n_epochs=1,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
+        )
+        all_callbacks: list[Callback] = [
+            checkpoint,
+            last_by_steps,
+            last_by_epoch,
+            StopOnNonFiniteLoss(),
+            *callbacks,
+        ]
         resizer = build_resizer(cfg) if cfg.dynamic else None
         if resizer is not None:
             all_callbacks.append(resizer)
@@ -249,9 +271,13 @@ def train(
         )
         options.update(trainer_options or {})
         trainer = pl.Trainer(**options)
-        trainer.fit(module, datamodule=dm, ckpt_path=resume_from)
+        # weights_only: a checkpoint holds tensors and plain containers only, so it loads without
+        # unpickling arbitrary objects.
+        trainer.fit(module, datamodule=dm, ckpt_path=resume_from, weights_only=True)
         best_val = checkpoint.best_model_score
-        ckpt_path = "best" if checkpoint.best_model_path else None
+        final_weights = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        ckpt_path = checkpoint.best_model_path or None
+        samples_seen = module.samples_seen  # before test() loads the best checkpoint's counters
         test_metrics = (
             trainer.test(module, datamodule=dm, ckpt_path=ckpt_path, verbose=False)[0]
             if evaluate_test
@@ -266,7 +292,7 @@ def train(
         }
         logger.log_metrics({k: v for k, v in summary.items() if k.startswith(("best_", "fit_", "epochs_"))})
         logger.flush()
-        _log_run_artifacts(client, run_id, cfg, dm, logger, checkpoint, resizer)
+        _log_run_artifacts(client, run_id, cfg, dm, logger, checkpoint, resizer, final_weights)
         logger.finalize("success")
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the best one is an artifact now
         return RunResult(
@@ -283,7 +309,7 @@ def train(
             ),
             epochs=trainer.current_epoch,
             seconds=seconds,
-            samples_seen=module.samples_seen,
+            samples_seen=samples_seen,
             metrics=summary,
             tracking_uri=uri,
         )
@@ -334,6 +360,8 @@ def mark_run_failed(logger: BufferedMLFlowLogger, exc: BaseException) -> None:
     with contextlib.suppress(Exception):
         message = f"{type(exc).__name__}: {exc}".strip()
         logger.experiment.set_tag(logger.run_id, "error", message[:4000])
+        if isinstance(getattr(exc, "step", None), int):
+            logger.experiment.set_tag(logger.run_id, "nonfinite_step", str(exc.step))
         logger.experiment.set_terminated(
             logger.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         )
@@ -356,6 +384,7 @@ def _log_run_artifacts(
     logger: BufferedMLFlowLogger,
     checkpoint: ModelCheckpoint,
     resizer: DynamicBatchSize | None,
+    final_weights: dict[str, Any],
 ) -> None:
     data = dm.prepared
     assert data is not None
@@ -385,5 +414,10 @@ def _log_run_artifacts(
                 )
             )
         client.log_artifacts(run_id, str(folder))
+    with tempfile.TemporaryDirectory() as tmp:
+        # The weights at the end of training (best.ckpt is the best validation epoch's), a plain
+        # state_dict: torch.load(path, weights_only=True).
+        torch.save(final_weights, Path(tmp) / "final_weights.pt")
+        client.log_artifact(run_id, str(Path(tmp) / "final_weights.pt"), "checkpoints")
     if checkpoint.best_model_path and Path(checkpoint.best_model_path).is_file():
         client.log_artifact(run_id, checkpoint.best_model_path, "checkpoints")
