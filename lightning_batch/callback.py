@@ -296,8 +296,9 @@ class DynamicBatchSize(Callback):
                 self.probe = MemoryProbe(meter, upper_bound=max(1, local_rows // world)).run(run_step)
             except MemoryProbeError as exc:
                 raise MemoryError(
-                    f"not even the smallest batch fits the memory budget ({self.memory_budget:.0%} of "
-                    f"{meter.name} memory, {meter.budget_bytes() / 2**20:.0f} MiB): {exc}"
+                    f"not even the smallest batch fits the memory budget (--memory-budget {self.memory_budget:g} "
+                    f"of free {meter.name} memory = {meter.budget_bytes() / 2**20:.1f} MiB); raise --memory-budget, "
+                    f"free memory, or use a smaller model ({exc})"
                 ) from None
             finally:
                 network.zero_grad(set_to_none=True)

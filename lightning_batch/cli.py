@@ -432,6 +432,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except (MemoryError, FloatingPointError) as exc:
+        # The run existed and is marked FAILED (error tag); the user needs the reason, not a traceback.
+        message = " ".join(str(exc).split())
+        print(f"error: {message} (the run is marked FAILED in MLflow)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: the run was marked KILLED in MLflow", file=sys.stderr)
         return 130

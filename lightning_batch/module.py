@@ -49,11 +49,11 @@ class NonFiniteLossError(FloatingPointError):
 
     def __init__(self, step: int, value: float, *, window: int = 1, skipped: int = 0) -> None:
         where = f"at step {step}" if window == 1 else f"in the {window} steps up to step {step}"
+        advice = "lower --lr or set --grad-clip"
+        if not skipped:
+            advice += ", or pass --on-nan skip to skip such steps and halve the lr"
         extra = f" after {skipped} skipped steps" if skipped else ""
-        super().__init__(
-            f"training loss is not finite ({value}) {where}{extra}: training diverged; lower --lr, set "
-            "--grad-clip, or pass --on-nan skip to skip such steps and halve the lr"
-        )
+        super().__init__(f"training loss is not finite ({value}) {where}{extra}: training diverged; {advice}")
         self.step = step
 
 
@@ -260,6 +260,8 @@ class TaskModule(pl.LightningModule):
             extra["clipped_fraction"] = float(self._step.pop("clipped")) / window
         if self.nan_skips:
             extra["nan_skips"] = float(self.nan_skips)
+        if self.oom_recoveries:
+            extra["oom_recoveries"] = float(self.oom_recoveries)
         if self.logger is not None:
             # Straight into the logger's buffer (see tracking.BufferedMLFlowLogger): one dict a window.
             # train_loss is the mean over the window's steps, so no step's loss goes unrecorded.

@@ -185,3 +185,108 @@ def test_a_nan_loss_fails_the_run_with_the_step_in_a_tag(tracking_uri: str):
     assert run.info.status == "FAILED"
     assert run.data.tags["nonfinite_step"] == "12"
     assert "not finite" in run.data.tags["error"] and "step 12" in run.data.tags["error"]
+
+
+class _NanBatch(Callback):
+    """Puts a NaN into the training batch at one step (the data, not the weights, go bad)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.done = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and not self.done:
+            self.done = True
+            batch[0][0, 0] = float("nan")
+
+
+def test_on_nan_skip_skips_the_step_halves_the_lr_and_counts_it(tracking_uri: str):
+    cfg = RunConfig(
+        data="synthetic-regression",
+        rows=2000,
+        epochs=2,
+        lr=0.04,
+        log_every=5,
+        on_nan="skip",
+        tracking_uri=tracking_uri,
+    )
+    result = train(cfg, callbacks=[_NanBatch(7)])
+    assert result.status == "FINISHED"
+    client = MlflowClient(tracking_uri)
+    history = client.get_metric_history(result.run_id, "nan_skips")
+    assert history and history[-1].value == 1
+    assert client.get_metric_history(result.run_id, "lr")[-1].value == pytest.approx(0.02)
+    assert torch.isfinite(torch.tensor(result.metrics["test_loss"]))
+
+
+@pytest.mark.parametrize("clip, fraction", [(1e-3, 1.0), (1e6, 0.0)])
+def test_clipping_logs_the_gradient_norm_and_the_clipped_fraction(
+    tracking_uri: str, clip: float, fraction: float
+):
+    cfg = RunConfig(
+        data="synthetic-regression",
+        rows=2000,
+        epochs=1,
+        grad_clip=clip,
+        log_every=5,
+        tracking_uri=tracking_uri,
+    )
+    result = train(cfg)
+    client = MlflowClient(tracking_uri)
+    clipped = [m.value for m in client.get_metric_history(result.run_id, "clipped_fraction")]
+    norms = [m.value for m in client.get_metric_history(result.run_id, "grad_norm")]
+    assert clipped and all(v == fraction for v in clipped)
+    assert norms and all(v > 0 for v in norms)
+
+
+def test_out_of_memory_at_random_steps_is_recovered_with_the_same_result(tracking_uri: str):
+    """OOMs injected at random steps: each step is redone in smaller passes over the same rows, so the
+    weights end where an undisturbed run's do (up to float summation order)."""
+    options = dict(
+        data="synthetic-regression", rows=3000, features=4, batch_size=64, lr=0.05, epochs=2, seed=1
+    )
+    reference = train(RunConfig(**options, tracking_uri=tracking_uri, experiment="calm"))
+    steps = sorted(random.Random().sample(range(1, 60), 3))
+
+    class InjectOOM(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step in steps and not getattr(pl_module.model, "_armed", False):
+                original = pl_module.model.forward
+
+                def failing_once(*args, **kwargs):
+                    pl_module.model.forward = original
+                    raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+                pl_module.model.forward = failing_once
+
+    disturbed = train(
+        RunConfig(**options, tracking_uri=tracking_uri, experiment="oom"), callbacks=[InjectOOM()]
+    )
+    assert disturbed.status == "FINISHED"
+    client = MlflowClient(tracking_uri)
+    assert client.get_metric_history(disturbed.run_id, "oom_recoveries")[-1].value == len(steps)
+    assert disturbed.samples_seen == reference.samples_seen
+    expected = _final_weights(
+        client, reference.run_id, Path(tracking_uri.removeprefix("sqlite:///")).parent / "a"
+    )
+    actual = _final_weights(
+        client, disturbed.run_id, Path(tracking_uri.removeprefix("sqlite:///")).parent / "b"
+    )
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_that_never_fits_fails_naming_the_memory_budget(tracking_uri: str):
+    cfg = RunConfig(
+        data="synthetic-regression",
+        rows=2000,
+        batch_size="auto",
+        memory_budget=1e-12,
+        tracking_uri=tracking_uri,
+    )
+    with pytest.raises(Exception, match="memory budget") as raised:
+        train(cfg)
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("lightning-batch").experiment_id])
+    assert run.info.status == "FAILED" and "memory budget" in run.data.tags["error"]
+    assert "--memory-budget" in str(raised.value)
