@@ -3,7 +3,8 @@
 - no arguments: the demo (the seed's linear regression and a classification example);
 - ``train``: one run from flags and/or ``--config FILE.yaml`` (flags win over the file);
 - ``tune``: an Optuna study over lr and batch size (and policy); every trial a child MLflow run;
-- ``ui``: the MLflow UI on 127.0.0.1 against the project's store.
+- ``ui``: the MLflow UI on 127.0.0.1 against the project's store;
+- ``dashboard``: optuna-dashboard on 127.0.0.1 against the studies' storage.
 
 Bad input prints one ``error: ...`` line and exits with status 2. Only ``experiments/run.py``
 imports this module.
@@ -163,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument(
         "--heartbeat-interval", type=int, help="seconds between worker heartbeats (default 10)"
     )
+    dashboard = commands.add_parser("dashboard", help="start optuna-dashboard on 127.0.0.1")
+    dashboard.add_argument(
+        "--storage", help="Optuna storage URL (default: optuna.db beside the MLflow store)"
+    )
+    dashboard.add_argument("--tracking-uri", help="only to find the default storage")
+    dashboard.add_argument("--port", type=int, default=8080)
+    dashboard.add_argument(
+        "--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)"
+    )
     ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--tracking-uri")
     ui.add_argument("--port", type=int, default=5000)
@@ -246,7 +256,13 @@ def _print_tune_summary(result: Any) -> None:
             else ""
         )
         + "[/bold]\n"
-        + f"Open optuna-dashboard:  [bold]optuna-dashboard {shlex.quote(redact(result.storage))} --host 127.0.0.1[/bold]",
+        + "Open optuna-dashboard:  [bold]python experiments/run.py dashboard"
+        + (
+            f" --storage {shlex.quote(redact(result.storage))}"
+            if result.storage != "sqlite:///mlruns/optuna.db"
+            else ""
+        )
+        + "[/bold]",
         soft_wrap=True,
     )
 
@@ -392,6 +408,35 @@ def run_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_dashboard(args: argparse.Namespace) -> int:
+    from lightning_batch.tracking import resolve_tracking_uri
+    from lightning_batch.tuning import redact, resolve_storage
+
+    storage = resolve_storage(args.storage, resolve_tracking_uri(args.tracking_uri))
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+        raise UserError(
+            f"no studies yet: {storage} does not exist; run `run.py tune` first or pass --storage"
+        )
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from optuna_dashboard._cli import main; sys.exit(main())",
+        storage,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    print(
+        f"optuna-dashboard for {redact(storage)} on http://{args.host}:{args.port}  (Ctrl-C stops it)",
+        flush=True,
+    )
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
 def run_ui(args: argparse.Namespace) -> int:
     from lightning_batch.tracking import ensure_store, resolve_tracking_uri
 
@@ -426,6 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_train(args)
         if args.command == "tune":
             return run_tune(args)
+        if args.command == "dashboard":
+            return run_dashboard(args)
         if args.command == "ui":
             return run_ui(args)
         raise UserError(f"unknown command {args.command!r}")

@@ -1,0 +1,113 @@
+"""Fuzzed bad input: hypothesis writes broken CSVs and picks flag combinations; every case trains or
+is refused with one ``error:`` line and status 2 — never a traceback, never a RUNNING run left behind.
+
+The default run tries a few dozen cases; ``pytest -m slow tests/test_fuzz_input.py`` (or ``make
+test-all``) tries many more.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mlflow import MlflowClient
+
+from lightning_batch.cli import main
+
+CELLS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=64).map(repr),
+    st.integers(-(10**6), 10**6).map(str),
+    st.sampled_from(
+        ["", "NA", "nan", "inf", "-inf", "1e308", "-1e308", "abc", "1,5", "  ", "ünïcødé", "TRUE"]
+    ),
+)
+HEADERS = st.one_of(
+    st.sampled_from(["x", "y", "", " ", "x", "Température", "列", "a b", "target", "y"]),
+    st.text(min_size=0, max_size=6),
+)
+FLAG_VALUES = {
+    "--batch-size": ["1", "8", "full", "auto", "0", "-3", "abc", "1.5"],
+    "--lr": ["0.01", "0.1", "0", "-1", "nan", "inf", "abc"],
+    "--epochs": ["1", "0", "-1", "x"],
+    "--val-fraction": ["0.2", "0", "1", "0.9", "-0.1"],
+    "--model": ["linear", "mlp", "softmax", "cnn5"],
+    "--task": ["regression", "classification", "clustering"],
+    "--hidden": ["8", "0", "-2"],
+    "--optimizer": ["sgd", "adam", "lbfgs"],
+    "--max-categories": ["1", "20", "0"],
+    "--min-batch": ["1", "0", "100000"],
+}
+
+
+@st.composite
+def csv_cases(draw):
+    n_cols = draw(st.integers(1, 4))
+    headers = [draw(HEADERS) for _ in range(n_cols)]
+    n_rows = draw(st.integers(0, 25))
+    rows = [[draw(CELLS) for _ in range(n_cols)] for _ in range(n_rows)]
+    if draw(st.booleans()) and n_rows:  # a plausible target column: few classes or a line
+        column = draw(st.integers(0, n_cols - 1))
+        kind = draw(st.sampled_from(["one class", "two classes", "numbers"]))
+        for i, row in enumerate(rows):
+            row[column] = {"one class": "a", "two classes": "ab"[i % 2], "numbers": str(i * 0.5)}[kind]
+    target = draw(st.one_of(st.sampled_from(headers), st.just("missing_column")))
+    flags: list[str] = []
+    for flag in draw(st.lists(st.sampled_from(sorted(FLAG_VALUES)), max_size=3, unique=True)):
+        flags += [flag, draw(st.sampled_from(FLAG_VALUES[flag]))]
+    return headers, rows, target, flags
+
+
+def _check(case, capsys) -> None:
+    headers, rows, target, flags = case
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "data.csv"
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(headers)
+            writer.writerows(rows)
+        status = main(["train", "--data", str(path), "--target", target, "--epochs", "1", *flags])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert status in (0, 2), (status, captured.err[-2000:])
+    if status == 2:
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    client = MlflowClient(f"sqlite:///{os.getcwd()}/mlruns/mlflow.db")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    running = (
+        client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'") if experiments else []
+    )
+    assert not running, "a run left RUNNING"
+
+
+@pytest.fixture
+def fuzz_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fuzz")
+    old = os.getcwd()
+    os.chdir(folder)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield folder
+    os.chdir(old)
+
+
+COMMON = dict(
+    deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+
+
+@settings(max_examples=30, derandomize=True, **COMMON)
+@given(case=csv_cases())
+def test_fuzzed_csvs_and_flags_train_or_fail_cleanly(case, fuzz_dir, capsys):
+    _check(case, capsys)
+
+
+@pytest.mark.slow
+@settings(max_examples=400, **COMMON)
+@given(case=csv_cases())
+def test_fuzzed_csvs_and_flags_long(case, fuzz_dir, capsys):
+    _check(case, capsys)
