@@ -218,7 +218,15 @@ def clean_frame(raw: RawTable, task: str | None, max_categories: int) -> CleanTa
     if features.shape[1] == 0:
         raise UserError(f"{raw.source} has no feature columns besides the target {raw.target!r}")
     if task == "regression":
-        y = pd.to_numeric(frame[raw.target]).to_numpy(dtype=np.float32)
+        values = pd.to_numeric(frame[raw.target]).astype(float)
+        largest = float(values.abs().max())
+        if largest > MAX_TARGET:
+            # Squared errors of such targets overflow float32 (the training dtype) at the first step.
+            raise UserError(
+                f"target {raw.target!r} has values up to {largest:.3g}, too large to train on in float32; "
+                f"rescale it (e.g. divide by {10 ** int(math.log10(largest) - 3):.0e}) or take its log"
+            )
+        y = values.to_numpy(dtype=np.float32)
         classes: list[str] = []
     else:
         labels = (
@@ -267,8 +275,9 @@ def split_indices(
 
     n_test = int(round(n_rows * test_fraction))
     n_val = int(round(n_rows * val_fraction))
-    if n_test < 1 or n_val < 1 or n_rows - n_test - n_val < 1:
-        need = int(math.ceil(1 / min(val_fraction, test_fraction))) + 1
+    # Two rows at least per evaluation split: R², F1 and a mean loss need more than one row.
+    if n_test < 2 or n_val < 2 or n_rows - n_test - n_val < 1:
+        need = int(math.ceil(2 / min(val_fraction, test_fraction))) + 1
         raise UserError(
             f"{n_rows} usable rows are too few to split into train/val/test; "
             f"give at least {need} rows or raise --val-fraction/--test-fraction"
@@ -291,6 +300,12 @@ def split_indices(
 
 # ------------------------------------------------------------------------------------------------
 # 4. preprocessing, fit on train only
+
+
+#: Largest |standardised feature| kept (values beyond are clipped: they would overflow float32 math).
+MAX_SCALED = 1e6
+#: Largest |regression target| accepted: its square must stay far below float32's 3.4e38.
+MAX_TARGET = 1e15
 
 
 @dataclass
@@ -352,7 +367,10 @@ class Preprocessor:
 
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
         encoded = self._encode(frame)
-        return ((encoded - np.asarray(self.mean)) / np.asarray(self.scale)).astype(np.float32)
+        scaled = (encoded - np.asarray(self.mean)) / np.asarray(self.scale)
+        # A val/test outlier far outside the train range (1e38 where train was constant) would be
+        # inf in float32 and poison every loss; a million standard deviations is extreme enough.
+        return np.clip(scaled, -MAX_SCALED, MAX_SCALED).astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

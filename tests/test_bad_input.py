@@ -38,7 +38,17 @@ def _cases(folder: Path) -> dict[str, tuple[list[str], str]]:
     (folder / "space_bad_name.yaml").write_text("space:\n  data: [iris, wine]\n")
     (folder / "space_log_zero.yaml").write_text("lr: {low: 0, high: 1, log: true}\n")
     tune = ["tune", "--data", "iris", "--epochs", "1"]
+    huge_target = pd.DataFrame({"a": np.arange(40.0), "y": np.arange(40.0) * 1e30})
+    few = pd.DataFrame({"a": np.arange(8.0), "y": np.arange(8.0)})
     return {
+        "regression target too large for float32": (
+            ["train", "--data", _write_csv(folder, "huge.csv", huge_target), "--target", "y"],
+            "too large to train on",
+        ),
+        "too few rows for a 2-row validation split": (
+            ["train", "--data", _write_csv(folder, "few.csv", few), "--target", "y"],
+            "too few to split",
+        ),
         "tune: unknown sampler": ([*tune, "--sampler", "bayes"], "unknown sampler"),
         "tune: unknown pruner": ([*tune, "--pruner", "asha"], "unknown pruner"),
         "tune: more workers than trials": ([*tune, "--trials", "2", "--workers", "4"], "lower --workers"),

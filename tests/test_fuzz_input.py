@@ -74,8 +74,10 @@ def _check(case, capsys) -> None:
     captured = capsys.readouterr()
     assert "Traceback" not in captured.out + captured.err
     lines = [line for line in captured.err.splitlines() if line.strip()]
-    assert status in (0, 2), (status, captured.err[-2000:])
-    if status == 2:
+    # 0: trained; 2: refused before any run existed; 1: the run trained and failed (it diverged), said
+    # in one line and marked FAILED.
+    assert status in (0, 1, 2), (status, captured.err[-2000:])
+    if status != 0:
         assert len(lines) == 1 and lines[0].startswith("error: "), lines
     client = MlflowClient(f"sqlite:///{os.getcwd()}/mlruns/mlflow.db")
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -107,7 +109,7 @@ def test_fuzzed_csvs_and_flags_train_or_fail_cleanly(case, fuzz_dir, capsys):
 
 
 @pytest.mark.slow
-@settings(max_examples=400, **COMMON)
+@settings(max_examples=int(os.environ.get("LIGHTNING_BATCH_FUZZ_EXAMPLES", "400")), **COMMON)
 @given(case=csv_cases())
 def test_fuzzed_csvs_and_flags_long(case, fuzz_dir, capsys):
     _check(case, capsys)
