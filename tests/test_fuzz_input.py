@@ -48,16 +48,21 @@ FLAG_VALUES = {
 def csv_cases(draw):
     n_cols = draw(st.integers(1, 4))
     headers = [draw(HEADERS) for _ in range(n_cols)]
-    n_rows = draw(st.integers(0, 25))
+    n_rows = draw(st.one_of(st.integers(0, 12), st.integers(13, 60)))
     rows = [[draw(CELLS) for _ in range(n_cols)] for _ in range(n_rows)]
-    if draw(st.booleans()) and n_rows:  # a plausible target column: few classes or a line
+    column = None
+    if draw(st.integers(0, 3)) and n_rows:  # mostly a plausible target column: few classes or a line
         column = draw(st.integers(0, n_cols - 1))
         kind = draw(st.sampled_from(["one class", "two classes", "numbers"]))
         for i, row in enumerate(rows):
             row[column] = {"one class": "a", "two classes": "ab"[i % 2], "numbers": str(i * 0.5)}[kind]
-    target = draw(st.one_of(st.sampled_from(headers), st.just("missing_column")))
+    if column is not None and draw(st.integers(0, 3)):
+        target = headers[column] or "y"
+        headers[column] = target
+    else:
+        target = draw(st.sampled_from([*headers, "missing_column"]))
     flags: list[str] = []
-    for flag in draw(st.lists(st.sampled_from(sorted(FLAG_VALUES)), max_size=3, unique=True)):
+    for flag in draw(st.lists(st.sampled_from(sorted(FLAG_VALUES)), max_size=2, unique=True)):
         flags += [flag, draw(st.sampled_from(FLAG_VALUES[flag]))]
     return headers, rows, target, flags
 
