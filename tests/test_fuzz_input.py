@@ -75,7 +75,10 @@ def _check(case, capsys) -> None:
             writer = csv.writer(handle)
             writer.writerow(headers)
             writer.writerows(rows)
-        status = main(["train", "--data", str(path), "--target", target, "--epochs", "1", *flags])
+        uri = f"sqlite:///{os.getcwd()}/mlruns/mlflow.db"  # absolute: see test_mlflow_runs on MLflow's engine cache
+        status = main(
+            ["train", "--data", str(path), "--target", target, "--epochs", "1", "--tracking-uri", uri, *flags]
+        )
     captured = capsys.readouterr()
     assert "Traceback" not in captured.out + captured.err
     lines = [line for line in captured.err.splitlines() if line.strip()]

@@ -35,7 +35,9 @@ def test_demo_writes_two_finished_runs_with_metrics_and_artifacts(workdir: Path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1" in done.stdout
     assert (workdir / "mlruns" / "mlflow.db").is_file()
-    client = MlflowClient("sqlite:///mlruns/mlflow.db")
+    # Absolute: MLflow caches one engine per URI string for the whole process, so a relative URI used
+    # by an earlier in-process test (from another working directory) would read that test's store.
+    client = MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) >= 2
     by_task = {}
