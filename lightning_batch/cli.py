@@ -127,7 +127,11 @@ def _train_arguments(parser: argparse.ArgumentParser, resumable: bool = True) ->
             help="continue a stopped run from its last checkpoint, on the same MLflow run",
         )
     parser.add_argument("--verbose", action="store_true", help="show Lightning's own messages")
-    parser.add_argument("--progress", action="store_true", help="show a progress bar")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        help="progress bar with batch size, lr and noise scale (default: on in a terminal)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -390,7 +394,7 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     result = train(
         cfg,
-        progress_bar=getattr(args, "progress", False),
+        progress_bar=getattr(args, "progress", None),
         verbose=getattr(args, "verbose", False),
         resume_run_id=_resume_run_id(getattr(args, "resume", None)),
     )
