@@ -4,7 +4,8 @@
 - ``train``: one run from flags and/or ``--config FILE.yaml`` (flags win over the file);
 - ``tune``: an Optuna study over lr and batch size (and policy); every trial a child MLflow run;
 - ``ui``: the MLflow UI on 127.0.0.1 against the project's store;
-- ``dashboard``: optuna-dashboard on 127.0.0.1 against the studies' storage.
+- ``dashboard``: optuna-dashboard on 127.0.0.1 against the studies' storage;
+- ``report``: how to choose the batch size, from a run's or a study's measurements.
 
 Bad input prints one ``error: ...`` line and exits with status 2. Only ``experiments/run.py``
 imports this module.
@@ -127,7 +128,11 @@ def _train_arguments(parser: argparse.ArgumentParser, resumable: bool = True) ->
             help="continue a stopped run from its last checkpoint, on the same MLflow run",
         )
     parser.add_argument("--verbose", action="store_true", help="show Lightning's own messages")
-    parser.add_argument("--progress", action="store_true", help="show a progress bar")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        help="progress bar with batch size, lr and noise scale (default: on in a terminal)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--study-seed", type=int, help="sampler seed (default 0)")
     study.add_argument(
         "--heartbeat-interval", type=int, help="seconds between worker heartbeats (default 10)"
+    )
+    report = commands.add_parser("report", help="batch-size report of a run (id) or a study (name)")
+    report.add_argument("target", metavar="RUN_ID_OR_STUDY")
+    report.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
+    report.add_argument(
+        "--storage", help="Optuna storage of the study (default: optuna.db beside the MLflow store)"
     )
     dashboard = commands.add_parser("dashboard", help="start optuna-dashboard on 127.0.0.1")
     dashboard.add_argument(
@@ -390,7 +401,7 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     result = train(
         cfg,
-        progress_bar=getattr(args, "progress", False),
+        progress_bar=getattr(args, "progress", None),
         verbose=getattr(args, "verbose", False),
         resume_run_id=_resume_run_id(getattr(args, "resume", None)),
     )
@@ -405,6 +416,27 @@ def run_tune(args: argparse.Namespace) -> int:
     options = tune_config_from_args(args)
     result = tune(cfg, options, echo=lambda line: print(line, flush=True))
     _print_tune_summary(result)
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from lightning_batch.report import make_report
+    from lightning_batch.tracking import resolve_tracking_uri
+    from lightning_batch.tuning import resolve_storage
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    title, rows, logged_to = make_report(args.target, uri, resolve_storage(args.storage, uri))
+    table = Table(title=title)
+    table.add_column("")
+    table.add_column("measured")
+    for name, value in rows:
+        table.add_row(name, value)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(table)
+    console.print(f"logged as report/report.md on MLflow run {logged_to}")
     return 0
 
 
@@ -471,6 +503,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_train(args)
         if args.command == "tune":
             return run_tune(args)
+        if args.command == "report":
+            return run_report(args)
         if args.command == "dashboard":
             return run_dashboard(args)
         if args.command == "ui":

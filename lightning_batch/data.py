@@ -16,7 +16,7 @@ Example:
     >>> dm = TabularDataModule(data="iris", batch_size=16, seed=0)
     >>> dm.setup()
     >>> (dm.task, dm.n_features, dm.n_outputs, len(dm.train_set))
-    ('classification', 4, 3, 105)
+    ('classification', 4, 3, 106)
     >>> x, y = next(iter(dm.train_dataloader()))
     >>> tuple(x.shape), y.dtype
     ((16, 4), torch.int64)

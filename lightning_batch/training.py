@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -39,6 +40,7 @@ from lightning_batch.config import RunConfig, UserError, check_model_for_task
 from lightning_batch.data import TabularDataModule
 from lightning_batch.models import build_model
 from lightning_batch.module import TaskModule
+from lightning_batch.progress import BatchProgressBar
 from lightning_batch.tracking import (
     BufferedMLFlowLogger,
     ensure_store,
@@ -158,7 +160,7 @@ def train(
     *,
     callbacks: Sequence[Callback] = (),
     trainer_options: dict[str, Any] | None = None,
-    progress_bar: bool = False,
+    progress_bar: bool | None = None,
     verbose: bool = False,
     extra_tags: dict[str, str] | None = None,
     resume_run_id: str | None = None,
@@ -245,7 +247,10 @@ def train(
             save_on_train_epoch_end=True,
             enable_version_counter=False,
         )
+        # The bar by default where someone watches (a terminal), never in logs or tests.
+        show_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
         all_callbacks: list[Callback] = [
+            *([BatchProgressBar()] if show_bar else []),
             checkpoint,
             last_by_steps,
             last_by_epoch,
@@ -262,7 +267,7 @@ def train(
             check_val_every_n_epoch=cfg.val_every,
             logger=logger,
             callbacks=all_callbacks,
-            enable_progress_bar=progress_bar,
+            enable_progress_bar=show_bar,
             enable_model_summary=verbose,
             num_sanity_val_steps=0,
             use_distributed_sampler=False,
