@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import math
+import secrets
 import shutil
 import sys
 import tempfile
@@ -106,6 +107,18 @@ def quiet_lightning(verbose: bool = False) -> None:
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
         # Our step checkpoints hold the state after the step, with the sampler's trained position to match.
         warnings.filterwarnings("ignore", message=r".*manual optimization and every_n_train_steps.*")
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    """``data-model-batch-xxxx``: readable in the UI and distinct. MLflow's own random names come from
+    ``random``, which ``seed_everything`` has just seeded: every run of a seed got the same name."""
+    data = Path(cfg.data).stem if cfg.is_file_source else cfg.data
+    batch = (
+        cfg.batch_size
+        if cfg.policy in (None, "fixed") or cfg.batch_size == "auto"
+        else f"{cfg.policy}{cfg.batch_size}"
+    )
+    return f"{data}-{cfg.model}-b{batch}-{secrets.token_hex(2)}"
 
 
 def build_module(cfg: RunConfig, dm: TabularDataModule) -> TaskModule:
@@ -201,7 +214,7 @@ def train(
     logger = BufferedMLFlowLogger(
         experiment_name=cfg.experiment,
         tracking_uri=uri,
-        run_name=cfg.run_name,
+        run_name=cfg.run_name or default_run_name(cfg),
         tags=tags,
         run_id=resume_run_id,
     )

@@ -49,8 +49,9 @@ def test_demo_writes_two_finished_runs_with_metrics_and_artifacts(workdir: Path)
         assert "/mlruns/artifacts/" in run.info.artifact_uri
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.yaml", "preprocessing.json", "loss_curves.png", "checkpoints"} <= names
-        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == [
-            "checkpoints/best.ckpt"
+        assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")) == [
+            "checkpoints/best.ckpt",
+            "checkpoints/final_weights.pt",
         ]
         # per-step metrics: one value every log_every (10) steps, and the final step
         steps = _history(client, run.info.run_id, "train_loss")
@@ -120,3 +121,13 @@ def test_explicit_tracking_uri_and_env_override(workdir: Path, monkeypatch: pyte
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
     assert tracking.resolve_tracking_uri(None) == "sqlite:///elsewhere.db"
     assert tracking.resolve_tracking_uri("sqlite:///flag.db") == "sqlite:///flag.db"
+
+
+def test_unnamed_runs_get_distinct_readable_names(tracking_uri: str):
+    from lightning_batch.training import train
+
+    names = [train(RunConfig(data="iris", epochs=1, tracking_uri=tracking_uri)).run_id for _ in range(2)]
+    client = MlflowClient(tracking_uri)
+    run_names = [client.get_run(r).info.run_name for r in names]
+    assert run_names[0] != run_names[1]
+    assert all(n.startswith("iris-softmax-b32-") for n in run_names), run_names

@@ -278,6 +278,7 @@ def _two_workers_eight_trials(workdir: Path, storage: str, study: str) -> None:
     assert len({t.user_attrs["worker_pid"] for t in trials}) == 2, "both workers ran trials"
 
 
+@pytest.mark.slow  # the PostgreSQL test below runs the same path in the default suite
 def test_two_workers_share_a_sqlite_study(workdir: Path):
     _two_workers_eight_trials(workdir, f"sqlite:///{workdir}/mlruns/optuna.db", "two-sqlite")
 

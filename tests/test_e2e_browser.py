@@ -1,0 +1,165 @@
+"""The MLflow UI and optuna-dashboard, as a user sees them: real servers, headless Chromium.
+
+Chromium renders the single-page apps (their JavaScript fetches runs, metrics and artifacts from
+the server); ``--dump-dom`` returns the rendered page, ``--screenshot`` a picture of it. The
+screenshots are kept in ``test-output/`` (ignored by git). ``.ci/chromium.sh`` installs Debian's
+chromium where it is missing; without it these tests skip and say so.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from .conftest import ROOT, RUN_PY, subprocess_env
+from .test_tuning import _free_port, _wait_for
+
+pytestmark = pytest.mark.e2e
+
+SCREENSHOTS = ROOT / "test-output"
+# The flags this machine's closed network needs (background fetches to Google are refused).
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--no-first-run",
+    "--virtual-time-budget=10000",  # let the app's fetches and renders finish before the dump
+]
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("no chromium on PATH; .ci/chromium.sh installs Debian's chromium")
+    return path
+
+
+def _render(url: str, profile: Path, screenshot: Path | None = None) -> str:
+    """The page's DOM after its JavaScript ran (and a screenshot of it, if asked)."""
+    chromium = _chromium()
+    args = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
+    if screenshot is not None:
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [*args, "--window-size=1400,900", f"--screenshot={screenshot}", url],
+            capture_output=True,
+            timeout=120,
+        )
+    done = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    return done.stdout
+
+
+def _serve(workdir: Path, *command: str) -> tuple[subprocess.Popen, int]:
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, str(RUN_PY), *command, "--port", str(port)],
+        cwd=workdir,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return server, port
+
+
+def _stop(server: subprocess.Popen) -> None:
+    import psutil
+
+    for child in psutil.Process(server.pid).children(recursive=True):
+        child.terminate()
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_mlflow_ui_shows_the_runs_the_batch_size_metric_and_the_charts(workdir: Path, tmp_path: Path):
+    _chromium()
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(RUN_PY),
+            "train",
+            "--data",
+            "synthetic-regression",
+            "--rows",
+            "4000",
+            "--batch-size",
+            "auto",
+            "--epochs",
+            "2",
+            "--run-name",
+            "e2e-auto",
+            "--experiment",
+            "e2e",
+        ],
+        cwd=workdir,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    client = MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    (run,) = client.search_runs([experiment])
+    server, port = _serve(workdir, "ui")
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/health", 120)
+        base = f"http://127.0.0.1:{port}/#/experiments/{experiment}"
+        runs_page = _render(f"{base}/runs", tmp_path / "p1")
+        assert "e2e-auto" in runs_page
+        run_page = _render(f"{base}/runs/{run.info.run_id}", tmp_path / "p2", SCREENSHOTS / "mlflow-run.png")
+        assert "e2e-auto" in run_page and "batch_size" in run_page and "gns" in run_page
+        artifacts = _render(f"{base}/runs/{run.info.run_id}/artifacts", tmp_path / "p3")
+        for name in ("loss_curves.png", "batch_size.png", "batch_size_decisions.json"):
+            assert name in artifacts, name
+    finally:
+        _stop(server)
+    assert (SCREENSHOTS / "mlflow-run.png").stat().st_size > 10_000
+
+
+def test_optuna_dashboard_shows_the_study_and_its_trials(workdir: Path, tmp_path: Path):
+    _chromium()
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(RUN_PY),
+            "tune",
+            "--data",
+            "synthetic-regression",
+            "--rows",
+            "2000",
+            "--epochs",
+            "1",
+            "--trials",
+            "3",
+            "--study",
+            "e2e-study",
+            "--retrain",
+            "none",
+        ],
+        cwd=workdir,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    server, port = _serve(workdir, "dashboard")
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/api/studies", 60)
+        home = _render(
+            f"http://127.0.0.1:{port}/dashboard", tmp_path / "p1", SCREENSHOTS / "optuna-dashboard.png"
+        )
+        assert "e2e-study" in home
+        study = _render(f"http://127.0.0.1:{port}/dashboard/studies/1", tmp_path / "p2")
+        assert "e2e-study" in study and "lr" in study and "batch_size" in study
+    finally:
+        _stop(server)
