@@ -96,6 +96,8 @@ class StopOnNonFiniteLoss(Callback):
 def quiet_lightning(verbose: bool = False) -> None:
     """Silence Lightning's start-up chatter (GPU/TPU lines, worker hints) unless ``verbose``."""
     level = logging.INFO if verbose else logging.WARNING
+    import mlflow  # noqa: F401  -- mlflow configures its loggers on import: set the level after that
+
     for name in ("lightning.pytorch", "lightning.fabric", "lightning", "mlflow"):
         logging.getLogger(name).setLevel(level)
     if not verbose:

@@ -75,6 +75,21 @@ def test_demo_writes_two_finished_runs_with_metrics_and_artifacts(workdir: Path)
     assert {"test_acc", "test_f1"} <= set(by_task["classification"].data.metrics)
     assert "val_rmse" in by_task["regression"].data.metrics
     assert "val_acc" in by_task["classification"].data.metrics
+    assert "INFO mlflow" not in done.stderr, "MLflow's start-up chatter is quiet by default"
+
+    # The seed's question, answered from the demo's own auto run: `run.py report RUN_ID`.
+    auto = next(r for r in runs if r.info.run_name == "seed-auto")
+    report = subprocess.run(
+        [sys.executable, str(RUN_PY), "report", auto.info.run_id],
+        cwd=workdir,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "critical batch size" in report.stdout and "goodput-optimal batch" in report.stdout
+    assert "report/report.md" in {a.path for a in client.list_artifacts(auto.info.run_id, "report")}
 
 
 def test_a_run_that_raises_ends_failed_with_the_error(tracking_uri: str):
