@@ -389,6 +389,7 @@ def _wait_for(url: str, seconds: float) -> bytes:
     raise AssertionError(f"{url} did not answer in {seconds} s: {last}")
 
 
+@pytest.mark.slow  # tests/test_e2e_browser.py checks the dashboard in a browser in the default suite
 def test_optuna_dashboard_serves_the_study(workdir: Path, tracking_uri: str):
     storage = f"sqlite:///{workdir}/mlruns/optuna.db"
     tune(
