@@ -102,6 +102,12 @@ def _train_arguments(parser: argparse.ArgumentParser, resumable: bool = True) ->
     optim.add_argument("--lr-schedule", metavar="|".join(LR_SCHEDULES))
     optim.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
     optim.add_argument(
+        "--augment",
+        nargs="+",
+        metavar="KIND:VALUE",
+        help="training-batch augmentation: noise:0.05 (Gaussian), mixup:0.2, shift:1 (images)",
+    )
+    optim.add_argument(
         "--on-nan",
         metavar="fail|skip",
         help="a NaN loss fails the run (default) or skips the step, halving lr",

@@ -124,6 +124,8 @@ class RunConfig:
     lr_schedule: str = "none"
     grad_clip: float | None = None
     """Clip the global gradient norm to this value; grad_norm and clipped_fraction are logged."""
+    augment: list[str] = field(default_factory=list)
+    """Training-batch augmentations: ``noise:S``, ``mixup:A``, ``shift:K`` (see lightning_batch.augment)."""
     on_nan: str = "fail"
     """A NaN/inf training loss: ``fail`` the run (the step in a tag) or ``skip`` the step and halve the lr."""
     epochs: int = 10
@@ -180,6 +182,11 @@ class RunConfig:
         if not isinstance(self.experiment, str) or not self.experiment.strip():
             raise UserError("--experiment must be a non-empty name, e.g. --experiment my-study")
         _positive_int(self.log_every, "--log-every", "--log-every 10")
+        if isinstance(self.augment, str):
+            self.augment = [self.augment]
+        from lightning_batch.augment import Augmenter  # it imports this module
+
+        Augmenter.parse(self.augment)
         if self.on_nan not in ("fail", "skip"):
             raise UserError(f"--on-nan must be fail or skip, got {self.on_nan!r}")
         _positive_int(self.checkpoint_every, "--checkpoint-every", "--checkpoint-every 200")

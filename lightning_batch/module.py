@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -35,6 +36,8 @@ import torch
 import torchmetrics
 from torch import nn
 from torch.nn import functional as F
+
+from lightning_batch.augment import Augmenter
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -100,6 +103,7 @@ class TaskModule(pl.LightningModule):
         grad_clip: float | None = None,
         log_every: int = 10,
         on_nan: str = "fail",
+        augment: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if task not in ("regression", "classification"):
@@ -123,6 +127,8 @@ class TaskModule(pl.LightningModule):
         self.oom_recoveries = 0
         #: Steps skipped because their loss was NaN/inf (``on_nan="skip"``), each halving the lr.
         self.nan_skips = 0
+        #: Training-batch augmentations (never applied to validation or test batches).
+        self.augmenter = Augmenter.parse(list(augment))
         self._nan_streak = 0
         self._max_eval_rows: int | None = None
         if task == "regression":
@@ -170,6 +176,8 @@ class TaskModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
+        if self.augmenter:
+            x, y = self.augmenter(x, y, self.hparams.n_classes if self.task == "classification" else None)
         optimizer = self.optimizers()
         optimizer.zero_grad()
         loss = self._forward_backward(x, y, optimizer).detach()

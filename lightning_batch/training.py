@@ -36,6 +36,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
+from lightning_batch.augment import Augmenter
 from lightning_batch.callback import DynamicBatchSize
 from lightning_batch.config import RunConfig, UserError, check_model_for_task
 from lightning_batch.data import TabularDataModule
@@ -147,6 +148,7 @@ def build_module(cfg: RunConfig, dm: TabularDataModule) -> TaskModule:
         grad_clip=cfg.grad_clip,
         log_every=cfg.log_every,
         on_nan=cfg.on_nan,
+        augment=list(cfg.augment),
     )
 
 
@@ -203,6 +205,7 @@ def train(
     cfg.task = dm.task
     cfg.validate()  # a file source's task is known only now: fill in the model default
     check_model_for_task(cfg.model, dm.task)
+    Augmenter.parse(cfg.augment).check_features(dm.n_features)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg, dm)
 
@@ -325,7 +328,12 @@ def train(
             batch_size_start=dm.initial_batch_size(),
             batch_size_end=dm.batch_size,
             batch_size_max=max(
-                [dm.initial_batch_size(), *(int(v) for _, v in logger.history.get("batch_size", []))]
+                [
+                    dm.initial_batch_size(),
+                    dm.batch_size,
+                    *(int(v) for _, v in logger.history.get("batch_size", [])),
+                    *(int(d["to"]) for d in (resizer.decisions if resizer is not None else [])),
+                ]
             ),
             epochs=trainer.current_epoch,
             seconds=seconds,
