@@ -415,6 +415,11 @@ class TuneConfig:
     enqueue: list[dict[str, Any]] = field(default_factory=list)
     """Parameter sets to try first (e.g. a known good config), as Optuna's ``enqueue_trial``."""
 
+    @property
+    def grace_seconds(self) -> int:
+        """Seconds without a heartbeat before a running trial counts as lost."""
+        return self.grace_period or 3 * self.heartbeat_interval
+
     def validate(self) -> TuneConfig:
         if not isinstance(self.study, str) or not self.study.strip():
             raise UserError("--study must be a non-empty name, e.g. --study lr-vs-batch")

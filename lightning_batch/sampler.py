@@ -185,11 +185,11 @@ class ResizableBatchSampler(BatchSampler):
 
     def state_dict(self) -> dict[str, Any]:
         """The position after the last *trained* batch (batches fetched ahead are handed out again)."""
-        ahead = sum(self._in_flight) if self._tracks_training else 0
+        ahead = list(self._in_flight) if self._tracks_training else []
         return {
             "epoch": self.epoch,
-            "cursor": self.cursor - ahead,
-            "batches_yielded": self.batches_yielded - (len(self._in_flight) if self._tracks_training else 0),
+            "cursor": self.cursor - sum(ahead),
+            "batches_yielded": self.batches_yielded - len(ahead),
             "batch_size": self._batch_size,
             "seed": self.seed,
         }

@@ -146,7 +146,6 @@ def make_storage(url: str, tracking_uri: str, options: TuneConfig) -> RDBStorage
         engine_kwargs["connect_args"] = {"timeout": 60}
     else:
         engine_kwargs["pool_pre_ping"] = True
-    grace = options.grace_period or 3 * options.heartbeat_interval
     try:
         with warnings.catch_warnings():
             # The heartbeat has been "experimental" since Optuna 2.8; it is what finds dead workers.
@@ -155,7 +154,7 @@ def make_storage(url: str, tracking_uri: str, options: TuneConfig) -> RDBStorage
                 url,
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=options.heartbeat_interval,
-                grace_period=grace,
+                grace_period=options.grace_seconds,
                 heartbeat_stale_trial_callback=StaleTrialRetry(tracking_uri, options.max_retry),
             )
     except Exception as exc:  # sqlalchemy/driver errors: a wrong URL, a server that is down
@@ -190,6 +189,11 @@ def make_pruner(options: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
 # -- the objective ---------------------------------------------------------------------------------
 
 
+def trial_config(base: RunConfig, params: dict[str, Any], **overrides: Any) -> RunConfig:
+    """``base`` with run options ``overrides`` (experiment, run name, ...) and a trial's ``params``."""
+    return apply_params(RunConfig.from_mapping({**base.to_dict(), **overrides}), params)
+
+
 class Objective:
     """Train one trial's configuration as a child MLflow run and return its best validation loss."""
 
@@ -207,13 +211,13 @@ class Objective:
         from lightning_batch.training import train
 
         params = {name: spec.suggest(trial) for name, spec in self.space.items()}
-        values = {
-            **self.base.to_dict(),
-            "experiment": trial.study.study_name,
-            "run_name": f"trial-{trial.number}",
-            "tracking_uri": self.tracking_uri,
-        }
-        cfg = apply_params(RunConfig.from_mapping(values), params)
+        cfg = trial_config(
+            self.base,
+            params,
+            experiment=trial.study.study_name,
+            run_name=f"trial-{trial.number}",
+            tracking_uri=self.tracking_uri,
+        )
         trial.set_user_attr("worker_pid", os.getpid())
         trial.set_user_attr("worker_host", socket.gethostname())
         trial.set_user_attr(RUN_ID_ATTR, "")  # a retried trial must not point at its predecessor's run
@@ -364,7 +368,8 @@ def ensure_parent_run(study: optuna.Study, base: RunConfig, options: TuneConfig,
     )
     run_id = run.info.run_id
     study.set_user_attr(PARENT_ATTR, run_id)
-    search = {"space": {n: s.to_dict() for n, s in parse_space(options.space).items()}}
+    space = parse_space(options.space)
+    search = {"space": {n: s.to_dict() for n, s in space.items()}}
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "search_space.json").write_text(json.dumps(search, indent=2))
         Path(tmp, "base_config.json").write_text(json.dumps(base.to_dict(), indent=2, default=str))
@@ -378,7 +383,7 @@ def ensure_parent_run(study: optuna.Study, base: RunConfig, options: TuneConfig,
         "data": base.data,
         "model": str(base.model),
         "epochs": base.epochs,
-        "space": ",".join(parse_space(options.space)),
+        "space": ",".join(space),
     }
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
     return run_id
@@ -458,13 +463,12 @@ def recover_lost_trials(
     so other machines' trials on the same study never count as ours.
     """
     if workers_died:
-        grace = options.grace_period or 3 * options.heartbeat_interval
-        deadline = time.monotonic() + grace + options.heartbeat_interval + 5
-        ours_running = lambda: [  # noqa: E731
-            t
-            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if t.user_attrs.get("worker_pid") in pids
-        ]
+        deadline = time.monotonic() + options.grace_seconds + options.heartbeat_interval + 5
+
+        def ours_running() -> bool:
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            return any(t.user_attrs.get("worker_pid") in pids for t in running)
+
         while ours_running() and time.monotonic() < deadline:
             optuna.storages.fail_stale_trials(study)
             time.sleep(1.0)
@@ -589,13 +593,13 @@ def retrain_best(study: optuna.Study, base: RunConfig, options: TuneConfig, pare
     from lightning_batch.training import train
 
     best = study.best_trial
-    values = {
-        **base.to_dict(),
-        "experiment": options.study,
-        "run_name": f"best-of-{options.study}",
-        "train_on_val": options.retrain == "train+val",
-    }
-    cfg = apply_params(RunConfig.from_mapping(values), best.params)
+    cfg = trial_config(
+        base,
+        best.params,
+        experiment=options.study,
+        run_name=f"best-of-{options.study}",
+        train_on_val=options.retrain == "train+val",
+    )
     tags = {
         "optuna_study": options.study,
         "lightning_batch.role": "best-retrain",

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import time
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -48,6 +52,35 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = str(ROOT)
     env.update(extra)
     return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, seconds: float) -> bytes:
+    deadline = time.monotonic() + seconds
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.read()
+        except Exception as exc:  # not up yet
+            last = exc
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer in {seconds} s: {last}")
+
+
+def stop_process_tree(process: subprocess.Popen) -> None:
+    """Terminate a server started through run.py and the server process it started."""
+    import psutil
+
+    for child in psutil.Process(process.pid).children(recursive=True):
+        child.terminate()
+    process.terminate()
+    process.wait(timeout=30)
 
 
 warnings.filterwarnings("ignore", message=r".*LeafSpec.*")

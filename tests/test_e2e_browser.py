@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from .conftest import ROOT, RUN_PY, subprocess_env
-from .test_tuning import _free_port, _wait_for
+from .conftest import ROOT, RUN_PY, free_port, stop_process_tree, subprocess_env, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -59,7 +58,7 @@ def _render(url: str, profile: Path, screenshot: Path | None = None) -> str:
 
 
 def _serve(workdir: Path, *command: str) -> tuple[subprocess.Popen, int]:
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, str(RUN_PY), *command, "--port", str(port)],
         cwd=workdir,
@@ -68,15 +67,6 @@ def _serve(workdir: Path, *command: str) -> tuple[subprocess.Popen, int]:
         stderr=subprocess.DEVNULL,
     )
     return server, port
-
-
-def _stop(server: subprocess.Popen) -> None:
-    import psutil
-
-    for child in psutil.Process(server.pid).children(recursive=True):
-        child.terminate()
-    server.terminate()
-    server.wait(timeout=30)
 
 
 def test_mlflow_ui_shows_the_runs_the_batch_size_metric_and_the_charts(workdir: Path, tmp_path: Path):
@@ -111,7 +101,7 @@ def test_mlflow_ui_shows_the_runs_the_batch_size_metric_and_the_charts(workdir: 
     (run,) = client.search_runs([experiment])
     server, port = _serve(workdir, "ui")
     try:
-        _wait_for(f"http://127.0.0.1:{port}/health", 120)
+        wait_for(f"http://127.0.0.1:{port}/health", 120)
         base = f"http://127.0.0.1:{port}/#/experiments/{experiment}"
         runs_page = _render(f"{base}/runs", tmp_path / "p1")
         assert "e2e-auto" in runs_page
@@ -121,7 +111,7 @@ def test_mlflow_ui_shows_the_runs_the_batch_size_metric_and_the_charts(workdir: 
         for name in ("loss_curves.png", "batch_size.png", "batch_size_decisions.json"):
             assert name in artifacts, name
     finally:
-        _stop(server)
+        stop_process_tree(server)
     assert (SCREENSHOTS / "mlflow-run.png").stat().st_size > 10_000
 
 
@@ -154,7 +144,7 @@ def test_optuna_dashboard_shows_the_study_and_its_trials(workdir: Path, tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     server, port = _serve(workdir, "dashboard")
     try:
-        _wait_for(f"http://127.0.0.1:{port}/api/studies", 60)
+        wait_for(f"http://127.0.0.1:{port}/api/studies", 60)
         home = _render(
             f"http://127.0.0.1:{port}/dashboard", tmp_path / "p1", SCREENSHOTS / "optuna-dashboard.png"
         )
@@ -162,4 +152,4 @@ def test_optuna_dashboard_shows_the_study_and_its_trials(workdir: Path, tmp_path
         study = _render(f"http://127.0.0.1:{port}/dashboard/studies/1", tmp_path / "p2")
         assert "e2e-study" in study and "lr" in study and "batch_size" in study
     finally:
-        _stop(server)
+        stop_process_tree(server)

@@ -11,8 +11,7 @@ import optuna
 import psutil
 import pytest
 
-from .conftest import RUN_PY, subprocess_env
-from .test_tuning import _free_port, _wait_for
+from .conftest import RUN_PY, free_port, stop_process_tree, subprocess_env, wait_for
 
 
 def _listening_addresses(process: psutil.Process, port: int) -> set[str]:
@@ -30,7 +29,7 @@ def test_servers_bind_to_loopback_by_default(workdir: Path, command: str):
     if command == "dashboard":
         (workdir / "mlruns").mkdir()
         optuna.create_study(study_name="s", storage=f"sqlite:///{workdir}/mlruns/optuna.db")
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, str(RUN_PY), command, "--port", str(port)],
         cwd=workdir,
@@ -39,7 +38,7 @@ def test_servers_bind_to_loopback_by_default(workdir: Path, command: str):
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_for(f"http://127.0.0.1:{port}/", 120)
+        wait_for(f"http://127.0.0.1:{port}/", 120)
         deadline = time.monotonic() + 10
         addresses: set[str] = set()
         while not addresses and time.monotonic() < deadline:
@@ -47,10 +46,7 @@ def test_servers_bind_to_loopback_by_default(workdir: Path, command: str):
             time.sleep(0.2)
         assert addresses == {"127.0.0.1"}, addresses
     finally:
-        for child in psutil.Process(server.pid).children(recursive=True):
-            child.terminate()
-        server.terminate()
-        server.wait(timeout=30)
+        stop_process_tree(server)
 
 
 def test_dashboard_without_studies_is_a_one_line_error(workdir: Path):

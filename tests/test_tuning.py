@@ -9,11 +9,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from lightning_batch.config import RunConfig, TuneConfig, UserError
 from lightning_batch.search_space import DEFAULT_SPACE, apply_params, parse_space
 from lightning_batch.tuning import PARENT_ATTR, RUN_ID_ATTR, _quota, redact, resolve_storage, tune
 
-from .conftest import RUN_PY, subprocess_env
+from .conftest import RUN_PY, free_port, subprocess_env, wait_for
 
 #: A small regression problem: a trial is ~1 s of training.
 SMALL = dict(data="synthetic-regression", rows=2000, features=4, epochs=3)
@@ -370,25 +368,6 @@ def test_a_killed_worker_trial_fails_and_is_retried(workdir: Path):
 # -- servers -------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(url: str, seconds: float) -> bytes:
-    deadline = time.monotonic() + seconds
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return response.read()
-        except Exception as exc:  # not up yet
-            last = exc
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer in {seconds} s: {last}")
-
-
 @pytest.mark.slow  # tests/test_e2e_browser.py checks the dashboard in a browser in the default suite
 def test_optuna_dashboard_serves_the_study(workdir: Path, tracking_uri: str):
     storage = f"sqlite:///{workdir}/mlruns/optuna.db"
@@ -397,7 +376,7 @@ def test_optuna_dashboard_serves_the_study(workdir: Path, tracking_uri: str):
         TuneConfig(study="dash", trials=2, storage=storage, retrain="none"),
         echo=lambda line: None,
     )
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
             sys.executable,
@@ -414,9 +393,9 @@ def test_optuna_dashboard_serves_the_study(workdir: Path, tracking_uri: str):
         stderr=subprocess.DEVNULL,
     )
     try:
-        studies = json.loads(_wait_for(f"http://127.0.0.1:{port}/api/studies", 60))["study_summaries"]
+        studies = json.loads(wait_for(f"http://127.0.0.1:{port}/api/studies", 60))["study_summaries"]
         study = next(s for s in studies if s["study_name"] == "dash")
-        detail = json.loads(_wait_for(f"http://127.0.0.1:{port}/api/studies/{study['study_id']}", 30))
+        detail = json.loads(wait_for(f"http://127.0.0.1:{port}/api/studies/{study['study_id']}", 30))
         assert len(detail["trials"]) == 2
     finally:
         server.terminate()
@@ -425,7 +404,7 @@ def test_optuna_dashboard_serves_the_study(workdir: Path, tracking_uri: str):
 
 def test_a_study_recorded_through_an_mlflow_tracking_server(workdir: Path):
     """The many-machines path: trials log to `mlflow server` over HTTP, artifacts to its destination."""
-    port = _free_port()
+    port = free_port()
     store = workdir / "server"
     server = subprocess.Popen(
         [
@@ -450,7 +429,7 @@ def test_a_study_recorded_through_an_mlflow_tracking_server(workdir: Path):
     )
     try:
         store.mkdir(exist_ok=True)
-        _wait_for(f"http://127.0.0.1:{port}/health", 120)
+        wait_for(f"http://127.0.0.1:{port}/health", 120)
         uri = f"http://127.0.0.1:{port}"
         storage = f"sqlite:///{workdir}/optuna.db"
         result = tune(
