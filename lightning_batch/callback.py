@@ -42,7 +42,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_batch.memory import (
     CpuMemoryMeter,
@@ -52,7 +52,7 @@ from lightning_batch.memory import (
     MemoryProbeError,
     MemoryProbeResult,
 )
-from lightning_batch.noise import NoiseScaleEMA, PerExampleGradNorms, microbatch_grad_stats
+from lightning_batch.noise import GradNoiseStats, NoiseScaleEMA, PerExampleGradNorms, microbatch_grad_stats
 from lightning_batch.policy import (
     BatchSizeController,
     Decision,
@@ -227,6 +227,10 @@ class DynamicBatchSize(Callback):
         self._step_started = 0.0
         self._step_times: list[tuple[int, float]] = []
         self._measured_this_step = False
+        self._step_at_start = 0
+        #: The batch to measure with micro-batches (parameters outside nn.Linear), until backward.
+        self._fallback_batch: tuple[Tensor, Tensor] | None = None
+        self._fallback_stats: GradNoiseStats | None = None
         self._cycle_is_clean = False
         self._samples_seen = 0
         self._steps_since_decision = 0
@@ -324,10 +328,26 @@ class DynamicBatchSize(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        # global_step moves on in the optimizer step: everything below is keyed to the step at start.
+        self._step_at_start = trainer.global_step
         self._measured_this_step = trainer.global_step % self.measure_every == 0
         self._grad_t = None
+        self._fallback_stats = None
+        self._fallback_batch = None
         if self._norms is not None:
             self._norms.enabled = self._measured_this_step
+            if self._measured_this_step and self._fallback_due(pl_module, batch):
+                self._fallback_batch = (batch[0], batch[1])
+
+    def _fallback_due(self, pl_module: pl.LightningModule, batch: Any) -> bool:
+        """This step measures the parameters outside nn.Linear layers with micro-batches."""
+        assert self._norms is not None
+        return (
+            bool(self._norms.uncovered_parameter_names)
+            and callable(getattr(pl_module, "loss", None))
+            and isinstance(batch, (tuple, list))
+            and self._step_at_start % self.fallback_every == 0
+        )
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -356,6 +376,12 @@ class DynamicBatchSize(Callback):
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Before clipping and the optimizer step; under DDP after the all-reduce, i.e. the global mean.
+        if self._fallback_batch is not None:
+            # Here, not at batch end: the micro-batch gradients must be taken at the same parameters
+            # as the per-example (nn.Linear) norms, i.e. before the optimizer moves them. Once a step,
+            # even when an out-of-memory retry runs several backward passes.
+            batch, self._fallback_batch = self._fallback_batch, None
+            self._fallback_stats = self._microbatch_stats(pl_module, *batch)
         if not (self._measured_this_step and self._grad_t_from_params and self._norms is not None):
             return
         try:
@@ -399,11 +425,11 @@ class DynamicBatchSize(Callback):
         without a ``loss`` method gets the Linear layers' estimate alone, consistently.
         """
         assert self._norms is not None
-        uncovered = self._norms.uncovered_parameter_names
-        loss_fn = getattr(pl_module, "loss", None)
-        full_model = bool(uncovered) and callable(loss_fn) and isinstance(batch, (tuple, list))
-        if full_model and trainer.global_step % self.fallback_every != 0:
-            return None
+        full_model = bool(self._norms.uncovered_parameter_names) and callable(
+            getattr(pl_module, "loss", None)
+        )
+        if full_model and self._fallback_stats is None:
+            return None  # not a fallback step, or the micro-batches could not be measured
         if not full_model and not self._norms.covered_parameter_names:
             return None  # nothing this callback can measure in this model
         grad_sqr = trace = 0.0
@@ -418,20 +444,36 @@ class DynamicBatchSize(Callback):
                     stats = self._norms.grad_stats()
                 grad_sqr, trace = stats.grad_sqr, stats.trace_sigma
             if full_model:
-                x, y = batch[0], batch[1]
-                parts = min(self.fallback_microbatches, len(x))
-                usable = (len(x) // parts) * parts
-                if parts < 2:
-                    return None
-                extra = microbatch_grad_stats(
-                    self._network(pl_module), loss_fn, x[:usable], y[:usable], parts, param_names=uncovered
-                )
+                assert self._fallback_stats is not None
                 # |G|² and tr(Σ) are sums over parameters: disjoint subsets add up.
-                grad_sqr += extra.grad_sqr
-                trace += extra.trace_sigma
+                grad_sqr += self._fallback_stats.grad_sqr
+                trace += self._fallback_stats.trace_sigma
         except (RuntimeError, ValueError):
             return None  # e.g. a 1-row tail batch, or an OOM-split step that ran several forwards
         return grad_sqr, trace
+
+    def _microbatch_stats(self, pl_module: pl.LightningModule, x: Tensor, y: Tensor) -> GradNoiseStats | None:
+        """Noise statistics of the parameters the per-example hooks miss, from equal micro-batches.
+
+        ``fallback_microbatches`` micro-batches of the step's rows (a remainder that does not divide
+        evenly is left out); None for a batch too small to split or one that runs out of memory.
+        """
+        assert self._norms is not None
+        parts = min(self.fallback_microbatches, len(x))
+        if parts < 2:
+            return None
+        usable = (len(x) // parts) * parts
+        try:
+            return microbatch_grad_stats(
+                self._network(pl_module),
+                pl_module.loss,
+                x[:usable],
+                y[:usable],
+                parts,
+                param_names=self._norms.uncovered_parameter_names,
+            )
+        except (RuntimeError, ValueError, MemoryError):
+            return None
 
     def _decision_due(self) -> bool:
         """Every ``adjust_every`` steps, or sooner once a quarter epoch of rows went by (a large batch
