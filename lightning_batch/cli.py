@@ -77,6 +77,9 @@ def _train_arguments(parser: argparse.ArgumentParser, resumable: bool = True) ->
     model = parser.add_argument_group("model")
     model.add_argument("--model", metavar="|".join(MODELS))
     model.add_argument("--hidden", type=int, nargs="+", help="MLP hidden widths, e.g. --hidden 64 64")
+    model.add_argument(
+        "--channels", type=int, nargs="+", help="CNN conv-block channels, e.g. --channels 16 32"
+    )
     model.add_argument("--activation", metavar="|".join(ACTIVATIONS))
     model.add_argument("--dropout", type=float)
     model.add_argument("--init", metavar="|".join(INITS))
@@ -95,12 +98,19 @@ def _train_arguments(parser: argparse.ArgumentParser, resumable: bool = True) ->
     optim.add_argument(
         "--milestones", type=int, nargs="+", help="epochs where --policy schedule doubles the batch"
     )
-    optim.add_argument("--lr", type=float)
+    optim.add_argument(
+        "--lr", type=float, help="learning rate at the start batch (default 0.01; 0.1 for cnn)"
+    )
     optim.add_argument("--optimizer", metavar="|".join(OPTIMIZERS))
     optim.add_argument("--momentum", type=float)
     optim.add_argument("--weight-decay", type=float)
     optim.add_argument("--lr-schedule", metavar="|".join(LR_SCHEDULES))
     optim.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
+    optim.add_argument(
+        "--grad-ratio-limit",
+        type=float,
+        help="warn when the first/last layer gradient-norm ratio leaves [1/X, X] (default 20)",
+    )
     optim.add_argument(
         "--augment",
         nargs="+",

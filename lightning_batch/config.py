@@ -46,10 +46,12 @@ SYNTHETIC_DATASETS = {
     "synthetic-classification": "classification",
 }
 TASKS = ("regression", "classification")
-MODELS = ("linear", "softmax", "mlp")
+MODELS = ("linear", "softmax", "mlp", "cnn")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("none", "cosine", "step", "plateau")
 ACTIVATIONS = ("relu", "gelu", "tanh")
+#: The learning rate a model gets when none is given (others: 0.01); measured on digits, 4 seeds.
+DEFAULT_LR = {"cnn": 0.1}
 INITS = ("default", "xavier", "kaiming")
 BATCH_MODES = ("full", "auto")
 POLICIES = ("fixed", "memory", "noise", "goodput", "schedule")
@@ -93,8 +95,12 @@ class RunConfig:
 
     # --- model ----------------------------------------------------------------------------------
     model: str | None = None
-    """``linear`` (y = wx + b), ``softmax`` (softmax regression) or ``mlp``; default by task."""
+    """``linear`` (y = wx + b), ``softmax`` (softmax regression), ``mlp`` or ``cnn`` (square images,
+    like digits' 8×8); default by task."""
     hidden: list[int] = field(default_factory=lambda: [64, 64])
+    """The MLP's hidden layer widths."""
+    channels: list[int] = field(default_factory=lambda: [32, 64])
+    """The CNN's conv blocks: output channels of each 3×3 convolution (each followed by a 2×2 pool)."""
     activation: str = "relu"
     dropout: float = 0.0
     init: str = "default"
@@ -117,13 +123,18 @@ class RunConfig:
     """Reconsider the batch size every N optimizer steps."""
     milestones: list[int] = field(default_factory=list)
     """Epochs where the ``schedule`` policy multiplies the batch size by 2."""
-    lr: float = 0.01
+    lr: float | None = None
+    """The learning rate at ``base_batch``; unset: 0.1 for ``cnn`` (SGD on conv nets wants the
+    larger step), else 0.01."""
     optimizer: str = "sgd"
     momentum: float = 0.0
     weight_decay: float = 0.0
     lr_schedule: str = "none"
     grad_clip: float | None = None
-    """Clip the global gradient norm to this value; grad_norm and clipped_fraction are logged."""
+    """Clip the global gradient norm to this value; the norm before/after and clipped_fraction are logged."""
+    grad_ratio_limit: float = 20.0
+    """Warn when the first/last layer gradient-norm ratio stays outside [1/limit, limit] (vanishing or
+    exploding gradients) for 3 log intervals."""
     augment: list[str] = field(default_factory=list)
     """Training-batch augmentations: ``noise:S``, ``mixup:A``, ``shift:K`` (see lightning_batch.augment)."""
     on_nan: str = "fail"
@@ -311,6 +322,16 @@ class RunConfig:
             raise UserError(
                 f"--hidden must be positive layer widths, got {self.hidden!r}; e.g. --hidden 64 64"
             )
+        if isinstance(self.channels, int):
+            self.channels = [self.channels]
+        if (
+            not isinstance(self.channels, list)
+            or not self.channels
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in self.channels)
+        ):
+            raise UserError(
+                f"--channels must be positive channel counts, got {self.channels!r}; e.g. --channels 16 32"
+            )
         if self.activation not in ACTIVATIONS:
             raise UserError(
                 f"unknown activation {self.activation!r}; use --activation {_choices(ACTIVATIONS)}"
@@ -323,6 +344,14 @@ class RunConfig:
 
     def _validate_optimisation(self) -> None:
         self.batch_size = parse_batch_size(self.batch_size)
+        _finite(self.grad_ratio_limit, "--grad-ratio-limit", "--grad-ratio-limit 20", minimum=0.0)
+        if self.grad_ratio_limit <= 1:
+            raise UserError(
+                f"--grad-ratio-limit must be above 1 (a ratio and its inverse are the bounds), got "
+                f"{self.grad_ratio_limit}; try --grad-ratio-limit 20"
+            )
+        if self.lr is None:
+            self.lr = DEFAULT_LR.get(self.model or "", 0.01)
         if not _is_number(self.lr) or not math.isfinite(float(self.lr)) or float(self.lr) <= 0:
             raise UserError(f"--lr must be a positive number, got {self.lr}; try --lr 0.01")
         self.lr = float(self.lr)
@@ -354,6 +383,17 @@ def check_model_for_task(model: str | None, task: str) -> None:
         raise UserError("--model linear is for regression; use --model softmax (or mlp) for classification")
     if model == "softmax" and task == "regression":
         raise UserError("--model softmax is for classification; use --model linear (or mlp) for regression")
+
+
+def check_model_for_data(model: str | None, n_features: int) -> None:
+    """Raise :class:`UserError` when the data cannot feed ``model`` (the CNN needs square images)."""
+    from lightning_batch.models import image_side  # torch: imported only once data is known
+
+    if model == "cnn" and image_side(n_features) is None:
+        raise UserError(
+            f"--model cnn needs square single-channel images (a square number of pixel features, like "
+            f"--data digits' 8×8 = 64); this data has {n_features} features; use --model mlp"
+        )
 
 
 def parse_batch_size(value: int | str) -> int | str:

@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +39,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_batch.augment import Augmenter
+from lightning_batch.gradient_health import GradientRatioAlarm, LayerGradNorms
+from lightning_batch.tracking import BufferedMLFlowLogger
+
+log = logging.getLogger(__name__)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -75,14 +80,23 @@ class TaskModule(pl.LightningModule):
         lr_schedule: ``none``, ``cosine`` (to 0 over ``max_epochs``), ``step`` (×0.1 at 1/2 and 3/4 of
             ``max_epochs``) or ``plateau`` (×0.5 when val_loss stalls); stepped once per epoch.
         grad_clip: clip the global gradient norm to this value (``Trainer(gradient_clip_val=...)``
-            is for automatic optimization only); ``grad_norm`` (before clipping) and
-            ``clipped_fraction`` are logged every ``log_every`` steps.
+            is for automatic optimization only).
+        grad_ratio_limit: warn (once, in the terminal and as the run's ``gradient_warning`` tag)
+            when the first/last layer gradient-norm ratio stays outside ``[1/limit, limit]`` for 3
+            log intervals: vanishing or exploding gradients (see :mod:`lightning_batch.gradient_health`).
         on_nan: a non-finite training loss ``fail``s the run (:class:`NonFiniteLossError`, with the
             step), or ``skip``s the step and halves the lr (counted in ``nan_skips``; 20 in a row fail).
             On CPU the check is every step; on an accelerator, ``fail`` checks when a logging window
             closes (a per-step check would be a device sync per step).
         log_every: log per-step metrics every N optimizer steps (train_loss as the window's mean);
             MLflow's SQL store costs ~0.16 ms a value, so 1 (every step) is for short runs.
+
+    Gradient health, logged every ``log_every`` steps: ``grad_norm`` (the global norm before
+    clipping), ``grad_norm_first_layer``, ``grad_norm_last_layer`` and ``grad_norm_ratio`` (first /
+    last), all of the window's last step; with ``grad_clip`` also ``grad_norm_mean`` and
+    ``grad_norm_clipped_mean`` (the window's mean norm before and after clipping) and
+    ``clipped_fraction``. Without clipping the norms are taken on log steps only: one fused norm
+    every ``log_every`` steps, nothing on the others.
     """
 
     #: This module logs batch_size and lr itself (DynamicBatchSize need not).
@@ -104,6 +118,7 @@ class TaskModule(pl.LightningModule):
         log_every: int = 10,
         on_nan: str = "fail",
         augment: Sequence[str] = (),
+        grad_ratio_limit: float = 20.0,
     ) -> None:
         super().__init__()
         if task not in ("regression", "classification"):
@@ -129,6 +144,8 @@ class TaskModule(pl.LightningModule):
         self.nan_skips = 0
         #: Training-batch augmentations (never applied to validation or test batches).
         self.augmenter = Augmenter.parse(list(augment))
+        self.layer_grad_norms = LayerGradNorms(model)
+        self.gradient_alarm = GradientRatioAlarm(grad_ratio_limit)
         self._nan_streak = 0
         self._max_eval_rows: int | None = None
         if task == "regression":
@@ -183,11 +200,7 @@ class TaskModule(pl.LightningModule):
         loss = self._forward_backward(x, y, optimizer).detach()
         if self._check_every_step and not self._finite_or_skip(loss, optimizer):
             return loss  # skipped: no update, lr halved
-        if self.hparams.grad_clip:
-            # The total norm before clipping, kept as a tensor: summed over the window, no host sync.
-            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.grad_clip, foreach=True)
-            self._step["grad_norm"] = self._step.get("grad_norm", 0.0) + norm
-            self._step["clipped"] = self._step.get("clipped", 0.0) + (norm > self.hparams.grad_clip).float()
+        self._measure_and_clip_gradients()
         optimizer.step()
         self._step["rows"] = x.shape[0] * self._world_size
         # Counted here, not in on_train_batch_end: callbacks (a mid-epoch checkpoint) run before
@@ -248,6 +261,58 @@ class TaskModule(pl.LightningModule):
             self.max_rows_per_pass = per_pass // 2
             self.oom_recoveries += 1
 
+    def _measure_and_clip_gradients(self) -> None:
+        """Gradient norms for the log (layer norms on log steps only), then clipping if asked.
+
+        Everything stays a device tensor, summed over the window: no host sync until it closes.
+        """
+        clip = self.hparams.grad_clip
+        # global_step moves in optimizer.step(); the window closes when it reaches a multiple of log_every.
+        log_step = (self.trainer.global_step + 1) % self.hparams.log_every == 0
+        total: torch.Tensor | None = None
+        if log_step and self.layer_grad_norms:
+            self._step["layer_norms"], total = self.layer_grad_norms.compute()
+            self._step["grad_norm"] = total
+        if not clip:
+            return
+        params = self.layer_grad_norms.params
+        if total is None:
+            total = torch.nn.utils.get_total_norm(
+                [p.grad for p in params if p.grad is not None], foreach=True
+            )
+        # The same coefficient clip_grad_norm_ uses: scale by clip/(norm+1e-6) when that is below 1.
+        torch.nn.utils.clip_grads_with_norm_(params, clip, total, foreach=True)
+        after = total * torch.clamp(clip / (total + 1e-6), max=1.0)
+        step = self._step
+        step["norm_sum"] = step.get("norm_sum", 0.0) + total
+        step["clipped_norm_sum"] = step.get("clipped_norm_sum", 0.0) + after
+        step["clipped"] = step.get("clipped", 0.0) + (total > clip).float()
+        step["norm_steps"] = step.get("norm_steps", 0) + 1
+
+    def _gradient_health_metrics(self, step: int) -> dict[str, float]:
+        """The window's gradient metrics (see the class docstring), and the vanishing/exploding alarm."""
+        metrics: dict[str, float] = {}
+        if "norm_steps" in self._step:
+            steps = max(self._step.pop("norm_steps"), 1)
+            metrics["grad_norm_mean"] = float(self._step.pop("norm_sum")) / steps
+            metrics["grad_norm_clipped_mean"] = float(self._step.pop("clipped_norm_sum")) / steps
+            metrics["clipped_fraction"] = float(self._step.pop("clipped")) / steps
+        if "layer_norms" not in self._step:
+            return metrics
+        layer_norms = self._step.pop("layer_norms").tolist()
+        metrics["grad_norm"] = float(self._step.pop("grad_norm"))
+        first, last = layer_norms[0], layer_norms[-1]
+        metrics["grad_norm_first_layer"], metrics["grad_norm_last_layer"] = first, last
+        if last > 0 and math.isfinite(first / last) and len(layer_norms) > 1:
+            ratio = first / last
+            metrics["grad_norm_ratio"] = ratio
+            warning = self.gradient_alarm.update(ratio, step)
+            if warning is not None and self.trainer.is_global_zero:
+                log.warning("warning: %s", warning)
+                if isinstance(self.logger, BufferedMLFlowLogger):
+                    self.logger.set_tag("gradient_warning", warning)
+        return metrics
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.trainer.global_step % self.hparams.log_every == 0:
             self._log_step_window()
@@ -262,10 +327,7 @@ class TaskModule(pl.LightningModule):
         loss_mean = float(self._step.get("loss_sum", 0.0)) / window
         if not self._check_every_step and not math.isfinite(loss_mean):
             raise NonFiniteLossError(step, loss_mean, window=window)
-        extra: dict[str, float] = {}
-        if "grad_norm" in self._step:
-            extra["grad_norm"] = float(self._step.pop("grad_norm")) / window
-            extra["clipped_fraction"] = float(self._step.pop("clipped")) / window
+        extra = self._gradient_health_metrics(step)
         if self.nan_skips:
             extra["nan_skips"] = float(self.nan_skips)
         if self.oom_recoveries:

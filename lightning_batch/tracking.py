@@ -166,6 +166,11 @@ class BufferedMLFlowLogger(MLFlowLogger):
             self.experiment.log_batch(run_id=self.run_id, metrics=rows[start : start + FLUSH_EVERY])
 
     @rank_zero_only
+    def set_tag(self, key: str, value: str) -> None:
+        """Tag the run now (for rare events, like a gradient-health warning, not per step)."""
+        self.experiment.set_tag(self.run_id, key, value[:5000])
+
+    @rank_zero_only
     def save(self) -> None:
         super().save()
         self.flush()

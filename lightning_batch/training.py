@@ -38,7 +38,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from lightning_batch.augment import Augmenter
 from lightning_batch.callback import DynamicBatchSize
-from lightning_batch.config import RunConfig, UserError, check_model_for_task
+from lightning_batch.config import RunConfig, UserError, check_model_for_data, check_model_for_task
 from lightning_batch.data import TabularDataModule
 from lightning_batch.models import build_model
 from lightning_batch.module import TaskModule
@@ -134,6 +134,7 @@ def build_module(cfg: RunConfig, dm: TabularDataModule) -> TaskModule:
         activation=cfg.activation,
         dropout=cfg.dropout,
         init=cfg.init,
+        channels=cfg.channels,
     )
     return TaskModule(
         model,
@@ -146,6 +147,7 @@ def build_module(cfg: RunConfig, dm: TabularDataModule) -> TaskModule:
         lr_schedule=cfg.lr_schedule,
         max_epochs=cfg.epochs,
         grad_clip=cfg.grad_clip,
+        grad_ratio_limit=cfg.grad_ratio_limit,
         log_every=cfg.log_every,
         on_nan=cfg.on_nan,
         augment=list(cfg.augment),
@@ -205,6 +207,7 @@ def train(
     cfg.task = dm.task
     cfg.validate()  # a file source's task is known only now: fill in the model default
     check_model_for_task(cfg.model, dm.task)
+    check_model_for_data(cfg.model, dm.n_features)
     Augmenter.parse(cfg.augment).check_features(dm.n_features)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg, dm)

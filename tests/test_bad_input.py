@@ -74,6 +74,18 @@ def _cases(folder: Path) -> dict[str, tuple[list[str], str]]:
         "tune: bad data": (["tune", "--data", "mnist"], "unknown dataset"),
         "missing file": (["train", "--data", str(folder / "nope.csv"), "--target", "y"], "not found"),
         "unknown dataset": (["train", "--data", "mnist"], "unknown dataset"),
+        "cnn on data that is not square images": (
+            ["train", "--data", "wine", "--model", "cnn"],
+            "--model cnn needs square single-channel images",
+        ),
+        "cnn without channels": (
+            ["train", "--data", "digits", "--model", "cnn", "--channels", "0"],
+            "--channels",
+        ),
+        "gradient-ratio limit of 1": (
+            ["train", "--data", "iris", "--grad-ratio-limit", "1"],
+            "--grad-ratio-limit",
+        ),
         "unsupported file type": (
             ["train", "--data", str(folder / "notes.txt"), "--target", "y"],
             "unsupported",

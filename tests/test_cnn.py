@@ -1,0 +1,136 @@
+"""The digits CNN: its image layout, its noise statistics under DynamicBatchSize, the acceptance run.
+
+The callback measures the CNN's head (``nn.Linear``) with per-example hooks and its convolutions
+with the micro-batch fallback. The reference here is independent of both: exact per-example
+gradients from ``torch.func`` at the same parameters, grouped by hand into the same micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from lightning_batch.callback import DynamicBatchSize
+from lightning_batch.config import RunConfig
+from lightning_batch.data import TabularDataModule
+from lightning_batch.models import CNN, build_model
+from lightning_batch.noise import unbiased_grad_stats
+from lightning_batch.training import build_module
+
+from .conftest import RUN_PY, quiet_trainer, subprocess_env
+
+
+def test_a_flat_digits_row_is_read_as_its_8x8_image():
+    """The CNN's reshape puts pixel (r, c) where scikit-learn's ``images[r, c]`` has it."""
+    digits = load_digits()
+    torch.manual_seed(0)
+    net = CNN(64, 10, channels=(4,))
+    conv = net.net[0]
+    flat = torch.tensor(digits.data[:5], dtype=torch.float32)
+    images = torch.tensor(digits.images[:5], dtype=torch.float32).unsqueeze(1)
+    assert torch.equal(net.net[0](flat.view(-1, 1, 8, 8)), conv(images))
+    assert net(flat).shape == (5, 10)
+
+
+def test_cnn_shapes_init_and_bad_sizes():
+    net = build_model("cnn", 64, 10, channels=[8, 16, 32], activation="tanh", init="xavier")
+    assert net(torch.zeros(3, 64)).shape == (3, 10)  # 8 → 4 → 2 → 1 pixels
+    assert net.net[-1].in_features == 32
+    assert all(float(m.bias.detach().abs().sum()) == 0 for m in net.modules() if isinstance(m, nn.Conv2d))
+    with pytest.raises(ValueError, match="square images"):
+        build_model("cnn", 30, 2)
+
+
+def _exact_reference(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, head: set[str], parts: int):
+    """(|G|², tr Σ) from torch.func per-example gradients: the head's with b=1, n=B; the rest's from
+    the mean gradients of ``parts`` contiguous micro-batches (b=B/parts)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p, xi, yi):
+        return loss_fn(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    rows = x.shape[0]
+    head_g = torch.cat([per_example[k].flatten(1) for k in params if k in head], 1).double()
+    head_stats = unbiased_grad_stats(
+        head_g.pow(2).sum(1).mean().item(), head_g.mean(0).pow(2).sum().item(), rows, 1
+    )
+    usable = (rows // parts) * parts
+    rest_g = torch.cat([per_example[k][:usable].flatten(1) for k in params if k not in head], 1).double()
+    micro = rest_g.view(parts, usable // parts, -1).mean(1)
+    rest_stats = unbiased_grad_stats(
+        micro.pow(2).sum(1).mean().item(), micro.mean(0).pow(2).sum().item(), parts, usable // parts
+    )
+    return head_stats[0] + rest_stats[0], head_stats[1] + rest_stats[1]
+
+
+def test_dynamic_batch_size_measures_the_cnn_like_exact_per_example_gradients():
+    """Every measured step of a real fit: the callback's (|G|², tr Σ) equal the torch.func reference
+    taken at the parameters of that step (before the optimizer moved them) to 1e-4."""
+    cfg = RunConfig(data="digits", model="cnn", channels=[4, 8], batch_size=24, lr=0.1, epochs=1)
+    dm = TabularDataModule(cfg.validate())
+    dm.setup()
+    module = build_module(cfg, dm)
+    callback = DynamicBatchSize(policy="fixed", measure_every=5, fallback_every=5, fallback_microbatches=6)
+    seen: list[tuple[dict, torch.Tensor, torch.Tensor]] = []
+    estimates: list[tuple[float, float] | None] = []
+    covered: set[str] = set()
+    microbatch_stats, local_estimate = callback._microbatch_stats, callback._local_estimate
+
+    def snapshot_then_measure(pl_module, x, y):
+        seen.append(({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}, x, y))
+        covered.update(callback._norms.covered_parameter_names)
+        return microbatch_stats(pl_module, x, y)
+
+    def record(trainer, pl_module, batch):
+        estimates.append(local_estimate(trainer, pl_module, batch))
+        return estimates[-1]
+
+    callback._microbatch_stats = snapshot_then_measure
+    callback._local_estimate = record
+    quiet_trainer(1, [callback], limit_train_batches=21, limit_val_batches=0).fit(module, datamodule=dm)
+
+    assert len(seen) == len(estimates) == 5  # steps 0, 5, 10, 15, 20
+    head = {"net.7.weight", "net.7.bias"}  # conv, act, pool, conv, act, pool, flatten, then the head
+    assert covered == head  # the hooks took the head; the micro-batches the convolutions
+    reference_model = build_model("cnn", 64, 10, channels=[4, 8])
+    for (state, x, y), estimate in zip(seen, estimates, strict=True):
+        reference_model.load_state_dict(state)
+        expected = _exact_reference(reference_model, module.loss, x, y, head, parts=6)
+        assert estimate is not None
+        assert estimate == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    assert callback.ema.num_updates == 5 and callback.ema.gns is not None and math.isfinite(callback.ema.gns)
+
+
+def test_acceptance_digits_cnn_auto_reaches_95_percent_with_batch_and_gradient_metrics(workdir):
+    """The issue's command, as a user types it (plus --seed for a stable test split)."""
+    done = subprocess.run(
+        [sys.executable, str(RUN_PY), "train", "--data", "digits", "--model", "cnn"]
+        + ["--batch-size", "auto", "--no-progress"],
+        cwd=workdir,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    client = MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
+    (run,) = client.search_runs(client.get_experiment_by_name("lightning-batch").experiment_id)
+    metrics = run.data.metrics
+    assert metrics["test_acc"] >= 0.95
+    assert metrics["fit_seconds"] < 60
+    assert run.data.params["model"] == "cnn" and run.data.params["lr"] == "0.1"
+    for key in ("batch_size", "gns", "grad_norm", "grad_norm_ratio"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert len(history) >= 5 and all(np.isfinite(m.value) for m in history), key
+    sizes = {m.value for m in client.get_metric_history(run.info.run_id, "batch_size")}
+    assert len(sizes) > 1  # the batch size moved during training
