@@ -4,9 +4,11 @@ Three fits of the same model and data, alternating over rounds (medians reported
 ``DynamicBatchSize(policy="fixed")`` with measurement off (``measure_every`` larger than the fit);
 the same with measurement every ``--measure-every`` steps. The batch size never changes (policy
 ``fixed``, no memory probe), so the difference is the measurement itself: the per-example
-gradient-norm hooks, the unbiased estimate and the EMA update.
+gradient-norm hooks, the unbiased estimate and the EMA update. For ``--model cnn`` (digits, 8×8
+images) the convolutions are outside the hooks' reach, so a measured step also runs the micro-batch
+fallback: ``fallback_microbatches`` (8) extra forward+backward passes over an eighth of the batch.
 
-    python benchmarks/noise_overhead.py [--batch 32 256] [--model linear|mlp] [--rounds 5]
+    python benchmarks/noise_overhead.py [--batch 32 256] [--model linear|mlp|cnn] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def steps_per_second(dm: TabularDataModule, cfg: RunConfig, steps: int, measure_
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[32, 256])
-    parser.add_argument("--model", default="mlp", choices=["linear", "mlp"])
+    parser.add_argument("--model", default="mlp", choices=["linear", "mlp", "cnn"])
     parser.add_argument("--measure-every", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=1000)
@@ -62,15 +64,12 @@ def main() -> None:
     quiet_lightning()
     results = {}
     for batch in args.batch:
-        cfg = RunConfig(
-            data="synthetic-regression",
-            rows=100_000,
-            features=32,
-            batch_size=batch,
-            lr=0.01,
-            model=args.model,
-            hidden=[64, 64],
-        ).validate()
+        data = (
+            dict(data="digits", lr=0.1)
+            if args.model == "cnn"
+            else dict(data="synthetic-regression", rows=100_000, features=32, lr=0.01)
+        )
+        cfg = RunConfig(**data, batch_size=batch, model=args.model, hidden=[64, 64]).validate()
         dm = TabularDataModule(cfg)
         dm.setup()
         steps_per_second(dm, cfg, 50, args.measure_every)  # warm-up

@@ -385,6 +385,8 @@ DEMO_RUNS: tuple[dict[str, Any], ...] = (
         experiment="demo",
         run_name="digits-mlp-auto",
     ),
+    # The same images through a small CNN (conv layers: the noise scale's micro-batch fallback).
+    dict(data="digits", model="cnn", batch_size="auto", experiment="demo", run_name="digits-cnn-auto"),
 )
 
 

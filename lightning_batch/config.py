@@ -312,26 +312,10 @@ class RunConfig:
             raise UserError(f"unknown model {self.model!r}; use --model {_choices(MODELS)}")
         if self.task is not None:
             check_model_for_task(self.model, self.task)
-        if isinstance(self.hidden, int):
-            self.hidden = [self.hidden]
-        if (
-            not isinstance(self.hidden, list)
-            or not self.hidden
-            or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in self.hidden)
-        ):
-            raise UserError(
-                f"--hidden must be positive layer widths, got {self.hidden!r}; e.g. --hidden 64 64"
-            )
-        if isinstance(self.channels, int):
-            self.channels = [self.channels]
-        if (
-            not isinstance(self.channels, list)
-            or not self.channels
-            or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in self.channels)
-        ):
-            raise UserError(
-                f"--channels must be positive channel counts, got {self.channels!r}; e.g. --channels 16 32"
-            )
+        self.hidden = _positive_int_list(self.hidden, "--hidden", "positive layer widths", "--hidden 64 64")
+        self.channels = _positive_int_list(
+            self.channels, "--channels", "positive channel counts", "--channels 32 64"
+        )
         if self.activation not in ACTIVATIONS:
             raise UserError(
                 f"unknown activation {self.activation!r}; use --activation {_choices(ACTIVATIONS)}"
@@ -520,6 +504,19 @@ def _finite(value: Any, flag: str, example: str, minimum: float | None = None) -
         raise UserError(f"{flag} must be a finite number, got {value!r}; e.g. {example}")
     if minimum is not None and value < minimum:
         raise UserError(f"{flag} must be at least {minimum}, got {value}; e.g. {example}")
+
+
+def _positive_int_list(value: Any, flag: str, what: str, example: str) -> list[int]:
+    """A non-empty list of positive ints (a single int becomes a one-item list)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise UserError(f"{flag} must be {what}, got {value!r}; e.g. {example}")
+    return value
 
 
 def _positive_int(value: Any, flag: str, example: str) -> None:

@@ -614,6 +614,21 @@ class TabularDataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         sampler_state = state_dict.get("train_sampler")
         if sampler_state is None:
+            # A checkpoint from before the first training batch (Lightning's BatchSizeFinder saves
+            # one, runs trial steps, then restores it): training restarts at the first row of
+            # epoch 0, at the batch size chosen meanwhile.
+            self._pending_sampler_state = None
+            if self._train_sampler is not None:
+                sampler = self._train_sampler
+                sampler.load_state_dict(
+                    {
+                        "epoch": 0,
+                        "cursor": 0,
+                        "batches_yielded": 0,
+                        "batch_size": sampler.batch_size,
+                        "seed": sampler.seed,
+                    }
+                )
             return
         if self._train_sampler is not None:
             self._train_sampler.load_state_dict(sampler_state)

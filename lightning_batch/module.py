@@ -147,6 +147,9 @@ class TaskModule(pl.LightningModule):
         self.layer_grad_norms = LayerGradNorms(model)
         self.gradient_alarm = GradientRatioAlarm(grad_ratio_limit)
         self._nan_streak = 0
+        # Set again in on_fit_start for the device; here too, because Lightning's BatchSizeFinder
+        # and LearningRateFinder run training steps before the module's on_fit_start.
+        self._check_every_step = True
         self._max_eval_rows: int | None = None
         if task == "regression":
             metrics = {

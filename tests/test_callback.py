@@ -337,3 +337,14 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tracking_uri: str):
 
     with pytest.raises(UserError, match="no checkpoint to resume"):
         train(RunConfig(tracking_uri=tracking_uri), resume_run_id="0123456789abcdef")
+
+
+def test_lightnings_own_batch_size_finder_runs_with_the_task_module(tmp_path: Path):
+    """BatchSizeFinder trains steps before the module's on_fit_start: the module must be ready."""
+    from lightning.pytorch.callbacks import BatchSizeFinder
+
+    dm, _, module = _setup(rows=2000, batch_size=16)
+    finder = BatchSizeFinder(mode="power", init_val=16, max_trials=3, steps_per_trial=2)
+    quiet_trainer(1, [finder], limit_val_batches=0, default_root_dir=tmp_path).fit(module, datamodule=dm)
+    assert finder.optimal_batch_size == 64 and dm.batch_size == 64  # 16, 32, 64: three trials
+    assert module.samples_seen == len(dm.train_set)

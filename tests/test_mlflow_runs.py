@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list:
     return client.get_metric_history(run_id, key)
 
 
-def test_demo_writes_two_finished_runs_with_metrics_and_artifacts(workdir: Path):
+def test_demo_writes_finished_runs_with_metrics_and_artifacts(workdir: Path):
     """`python experiments/run.py` with no arguments, as a user runs it, on the default store."""
     done = subprocess.run(
         [sys.executable, str(RUN_PY)],
@@ -76,6 +77,16 @@ def test_demo_writes_two_finished_runs_with_metrics_and_artifacts(workdir: Path)
     assert "val_rmse" in by_task["regression"].data.metrics
     assert "val_acc" in by_task["classification"].data.metrics
     assert "INFO mlflow" not in done.stderr, "MLflow's start-up chatter is quiet by default"
+
+    # Issue 7's acceptance: digits through the CNN with --batch-size auto (the demo's run is that
+    # command's config: data digits, model cnn, batch size auto, every other option at its default).
+    cnn = next(r for r in runs if r.info.run_name == "digits-cnn-auto")
+    assert cnn.data.params["model"] == "cnn" and cnn.data.params["lr"] == "0.1"
+    assert cnn.data.metrics["test_acc"] >= 0.95 and cnn.data.metrics["fit_seconds"] < 60
+    for key in ("batch_size", "gns", "grad_norm", "grad_norm_ratio"):
+        history = _history(client, cnn.info.run_id, key)
+        assert len(history) >= 5 and all(math.isfinite(m.value) for m in history), key
+    assert len({m.value for m in _history(client, cnn.info.run_id, "batch_size")}) > 1  # it moved
 
     # The seed's question, answered from the demo's own auto run: `run.py report RUN_ID`.
     auto = next(r for r in runs if r.info.run_name == "seed-auto")
