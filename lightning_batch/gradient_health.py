@@ -110,9 +110,10 @@ class GradientRatioAlarm:
             return None
         self._warned = True
         if ratio < 1:
+            size = "no gradient at all (dead units?)" if ratio == 0 else f"{ratio:.2g}× the last layer's"
             message = (
-                f"vanishing gradients: the first layer's gradient norm has been {ratio:.2g}× the last "
-                f"layer's (limit 1/{self.limit:g}) for {self._streak} log intervals up to step {step}; "
+                f"vanishing gradients: the first layer's gradient norm has been {size} "
+                f"(limit 1/{self.limit:g}) for {self._streak} log intervals up to step {step}; "
                 "try --init kaiming (ReLU) or xavier (tanh), another --activation, or fewer layers"
             )
         else:
