@@ -147,8 +147,9 @@ class DynamicBatchSize(Callback):
             ``nn.Linear`` layers (convolutions...), measured every ``fallback_every`` steps (in
             step with ``measure_every``: such a model is measured on steps that are multiples of
             both). It runs right after the step's backward, at the parameters the per-example
-            hooks saw. For the digits CNN it costs 11% of the steps at B=32 and 6% at B=256 when
-            measuring every 20 steps (``benchmarks/noise_overhead.py --model cnn``).
+            hooks saw. For the digits CNN, measuring every 20 steps costs ~1-6% of the steps with
+            the vectorized micro-batches, 12% with the loop a model with buffers needs
+            (``benchmarks/noise_overhead.py --model cnn``).
     """
 
     def __init__(

@@ -459,6 +459,31 @@ def test_per_sample_and_microbatch_stats_on_cnn() -> None:
         assert torch.equal(p.grad, s)  # .grad untouched by both fall-backs
 
 
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_microbatch_gradients_vectorized_or_looped_equal_the_means_of_exact_per_example_ones(
+    vectorize: bool,
+) -> None:
+    torch.manual_seed(5)
+    model = SmallCNN().to(DTYPE)
+    x, y = torch.randn(12, 1, 6, 6, dtype=DTYPE), torch.randint(0, 2, (12,))
+    names = [k for k, _ in model.named_parameters()]
+    per_example = flat(loop_per_sample_grads(model, ce_loss, x, y), names)  # (12, P)
+    micro = per_example.view(4, 3, -1).mean(dim=1)  # 4 contiguous micro-batches of 3
+    stats = microbatch_grad_stats(model, ce_loss, x, y, num_microbatches=4, vectorize=vectorize)
+    assert (stats.n, stats.small_batch) == (4, 3)
+    assert_stats_close(stats, reference_stats(micro, small_batch=3))
+
+
+def test_a_model_with_buffers_takes_the_loop_and_gets_them_back() -> None:
+    """BatchNorm updates its running statistics in place, which vmap refuses: the default loops."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).to(DTYPE)
+    x, y = torch.randn(8, 3, dtype=DTYPE), torch.randn(8, 1, dtype=DTYPE)
+    default = microbatch_grad_stats(model, nn.functional.mse_loss, x, y, num_microbatches=2)
+    looped = microbatch_grad_stats(model, nn.functional.mse_loss, x, y, num_microbatches=2, vectorize=False)
+    assert default == looped
+
+
 def test_microbatch_restores_buffers_and_validates() -> None:
     torch.manual_seed(11)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).to(DTYPE)
