@@ -166,6 +166,21 @@ def first_reach(points: list[tuple[float, int, float]], target: float) -> tuple[
     return None
 
 
+def thin_points(report: dict[str, Any], keep: int = 200) -> None:
+    """Keep at most ``keep`` evenly spaced (seconds, samples, loss) points per run, always with the
+    first one at the target: the curves stay plottable and the JSON stays small (a run can record
+    over 1,000 evaluations). The summary figures are computed before thinning."""
+    for result in report["results"]:
+        points = result["points"]
+        if len(points) <= keep:
+            continue
+        chosen = set(range(0, len(points), math.ceil(len(points) / keep))) | {len(points) - 1}
+        reach = next((i for i, p in enumerate(points) if p[2] <= report["target"]), None)
+        if reach is not None:
+            chosen.add(reach)
+        result["points"] = [points[i] for i in sorted(chosen)]
+
+
 def grid_methods() -> list[dict[str, Any]]:
     return [
         {"name": f"grid B={batch}, lr={lr}", "config": dict(batch_size=batch, lr=lr), "grid": True}
@@ -270,6 +285,8 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     kept = json.loads(args.json.read_text()) if args.json.exists() else []
     reports = [r for r in kept if r["task"] not in args.task] + reports
+    for report in reports:
+        thin_points(report)
     args.json.write_text(json.dumps(reports, indent=2))
     print(f"\nwritten: {args.json}")
 
