@@ -232,7 +232,6 @@ class DynamicBatchSize(Callback):
         self._step_started = 0.0
         self._step_times: list[tuple[int, float]] = []
         self._measured_this_step = False
-        self._step_at_start = 0
         #: The batch to measure with micro-batches (parameters outside nn.Linear), until backward.
         self._fallback_batch: tuple[Tensor, Tensor] | None = None
         self._fallback_stats: GradNoiseStats | None = None
@@ -333,26 +332,25 @@ class DynamicBatchSize(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        # global_step moves on in the optimizer step: everything below is keyed to the step at start.
-        self._step_at_start = trainer.global_step
+        # global_step moves on in the optimizer step: what to measure is decided here, at the start.
         self._measured_this_step = trainer.global_step % self.measure_every == 0
         self._grad_t = None
         self._fallback_stats = None
         self._fallback_batch = None
         if self._norms is not None:
             self._norms.enabled = self._measured_this_step
-            if self._measured_this_step and self._fallback_due(pl_module, batch):
+            if (
+                self._measured_this_step
+                and self._needs_fallback(pl_module)
+                and isinstance(batch, (tuple, list))
+                and trainer.global_step % self.fallback_every == 0
+            ):
                 self._fallback_batch = (batch[0], batch[1])
 
-    def _fallback_due(self, pl_module: pl.LightningModule, batch: Any) -> bool:
-        """This step measures the parameters outside nn.Linear layers with micro-batches."""
+    def _needs_fallback(self, pl_module: pl.LightningModule) -> bool:
+        """The model has parameters outside nn.Linear layers, measurable with micro-batches of its loss."""
         assert self._norms is not None
-        return (
-            bool(self._norms.uncovered_parameter_names)
-            and callable(getattr(pl_module, "loss", None))
-            and isinstance(batch, (tuple, list))
-            and self._step_at_start % self.fallback_every == 0
-        )
+        return bool(self._norms.uncovered_parameter_names) and callable(getattr(pl_module, "loss", None))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -368,7 +366,7 @@ class DynamicBatchSize(Callback):
         if self._cycle_is_clean:
             self._step_times.append((rows, seconds))
         if self._measured_this_step:
-            self._measure(trainer, pl_module, batch)
+            self._measure(trainer, pl_module)
         step = trainer.global_step
         self._steps_since_decision += 1
         self._rows_since_decision += rows
@@ -404,14 +402,14 @@ class DynamicBatchSize(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._cycle_is_clean = False
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One step's unbiased |G|² and tr(Σ) into the EMAs (averaged over ranks first).
 
         Every rank takes part in the all-reduce whatever happened locally (a rank that could not
         measure sends NaN), so a rank-local problem cannot deadlock the others; the EMAs move only
         when every rank measured.
         """
-        estimate = self._local_estimate(trainer, pl_module, batch)
+        estimate = self._local_estimate(pl_module)
         values = torch.tensor(estimate if estimate is not None else (math.nan, math.nan), dtype=torch.float64)
         if trainer.world_size > 1:
             values = trainer.strategy.reduce(values.to(pl_module.device), reduce_op="mean").cpu()
@@ -419,9 +417,7 @@ class DynamicBatchSize(Callback):
         if math.isfinite(grad_sqr) and math.isfinite(trace):
             self.ema.update(grad_sqr, trace)
 
-    def _local_estimate(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any
-    ) -> tuple[float, float] | None:
+    def _local_estimate(self, pl_module: pl.LightningModule) -> tuple[float, float] | None:
         """(|G|², tr(Σ)) from this rank's batch, or None when this step can't be measured.
 
         Linear layers come from the per-example hooks. Other parameters (convolutions, norms)
@@ -430,9 +426,7 @@ class DynamicBatchSize(Callback):
         without a ``loss`` method gets the Linear layers' estimate alone, consistently.
         """
         assert self._norms is not None
-        full_model = bool(self._norms.uncovered_parameter_names) and callable(
-            getattr(pl_module, "loss", None)
-        )
+        full_model = self._needs_fallback(pl_module)
         if full_model and self._fallback_stats is None:
             return None  # not a fallback step, or the micro-batches could not be measured
         if not full_model and not self._norms.covered_parameter_names:

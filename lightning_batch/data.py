@@ -619,16 +619,7 @@ class TabularDataModule(pl.LightningDataModule):
             # epoch 0, at the batch size chosen meanwhile.
             self._pending_sampler_state = None
             if self._train_sampler is not None:
-                sampler = self._train_sampler
-                sampler.load_state_dict(
-                    {
-                        "epoch": 0,
-                        "cursor": 0,
-                        "batches_yielded": 0,
-                        "batch_size": sampler.batch_size,
-                        "seed": sampler.seed,
-                    }
-                )
+                self._train_sampler.rewind()
             return
         if self._train_sampler is not None:
             self._train_sampler.load_state_dict(sampler_state)

@@ -735,7 +735,7 @@ def microbatch_grad_stats(
     if vectorize is None:
         vectorize = next(model.buffers(), None) is None
     if vectorize and params:
-        return _vectorized_microbatch_stats(model, loss_fn, inputs, targets, n, list(params))
+        return _vectorized_microbatch_stats(model, loss_fn, inputs, targets, n, params)
     names = list(params)
     tensors = [params[k] for k in names]
     saved_buffers = {k: v.detach().clone() for k, v in model.named_buffers()} if restore_buffers else None
@@ -765,14 +765,17 @@ def microbatch_grad_stats(
 
 
 def _vectorized_microbatch_stats(
-    model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor, n: int, names: list[str]
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    n: int,
+    selected: dict[str, nn.Parameter],
 ) -> GradNoiseStats:
     """:func:`microbatch_grad_stats` with the ``n`` micro-batch gradients from one ``vmap`` call."""
-    batch = int(inputs.shape[0])
-    b = batch // n
-    wanted = set(names)
-    params = {k: v.detach() for k, v in model.named_parameters() if k in wanted}
-    others = {k: v.detach() for k, v in model.named_parameters() if k not in wanted}
+    b = int(inputs.shape[0]) // n
+    params = {k: v.detach() for k, v in selected.items()}
+    others = {k: v.detach() for k, v in model.named_parameters() if k not in params}
     buffers = dict(model.named_buffers())
 
     def microbatch_loss(trainable: dict[str, Tensor], x: Tensor, t: Tensor) -> Tensor:
@@ -787,7 +790,7 @@ def _vectorized_microbatch_stats(
             params, inputs.reshape(n, b, *inputs.shape[1:]), targets.reshape(n, b, *targets.shape[1:])
         )
     acc_dtype = torch.promote_types(next(iter(params.values())).dtype, torch.float32)
-    flat = torch.cat([grads[k].reshape(n, -1).to(acc_dtype) for k in names], dim=1)  # (n, P)
+    flat = torch.cat([g.reshape(n, -1).to(acc_dtype) for g in grads.values()], dim=1)  # (n, P)
     small = float(flat.pow(2).sum()) / n
     big = float(flat.mean(dim=0).pow(2).sum())
     return GradNoiseStats.from_norms(small, big, n, b)

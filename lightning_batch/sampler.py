@@ -112,10 +112,14 @@ class ResizableBatchSampler(BatchSampler):
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at each epoch start (through ``.sampler``); a new epoch restarts the cursor."""
         if epoch != self.epoch:
-            self.epoch = epoch
-            self.cursor = 0
-            self.batches_yielded = 0
-            self._in_flight.clear()
+            self.rewind(epoch)
+
+    def rewind(self, epoch: int = 0) -> None:
+        """Start ``epoch`` from its first row, keeping the batch size (even if it is the current epoch)."""
+        self.epoch = epoch
+        self.cursor = 0
+        self.batches_yielded = 0
+        self._in_flight.clear()
 
     def permutation(self, epoch: int | None = None) -> torch.Tensor:
         """The order of rows in ``epoch`` (the current one by default), identical on every rank."""

@@ -87,8 +87,8 @@ def test_dynamic_batch_size_measures_the_cnn_like_exact_per_example_gradients():
         covered.update(callback._norms.covered_parameter_names)
         return microbatch_stats(pl_module, x, y)
 
-    def record(trainer, pl_module, batch):
-        estimates.append(local_estimate(trainer, pl_module, batch))
+    def record(pl_module):
+        estimates.append(local_estimate(pl_module))
         return estimates[-1]
 
     callback._microbatch_stats = snapshot_then_measure
