@@ -19,7 +19,6 @@ from lightning_batch.callback import DynamicBatchSize
 from lightning_batch.config import RunConfig
 from lightning_batch.data import TabularDataModule
 from lightning_batch.models import CNN, build_model
-from lightning_batch.noise import unbiased_grad_stats
 from lightning_batch.training import build_module
 
 from .conftest import quiet_trainer
@@ -46,6 +45,22 @@ def test_cnn_shapes_init_and_bad_sizes():
         build_model("cnn", 30, 2)
 
 
+def _unbiased_from_samples(gradients: torch.Tensor, examples_each: int) -> tuple[float, float]:
+    """(|G|², tr Σ) from ``n`` gradient samples (rows), each the mean over ``examples_each`` iid examples,
+    derived here from first principles rather than with the package's estimator.
+
+    A row has mean ``G`` and covariance ``Σ / b``. The sample mean ``ḡ`` has ``E|ḡ|² = |G|² + tr Σ/(n b)``,
+    and the sample covariance with Bessel's ``1/(n-1)`` is unbiased for ``Σ / b``, so
+    ``tr Σ ≈ b · Σ_j |g_j - ḡ|² / (n-1)`` and ``|G|² ≈ |ḡ|² - tr Σ / (n b)``.
+    """
+    n = gradients.shape[0]
+    mean = gradients.mean(0)
+    sample_var_trace = (gradients - mean).pow(2).sum() / (n - 1)  # unbiased for tr(Σ)/b
+    trace_sigma = examples_each * sample_var_trace
+    grad_sqr = mean.pow(2).sum() - sample_var_trace / n
+    return grad_sqr.item(), trace_sigma.item()
+
+
 def _exact_reference(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, head: set[str], parts: int):
     """(|G|², tr Σ) from torch.func per-example gradients: the head's with b=1, n=B; the rest's from
     the mean gradients of ``parts`` contiguous micro-batches (b=B/parts)."""
@@ -57,16 +72,20 @@ def _exact_reference(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor
     per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
     rows = x.shape[0]
     head_g = torch.cat([per_example[k].flatten(1) for k in params if k in head], 1).double()
-    head_stats = unbiased_grad_stats(
-        head_g.pow(2).sum(1).mean().item(), head_g.mean(0).pow(2).sum().item(), rows, 1
-    )
+    head_stats = _unbiased_from_samples(head_g, 1)
     usable = (rows // parts) * parts
     rest_g = torch.cat([per_example[k][:usable].flatten(1) for k in params if k not in head], 1).double()
     micro = rest_g.view(parts, usable // parts, -1).mean(1)
-    rest_stats = unbiased_grad_stats(
-        micro.pow(2).sum(1).mean().item(), micro.mean(0).pow(2).sum().item(), parts, usable // parts
-    )
+    rest_stats = _unbiased_from_samples(micro, usable // parts)
     return head_stats[0] + rest_stats[0], head_stats[1] + rest_stats[1]
+
+
+def test_sample_variance_reference_on_a_hand_example():
+    """The reference estimator itself, on numbers checked by hand: per-example gradients 1 and 3 have mean
+    2 and sample variance 2, so tr Σ = 2 and |G|² = 4 - 2/2 = 3."""
+    assert _unbiased_from_samples(torch.tensor([[1.0], [3.0]]), 1) == (3.0, 2.0)
+    # Two micro-batch means of 2 examples each, in 2-D: mean (1, 1), spread 2·(1+1)/1 = 4 -> tr Σ = 2·4.
+    assert _unbiased_from_samples(torch.tensor([[0.0, 2.0], [2.0, 0.0]]), 2) == (2.0 - 4.0 / 2, 8.0)
 
 
 def test_dynamic_batch_size_measures_the_cnn_like_exact_per_example_gradients():
