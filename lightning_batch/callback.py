@@ -44,6 +44,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from lightning_batch.cadence import DecisionCadence, effective_ceiling, epoch_steps
 from lightning_batch.memory import (
     CpuMemoryMeter,
     CudaMemoryMeter,
@@ -63,8 +64,8 @@ from lightning_batch.sampler import ResizableBatchSampler
 
 log = logging.getLogger(__name__)
 
-#: Steps timed at a batch size before the next decision may move it again.
-MIN_STEPS_PER_DECISION = 20
+#: Steps the ``goodput`` policy times at a batch size before it decides again (its default).
+GOODPUT_MIN_TIMED_STEPS = 20
 #: The metrics this callback logs (besides ``batch_size`` and ``lr`` for modules that don't).
 METRICS = ("gns", "grad_sqr", "grad_var", "throughput", "mem_peak")
 
@@ -96,14 +97,9 @@ def sync_epoch_length(trainer: pl.Trainer, sampler: ResizableBatchSampler) -> No
     Lightning 2.6; ``tests/test_callback.py`` checks the behaviour they produce (every row once,
     one validation per epoch), so an upgrade that moves them fails loudly.
     """
-    finished = sampler.cursor >= sampler.num_samples  # resized after the epoch's last batch was drawn
-    total = sampler.batches_yielded if finished else len(sampler)
+    total = epoch_steps(sampler, trainer.limit_train_batches)
     fit_loop = trainer.fit_loop
     limit = trainer.limit_train_batches
-    if isinstance(limit, int):
-        total = min(total, limit)
-    elif limit < 1.0:
-        total = max(1, int(total * limit))
     fit_loop.max_batches = total
     loader = getattr(fit_loop, "_combined_loader", None)
     if loader is not None:
@@ -127,7 +123,12 @@ class DynamicBatchSize(Callback):
         lr_rule: how lr follows the batch: ``none``, ``linear``, ``sqrt`` or ``adascale``.
         min_batch, max_batch: bounds of the batch size (global, all ranks together).
         multiple: round batch sizes to a multiple of this (sizes below it stay allowed).
-        adjust_every: decide every N optimizer steps (sooner when a quarter epoch of rows went by).
+        adjust_every: decide every N optimizer steps (sooner when a quarter epoch of rows went by);
+            see :mod:`lightning_batch.cadence` for the exact steps.
+        min_timed_steps: the ``goodput`` policy's steps timed at a batch size before it decides
+            again (its throughput model fits step times; fewer make it noisier). Decisions then come
+            every ``max(adjust_every, min_timed_steps)`` steps, said once in a warning when that is
+            more than ``adjust_every``. Default 20; other policies time nothing and ignore it.
         measure_every: measure the noise statistics every N steps. A measurement costs ~0.6 ms on
             this project's 2-core CPU (hooks on every Linear, a few reductions, one host sync), about
             half a small tabular step: every 10 steps measured 5-6% (benchmarks/noise_overhead.py),
@@ -161,6 +162,7 @@ class DynamicBatchSize(Callback):
         max_batch: int | None = None,
         multiple: int = 8,
         adjust_every: int = 20,
+        min_timed_steps: int = GOODPUT_MIN_TIMED_STEPS,
         measure_every: int = 20,
         hysteresis: float = 0.05,
         ema_decay: float = 0.9,
@@ -178,6 +180,7 @@ class DynamicBatchSize(Callback):
         super().__init__()
         for name, value in (
             ("adjust_every", adjust_every),
+            ("min_timed_steps", min_timed_steps),
             ("measure_every", measure_every),
             ("log_every", log_every),
             ("fallback_every", fallback_every),
@@ -205,6 +208,19 @@ class DynamicBatchSize(Callback):
         )
         self.ema = NoiseScaleEMA(ema_decay)
         self.adjust_every = adjust_every
+        self.min_timed_steps = min_timed_steps
+        # Only goodput reads step times; the other policies decide every adjust_every steps exactly.
+        self.cadence = DecisionCadence(adjust_every, min_timed_steps if policy == "goodput" else 1)
+        if self.cadence.effective_every > adjust_every:
+            log.warning(
+                "DynamicBatchSize: the goodput policy times %d steps at each batch size, so it decides every "
+                "%d steps, not every adjust_every=%d; pass min_timed_steps=%d (--min-timed-steps) to decide "
+                "that often, with a noisier throughput model",
+                min_timed_steps,
+                self.cadence.effective_every,
+                adjust_every,
+                adjust_every,
+            )
         self.measure_every = measure_every
         self.probe_memory = probe_memory
         self.memory_budget = memory_budget
@@ -237,8 +253,6 @@ class DynamicBatchSize(Callback):
         self._fallback_stats: GradNoiseStats | None = None
         self._cycle_is_clean = False
         self._samples_seen = 0
-        self._steps_since_decision = 0
-        self._rows_since_decision = 0
         self._loaded_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------
@@ -267,9 +281,10 @@ class DynamicBatchSize(Callback):
         if self.probe_memory and self.controller.policy.name != "fixed":
             self._probe_memory(trainer, pl_module)
         # A start above the ceiling (or the bounds) is corrected before the first step.
-        decision = self.controller.decide(self._context(trainer))
+        context = self._context(trainer)
+        decision = self.controller.decide(context)
         if decision.changed:
-            self._apply(trainer, decision)
+            self._apply(trainer, decision, context)
 
     def _probe_memory(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loss_fn = getattr(pl_module, "loss", None)
@@ -368,9 +383,8 @@ class DynamicBatchSize(Callback):
         if self._measured_this_step:
             self._measure(trainer, pl_module)
         step = trainer.global_step
-        self._steps_since_decision += 1
-        self._rows_since_decision += rows
-        if self._decision_due() or self._over_ceiling(trainer):
+        epoch_rows = self._sampler.num_samples if self._sampler is not None else 0
+        if self.cadence.step_done(rows, epoch_rows) or self._over_ceiling(trainer):
             self._decide(trainer)
         if step % self.log_every == 0:
             self._log(trainer, pl_module, rows, seconds)
@@ -474,17 +488,6 @@ class DynamicBatchSize(Callback):
         except (RuntimeError, ValueError, MemoryError):
             return None
 
-    def _decision_due(self) -> bool:
-        """Every ``adjust_every`` steps, or sooner once a quarter epoch of rows went by (a large batch
-        makes few steps an epoch), but never before ``MIN_STEPS_PER_DECISION`` steps at the current size
-        were timed."""
-        if self._steps_since_decision < MIN_STEPS_PER_DECISION:
-            return False
-        if self._steps_since_decision >= self.adjust_every:
-            return True
-        epoch_rows = self._sampler.num_samples if self._sampler is not None else 0
-        return epoch_rows > 0 and self._rows_since_decision >= epoch_rows / 4
-
     def _over_ceiling(self, trainer: pl.Trainer) -> bool:
         """The batch no longer fits (an out-of-memory error lowered the ceiling): decide now."""
         ceiling = self._effective_ceiling(trainer)
@@ -508,18 +511,13 @@ class DynamicBatchSize(Callback):
 
     def _effective_ceiling(self, trainer: pl.Trainer) -> int | None:
         """The probed ceiling, lowered by any OOM the module recovered from (rows that fit per pass)."""
-        ceiling = self.ceiling
         oom_rows = getattr(trainer.lightning_module, "max_rows_per_pass", None)
-        if oom_rows:
-            oom_global = int(oom_rows) * trainer.world_size
-            ceiling = oom_global if ceiling is None else min(ceiling, oom_global)
-        if self._sampler is not None:
-            epoch_rows = self._sampler.num_samples * trainer.world_size
-            ceiling = epoch_rows if ceiling is None else min(ceiling, epoch_rows)
-        return ceiling
+        # The sampler's rows are the whole dataset (every rank walks the same permutation): global already.
+        epoch_rows = self._sampler.num_samples if self._sampler is not None else None
+        return effective_ceiling(self.ceiling, oom_rows, trainer.world_size, epoch_rows)
 
     def _decide(self, trainer: pl.Trainer) -> None:
-        self._steps_since_decision = self._rows_since_decision = 0
+        self.cadence.reset()
         decision: Decision | None = None
         context = self._context(trainer)
         if trainer.is_global_zero:
@@ -527,9 +525,9 @@ class DynamicBatchSize(Callback):
         # Rank 0 decides (its throughput model is the one that counts); every rank applies the same.
         decision = trainer.strategy.broadcast(decision, src=0)
         if decision is not None and decision.changed:
-            self._apply(trainer, decision)
+            self._apply(trainer, decision, context)
 
-    def _apply(self, trainer: pl.Trainer, decision: Decision) -> None:
+    def _apply(self, trainer: pl.Trainer, decision: Decision, context: PolicyContext) -> None:
         assert self._sampler is not None
         old = self.batch_size
         self._sampler.batch_size = decision.batch_size
@@ -544,6 +542,10 @@ class DynamicBatchSize(Callback):
                 "from": old,
                 "to": self.batch_size,
                 "lr_scale": self.lr_scale,
+                # The statistics the decision (and the AdaScale lr) was taken from: rank 0's, the
+                # same as every rank's, since the EMAs move only with all-reduced estimates.
+                "grad_sqr": context.grad_sqr,
+                "grad_var": context.trace_sigma,
                 "reason": decision.reason,
             }
         )
@@ -607,8 +609,7 @@ class DynamicBatchSize(Callback):
             "decisions": list(self.decisions),
             "samples_seen": self._samples_seen,
             # Where the next decision falls: a resumed fit decides at the same steps as an unbroken one.
-            "steps_since_decision": self._steps_since_decision,
-            "rows_since_decision": self._rows_since_decision,
+            **self.cadence.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -626,8 +627,7 @@ class DynamicBatchSize(Callback):
         self.controller.load_state_dict(state["controller"])
         self.decisions = list(state["decisions"])
         self._samples_seen = int(state["samples_seen"])
-        self._steps_since_decision = int(state.get("steps_since_decision", 0))
-        self._rows_since_decision = int(state.get("rows_since_decision", 0))
+        self.cadence.load_state_dict(state)
         assert self._sampler is not None
         if self.batch_size is not None:
             self._sampler.batch_size = self.batch_size

@@ -1,0 +1,146 @@
+"""When :class:`~lightning_batch.callback.DynamicBatchSize` decides, and the numbers a resize writes.
+
+The callback is glue between the Trainer and the policy; the arithmetic of that glue lives here,
+free of Lightning, so it can be tested (and mutation-tested) without a Trainer:
+
+- :class:`DecisionCadence`: the steps at which a decision falls;
+- :func:`effective_ceiling`: the largest batch a decision may choose, from the memory probe, the
+  out-of-memory recoveries and the size of the data;
+- :func:`epoch_steps`: how many steps the current epoch has after a mid-epoch resize, which the
+  Trainer must be told (see :func:`lightning_batch.callback.sync_epoch_length`).
+
+The documented cadence: a decision falls at the end of the step where at least ``adjust_every``
+steps went by since the previous decision, or sooner, once a quarter of an epoch's rows went by
+(a large batch makes few steps an epoch); but never before ``min_steps`` steps at the current size
+(the ``goodput`` policy times that many steps of each size for its throughput model; the other
+policies need no timings and use ``min_steps=1``).
+
+Example:
+    >>> def decision_steps(cadence, rows, epoch_rows=1000, steps=9):
+    ...     due = []
+    ...     for step in range(1, steps + 1):
+    ...         if cadence.step_done(rows, epoch_rows):
+    ...             due.append(step)
+    ...             cadence.reset()  # the callback decides, then counts afresh
+    ...     return due
+    >>> decision_steps(DecisionCadence(adjust_every=3), rows=8)
+    [3, 6, 9]
+    >>> decision_steps(DecisionCadence(adjust_every=50), rows=100)  # a quarter epoch every 3 steps
+    [3, 6, 9]
+    >>> decision_steps(DecisionCadence(adjust_every=2, min_steps=4), rows=8)  # goodput timing 4 steps
+    [4, 8]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning_batch.sampler import ResizableBatchSampler
+
+#: The share of an epoch's rows after which a decision falls even before ``adjust_every`` steps.
+EPOCH_SHARE_PER_DECISION = 0.25
+
+
+class DecisionCadence:
+    """Counts steps and rows since the last decision and says when the next one is due.
+
+    Args:
+        adjust_every: decide every N optimizer steps.
+        min_steps: never decide before this many steps since the previous decision (the
+            quarter-epoch rule included); 1 means every step may be a decision.
+
+    Both counters go into checkpoints, so a resumed fit decides at the same steps as an
+    unbroken one.
+    """
+
+    def __init__(self, adjust_every: int, min_steps: int = 1) -> None:
+        for name, value in (("adjust_every", adjust_every), ("min_steps", min_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.adjust_every = adjust_every
+        self.min_steps = min_steps
+        self.steps_since_decision = 0
+        self.rows_since_decision = 0
+
+    @property
+    def effective_every(self) -> int:
+        """Steps between decisions when no quarter epoch cuts them short."""
+        return max(self.adjust_every, self.min_steps)
+
+    def step_done(self, rows: int, epoch_rows: int) -> bool:
+        """Count one trained step of ``rows`` global rows; True when a decision is due now.
+
+        The caller decides and then calls :meth:`reset`.
+        """
+        self.steps_since_decision += 1
+        self.rows_since_decision += rows
+        return self.due(epoch_rows)
+
+    def due(self, epoch_rows: int) -> bool:
+        """Whether the steps counted so far make a decision due (see the module docstring)."""
+        if self.steps_since_decision < self.min_steps:
+            return False
+        if self.steps_since_decision >= self.adjust_every:
+            return True
+        return epoch_rows > 0 and self.rows_since_decision >= epoch_rows * EPOCH_SHARE_PER_DECISION
+
+    def reset(self) -> None:
+        """A decision was taken: count afresh."""
+        self.steps_since_decision = 0
+        self.rows_since_decision = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "steps_since_decision": self.steps_since_decision,
+            "rows_since_decision": self.rows_since_decision,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps_since_decision = int(state.get("steps_since_decision", 0))
+        self.rows_since_decision = int(state.get("rows_since_decision", 0))
+
+
+def effective_ceiling(
+    probed: int | None, oom_rows_per_pass: int | None, world_size: int, epoch_rows: int | None
+) -> int | None:
+    """The largest global batch a decision may choose; None when nothing bounds it.
+
+    ``probed`` is the memory probe's global ceiling; ``oom_rows_per_pass`` the rows one rank's
+    forward/backward held after an out-of-memory error (the module learnt it; it lowers the ceiling
+    to that times the ranks); ``epoch_rows`` the rows in an epoch over all ranks (a batch larger
+    than the data is the data).
+
+    >>> effective_ceiling(512, None, 1, 10_000)
+    512
+    >>> effective_ceiling(512, 100, 2, 10_000)  # an OOM taught each of 2 ranks to hold 100 rows
+    200
+    >>> effective_ceiling(None, None, 1, 300)
+    300
+    """
+    bounds = [value for value in (probed, epoch_rows) if value is not None]
+    if oom_rows_per_pass:
+        bounds.append(int(oom_rows_per_pass) * world_size)
+    return min(bounds) if bounds else None
+
+
+def epoch_steps(sampler: ResizableBatchSampler, limit_train_batches: int | float = 1.0) -> int:
+    """Steps the current epoch has now, as the Trainer must count them after a resize.
+
+    Steps already taken plus those left at the current batch size; an epoch whose last batch was
+    already drawn has exactly the steps it took. ``limit_train_batches`` is the Trainer's option:
+    an int caps the steps, a fraction below 1 takes that share (at least one step).
+
+    >>> sampler = ResizableBatchSampler(100, batch_size=10, shuffle=False)
+    >>> batches = iter(sampler)
+    >>> _ = [next(batches) for _ in range(3)]  # 30 rows taken in 3 steps
+    >>> sampler.batch_size = 35  # 70 left: two more steps
+    >>> epoch_steps(sampler), epoch_steps(sampler, 4), epoch_steps(sampler, 0.5)
+    (5, 4, 2)
+    """
+    finished = sampler.cursor >= sampler.num_samples  # resized after the epoch's last batch was drawn
+    total = sampler.batches_yielded if finished else len(sampler)
+    if isinstance(limit_train_batches, int):
+        return min(total, limit_train_batches)
+    if limit_train_batches < 1.0:
+        return max(1, int(total * limit_train_batches))
+    return total

@@ -1,0 +1,148 @@
+"""The callback's decision arithmetic without a Trainer: cadence, ceiling, epoch length after a resize."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_batch.cadence import DecisionCadence, effective_ceiling, epoch_steps
+from lightning_batch.sampler import ResizableBatchSampler
+
+
+def _decision_steps(cadence: DecisionCadence, rows: list[int], epoch_rows: int) -> list[int]:
+    due = []
+    for step, r in enumerate(rows, start=1):
+        if cadence.step_done(r, epoch_rows):
+            due.append(step)
+            cadence.reset()
+    return due
+
+
+def _reference_steps(rows: list[int], epoch_rows: int, adjust_every: int, min_steps: int) -> list[int]:
+    """The documented rule, written out independently: decide at the end of a step once
+    ``adjust_every`` steps or a quarter epoch of rows went by, never before ``min_steps`` steps."""
+    due, steps, seen = [], 0, 0
+    for step, r in enumerate(rows, start=1):
+        steps, seen = steps + 1, seen + r
+        if steps >= min_steps and (steps >= adjust_every or (epoch_rows > 0 and 4 * seen >= epoch_rows)):
+            due.append(step)
+            steps = seen = 0
+    return due
+
+
+@pytest.mark.parametrize("adjust_every", [1, 2, 5, 7, 20])
+def test_small_batches_decide_every_adjust_every_steps_exactly(adjust_every: int):
+    """adjust_every below the old hidden floor of 20 is honoured (it was silently raised to 20)."""
+    cadence = DecisionCadence(adjust_every)
+    due = _decision_steps(cadence, [4] * 100, epoch_rows=100_000)
+    assert due == list(range(adjust_every, 101, adjust_every))
+
+
+def test_a_quarter_epoch_of_rows_brings_the_decision_forward_exactly_at_the_quarter():
+    # 1000 rows an epoch; batches of 60: 4 steps hold 240 < 250 rows, 5 hold 300.
+    assert _decision_steps(DecisionCadence(100), [60] * 12, epoch_rows=1000) == [5, 10]
+    # exactly a quarter counts: batches of 125 reach 250 at the 2nd step
+    assert _decision_steps(DecisionCadence(100), [125] * 6, epoch_rows=1000) == [2, 4, 6]
+    # an unknown epoch size (0) never brings a decision forward
+    assert _decision_steps(DecisionCadence(5), [10**6] * 10, epoch_rows=0) == [5, 10]
+
+
+def test_min_steps_holds_both_rules_back():
+    assert _decision_steps(DecisionCadence(2, min_steps=4), [1] * 12, epoch_rows=10**6) == [4, 8, 12]
+    # a quarter epoch every step, still only every 3 steps
+    assert _decision_steps(DecisionCadence(50, min_steps=3), [500] * 9, epoch_rows=1000) == [3, 6, 9]
+    assert DecisionCadence(2, min_steps=4).effective_every == 4
+    assert DecisionCadence(30, min_steps=4).effective_every == 30
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(st.integers(1, 400), min_size=1, max_size=80),
+    epoch_rows=st.integers(0, 3000),
+    adjust_every=st.integers(1, 30),
+    min_steps=st.integers(1, 30),
+)
+def test_cadence_matches_the_documented_rule(rows, epoch_rows, adjust_every, min_steps):
+    cadence = DecisionCadence(adjust_every, min_steps)
+    assert _decision_steps(cadence, rows, epoch_rows) == _reference_steps(
+        rows, epoch_rows, adjust_every, min_steps
+    )
+
+
+def test_a_restored_cadence_decides_at_the_steps_an_unbroken_one_does():
+    rows = [7, 30, 3, 90, 12, 5, 64, 8, 8, 8, 200, 1, 1, 1, 1, 1]
+    unbroken = _decision_steps(DecisionCadence(4, min_steps=2), rows, epoch_rows=900)
+    first = DecisionCadence(4, min_steps=2)
+    before = _decision_steps(first, rows[:6], epoch_rows=900)
+    resumed = DecisionCadence(4, min_steps=2)
+    resumed.load_state_dict(first.state_dict())
+    after = [6 + s for s in _decision_steps(resumed, rows[6:], epoch_rows=900)]
+    assert before + after == unbroken
+    assert first.state_dict() == {
+        "steps_since_decision": first.steps_since_decision,
+        "rows_since_decision": first.rows_since_decision,
+    }
+    assert first.rows_since_decision == sum(rows[before[-1] : 6])
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "5"])
+def test_cadence_rejects_non_positive_integers(bad):
+    with pytest.raises(ValueError, match="adjust_every must be a positive integer"):
+        DecisionCadence(bad)
+    with pytest.raises(ValueError, match="min_steps must be a positive integer"):
+        DecisionCadence(5, min_steps=bad)
+
+
+@pytest.mark.parametrize(
+    ("probed", "oom_rows", "world", "epoch_rows", "expected"),
+    [
+        (None, None, 1, None, None),
+        (None, None, 1, 300, 300),
+        (512, None, 1, None, 512),
+        (512, None, 1, 300, 300),
+        (512, None, 1, 10_000, 512),
+        (512, 100, 1, 10_000, 100),
+        (512, 100, 2, 10_000, 200),  # per-rank rows times the ranks
+        (512, 300, 2, 10_000, 512),
+        (None, 40, 3, None, 120),
+        (None, 40, 3, 100, 100),
+        (512, 0, 2, 10_000, 512),  # 0: no OOM learnt
+    ],
+)
+def test_effective_ceiling(probed, oom_rows, world, epoch_rows, expected):
+    assert effective_ceiling(probed, oom_rows, world, epoch_rows) == expected
+
+
+def _drawn(sampler: ResizableBatchSampler, steps: int) -> list[int]:
+    batches = iter(sampler)
+    return [len(next(batches)) for _ in range(steps)]
+
+
+def test_epoch_steps_counts_taken_steps_plus_those_left_at_the_new_size():
+    sampler = ResizableBatchSampler(100, batch_size=10, shuffle=False)
+    assert epoch_steps(sampler) == 10
+    assert _drawn(sampler, 3) == [10, 10, 10]
+    sampler.batch_size = 35  # 70 rows left: 35 + 35
+    assert epoch_steps(sampler) == 5
+    sampler.batch_size = 4  # 70 rows left: 17 of 4 and a tail of 2
+    assert epoch_steps(sampler) == 3 + 18
+    sampler.batch_size = 7  # 70 = 10 × 7, no tail
+    assert epoch_steps(sampler) == 13
+
+
+def test_epoch_steps_after_the_last_batch_was_drawn_is_the_steps_taken():
+    sampler = ResizableBatchSampler(50, batch_size=20, shuffle=False)
+    assert _drawn(sampler, 3) == [20, 20, 10]
+    sampler.batch_size = 1  # resized after the epoch's last batch: nothing left to take
+    assert epoch_steps(sampler) == 3
+
+
+def test_epoch_steps_respects_limit_train_batches():
+    sampler = ResizableBatchSampler(100, batch_size=10, shuffle=False)
+    assert epoch_steps(sampler, 4) == 4
+    assert epoch_steps(sampler, 40) == 10
+    assert epoch_steps(sampler, 0.5) == 5
+    assert epoch_steps(sampler, 0.01) == 1  # at least one step
+    assert epoch_steps(sampler, 1.0) == 10
+    assert epoch_steps(sampler, 0.99) == 9
