@@ -42,6 +42,18 @@ from lightning_batch.config import (
 
 EXIT_BAD_INPUT = 2
 
+#: Every character ``str.splitlines()`` breaks a line on, mapped to its escape (``\n``, ``\x85``, ...).
+_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
+def one_line(message: str) -> str:
+    """``message`` with every line break escaped: an ``error:`` line is one line whatever text it quotes.
+
+    >>> one_line("column a\\nb, c\\u2028d")
+    'column a\\\\nb, c\\\\u2028d'
+    """
+    return message.translate(_LINE_BREAKS)
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage dump) and exit status 2."""
@@ -216,7 +228,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     config_file = getattr(args, "config_file", None)
     if config_file:
         from_file = load_yaml_config(config_file)
-        RunConfig.from_mapping(from_file, origin=config_file)  # unknown keys are reported here
+        RunConfig.from_mapping(from_file, origin=repr(config_file))  # unknown keys are reported here
         values.update({str(k).replace("-", "_"): v for k, v in from_file.items()})
     values.update(given)
     return RunConfig.from_mapping(values, origin="flags").validate()
@@ -246,7 +258,7 @@ def tune_config_from_args(args: argparse.Namespace) -> TuneConfig:
     if "space" in values:
         raw = load_yaml_config(values["space"])
         values["space"] = raw.get("space", raw) if isinstance(raw, dict) else raw
-        parse_space(values["space"], origin=str(args.space))  # errors name the file
+        parse_space(values["space"], origin=repr(str(args.space)))  # errors name the file
     return TuneConfig(**values).validate()
 
 
@@ -408,7 +420,7 @@ def _resume_run_id(value: str | None) -> str | None:
     path = Path(value)
     if path.suffix == ".ckpt":
         if not path.is_file():
-            raise UserError(f"checkpoint not found: {value}; pass the run id or the path of its last.ckpt")
+            raise UserError(f"checkpoint not found: {value!r}; pass the run id or the path of its last.ckpt")
         return path.resolve().parent.name
     return value
 
@@ -465,7 +477,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
     storage = resolve_storage(args.storage, resolve_tracking_uri(args.tracking_uri))
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
         raise UserError(
-            f"no studies yet: {storage} does not exist; run `run.py tune` first or pass --storage"
+            f"no studies yet: {storage!r} does not exist; run `run.py tune` first or pass --storage"
         )
     command = [
         sys.executable,
@@ -529,11 +541,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_ui(args)
         raise UserError(f"unknown command {args.command!r}")
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (MemoryError, FloatingPointError) as exc:
         # The run existed and is marked FAILED (error tag); the user needs the reason, not a traceback.
-        message = " ".join(str(exc).split())
+        message = one_line(" ".join(str(exc).split()))
         print(f"error: {message} (the run is marked FAILED in MLflow)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

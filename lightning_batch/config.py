@@ -264,14 +264,14 @@ class RunConfig:
                     raise UserError(
                         f"unknown dataset {self.data!r}; use one of {names} or a path to a .csv/.parquet file"
                     )
-                raise UserError(f"{self.data}: unsupported file type; give a .csv or .parquet file")
+                raise UserError(f"{self.data!r}: unsupported file type; give a .csv or .parquet file")
             if not path.is_file():
                 raise UserError(
-                    f"data file not found: {self.data}; check the path (relative to {Path.cwd().name}/)"
+                    f"data file not found: {self.data!r}; check the path (relative to {Path.cwd().name}/)"
                 )
             if not self.target:
                 raise UserError(
-                    f"--target is required for a file source; name the column to predict in {path.name}"
+                    f"--target is required for a file source; name the column to predict in {path.name!r}"
                 )
         elif self.target:
             raise UserError(f"--target is only for CSV/Parquet files; {self.data} knows its own target")
@@ -337,7 +337,7 @@ class RunConfig:
         if self.lr is None:
             self.lr = DEFAULT_LR.get(self.model or "", 0.01)
         if not _is_number(self.lr) or not math.isfinite(float(self.lr)) or float(self.lr) <= 0:
-            raise UserError(f"--lr must be a positive number, got {self.lr}; try --lr 0.01")
+            raise UserError(f"--lr must be a positive number, got {self.lr!r}; try --lr 0.01")
         self.lr = float(self.lr)
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {self.optimizer!r}; use --optimizer {_choices(OPTIMIZERS)}")
@@ -480,17 +480,17 @@ def load_yaml_config(path: str) -> dict[str, Any]:
     """Read a YAML mapping of options; every failure is a one-line :class:`UserError`."""
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"config file not found: {path}")
+        raise UserError(f"config file not found: {path!r}")
     try:
         values = yaml.safe_load(file.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot read YAML config {path}: {first}; fix the file or drop --config") from None
+        raise UserError(f"cannot read YAML config {path!r}: {first}; fix the file or drop --config") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise UserError(
-            f"YAML config {path} must be a mapping of option: value, got a {type(values).__name__}"
+            f"YAML config {path!r} must be a mapping of option: value, got a {type(values).__name__}"
         )
     return values
 

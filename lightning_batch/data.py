@@ -136,23 +136,23 @@ def read_table_file(path: str, target: str) -> RawTable:
         else:
             frame = pd.read_parquet(file)
     except pd.errors.EmptyDataError:
-        raise UserError(f"{path} is empty; give a file with a header row and data rows") from None
+        raise UserError(f"{path!r} is empty; give a file with a header row and data rows") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"cannot read {path}: {first}; check the file's format") from None
+        raise UserError(f"cannot read {path!r}: {first}; check the file's format") from None
     except Exception as exc:  # pyarrow raises its own types for damaged Parquet files
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"cannot read {path}: {first}; check the file's format") from None
+        raise UserError(f"cannot read {path!r}: {first}; check the file's format") from None
     columns = [str(c) for c in frame.columns]
     if len(set(columns)) != len(columns):
         dupes = sorted({c for c in columns if columns.count(c) > 1})
-        raise UserError(f"{path} has duplicated column names {dupes}; rename them")
+        raise UserError(f"{path!r} has duplicated column names {dupes}; rename them")
     frame.columns = columns
     if target not in frame.columns:
-        shown = ", ".join(columns[:10]) + (", ..." if len(columns) > 10 else "")
-        raise UserError(f"target column {target!r} not found in {path}; columns are: {shown}")
+        shown = ", ".join(map(repr, columns[:10])) + (", ..." if len(columns) > 10 else "")
+        raise UserError(f"target column {target!r} not found in {path!r}; columns are: {shown}")
     if frame.shape[1] < 2:
-        raise UserError(f"{path} has no feature columns besides the target {target!r}")
+        raise UserError(f"{path!r} has no feature columns besides the target {target!r}")
     return RawTable(frame, target, str(file))
 
 
@@ -186,10 +186,10 @@ def clean_frame(raw: RawTable, task: str | None, max_categories: int) -> CleanTa
     """Drop rows without a target, encode the target, check there is something to learn from."""
     frame = raw.frame
     if len(frame) == 0:
-        raise UserError(f"{raw.source} has no data rows")
+        raise UserError(f"{raw.source!r} has no data rows")
     target = frame[raw.target]
     if isinstance(target, pd.DataFrame):  # duplicated target name in a frame built by hand
-        raise UserError(f"{raw.source} has several columns named {raw.target!r}; rename them")
+        raise UserError(f"{raw.source!r} has several columns named {raw.target!r}; rename them")
     task = task or infer_task(target)
     if task == "regression":
         numeric = pd.to_numeric(target, errors="coerce")
@@ -212,11 +212,11 @@ def clean_frame(raw: RawTable, task: str | None, max_categories: int) -> CleanTa
     frame = frame.loc[keep]
     if len(frame) == 0:
         raise UserError(
-            f"every row of {raw.source} lacks a usable target {raw.target!r}; nothing to train on"
+            f"every row of {raw.source!r} lacks a usable target {raw.target!r}; nothing to train on"
         )
     features = frame.drop(columns=[raw.target])
     if features.shape[1] == 0:
-        raise UserError(f"{raw.source} has no feature columns besides the target {raw.target!r}")
+        raise UserError(f"{raw.source!r} has no feature columns besides the target {raw.target!r}")
     if task == "regression":
         values = pd.to_numeric(frame[raw.target]).astype(float)
         largest = float(values.abs().max())
@@ -254,7 +254,7 @@ def _check_feature_columns(features: pd.DataFrame, source: str, max_categories: 
         levels = column.dropna().nunique()
         if levels > max_categories:
             raise UserError(
-                f"feature {name!r} in {source} is text with {levels} levels (> --max-categories "
+                f"feature {name!r} in {source!r} is text with {levels} levels (> --max-categories "
                 f"{max_categories}); drop it, encode it, or raise --max-categories"
             )
 

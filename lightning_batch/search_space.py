@@ -131,7 +131,7 @@ def _parse_spec(name: str, spec: Any, origin: str) -> ParamSpec:
     unknown = set(spec) - {"low", "high", "log", "step", "choices", "type"}
     if unknown:
         raise UserError(
-            f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; use low, high, log, step or choices"
+            f"{where}: unknown key(s) {', '.join(sorted(map(repr, map(str, unknown))))}; use low, high, log, step or choices"
         )
     if "choices" in spec:
         choices = spec["choices"]

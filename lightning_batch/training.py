@@ -376,12 +376,12 @@ def load_resumable_config(cfg: RunConfig, run_id: str) -> RunConfig:
     saved, last = folder / "config.yaml", folder / "last.ckpt"
     if not saved.is_file() or not last.is_file():
         raise UserError(
-            f"run {run_id} has no checkpoint to resume from in {folder}; it finished (its best checkpoint is an "
+            f"run {run_id!r} has no checkpoint to resume from in {str(folder)!r}; it finished (its best checkpoint is an "
             "MLflow artifact) or never reached the end of an epoch — start a new run instead"
         )
     values = yaml.safe_load(saved.read_text()) or {}
     values["tracking_uri"] = cfg.tracking_uri
-    return RunConfig.from_mapping(values, origin=str(saved))
+    return RunConfig.from_mapping(values, origin=repr(str(saved)))
 
 
 def mark_run_failed(logger: BufferedMLFlowLogger, exc: BaseException) -> None:

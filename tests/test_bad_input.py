@@ -37,7 +37,15 @@ def _cases(folder: Path) -> dict[str, tuple[list[str], str]]:
     (folder / "space_bad_range.yaml").write_text("lr: {low: 1.0, high: 0.1}\n")
     (folder / "space_bad_name.yaml").write_text("space:\n  data: [iris, wine]\n")
     (folder / "space_log_zero.yaml").write_text("lr: {low: 0, high: 1, log: true}\n")
+    (folder / "key_break.yaml").write_text('"learning\\nrate": 0.1\n')
+    (folder / "space_key_break.yaml").write_text('"l\\x1cr": {low: 0.1, high: 1}\n')
     tune = ["tune", "--data", "iris", "--epochs", "1"]
+    # Untrusted text with a line break in it (column and target names, paths, flags, YAML keys):
+    # quoted with its escapes, so the error stays one line.
+    broken_columns = pd.DataFrame({"x": np.arange(40.0), "a\nb": np.arange(40.0), "c\x85d": 1.0})
+    wordy = pd.DataFrame(
+        {"x": np.arange(40.0), "t\u2028e\nxt": [f"w{i}" for i in range(40)], "y": np.arange(40.0)}
+    )
     huge_target = pd.DataFrame({"a": np.arange(40.0), "y": np.arange(40.0) * 1e30})
     few = pd.DataFrame({"a": np.arange(8.0), "y": np.arange(8.0)})
     return {
@@ -138,6 +146,46 @@ def _cases(folder: Path) -> dict[str, tuple[list[str], str]]:
         "missing YAML": (["train", "--config", str(folder / "nope.yaml")], "not found"),
         "unknown flag": (["train", "--learning-rate", "0.1"], "unrecognized arguments"),
         "epochs zero": (["train", "--data", "iris", "--epochs", "0"], "--epochs"),
+        "line breaks in column names": (
+            ["train", "--data", _write_csv(folder, "breaks.csv", broken_columns), "--target", "z"],
+            r"columns are: 'x', 'a\nb', 'c\x85d'",
+        ),
+        "a line separator in the target name": (
+            ["train", "--data", _write_csv(folder, "g3.csv", good), "--target", "a\u2028b"],
+            r"target column 'a\u2028b' not found",
+        ),
+        "line breaks in a text feature's name": (
+            [
+                "train",
+                "--data",
+                _write_csv(folder, "wordy.csv", wordy),
+                "--target",
+                "y",
+                "--max-categories",
+                "3",
+            ],
+            r"feature 't\u2028e\nxt'",
+        ),
+        "a line break in the data path": (
+            ["train", "--data", str(folder / "no\nsuch.csv"), "--target", "y"],
+            r"no\nsuch.csv';",
+        ),
+        "a line break in a YAML key": (
+            ["train", "--config", str(folder / "key_break.yaml")],
+            r"unknown option 'learning\nrate'",
+        ),
+        "a line break in a flag": (
+            ["train", "--data", "iris", "--x\u2029y"],
+            r"unrecognized arguments: --x\u2029y",
+        ),
+        "a line break in a --resume path": (
+            ["train", "--resume", "gone\r\nlast.ckpt"],
+            r"checkpoint not found: 'gone\r\nlast.ckpt'",
+        ),
+        "a control separator in a search-space key": (
+            [*tune, "--space", str(folder / "space_key_break.yaml")],
+            r"'l\x1cr' cannot be searched",
+        ),
     }
 
 
@@ -180,3 +228,25 @@ def test_the_process_exit_status_is_2(workdir: Path):
     assert done.stderr.strip().splitlines() == [
         "error: --lr must be a positive number, got -1.0; try --lr 0.01"
     ]
+
+
+def test_the_error_line_escapes_every_character_python_breaks_lines_on():
+    """The CLI's backstop: whatever a message quotes raw, ``error:`` prints one line."""
+    from lightning_batch.cli import one_line
+
+    breaks = [chr(i) for i in range(0x110000) if len(f"a{chr(i)}b".splitlines()) > 1]
+    assert set("\n\r\x85\u2028\u2029") <= set(breaks)
+    message = one_line("start" + "".join(f"{c}x" for c in breaks) + "end")
+    assert len(message.splitlines()) == 1
+    assert message.startswith(r"start\nx\x0bx")
+
+
+def test_an_unescaped_user_error_still_prints_one_line(workdir: Path, capsys, monkeypatch):
+    import lightning_batch.cli as cli
+
+    def raw(args):
+        raise cli.UserError("column 'a\nb' and\r\nthe \u2028 rest")
+
+    monkeypatch.setattr(cli, "run_train", raw)
+    assert main(["train"]) == 2
+    assert capsys.readouterr().err == "error: column 'a\\nb' and\\r\\nthe \\u2028 rest\n"
