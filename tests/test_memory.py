@@ -4,9 +4,14 @@ found by exhaustive search over the simulated curve, independently of the probe'
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import doctest
+import gc
 import json
 import math
+import subprocess
+import sys
 
 import psutil
 import pytest
@@ -343,6 +348,130 @@ def test_cpu_meter_sees_a_large_allocation() -> None:
         assert float(t[-1]) == 1.0
 
     assert meter.measure(allocate, 1) >= 0.9 * size
+
+
+def _vm_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise LookupError(field)
+
+
+def _true_peak_bytes(step, batch_size: int) -> int:
+    """A step's true peak RSS above the RSS just before it, measured without the meter: free what glibc
+    keeps (``gc.collect`` + ``malloc_trim`` through our own ctypes handle), reset the kernel's exact
+    high-water mark (``/proc/self/clear_refs`` 5, Linux >= 4.0) and read ``VmHWM`` after the step."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+    before = _vm_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    step(batch_size)
+    return _vm_bytes("VmHWM") - before
+
+
+def _true_largest_batch(step, budget: int, rel_tol: float = 0.02) -> tuple[int, int]:
+    """(largest batch whose true peak fits in ``budget`` to within ``rel_tol``, the smallest that does not):
+    doubling, then bisection over :func:`_true_peak_bytes` (monotone in the batch for this step)."""
+    lo, hi = 0, 128
+    while _true_peak_bytes(step, hi) <= budget:
+        lo, hi = hi, hi * 2
+    while hi - lo > max(1, int(rel_tol * lo)):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _true_peak_bytes(step, mid) <= budget else (lo, mid)
+    return lo, hi
+
+
+def _has_resettable_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _vm_bytes("VmHWM") > 0
+    except OSError:
+        return False
+
+
+try:
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _LIBC.malloc_trim  # noqa: B018 -- glibc only
+except (OSError, AttributeError):
+    _LIBC = None
+
+WIDE_IN, WIDE_OUT = 16, 8192
+REAL_BUDGET = 128 * 2**20
+
+
+def _wide_step():
+    """A forward/backward of one wide layer: each sample holds 8192-float activations (pre-activation, ReLU
+    output, square, their gradients); the weight's gradient is the fixed cost."""
+    torch.manual_seed(0)
+    weight = torch.randn(WIDE_IN, WIDE_OUT, requires_grad=True)
+
+    def step(batch_size: int) -> None:
+        x = torch.randn(batch_size, WIDE_IN)
+        torch.relu(x @ weight).square().mean().backward()
+        weight.grad = None  # allocated in every step: part of the step's own fixed cost
+
+    step(64)  # warm-up: lazy initialisation is not a per-sample cost
+    return step
+
+
+def _real_probe_against_the_truth() -> dict:
+    """Run in a child process (see the test): the independent bisection, then the real probe."""
+    step = _wide_step()
+    true_fit, true_fail = _true_largest_batch(step, REAL_BUDGET)
+    result = MemoryProbe(CpuMemoryMeter(budget_bytes=REAL_BUDGET), start_batch=32).run(step)
+    return {
+        "true_fit": true_fit,
+        "true_fail": true_fail,
+        "peak_at_fail": _true_peak_bytes(step, true_fail),
+        "ceiling": result.ceiling,
+        "budget": result.budget_bytes,
+        "steps": result.steps,
+        "verified": result.verified_bytes,
+        "true_peak_at_ceiling": [_true_peak_bytes(step, result.ceiling) for _ in range(3)],
+    }
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or _LIBC is None or not _has_resettable_peak(),
+    reason="needs Linux's resettable VmHWM and glibc's malloc_trim for the independent peak measurement",
+)
+def test_cpu_probe_ceiling_matches_an_independent_bisection_of_the_true_peak() -> None:
+    """The real CpuMemoryMeter + MemoryProbe against a bisection over the kernel's exact peak RSS of a real
+    step, with a budget 128 MiB above the current use.
+
+    It runs in a child process with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB, so every
+    activation is its own mapping and RSS follows live memory. Under glibc's default (dynamic) threshold
+    the same step's peak RSS varies from run to run by whole activation tensors (measured at batch 554:
+    87, 104, 121, 139 MiB), so there is no single true peak to compare with (see the report in issue 12).
+
+    Tolerance: the probe plans with ``safety=0.95`` (a verified batch within 5% of the largest that fits in
+    the linear case) and its verified batch must really fit; allow 10% below for RSS noise and the few
+    trial steps, and 2% above (the bisection's 2% resolution, page rounding)."""
+    from .conftest import ROOT, subprocess_env  # here: the child imports this module without Lightning
+
+    code = (
+        "import json; from tests.test_memory import _real_probe_against_the_truth as f; "
+        "print(json.dumps(f()))"
+    )
+    env = subprocess_env(MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    true_fit, true_fail, ceiling, budget = r["true_fit"], r["true_fail"], r["ceiling"], r["budget"]
+    # The truth is real memory: at least the pre-activation and the ReLU output, 4 bytes a float each.
+    assert r["peak_at_fail"] >= 2 * 4 * WIDE_OUT * true_fail, r
+    assert 200 <= true_fit <= 4000, r  # ~100-200 KB a sample
+    assert budget == REAL_BUDGET
+    assert 0.9 * true_fit <= ceiling <= 1.02 * true_fail, r
+    assert max(r["true_peak_at_ceiling"]) <= 1.02 * budget, r
+    # The meter's own reading at the ceiling agrees with the independent measurement.
+    assert r["verified"] == pytest.approx(min(r["true_peak_at_ceiling"]), rel=0.03), r
 
 
 # ----------------------------------------------------------------------------------------------------------
