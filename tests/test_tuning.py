@@ -466,3 +466,108 @@ def test_sampler_and_pruner_choices_build_optunas_own():
     first = [make_sampler(TuneConfig(sampler="random"), space, worker=w) for w in (1, 2)]
     study = [optuna.create_study(sampler=s) for s in first]
     assert study[0].ask().suggest_float("x", 0, 1) != study[1].ask().suggest_float("x", 0, 1)
+
+
+def _suggestions(sampler: optuna.samplers.BaseSampler, trials: int) -> list[tuple[float, int]]:
+    """Run ``trials`` trials of a fixed objective with ``sampler``; the points it proposed."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=sampler)
+    points = []
+    for _ in range(trials):
+        trial = study.ask()
+        x, k = trial.suggest_float("x", -3.0, 3.0), trial.suggest_int("k", 1, 50)
+        points.append((x, k))
+        study.tell(trial, (x - 1.0) ** 2 + 0.01 * k)
+    return points
+
+
+def test_tpe_sampler_is_seeded_and_uses_the_configured_startup_trials():
+    """Same seed, same proposals; the first ``startup_trials`` are the seeded random sampler's own points and
+    TPE's model takes over right after them; another seed proposes other points."""
+    from lightning_batch.tuning import make_sampler
+
+    space = parse_space(None)
+    options = TuneConfig(sampler="tpe", seed=3, startup_trials=4)
+    first = _suggestions(make_sampler(options, space), 7)
+    assert _suggestions(make_sampler(options, space), 7) == first
+    random_points = _suggestions(optuna.samplers.RandomSampler(seed=3), 7)
+    assert first[:4] == random_points[:4]
+    assert all(f != r for f, r in zip(first[4:], random_points[4:], strict=True))
+    assert (
+        _suggestions(make_sampler(TuneConfig(sampler="tpe", seed=4, startup_trials=4), space), 4) != first[:4]
+    )
+    # A worker's sampler is the next seed's: its startup points are those of RandomSampler(seed + worker).
+    worker = _suggestions(make_sampler(options, space, worker=2), 2)
+    assert worker == _suggestions(optuna.samplers.RandomSampler(seed=5), 2)
+
+
+def _prunes(pruner: optuna.pruners.BasePruner, finished: int, curve: list[float]) -> list[bool]:
+    """After ``finished`` complete trials that reported 1.0 at steps 0..3 (minimising), a new trial reports
+    ``curve``: whether the pruner would stop it at each step."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize", pruner=pruner)
+    for _ in range(finished):
+        trial = study.ask()
+        for step in range(4):
+            trial.report(1.0, step)
+        study.tell(trial, 1.0)
+    trial = study.ask()
+    verdicts = []
+    for step, value in enumerate(curve):
+        trial.report(value, step)
+        verdicts.append(trial.should_prune())
+    return verdicts
+
+
+def test_median_pruner_waits_for_its_startup_trials_and_the_first_epoch():
+    """``startup_trials`` complete trials before it judges anything, and never at step 0 (epoch 0): a trial
+    worse than the median is pruned from step 1 on, a trial better than it is not."""
+    from lightning_batch.tuning import make_pruner
+
+    pruner = make_pruner(TuneConfig(pruner="median", startup_trials=3), epochs=4)
+    bad, good = [5.0, 5.0, 5.0, 5.0], [0.5, 0.5, 0.5, 0.5]
+    assert _prunes(pruner, finished=3, curve=bad) == [False, True, True, True]
+    assert _prunes(pruner, finished=3, curve=good) == [False, False, False, False]
+    assert _prunes(pruner, finished=2, curve=bad) == [False, False, False, False]  # still in startup
+    # The option is the one that takes effect: with startup_trials=1, one finished trial is enough.
+    assert _prunes(make_pruner(TuneConfig(pruner="median", startup_trials=1), 4), 1, bad) == [
+        False,
+        True,
+        True,
+        True,
+    ]
+
+
+def test_hyperband_pruner_spans_the_epochs_and_none_never_prunes():
+    """Hyperband's resources run from 1 epoch to the run's epochs in steps of 3 (9 epochs: 3 brackets, a
+    bad trial is stopped at a rung, never at step 0); ``none`` lets even a terrible trial run to the end."""
+    from lightning_batch.tuning import make_pruner
+
+    hyperband = make_pruner(TuneConfig(pruner="hyperband"), epochs=9)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        direction="minimize", pruner=hyperband, sampler=optuna.samplers.RandomSampler(0)
+    )
+    for _ in range(12):
+        trial = study.ask()
+        for step in range(9):
+            trial.report(1.0 + 0.01 * trial.number, step)
+            trial.should_prune()  # Hyperband records a trial's rungs when asked
+        study.tell(trial, 1.0)
+    pruned_at = []
+    for _ in range(6):
+        trial = study.ask()
+        for step in range(9):
+            trial.report(100.0, step)
+            if trial.should_prune():
+                pruned_at.append(step)
+                break
+        study.tell(
+            trial,
+            state=optuna.trial.TrialState.PRUNED if trial.should_prune() else None,
+            values=None if trial.should_prune() else 100.0,
+        )
+    assert hyperband._n_brackets == 3  # floor(log_3(9 / 1)) + 1
+    # rungs at 1 and 3 epochs (min_resource 1, factor 3); never at step 0 nor past the last rung
+    assert pruned_at and set(pruned_at) <= {1, 3}, pruned_at
+    assert _prunes(make_pruner(TuneConfig(pruner="none"), epochs=9), 5, [1e9] * 4) == [False] * 4
