@@ -13,9 +13,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from mlflow import MlflowClient
+from mlflow.entities import ViewType
 
 from lightning_batch.cli import main
 
@@ -67,8 +68,32 @@ def csv_cases(draw):
     return headers, rows, target, flags
 
 
+def _runs(store: Path) -> dict[str, str]:
+    """run id -> status of every run in the store, whatever its experiment or lifecycle stage."""
+    if not (store / "mlflow.db").exists():
+        return {}
+    client = MlflowClient(f"sqlite:///{store.resolve()}/mlflow.db")
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    if not experiments:
+        return {}
+    runs = client.search_runs(experiments, run_view_type=ViewType.ALL, max_results=50_000)
+    return {r.info.run_id: r.info.status for r in runs}
+
+
+def _files(store: Path) -> set[str]:
+    """Every file and folder a run writes: checkpoints and artifacts (the database aside)."""
+    return {
+        str(p.relative_to(store))
+        for folder in ("checkpoints", "artifacts")
+        if (store / folder).exists()
+        for p in (store / folder).rglob("*")
+    }
+
+
 def _check(case, capsys) -> None:
     headers, rows, target, flags = case
+    store = Path("mlruns")
+    runs_before, files_before = _runs(store), _files(store)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "data.csv"
         with open(path, "w", newline="", encoding="utf-8") as handle:
@@ -87,12 +112,14 @@ def _check(case, capsys) -> None:
     assert status in (0, 1, 2), (status, captured.err[-2000:])
     if status != 0:
         assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    client = MlflowClient(f"sqlite:///{os.getcwd()}/mlruns/mlflow.db")
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    running = (
-        client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'") if experiments else []
-    )
-    assert not running, "a run left RUNNING"
+    runs_after = _runs(store)
+    assert runs_before.items() <= runs_after.items(), "an earlier run changed"
+    new = {run_id: runs_after[run_id] for run_id in runs_after.keys() - runs_before.keys()}
+    if status == 2:
+        assert not new, f"refused input left a run behind: {new}"
+        assert _files(store) == files_before, "refused input wrote checkpoints or artifacts"
+    else:
+        assert list(new.values()) == ["FINISHED" if status == 0 else "FAILED"], (status, new, lines)
 
 
 @pytest.fixture
@@ -110,8 +137,22 @@ COMMON = dict(
 )
 
 
+#: Names with each kind of line break ``str.splitlines()`` knows: an error that quotes one stays one line.
+LINE_BREAK_NAMES = ["a\nb", "a\rb", "a\r\nb", "a\x0bb", "a\x0cb", "a\x1cb", "a\x85b", "a\u2028b", "a\u2029b"]
+
+
+def _line_break_examples(test):
+    numbers = [[str(i), str(i * 0.5)] for i in range(30)]
+    one_class = [["a", str(i)] for i in range(30)]
+    for name in LINE_BREAK_NAMES:
+        test = example(case=(["x", name], numbers, "missing_column", []))(test)  # in the column list
+        test = example(case=([name, "y"], one_class, name, []))(test)  # the target's name
+    return example(case=(["a\u2028b", "y\x85"], numbers, "y\x85", []))(test)  # trains
+
+
 @settings(max_examples=30, derandomize=True, **COMMON)
 @given(case=csv_cases())
+@_line_break_examples
 def test_fuzzed_csvs_and_flags_train_or_fail_cleanly(case, fuzz_dir, capsys):
     _check(case, capsys)
 
