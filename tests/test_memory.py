@@ -400,7 +400,7 @@ except (OSError, AttributeError):
     _LIBC = None
 
 WIDE_IN, WIDE_OUT = 16, 8192
-REAL_BUDGET = 128 * 2**20
+REAL_BUDGET = 64 * 2**20
 
 
 def _wide_step():
@@ -441,7 +441,7 @@ def _real_probe_against_the_truth() -> dict:
 )
 def test_cpu_probe_ceiling_matches_an_independent_bisection_of_the_true_peak() -> None:
     """The real CpuMemoryMeter + MemoryProbe against a bisection over the kernel's exact peak RSS of a real
-    step, with a budget 128 MiB above the current use.
+    step, with a budget 64 MiB above the current use.
 
     It runs in a child process with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB, so every
     activation is its own mapping and RSS follows live memory. Under glibc's default (dynamic) threshold
