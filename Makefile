@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all lint venv clean
+.PHONY: run test test-all lint mutate venv clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,15 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Mutation testing of noise.py, policy.py and sampler.py against their fast tests ([tool.mutmut] in
+# pyproject.toml); not part of `make test`. Starts afresh each time (mutmut would otherwise keep old
+# verdicts when only the tests changed). MUTATE_CHILDREN sets the parallel workers.
+MUTATE_CHILDREN ?= 2
+mutate: $(STAMP)
+	rm -rf mutants
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTATE_CHILDREN)
+	$(BIN)/python benchmarks/mutation_score.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -677,3 +677,83 @@ def test_grad_stats_with_an_outside_batch_norm_equals_the_hooks_own():
     with pytest.raises(RuntimeError, match="grad_stats_with"):
         cheap.grad_stats()
     cheap.remove()
+
+
+# --------------------------------------------------------------------------------------------------
+# Gaps found by `make mutate`
+# --------------------------------------------------------------------------------------------------
+
+
+def test_ema_reset_forgets_everything() -> None:
+    ema = NoiseScaleEMA(decay=0.9)
+    ema.update(5.0, 50.0)
+    ema.update(1.0, 30.0)
+    ema.reset()
+    assert (ema.num_updates, ema.grad_sqr, ema.grad_var, ema.gns) == (0, None, None, None)
+    ema.update(2.0, 6.0)  # bias correction: a first value after reset is returned as is
+    assert (ema.num_updates, ema.grad_sqr, ema.grad_var, ema.gns) == (
+        1,
+        pytest.approx(2.0),
+        pytest.approx(6.0),
+        pytest.approx(3.0),
+    )
+
+
+def test_ema_state_of_a_fresh_average_loads() -> None:
+    restored = NoiseScaleEMA(decay=0.5)
+    restored.update(1.0, 1.0)
+    restored.load_state_dict(NoiseScaleEMA(decay=0.9).state_dict())
+    assert (restored.decay, restored.num_updates, restored.gns) == (0.9, 0, None)
+
+
+def test_grad_stats_with_an_outside_t_and_n() -> None:
+    """``grad_stats_with(T, n)`` is the unbiased formula with this batch's S and any n >= max(2, B)."""
+    torch.manual_seed(11)
+    for batch in (2, 6):
+        model = mlp()
+        x, y = torch.randn(batch, 5, dtype=DTYPE), torch.randint(0, 3, (batch,))
+        with PerExampleGradNorms(model) as hooks:
+            ce_loss(model(x), y).backward()
+            t = sum(float(p.grad.pow(2).sum()) for p in model.parameters())
+            per_example = flat(
+                func_per_sample_grads(model, ce_loss, x, y), [k for k, _ in model.named_parameters()]
+            )
+            s = float(per_example.pow(2).sum(1).mean())
+            assert_stats_close(hooks.grad_stats_with(t, batch), reference_stats(per_example))
+            n = batch + 3  # e.g. the global batch under DDP
+            wide = hooks.grad_stats_with(0.5 * t, n)
+            assert (wide.n, wide.small_batch) == (n, 1)
+            assert wide.grad_sqr == pytest.approx((n * 0.5 * t - s) / (n - 1))
+            assert wide.trace_sigma == pytest.approx(n * (s - 0.5 * t) / (n - 1))
+            with pytest.raises(RuntimeError, match="at least"):
+                hooks.grad_stats_with(t, batch - 1)
+
+
+def test_reset_forgets_the_measurement_and_keeps_static_coverage() -> None:
+    torch.manual_seed(12)
+    model = mlp()
+    x, y = torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))
+    with PerExampleGradNorms(model) as hooks:
+        static = hooks.covered_parameter_names
+        ce_loss(model(x), y).backward()
+        hooks.reset()
+        with pytest.raises(RuntimeError, match="no measurement"):
+            hooks.grad_stats()
+        assert hooks.batch_size is None
+        assert hooks.covered_parameter_names == static
+        ce_loss(model(x), y).backward()  # measures again after a reset
+        assert hooks.batch_size == 8
+
+
+def test_a_graph_from_before_reset_is_not_mistaken_for_the_current_one() -> None:
+    torch.manual_seed(13)
+    model = mlp()
+    x, y = torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))
+    with PerExampleGradNorms(model) as hooks:
+        stale = ce_loss(model(x), y)
+        hooks.reset()
+        current = ce_loss(model(2 * x), y)
+        stale.backward()
+        current.backward()
+        with pytest.raises(RuntimeError, match="more than one forward"):
+            hooks.grad_stats()

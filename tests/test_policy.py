@@ -534,3 +534,169 @@ def test_policy_args_rejected() -> None:
         GoodputPolicy(explore_factor=1.0)
     with pytest.raises(ValueError, match="Pass"):
         ThroughputModel(max_sizes=1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# gaps found by `make mutate`
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "m"), [(1, 40, 8), (5, 30, 8), (9, 15, 8), (3, 7, 8), (1, 20, 1), (6, 6, 4)]
+)
+def test_grid_contains_exactly_the_admissible_sizes(lo: int, hi: int, m: int) -> None:
+    grid = BatchGrid(lo=lo, hi=hi, multiple=m)
+    admissible = set(ref_admissible(lo, hi, m))
+    assert {b for b in range(0, hi + 10) if grid.contains(b)} == admissible
+
+
+def test_observe_step_feeds_the_throughput_model() -> None:
+    ctl = BatchSizeController("goodput")
+    ctl.observe_step(32, 0.01 + 0.001 * 32)
+    ctl.observe_step(64, 0.01 + 0.001 * 64)
+    assert ctl.throughput.batch_sizes == [32, 64]
+    assert ctl.throughput.coefficients == pytest.approx((0.01, 0.001))
+
+
+def test_decision_as_dict_has_every_field_under_its_own_name() -> None:
+    import dataclasses
+
+    d = BatchSizeController("fixed", multiple=1).decide(PolicyContext(batch_size=48, base_batch=64))
+    assert d.as_dict() == dataclasses.asdict(d)
+    json.dumps(d.as_dict())
+
+
+def test_goodput_gain_is_unknown_until_the_model_is_fitted_and_bnoise_known() -> None:
+    one_size = ThroughputModel()
+    one_size.observe(32, 0.05)
+    ctx = PolicyContext(batch_size=32, base_batch=32, noise_scale=100.0, throughput=one_size)
+    assert GoodputPolicy().predicted_gain(ctx, 64) is None
+    fitted = fitted_model(0.01, 0.001)
+    assert (
+        GoodputPolicy().predicted_gain(PolicyContext(batch_size=32, base_batch=32, throughput=fitted), 64)
+        is None
+    )
+    with_bn = PolicyContext(batch_size=32, base_batch=32, noise_scale=100.0, throughput=fitted)
+    expected = ref_goodput(64, 32, 100.0, 0.01, 0.001) / ref_goodput(32, 32, 100.0, 0.01, 0.001) - 1.0
+    assert GoodputPolicy().predicted_gain(with_bn, 64) == pytest.approx(expected)
+
+
+def test_reprs_name_the_class() -> None:
+    assert repr(FixedPolicy()) == "FixedPolicy()"
+    assert repr(MemoryPolicy()) == "MemoryPolicy()"
+    assert repr(make_lr_rule("none")) == "NoLrRule()"
+    assert repr(make_lr_rule("adascale")) == "AdaScaleLrRule()"
+
+
+def test_controller_state_round_trips_a_stateful_policy() -> None:
+    class CountingPolicy(FixedPolicy):
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def propose_with_reason(self, ctx: PolicyContext) -> tuple[int, str]:
+            self.calls += 1
+            return super().propose_with_reason(ctx)
+
+        def state_dict(self) -> dict:
+            return {"calls": self.calls}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.calls = state["calls"]
+
+    ctl = BatchSizeController(CountingPolicy())
+    for _ in range(3):
+        ctl.decide(PolicyContext(batch_size=64, base_batch=64))
+    restored = BatchSizeController(CountingPolicy())
+    restored.load_state_dict(json.loads(json.dumps(ctl.state_dict())))
+    assert restored.policy.calls == 3
+
+
+def test_schedule_accepts_epoch_zero_and_factors_below_one() -> None:
+    p = SchedulePolicy(milestones=[0, 2], factor=0.5)
+    assert [p.propose(PolicyContext(batch_size=64, base_batch=64, epoch=e)) for e in (0, 1, 2)] == [
+        32,
+        32,
+        16,
+    ]
+    per_milestone = SchedulePolicy(milestones=[1], factor=[0.5])
+    assert per_milestone.propose(PolicyContext(batch_size=8, base_batch=8, epoch=1)) == 4
+
+
+@pytest.mark.parametrize("factor", [0.0, [0.0], [2.0, 0.0]])
+def test_schedule_refuses_a_zero_factor(factor) -> None:
+    milestones = [1, 2] if isinstance(factor, list) and len(factor) == 2 else [1]
+    with pytest.raises(ValueError, match="factor"):
+        SchedulePolicy(milestones=milestones, factor=factor)
+
+
+def test_schedule_never_proposes_below_one_row() -> None:
+    p = SchedulePolicy(milestones=[1], factor=0.25)
+    assert p.propose(PolicyContext(batch_size=2, base_batch=2, epoch=1)) == 1  # round(0.5) = 0 -> 1
+    assert SchedulePolicy().propose(PolicyContext(batch_size=1, base_batch=1)) == 1
+
+
+def test_throughput_at_zero_batch_cannot_be_predicted_through_the_origin() -> None:
+    m = ThroughputModel()
+    m.observe(32, 0.064)  # one size: t(B) = B * 0.002, through the origin
+    assert m.throughput(0) is None
+    assert m.throughput(100) == pytest.approx(500.0)
+
+
+def _brute_below_above(lo: int, hi: int, m: int, x: float) -> tuple[int | None, int | None]:
+    admissible = ref_admissible(lo, hi, m)
+    below = [b for b in admissible if b <= x + 1e-9]
+    above = [b for b in admissible if b >= x - 1e-9]
+    return (max(below) if below else None), (min(above) if above else None)
+
+
+@pytest.mark.parametrize(("lo", "hi", "m"), [(1, 40, 8), (8, 24, 8), (9, 30, 8), (5, 7, 8), (3, 17, 1)])
+def test_below_and_above_match_brute_force(lo: int, hi: int, m: int) -> None:
+    grid = BatchGrid(lo=lo, hi=hi, multiple=m)
+    # integers and points between them, inside and outside [lo, hi]; and integers with float round-off
+    # inside (the bounds themselves are exact: below(lo - 1e-12) is None)
+    points = [v + d for v in range(0, hi + 4) for d in (0.0, 0.5)]
+    points += [v + d for v in range(lo + 1, hi) for d in (-1e-12, 1e-12)]
+    for x in points:
+        assert (grid.below(x), grid.above(x)) == _brute_below_above(lo, hi, m, x), x
+
+
+def test_above_without_an_upper_bound() -> None:
+    grid = BatchGrid(lo=3, hi=None, multiple=8)
+    assert [grid.above(x) for x in (1.0, 5.0, 8.0, 9.0, 16.0, 1000.5)] == [3, 5, 8, 16, 16, 1008]
+
+
+@pytest.mark.parametrize("kwargs", [dict(noise_scale=-1.0), dict(base_batch=0), dict(batch_size=0)])
+def test_efficiency_refuses_each_bad_argument(kwargs: dict) -> None:
+    args = dict(batch_size=64, base_batch=32, noise_scale=10.0) | kwargs
+    with pytest.raises(ValueError):
+        efficiency(**args)
+
+
+@pytest.mark.parametrize(("alpha", "beta"), [(0.01, 0.0), (0.5, 0.0), (0.0, 0.001), (0.0, 2.0), (0.0, 0.0)])
+def test_goodput_argmax_at_the_edges_of_the_throughput_model(alpha: float, beta: float) -> None:
+    grid = BatchGrid(lo=4, hi=100, multiple=8)
+    got = policy.goodput_argmax(alpha, beta, 50.0, 32, grid)
+    if alpha == 0.0 and beta == 0.0:
+        assert got is None  # t(B) = 0: no model
+    elif beta == 0.0:
+        assert got == 96  # constant step time: goodput grows with B, the largest admissible size
+        assert policy.goodput_argmax(alpha, beta, 50.0, 32, BatchGrid(lo=4, hi=None, multiple=8)) is None
+    else:
+        assert got == 4  # no fixed cost: goodput falls with B, the smallest admissible size
+    if got is not None:
+        values = {b: ref_goodput(b, 32, 50.0, alpha, beta) for b in ref_admissible(4, 100, 8)}
+        assert values[got] == max(values.values())
+
+
+def test_goodput_argmax_exact_tie_goes_to_the_smaller_batch() -> None:
+    # goodput(c1) == goodput(c2) exactly when alpha * B_noise == beta * c1 * c2: here 1 * 128 == 1 * 8 * 16
+    assert ref_goodput(8, 64, 128.0, 1.0, 1.0) == ref_goodput(16, 64, 128.0, 1.0, 1.0)
+    assert policy.goodput_argmax(1.0, 1.0, 128.0, 64, BatchGrid(lo=8, hi=64, multiple=8)) == 8
+
+
+def test_throughput_accepts_one_row_and_keeps_each_window() -> None:
+    m = ThroughputModel(window=4)
+    m.observe(1, 0.5)
+    for t in (1.0, 1.0, 1.0, 100.0):  # one slow step: the median ignores it
+        m.observe(32, t)
+    assert m.batch_sizes == [1, 32]
+    assert m.state_dict()["samples"] == [[1, [0.5]], [32, [1.0, 1.0, 1.0, 100.0]]]

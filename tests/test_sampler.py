@@ -124,3 +124,120 @@ def test_lightning_reaches_set_epoch_through_the_sampler_attribute():
     _set_sampler_epoch(loader, 5)
     assert (sampler.epoch, sampler.cursor) == (5, 0)
     assert torch.equal(torch.cat(list(sampler)), sampler.permutation(5))
+
+
+# ---- gaps found by `make mutate` ------------------------------------------------------------------
+
+
+def _global_steps(n: int, batch: int, world: int) -> list[int]:
+    """Rows per global step of one epoch, from the documented rule alone: full batches, and a leftover
+    smaller than ``world`` joins the step before it (a leftover of ``world`` rows or more is a step).
+    The batch is clamped to at least ``world`` rows."""
+    batch = max(batch, world)
+    steps, left = [], n
+    while left > 0:
+        take = min(batch, left)
+        if 0 < left - take < world:
+            take = left
+        steps.append(take)
+        left -= take
+    return steps
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "world"),
+    [(1, 1, 1), (1, 4, 1), (6, 5, 2), (11, 5, 2), (12, 5, 2), (13, 5, 2), (14, 4, 3), (20, 5, 1), (9, 3, 4)],
+)
+def test_len_and_step_sizes_match_the_documented_rule(n, batch, world):
+    expected = _global_steps(n, batch, world)
+    lengths = []
+    for rank in range(world):
+        sampler = ResizableBatchSampler(n, batch_size=batch, shuffle=False, rank=rank, world_size=world)
+        assert len(sampler) == sampler.remaining_batches() == len(expected)
+        rows = []
+        for step, local in enumerate(sampler):
+            rows.append(sampler.last_global_rows)
+            # len() stays honest mid-epoch: steps taken plus steps left
+            assert len(sampler) == len(expected), (rank, step)
+            assert sampler.remaining_batches() == len(expected) - step - 1
+            assert len(local) >= 1
+        assert rows == expected
+        assert sampler.remaining_batches() == 0
+        lengths.append(len(rows))
+    assert len(set(lengths)) == 1
+
+
+def test_len_after_the_last_batch_is_the_next_epochs_length():
+    sampler = ResizableBatchSampler(100, batch_size=10, shuffle=False)
+    assert len(list(sampler)) == 10
+    assert len(sampler) == 10
+    sampler.batch_size = 25  # resized after the last batch was drawn: next epoch has 4 steps
+    assert len(sampler) == 4
+    assert sampler.remaining_batches() == 0
+    assert len(list(sampler)) == 4
+
+
+def test_a_second_pass_without_set_epoch_is_the_next_epoch():
+    """Plain PyTorch use: iterating again after a full pass starts epoch + 1 with its own order."""
+    sampler = ResizableBatchSampler(30, batch_size=7, seed=4)
+    later = ResizableBatchSampler(30, batch_size=7, seed=4)
+    first = torch.cat(list(sampler))
+    second = torch.cat(list(sampler))
+    assert sampler.epoch == 1
+    assert sorted(second.tolist()) == list(range(30))
+    later.set_epoch(1)
+    assert torch.equal(second, torch.cat(list(later)))
+    assert not torch.equal(first, second)
+
+
+def test_permutation_of_another_epoch_is_that_epochs_order():
+    sampler = ResizableBatchSampler(40, batch_size=8, seed=2)
+    ahead = sampler.permutation(5)  # asked for while still in epoch 0
+    assert not torch.equal(ahead, sampler.permutation())
+    sampler.set_epoch(5)
+    assert torch.equal(torch.cat(list(sampler)), ahead)
+
+
+def test_rewind_restarts_epoch_zero_by_default():
+    sampler = ResizableBatchSampler(20, batch_size=5, seed=1)
+    sampler.set_epoch(3)
+    iterator = iter(sampler)
+    next(iterator)
+    sampler.rewind()
+    assert (sampler.epoch, sampler.cursor, sampler.batches_yielded, len(sampler)) == (0, 0, 0, 4)
+    fresh = ResizableBatchSampler(20, batch_size=5, seed=1)
+    assert torch.equal(torch.cat(list(sampler)), torch.cat(list(fresh)))
+
+
+def test_trained_position_is_saved_not_the_fetched_one():
+    """A loader fetches ahead; state_dict must resume after the last *trained* batch."""
+    sampler = ResizableBatchSampler(30, batch_size=4, seed=7)
+    assert sampler.batch_trained() == 0  # nothing handed out yet
+    iterator = iter(sampler)
+    fetched = [next(iterator) for _ in range(3)]  # 12 rows fetched
+    assert sampler.batch_trained() == 4
+    assert sampler.last_global_rows == 4
+    sampler.batch_size = 6
+    next(iterator)  # a 6-row batch fetched, not trained
+    assert sampler.batch_trained() == 4  # the oldest in flight: the second 4-row batch
+    state = sampler.state_dict()
+    assert (state["cursor"], state["batches_yielded"]) == (8, 2)
+    resumed = ResizableBatchSampler(30, batch_size=1, seed=0)
+    resumed.load_state_dict(state)
+    rest = torch.cat(list(resumed))
+    assert torch.equal(torch.cat([*fetched[:2], rest]), sampler.permutation())
+
+
+def test_without_a_consumer_the_fetched_position_is_saved():
+    sampler = ResizableBatchSampler(30, batch_size=4, seed=7)
+    iterator = iter(sampler)
+    for _ in range(3):
+        next(iterator)
+    assert sampler.last_global_rows == 4
+    assert (sampler.state_dict()["cursor"], sampler.state_dict()["batches_yielded"]) == (12, 3)
+
+
+def test_the_relay_sampler_covers_every_row():
+    sampler = ResizableBatchSampler(9, batch_size=4)
+    assert list(sampler.sampler) == list(range(9))
+    assert len(sampler.sampler) == 9
