@@ -44,6 +44,10 @@ from lightning_batch.tracking import BufferedMLFlowLogger
 
 log = logging.getLogger(__name__)
 
+#: With ``on_nan="skip"``, this many non-finite steps in a row are skipped (each halving the lr); the
+#: next one in the streak fails the run. A finite step in between starts the count again.
+MAX_CONSECUTIVE_NAN_SKIPS = 20
+
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """An allocator's out-of-memory error (CUDA's, a CPU ``MemoryError``, or one reported as text)."""
@@ -60,7 +64,12 @@ class NonFiniteLossError(FloatingPointError):
         advice = "lower --lr or set --grad-clip"
         if not skipped:
             advice += ", or pass --on-nan skip to skip such steps and halve the lr"
-        extra = f" after {skipped} skipped steps" if skipped else ""
+        extra = (
+            f" after {skipped} skipped steps, the last {MAX_CONSECUTIVE_NAN_SKIPS} in a row (the most "
+            "--on-nan skip allows)"
+            if skipped
+            else ""
+        )
         super().__init__(f"training loss is not finite ({value}) {where}{extra}: training diverged; {advice}")
         self.step = step
 
@@ -85,7 +94,8 @@ class TaskModule(pl.LightningModule):
             when the first/last layer gradient-norm ratio stays outside ``[1/limit, limit]`` for 3
             log intervals: vanishing or exploding gradients (see :mod:`lightning_batch.gradient_health`).
         on_nan: a non-finite training loss ``fail``s the run (:class:`NonFiniteLossError`, with the
-            step), or ``skip``s the step and halves the lr (counted in ``nan_skips``; 20 in a row fail).
+            step), or ``skip``s the step and halves the lr (counted in ``nan_skips``; at most
+            :data:`MAX_CONSECUTIVE_NAN_SKIPS` in a row are skipped, the next one fails the run).
             On CPU the check is every step; on an accelerator, ``fail`` checks when a logging window
             closes (a per-step check would be a device sync per step).
         log_every: log per-step metrics every N optimizer steps (train_loss as the window's mean);
@@ -183,7 +193,7 @@ class TaskModule(pl.LightningModule):
             self._nan_streak = 0
             return True
         step = self.trainer.global_step
-        if self.hparams.on_nan == "fail" or self._nan_streak >= 20:
+        if self.hparams.on_nan == "fail" or self._nan_streak >= MAX_CONSECUTIVE_NAN_SKIPS:
             raise NonFiniteLossError(step, float(loss), skipped=self.nan_skips)
         optimizer.zero_grad()
         for group in optimizer.param_groups:

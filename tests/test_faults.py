@@ -3,6 +3,8 @@ out-of-memory errors, and exploding gradients."""
 
 from __future__ import annotations
 
+import math
+import os
 import random
 import signal
 import subprocess
@@ -10,15 +12,20 @@ import sys
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
+from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_batch.cli import main
 from lightning_batch.config import RunConfig
+from lightning_batch.models import LinearRegression
+from lightning_batch.module import MAX_CONSECUTIVE_NAN_SKIPS, NonFiniteLossError, TaskModule
 from lightning_batch.training import train
 
-from .conftest import RUN_PY, subprocess_env
+from .conftest import RUN_PY, quiet_trainer, subprocess_env
 
 #: Deterministic on CPU whatever the timing: a fixed start batch, the noise policy (it reads gradient
 #: statistics, not step times), no dropout.
@@ -125,40 +132,81 @@ def _decisions(client: MlflowClient, run_id: str, folder: Path) -> list[dict]:
     )["decisions"]
 
 
-SAVE_LOOP = """
-import sys, torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-io = TorchCheckpointIO()
-i = 0
-while True:
-    i += 1
-    io.save_checkpoint({"state_dict": {"w": torch.full((4_000_000,), float(i))}, "step": i}, sys.argv[1])
-    print(i, flush=True)
-"""
+#: A wide MLP: ~4.4 MB of weights, so each of its every-step saves of last.ckpt takes a while.
+WIDE = dict(
+    data="synthetic-regression",
+    rows=1200,
+    features=64,
+    model="mlp",
+    hidden="1024 1024",
+    batch_size=32,
+    lr=0.001,
+    epochs=1,
+    checkpoint_every=1,
+    log_every=50,
+)
 
 
-def test_a_kill_during_a_checkpoint_save_leaves_the_last_one_whole(tmp_path: Path):
-    """Lightning's checkpoint IO (the one our ModelCheckpoints use) writes a temporary file and renames
-    it: SIGKILL at random moments of a busy save loop never leaves a torn last.ckpt."""
-    path = tmp_path / "last.ckpt"
-    rng = random.Random()
-    kills = 0
-    for _ in range(6):
-        process = subprocess.Popen(
-            [sys.executable, "-c", SAVE_LOOP, str(path)],
-            env=subprocess_env(),
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert process.stdout is not None
-        process.stdout.readline()  # one save done: the file exists
-        time.sleep(rng.uniform(0.0, 0.3))  # 16 MB a save: a kill lands mid-write most of the time
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-        kills += 1
-        saved = torch.load(path, weights_only=True)
-        assert torch.all(saved["state_dict"]["w"] == float(saved["step"])), "a torn checkpoint"
-    assert kills == 6
+def _temp_files(folder: Path) -> list[Path]:
+    with os.scandir(folder) as entries:
+        return [
+            Path(e.path) for e in entries if e.name.startswith("tmp") and e.is_file() and e.stat().st_size
+        ]
+
+
+def test_a_kill_during_a_checkpoint_save_leaves_the_last_one_whole(workdir: Path, tracking_uri: str):
+    """SIGKILL ``run.py train --checkpoint-every 1`` while it writes last.ckpt: the previous last.ckpt
+    stays whole (it loads with weights_only=True) and ``--resume`` from it finishes the run.
+
+    Lightning writes a checkpoint to a temporary file from ``tempfile.mkstemp`` (under $TMPDIR) and
+    renames it over last.ckpt; the test points $TMPDIR at a folder it watches, and kills the moment a
+    temporary file holds bytes: a save is then in progress, never finished (the file is left behind).
+    """
+    temp = workdir / "tmp"
+    temp.mkdir()
+    flags = [*_flags({k: v for k, v in WIDE.items() if k != "hidden"}), "--hidden", *WIDE["hidden"].split()]
+    process = subprocess.Popen(
+        [sys.executable, str(RUN_PY), "train", *flags, "--tracking-uri", tracking_uri],
+        cwd=workdir,
+        env=subprocess_env(TMPDIR=str(temp)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoints = workdir / "mlruns" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(checkpoints.glob("*/last.ckpt")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (last,) = checkpoints.glob("*/last.ckpt")  # one save finished: there is a last.ckpt to keep whole
+    in_progress: list[Path] = []
+    while not in_progress and process.poll() is None and time.monotonic() < deadline:
+        in_progress = _temp_files(temp)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL, "the run must still be training when killed"
+    assert in_progress, "no checkpoint save was caught in progress"
+    (orphan,) = in_progress
+    assert orphan.exists(), "the kill came after the save had finished"
+    assert orphan.read_bytes()[:2] == b"PK", "the temporary file is not a checkpoint (torch's zip format)"
+
+    saved = torch.load(last, weights_only=True)
+    client = MlflowClient(tracking_uri)
+    run_id = last.parent.name
+    params = client.get_run(run_id).data.params
+    steps_per_epoch = -(-int(params["n_train"]) // WIDE["batch_size"])
+    # killed mid-epoch 0, before its last step: the save in progress was a step save of last.ckpt
+    # (best.ckpt is written only after a validation)
+    assert saved["epoch"] == 0 and 0 < saved["global_step"] < steps_per_epoch - 1
+    assert not (last.parent / "best.ckpt").exists()
+    weights = saved["state_dict"]
+    assert weights["model.net.0.weight"].shape == (1024, 64)
+    assert weights["model.net.2.weight"].shape == (1024, 1024)
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+    # the same command a user types (in this process: a second interpreter would cost its imports)
+    assert main(["train", "--resume", str(last), "--tracking-uri", tracking_uri]) == 0
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
+    assert run.data.metrics["samples_seen"] == int(params["n_train"]), "no row skipped or repeated"
 
 
 # -- numbers ---------------------------------------------------------------------------------------
@@ -270,3 +318,106 @@ def test_a_batch_that_never_fits_fails_naming_the_memory_budget(tracking_uri: st
     (run,) = client.search_runs([client.get_experiment_by_name("lightning-batch").experiment_id])
     assert run.info.status == "FAILED" and "memory budget" in run.data.tags["error"]
     assert "--memory-budget" in str(raised.value)
+
+
+def _nan_validation(monkeypatch: pytest.MonkeyPatch, when=lambda module: True) -> None:
+    """Validation inputs become NaN (for the modules ``when`` picks); training batches are untouched."""
+    original = TaskModule.validation_step
+
+    def poisoned(self, batch, batch_idx):
+        x, y = batch
+        if when(self):
+            x = torch.full_like(x, float("nan"))
+        return original(self, (x, y), batch_idx)
+
+    monkeypatch.setattr(TaskModule, "validation_step", poisoned)
+
+
+def test_a_nan_validation_loss_with_a_finite_training_loss_fails_the_run(
+    tracking_uri: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    _nan_validation(monkeypatch)
+    argv = ["train", "--data", "synthetic-regression", "--rows", "600", "--features", "4", "--epochs", "2"]
+    status = main([*argv, "--log-every", "1", "--tracking-uri", tracking_uri])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 1
+    assert len(lines) == 1 and lines[0].startswith("error: val_loss is nan after epoch 0"), lines
+    assert lines[0].endswith("(the run is marked FAILED in MLflow)")
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("lightning-batch").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"].startswith("FloatingPointError: val_loss is nan after epoch 0")
+    assert "nonfinite_step" not in run.data.tags  # the training loss never was
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert len(losses) == -(-int(run.data.params["n_train"]) // 32) and all(map(math.isfinite, losses))
+
+
+def test_in_a_study_a_nan_validation_loss_is_a_failed_trial_not_a_pruned_one(
+    workdir: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+):
+    """Trial 1 validates to NaN while it trains finely. The median pruner (after 1 complete trial,
+    from epoch 1) would call a NaN PRUNED; StopOnNonFiniteLoss fails the trial at epoch 0 first."""
+    import optuna
+
+    from lightning_batch.config import TuneConfig
+    from lightning_batch.tuning import tune
+
+    _nan_validation(monkeypatch, when=lambda module: module.hparams.lr == 0.0123)
+    storage = f"sqlite:///{workdir}/mlruns/optuna.db"
+    options = TuneConfig(
+        study="nan-val",
+        trials=2,
+        storage=storage,
+        startup_trials=1,
+        retrain="none",
+        space={"lr": {"low": 0.001, "high": 0.1, "log": True}},
+        enqueue=[{"lr": 0.05}, {"lr": 0.0123}],
+    )
+    base = RunConfig(data="synthetic-regression", rows=600, features=4, epochs=2, tracking_uri=tracking_uri)
+    result = tune(base, options, echo=lambda line: None)
+    assert result.states["COMPLETE"] == 1 and result.states["FAIL"] == 1 and not result.states["PRUNED"]
+    trials = optuna.load_study(study_name="nan-val", storage=storage).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL"]
+    assert trials[1].user_attrs["fail_reason"].startswith("FloatingPointError: val_loss is nan after epoch 0")
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(trials[1].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "val_loss is nan" in run.data.tags["error"]
+
+
+class _NanBatches(Callback):
+    """Makes the training batches at the given indices NaN, so their loss is NaN."""
+
+    def __init__(self, batches) -> None:
+        self.batches = set(batches)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx in self.batches:
+            batch[0].fill_(float("nan"))
+
+
+def _fit_skipping_nans(nan_batches) -> tuple[TaskModule, pl.Trainer]:
+    """One epoch of 64 batches of 8 rows, a linear model, ``on_nan="skip"``, lr 0.1."""
+    torch.manual_seed(0)
+    x = torch.randn(64 * 8, 3)
+    loader = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+    module = TaskModule(LinearRegression(3), task="regression", lr=0.1, on_nan="skip", log_every=1000)
+    trainer = quiet_trainer(1, callbacks=[_NanBatches(nan_batches)])
+    trainer.fit(module, loader)
+    return module, trainer
+
+
+def test_on_nan_skip_skips_20_nan_steps_in_a_row_and_fails_on_the_21st():
+    """The documented limit, exactly: 20 NaN steps in a row are skipped (each halving the lr), the
+    21st fails the run with its step; a finite step in between starts the count again."""
+    assert MAX_CONSECUTIVE_NAN_SKIPS == 20  # the README states 20
+    module, trainer = _fit_skipping_nans(range(5, 25))
+    assert module.nan_skips == 20 and trainer.global_step == 64 - 20
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.1 * 0.5**20
+
+    with pytest.raises(NonFiniteLossError, match="at step 5 after 20 skipped steps") as raised:
+        _fit_skipping_nans(range(5, 26))
+    assert raised.value.step == 5  # skipped steps do not move global_step: 5 steps were taken
+
+    module, trainer = _fit_skipping_nans([*range(5, 25), *range(26, 46)])  # batch 25 is finite
+    assert module.nan_skips == 40 and trainer.global_step == 64 - 40
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.1 * 0.5**40
