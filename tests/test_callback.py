@@ -102,10 +102,14 @@ def test_mid_epoch_resizes_keep_every_row_once_per_epoch_and_one_validation(size
         assert sorted(rows) == list(range(n)), "an epoch must see every row exactly once"
     assert recorder.validations == {0: 1, 1: 1}
     assert module.samples_seen == 2 * n
-    # the sizes actually used follow the script (the tail of an epoch may be shorter)
-    expected = [7, *sizes]
-    for used, wanted in zip(recorder.sizes, expected, strict=False):
-        assert used <= wanted
+    # every step trained the scripted size, or what was left of the epoch when that was less
+    script = [7, *sizes]
+    expected, left = [], n
+    while len(expected) < len(recorder.sizes) or left < n:
+        wanted = script[min(len(expected), len(script) - 1)]  # the last size stays once the script ends
+        expected.append(min(wanted, left))
+        left = left - expected[-1] or n
+    assert recorder.sizes == expected
 
 
 def test_schedule_policy_grows_batch_and_lr_at_the_milestone():
@@ -379,3 +383,61 @@ def test_lightnings_own_batch_size_finder_runs_with_the_task_module(tmp_path: Pa
     quiet_trainer(1, [finder], limit_val_batches=0, default_root_dir=tmp_path).fit(module, datamodule=dm)
     assert finder.optimal_batch_size == 64 and dm.batch_size == 64  # 16, 32, 64: three trials
     assert module.samples_seen == len(dm.train_set)
+
+
+def _documented_decision_steps(
+    rows: list[int], epoch_rows: int, adjust_every: int, min_steps: int
+) -> list[int]:
+    """The cadence the docs promise, written out: a decision at the end of the step where
+    ``adjust_every`` steps, or a quarter epoch of rows, went by since the last one; never before
+    ``min_steps`` steps (goodput's timed steps)."""
+    due, steps, seen = [], 0, 0
+    for step, r in enumerate(rows, start=1):
+        steps, seen = steps + 1, seen + r
+        if steps >= min_steps and (steps >= adjust_every or 4 * seen >= epoch_rows):
+            due.append(step)
+            steps = seen = 0
+    return due
+
+
+class _DecisionSpy(Callback):
+    """The global step of every decision the callback takes while training, and every step's rows."""
+
+    def __init__(self, resize: DynamicBatchSize) -> None:
+        self.decided: list[int] = []
+        self.rows: list[int] = []
+        decide = resize._decide
+
+        def spy(trainer):
+            self.decided.append(trainer.global_step)
+            decide(trainer)
+
+        resize._decide = spy
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rows.append(len(batch[0]))
+
+
+@pytest.mark.parametrize(
+    ("policy", "options", "min_steps"),
+    [
+        ("noise", dict(adjust_every=5), 1),  # below the old hidden floor of 20: honoured
+        ("memory", dict(adjust_every=30, max_batch=150), 1),  # big batches: a quarter epoch decides
+        ("goodput", dict(adjust_every=5), 20),  # goodput times 20 steps a size by default ...
+        ("goodput", dict(adjust_every=5, min_timed_steps=5), 5),  # ... unless told otherwise
+    ],
+)
+def test_decisions_fall_at_the_documented_steps(policy, options, min_steps, caplog):
+    dm, dataset, module = _setup(rows=3000, batch_size=16)
+    with caplog.at_level("WARNING", logger="lightning_batch.callback"):
+        resize = DynamicBatchSize(policy=policy, probe_memory=False, **options)
+    warnings = [r.getMessage() for r in caplog.records if "decides every" in r.getMessage()]
+    if options["adjust_every"] < min_steps:
+        assert len(warnings) == 1 and "min_timed_steps" in warnings[0]
+    else:
+        assert not warnings
+    spy = _DecisionSpy(resize)
+    quiet_trainer(2, [resize, spy], limit_val_batches=0).fit(module, datamodule=dm)
+    expected = _documented_decision_steps(spy.rows, len(dataset), options["adjust_every"], min_steps)
+    assert spy.decided == expected
+    assert len(expected) >= 3
