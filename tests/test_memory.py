@@ -512,3 +512,25 @@ def test_meters_reject_bad_arguments() -> None:
     with pytest.raises(ValueError, match="Pass"):
         probe_max_batch("not callable", FakeMemoryMeter(0, 1, 100))  # type: ignore[arg-type]
     assert not math.isnan(FakeMemoryMeter(0, 1, 100).budget_bytes())
+
+
+def test_the_cpu_meter_reads_a_short_steps_peak_exactly_after_a_larger_one():
+    """A step whose peak is brief and below an earlier, larger step's: the process's lifetime
+    high-water mark says nothing about it and polling can miss it; the kernel's per-step peak
+    (reset before the step) must see the whole allocation."""
+    from lightning_batch.memory import _peak_rss, _reset_peak_rss
+
+    if not _reset_peak_rss():
+        pytest.skip("no resettable peak-RSS counter (/proc/self/clear_refs) on this system")
+    meter = CpuMemoryMeter(budget_bytes=2**30)
+    meter.begin()
+
+    def brief(batch: int) -> None:
+        block = torch.ones(batch, 2**18)  # batch MiB, every page touched, freed at once
+        del block
+
+    assert meter.measure(brief, 96) >= 96 * 2**20 * 0.98  # the larger step first: the lifetime peak
+    for _ in range(3):
+        peak = meter.measure(brief, 24)
+        assert 24 * 2**20 * 0.98 <= peak <= 24 * 2**20 + 8 * 2**20, peak / 2**20
+    assert _peak_rss() is not None
