@@ -19,8 +19,11 @@ stale entries are reported. ``--strict`` exits with status 1 when any survivor i
 from __future__ import annotations
 
 import argparse
+import difflib
+import io
 import re
 import sys
+import tokenize
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -30,10 +33,120 @@ from mutmut.mutation.diff_apply import get_diff_for_mutant
 from mutmut.stats import status_by_exit_code
 from mutmut.utils.file_utils import walk_mutatable_files
 
-# (function, a regular expression the mutated line must match in full, why it cannot change behaviour).
-# ``function`` is the mangled name's tail as mutmut prints it: ``unbiased_grad_stats`` or
-# ``BatchGrid.round`` (class and method). Keep the reasons short; the README lists them grouped.
-EQUIVALENT: list[tuple[str, str, str]] = []
+# Survivors that cannot change behaviour. Each rule: (function regex, line regex, why, strings_only).
+# ``function`` is matched in full against the mutated function as ``name`` or ``Class.method``.
+# ``strings_only`` rules apply only where the mutation changed nothing but one string literal (or replaced
+# it with ``None``); their regex is searched in the original line and the line above it (the statement a
+# continuation line belongs to). Other rules' regex is searched in ``"<original> => <mutant>"`` (both
+# lines stripped; the mutant is empty when the line was deleted).
+MESSAGE = "error-message text: argument names and hints in ValueError/KeyError/RuntimeError messages"
+REASON = "Decision.reason text: human-readable, logged, never parsed past its first word"
+EQUIVALENT: list[tuple[str, str, str, bool]] = [
+    (
+        r".*",
+        r"return [\w.]+, f?\"|why = |reason = |measure = |^\s*f?\"(keep|hold|change|forced|goodput|memory|noise)\b",
+        REASON,
+        True,
+    ),
+    (r".*", r"raise \w+\(|_check_(opt_)?(int|float)\(|_make\(|^\s*f?\"[^\"]*\"\s*,?\s*\)?$", MESSAGE, True),
+    (
+        r"_check_opt_(int|float)",
+        r"_check_(int|float)\(name, .* => .*_check_(int|float)\(None, ",
+        MESSAGE,
+        False,
+    ),
+    (r"SchedulePolicy\.propose_with_reason", r"^passed .*=>|passed \+= 1 =>", REASON, False),
+    (
+        r"SchedulePolicy\.propose_with_reason",
+        r"zip\(self\.milestones, self\.factors, strict=True\).*=> .*zip\(self\.milestones, self\.factors, (strict=(False|None))?\)",
+        "zip(strict=True): milestones and factors have equal lengths by construction (__init__ checks it)",
+        False,
+    ),
+    (
+        r"BatchGrid\.(round|above|below)",
+        r"if self\._all_ints or b < m: => if self\._all_ints or b <= m:",
+        "b < m vs b <= m: at b == m both branches return m, which is admissible",
+        False,
+    ),
+    (
+        r"BatchSizeController\.decide",
+        r"if gain > self\.hysteresis \+ 1e-12: => if gain >= self\.hysteresis \+ 1e-12:",
+        "> vs >= on a float threshold offset by 1e-12: equality does not occur",
+        False,
+    ),
+    (
+        r"BatchSizeController\.decide",
+        r"^step_times=\(\), => $",
+        "clearing ctx.step_times after feeding them to the model: no policy reads them",
+        False,
+    ),
+    (
+        r"per_sample_grad_stats",
+        r"grad_sum\[name\] \+= g\.sum\(dim=0\) => grad_sum\[name\] -= g\.sum\(dim=0\)",
+        "sign of the accumulated sum: only its squared norm is used",
+        False,
+    ),
+    (
+        r"per_sample_grad_stats|_vectorized_microbatch_stats",
+        r"others = \{.* if (\w+) not in params\} => others = \{.* if \1 in params\}",
+        "functional_call falls back to the module's own (equal) parameters for names missing from the dict",
+        False,
+    ),
+    (
+        r"PerExampleGradNorms\.reset",
+        r"self\._invalid = None => self\._invalid = \"\"|self\._measured = False => self\._measured = None",
+        "reset() clears _measured, and every reader checks _measured first (None is as falsy as False)",
+        False,
+    ),
+    (
+        r"ResizableBatchSampler\._next_take",
+        r"if 0 < remaining - take < self\.world_size: => if 0 <= remaining - take < self\.world_size:",
+        "0 < vs 0 <= on the leftover: with no rows left, take already equals remaining",
+        False,
+    ),
+    (
+        r"ResizableBatchSampler\._steps_for",
+        r"if rows <= 0: => if rows < 0:|and full > 0\): => .*and full >= 0\):",
+        "rows == 0 gives 0 steps either way; 0 < rows < world_size never remains (the tail joins the step before)",
+        False,
+    ),
+    (
+        r"ResizableBatchSampler\.permutation",
+        r"manual_seed\(self\.seed \+ epoch\) => .*manual_seed\(self\.seed - epoch\)",
+        "seed - epoch instead of seed + epoch: still a fixed, distinct permutation per epoch on every rank",
+        False,
+    ),
+]
+
+STATUSES = ("killed", "timeout", "survived", "no tests")
+
+
+def _tokens(line: str) -> list[tuple[int, str]]:
+    out = []
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(line.strip() + "\n").readline):
+            if tok.type in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER, tokenize.COMMENT):
+                continue
+            out.append((tok.type, tok.string))
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        pass  # an unclosed bracket at the end of the line: the tokens so far are enough
+    return out
+
+
+def _only_a_string_changed(before: str, after: str) -> bool:
+    a, b = _tokens(before), _tokens(after)
+    ops = [op for op in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes() if op[0] != "equal"]
+    if len(ops) != 1:
+        return False
+    _, i1, i2, j1, j2 = ops[0]
+    old, new = a[i1:i2], b[j1:j2]
+    return (
+        len(old) == 1
+        and old[0][0] == tokenize.STRING
+        and len(new) == 1
+        and (new[0][0] == tokenize.STRING or new[0][1] == "None")
+    )
+
 
 STATUSES = ("killed", "timeout", "survived", "no tests")
 
@@ -46,16 +159,34 @@ def _function_of(mutant: str) -> str:
     return tail.removeprefix("x_")
 
 
-def _mutated_lines(diff: str) -> list[str]:
-    return [
-        line[1:].strip() for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")
-    ]
+def _changes(diff: str) -> list[tuple[str, str, str]]:
+    """(context above, original line, mutated line) for each changed line of a one-line mutation."""
+    lines = [line for line in diff.splitlines() if not line.startswith(("---", "+++", "@@"))]
+    changes = []
+    for i, line in enumerate(lines):
+        if line.startswith("-"):
+            context = "\n".join(x[1:] for x in lines[max(0, i - 3) : i] if x.startswith(" "))
+            after = lines[i + 1][1:] if i + 1 < len(lines) and lines[i + 1].startswith("+") else ""
+            changes.append((context, line[1:], after))
+    return changes
 
 
 def _equivalent_reason(function: str, diff: str) -> tuple[int, str] | None:
-    lines = _mutated_lines(diff)
-    for index, (func, pattern, reason) in enumerate(EQUIVALENT):
-        if func == function and any(re.fullmatch(pattern, line) for line in lines):
+    changes = _changes(diff)
+    if len(changes) != 1:
+        return None
+    context, before, after = changes[0]
+    for index, (func, pattern, reason, strings_only) in enumerate(EQUIVALENT):
+        if not re.fullmatch(func, function):
+            continue
+        if strings_only and not _only_a_string_changed(before, after):
+            continue
+        if strings_only:
+            above = context.split("\n")[-1] if context else ""
+            found = re.search(pattern, before) or re.search(pattern, above)
+        else:
+            found = re.search(pattern, f"{before.strip()} => {after.strip()}")
+        if found:
             return index, reason
     return None
 

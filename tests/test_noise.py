@@ -757,3 +757,36 @@ def test_a_graph_from_before_reset_is_not_mistaken_for_the_current_one() -> None
         current.backward()
         with pytest.raises(RuntimeError, match="more than one forward"):
             hooks.grad_stats()
+        hooks.reset()  # and leaving the block after a reset removes the hooks cleanly
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(("batch", "chunk_size"), [(2, None), (2, 1), (7, 1), (7, 3), (7, None)])
+def test_per_sample_stats_keep_float64_precision(batch: int, chunk_size: int | None) -> None:
+    """Down to B=2 and chunks of 1, and accumulated in the parameters' float64 (not float32)."""
+    torch.manual_seed(14)
+    model = mlp()
+    x, y = torch.randn(batch, 5, dtype=DTYPE), torch.randint(0, 3, (batch,))
+    names = [k for k, _ in model.named_parameters()]
+    ref = reference_stats(flat(loop_per_sample_grads(model, ce_loss, x, y), names))
+    assert_stats_close(per_sample_grad_stats(model, ce_loss, x, y, chunk_size=chunk_size), ref, rel=1e-10)
+
+
+def test_per_sample_stats_edge_arguments() -> None:
+    torch.manual_seed(15)
+    model = mlp()
+    x, y = torch.randn(4, 5, dtype=DTYPE), torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match="chunk_size"):
+        per_sample_grad_stats(model, ce_loss, x, y, chunk_size=0)
+    nothing = per_sample_grad_stats(model, ce_loss, x, y, param_names=[])
+    assert (nothing.small_sqr_norm, nothing.big_sqr_norm, nothing.n) == (0.0, 0.0, 4)
+
+
+def test_per_sample_stats_with_dropout_draw_a_mask_per_example() -> None:
+    torch.manual_seed(16)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.ReLU(), nn.Linear(16, 3)).to(DTYPE).train()
+    x, y = torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))
+    stats = per_sample_grad_stats(model, ce_loss, x, y)  # default randomness="different"
+    assert stats.n == 8 and math.isfinite(stats.grad_sqr) and stats.small_sqr_norm > 0
+    with pytest.raises(RuntimeError):
+        per_sample_grad_stats(model, ce_loss, x, y, randomness="error")

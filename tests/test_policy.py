@@ -700,3 +700,64 @@ def test_throughput_accepts_one_row_and_keeps_each_window() -> None:
         m.observe(32, t)
     assert m.batch_sizes == [1, 32]
     assert m.state_dict()["samples"] == [[1, [0.5]], [32, [1.0, 1.0, 1.0, 100.0]]]
+
+
+def test_grid_refuses_hi_below_lo_and_rounds_to_one_by_default() -> None:
+    with pytest.raises(ValueError, match="hi"):
+        BatchGrid(lo=5, hi=3)
+    grid = BatchGrid.from_bounds(1, None, 50)
+    assert (grid.lo, grid.hi, grid.round(13)) == (1, 50, 13)
+
+
+def test_controller_defaults_are_the_documented_ones() -> None:
+    ctl = BatchSizeController()
+    assert isinstance(ctl.policy, FixedPolicy) and repr(ctl.lr_rule) == "NoLrRule()"
+    assert (ctl.min_batch, ctl.max_batch, ctl.multiple) == (1, None, 8)
+    assert (ctl.hysteresis, ctl.max_step_factor, ctl.num_changes) == (0.05, 4.0, 0)
+    m = ThroughputModel()
+    for b in range(1, 10):  # nine sizes: the least recently observed is dropped
+        m.observe(b, 0.01 * b)
+    for _ in range(40):
+        m.observe(9, 0.09)
+    assert m.batch_sizes == list(range(2, 10))
+    assert len(m.state_dict()["samples"][-1][1]) == 32
+    assert ThroughputModel(window=1).window == 1
+
+
+def test_controller_takes_rule_and_policy_objects_and_a_strict_step_factor() -> None:
+    ctl = BatchSizeController(NoisePolicy(k=2.0), lr_rule=policy.SqrtLrRule(), multiple=1)
+    d = ctl.decide(PolicyContext(batch_size=64, base_batch=64, noise_scale=64.0))
+    assert (d.batch_size, d.lr_scale) == (128, pytest.approx(math.sqrt(2.0)))
+    with pytest.raises(ValueError, match="max_step_factor"):
+        BatchSizeController(max_step_factor=1.0)
+
+
+def test_reasons_name_their_outcome_and_gain_is_zero_when_kept() -> None:
+    ctl = BatchSizeController("noise", multiple=1, hysteresis=0.1)
+    keep = ctl.decide(PolicyContext(batch_size=64, base_batch=64, noise_scale=64.0))
+    hold = ctl.decide(PolicyContext(batch_size=64, base_batch=64, noise_scale=67.0))
+    change = ctl.decide(PolicyContext(batch_size=64, base_batch=64, noise_scale=100.0))
+    forced = ctl.decide(PolicyContext(batch_size=64, base_batch=64, noise_scale=100.0, ceiling=32))
+    assert [d.reason.split(":")[0] for d in (keep, hold, change, forced)] == [
+        "keep",
+        "hold",
+        "change",
+        "forced",
+    ]
+    assert [d.changed for d in (keep, hold, change, forced)] == [False, False, True, True]
+    assert keep.predicted_gain == 0.0
+    assert hold.predicted_gain == pytest.approx(3 / 64)
+    assert ctl.num_changes == 2
+
+
+def test_adascale_in_the_controller_prefers_a_given_trace_over_one_derived_from_the_noise_scale() -> None:
+    ctl = BatchSizeController("fixed", lr_rule="adascale", multiple=1, min_batch=128)  # stays at B = 128
+    # r = (sigma2 + |G|^2) / (sigma2 / S + |G|^2) with sigma2 = tr(Sigma) / B0 and S = B / B0 = 2
+    given = ctl.decide(
+        PolicyContext(batch_size=128, base_batch=64, noise_scale=10.0, grad_sqr=1.0, trace_sigma=64.0)
+    )
+    assert given.batch_size == 128
+    assert given.lr_scale == pytest.approx((1.0 + 1.0) / (1.0 / 2 + 1.0))
+    derived = ctl.decide(PolicyContext(batch_size=128, base_batch=64, noise_scale=10.0, grad_sqr=1.0))
+    sigma2 = 10.0 * 1.0 / 64  # tr(Sigma) = B_noise * |G|^2
+    assert derived.lr_scale == pytest.approx((sigma2 + 1.0) / (sigma2 / 2 + 1.0))
