@@ -23,3 +23,27 @@ def test_readme_example_runs(index: int, workdir, capsys):
         resize = namespace["resize"]
         assert resize.decisions and resize.batch_size != 32
         assert capsys.readouterr().out.strip()
+
+
+def _prose(text: str) -> str:
+    return " ".join(text.split())  # a sentence may wrap across lines
+
+
+def test_the_readme_states_how_many_named_bad_inputs_are_tested(tmp_path):
+    """The prose and the reliability table both give the number of cases in test_bad_input.py."""
+    from .test_bad_input import _cases
+
+    kinds = len(_cases(tmp_path))
+    readme = (ROOT / "README.md").read_text()
+    assert re.findall(r"from (\d+) named kinds", _prose(readme)) == [str(kinds)]
+    assert re.findall(
+        r"\| named bad inputs \(one test per kind\) \| bad input \| (\d+) \| (\d+) \|", readme
+    ) == [(str(kinds), str(kinds))]
+
+
+def test_the_readme_states_the_nan_skip_limit():
+    from lightning_batch.module import MAX_CONSECUTIVE_NAN_SKIPS as limit
+
+    prose = _prose((ROOT / "README.md").read_text())
+    assert f"up to {limit} NaN steps in a row are skipped, the {limit + 1}" in prose
+    assert "MAX_CONSECUTIVE_NAN_SKIPS" in prose
