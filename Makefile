@@ -27,7 +27,7 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Mutation testing of noise.py, policy.py and sampler.py against their fast tests ([tool.mutmut] in
+# Mutation testing of noise.py, policy.py, sampler.py and cadence.py against their fast tests ([tool.mutmut] in
 # pyproject.toml); not part of `make test`. Starts afresh each time (mutmut would otherwise keep old
 # verdicts when only the tests changed). MUTATE_CHILDREN sets the parallel workers.
 MUTATE_CHILDREN ?= 2

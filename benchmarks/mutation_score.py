@@ -55,6 +55,7 @@ EQUIVALENT: list[tuple[str, str, str, bool]] = [
         MESSAGE,
         False,
     ),
+    (r"_check_float", r"^op = .* =>", MESSAGE, False),
     (r"SchedulePolicy\.propose_with_reason", r"^passed .*=>|passed \+= 1 =>", REASON, False),
     (
         r"SchedulePolicy\.propose_with_reason",

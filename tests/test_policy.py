@@ -761,3 +761,20 @@ def test_adascale_in_the_controller_prefers_a_given_trace_over_one_derived_from_
     derived = ctl.decide(PolicyContext(batch_size=128, base_batch=64, noise_scale=10.0, grad_sqr=1.0))
     sigma2 = 10.0 * 1.0 / 64  # tr(Sigma) = B_noise * |G|^2
     assert derived.lr_scale == pytest.approx((sigma2 + 1.0) / (sigma2 / 2 + 1.0))
+
+
+@pytest.mark.parametrize("value", [True, "0.1", None])
+def test_float_arguments_refuse_bools_and_non_numbers(value) -> None:
+    with pytest.raises(ValueError, match="finite number"):
+        BatchSizeController(hysteresis=value)
+    with pytest.raises(ValueError, match="finite number"):
+        PolicyContext(
+            batch_size=8, base_batch=8, grad_sqr=1.0, trace_sigma=value if value is not None else True
+        )
+
+
+def test_context_accepts_small_statistics_and_normalises_step_times() -> None:
+    ctx = PolicyContext(batch_size=8, base_batch=8, grad_sqr=0.25, trace_sigma=0.5, step_times=[[32.0, 1]])
+    assert ctx.b_noise == 2.0
+    assert ctx.step_times == ((32, 1.0),)
+    assert all(type(b) is int and type(t) is float for b, t in ctx.step_times)
