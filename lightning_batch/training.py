@@ -38,6 +38,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from lightning_batch.augment import Augmenter
 from lightning_batch.callback import DynamicBatchSize
+from lightning_batch.checkpoint_io import AtomicCheckpointIO
 from lightning_batch.config import RunConfig, UserError, check_model_for_data, check_model_for_task
 from lightning_batch.data import TabularDataModule
 from lightning_batch.models import build_model
@@ -251,9 +252,9 @@ def train(
         checkpoint = ModelCheckpoint(
             dirpath=checkpoint_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1
         )
-        # The resumable state, mid-epoch included (the sampler saves its trained position). Lightning
-        # writes it atomically: a temporary file renamed over the old one, so a kill during a save
-        # leaves the previous last.ckpt whole.
+        # The resumable state, mid-epoch included (the sampler saves its trained position), written
+        # atomically by AtomicCheckpointIO (a temporary file beside it renamed over the old one), so a
+        # kill during a save leaves the previous last.ckpt whole.
         # Two writers of the same file, because Lightning takes either a step or an epoch trigger.
         last_by_steps = ModelCheckpoint(
             dirpath=checkpoint_dir,
@@ -294,6 +295,7 @@ def train(
             use_distributed_sampler=False,
             accelerator="cpu",
             devices=1,
+            plugins=[AtomicCheckpointIO()],
         )
         options.update(trainer_options or {})
         trainer = pl.Trainer(**options)

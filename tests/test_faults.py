@@ -57,6 +57,8 @@ def _final_weights(client: MlflowClient, run_id: str, folder: Path) -> dict[str,
     return torch.load(path, weights_only=True)
 
 
+# Slow: tests/test_resume.py kills at a fixed, known step (mid-epoch, after a resize) in the default suite.
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(workdir: Path, tracking_uri: str):
     reference = train(RunConfig(**RESUMABLE, tracking_uri=tracking_uri, experiment="reference"))
 
@@ -150,12 +152,14 @@ WIDE = dict(
 
 
 def _temp_files(folder: Path) -> list[Path]:
-    """Temporary files (``tmp...``, from mkstemp) in ``folder`` that hold bytes."""
+    """AtomicCheckpointIO's temporary files (``.last.ckpt.PID.tmp``) in ``folder`` that hold bytes."""
     found = []
+    if not folder.is_dir():
+        return found
     with os.scandir(folder) as entries:
         for entry in entries:
             try:
-                if entry.name.startswith("tmp") and entry.is_file() and entry.stat().st_size:
+                if entry.name.endswith(".tmp") and entry.is_file() and entry.stat().st_size:
                     found.append(Path(entry.path))
             except FileNotFoundError:  # renamed over last.ckpt meanwhile
                 pass
@@ -174,13 +178,11 @@ def _stopped(pid: int) -> bool:
     return True
 
 
-def _kill_a_wide_run_while_saving(
-    workdir: Path, tracking_uri: str, temp: Path, saving
-) -> tuple[Path, list[Path]]:
+def _kill_a_wide_run_while_saving(workdir: Path, tracking_uri: str, temp: Path) -> tuple[Path, list[Path]]:
     """Start ``run.py train`` on WIDE with $TMPDIR at ``temp``; once a last.ckpt exists, SIGKILL the
-    run as soon as ``saving(last.ckpt, its first size, temporary files with bytes)`` says a save is
-    in progress (checked while the run is stopped with SIGSTOP, so the kill lands in that very save).
-    Returns last.ckpt and the temporary files seen at the kill."""
+    run as soon as a temporary file of a save holds bytes beside it (checked while the run is
+    stopped with SIGSTOP, so the kill lands in that very save). Returns last.ckpt and the temporary
+    files seen at the kill."""
     flags = [*_flags({k: v for k, v in WIDE.items() if k != "hidden"}), "--hidden", *WIDE["hidden"].split()]
     process = subprocess.Popen(
         [sys.executable, str(RUN_PY), "train", *flags, "--tracking-uri", tracking_uri],
@@ -194,18 +196,17 @@ def _kill_a_wide_run_while_saving(
     while not list(checkpoints.glob("*/last.ckpt")) and time.monotonic() < deadline:
         time.sleep(0.01)
     (last,) = checkpoints.glob("*/last.ckpt")  # one save finished: there is a last.ckpt to keep whole
-    full = last.stat().st_size
     in_progress: list[Path] = []
     while process.poll() is None and time.monotonic() < deadline:
-        if not _temp_files(temp):
+        if not _temp_files(last.parent):
             time.sleep(0.0005)  # a save's temporary file lives for milliseconds: poll often, not busily
             continue
         # Freeze the run, then look: a save caught in progress is still in progress at the kill.
         process.send_signal(signal.SIGSTOP)
         while not _stopped(process.pid) and process.poll() is None:
             time.sleep(0.001)
-        temps = _temp_files(temp)
-        if temps and saving(last, full, temps):
+        temps = _temp_files(last.parent)
+        if temps:
             in_progress = temps
             break
         process.send_signal(signal.SIGCONT)  # the save finished meanwhile: wait for the next one
@@ -220,13 +221,20 @@ def test_a_kill_during_a_checkpoint_save_leaves_the_last_one_whole(workdir: Path
     """SIGKILL ``run.py train --checkpoint-every 1`` while it writes last.ckpt: the previous last.ckpt
     stays whole (it loads with weights_only=True) and ``--resume`` from it finishes the run.
 
-    Lightning writes a checkpoint to a temporary file from ``tempfile.mkstemp`` (under $TMPDIR) and
-    moves it over last.ckpt; the test points $TMPDIR at a folder it watches, and kills the run while a
-    temporary file holds bytes: a save is then in progress, never finished (the file is left behind).
+    AtomicCheckpointIO writes a checkpoint to a temporary file beside last.ckpt and renames it over
+    last.ckpt; the test kills the run while such a file holds bytes: a save is then in progress, never
+    finished (the file is left behind). $TMPDIR points at another filesystem where there is one (a
+    tmpfs): Lightning's own writer staged checkpoints there and *copied* them over last.ckpt, which a
+    kill tore (measured); this writer does not use $TMPDIR at all.
     """
-    temp = workdir / "tmp"  # the same filesystem as mlruns/: the move is a rename
-    temp.mkdir()
-    last, in_progress = _kill_a_wide_run_while_saving(workdir, tracking_uri, temp, lambda *_: True)
+    other = _other_filesystem()
+    temp = Path(tempfile.mkdtemp(dir=other)) if other is not None else workdir / "tmp"
+    temp.mkdir(exist_ok=True)
+    try:
+        last, in_progress = _kill_a_wide_run_while_saving(workdir, tracking_uri, temp)
+        assert not list(temp.iterdir()), "nothing may be staged in $TMPDIR"
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
     (orphan,) = in_progress
     assert orphan.exists(), "the kill came after the save had finished"
     assert orphan.read_bytes()[:2] == b"PK", "the temporary file is not a checkpoint (torch's zip format)"
@@ -259,27 +267,33 @@ def _other_filesystem() -> Path | None:
     return None
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,  # torch.load: "failed finding central directory"
-    reason="known bug: Lightning's fsspec transaction moves the temporary file from $TMPDIR with "
-    "shutil.move, a copy when $TMPDIR is another filesystem (a tmpfs /tmp): a kill mid-copy tears "
-    "last.ckpt; fix with a CheckpointIO that writes beside last.ckpt and renames",
-)
-def test_a_kill_during_a_checkpoint_save_with_tmpdir_on_another_filesystem(workdir: Path, tracking_uri: str):
-    shm = _other_filesystem()
-    if shm is None:
-        pytest.skip("no writable /dev/shm on another filesystem")
-    temp = Path(tempfile.mkdtemp(dir=shm))
-    try:
-        # kill while last.ckpt is being copied over: the temporary file is whole, last.ckpt not yet
-        last, _ = _kill_a_wide_run_while_saving(
-            workdir, tracking_uri, temp, lambda last, full, temps: last.stat().st_size < 0.9 * full
-        )
-        torch.load(last, weights_only=True)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+def test_the_checkpoint_writer_stages_beside_the_target_and_renames(tmp_path: Path, monkeypatch):
+    """Whatever $TMPDIR is, the temporary file lives in the checkpoint's folder and an atomic rename
+    puts it in place (a move across filesystems would be a copy, torn by a kill)."""
+    from lightning_batch.checkpoint_io import AtomicCheckpointIO
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))
+    renames: list[tuple[Path, Path]] = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renames.append((Path(a), Path(b))), real_replace(a, b)))
+    target = tmp_path / "run" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"w": torch.arange(3)}, target)
+    AtomicCheckpointIO().save_checkpoint({"w": torch.arange(4)}, target)
+    assert [(a.parent, b) for a, b in renames] == [(target.parent, target)] * 2
+    assert torch.load(target, weights_only=True)["w"].tolist() == [0, 1, 2, 3]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"], "no temporary file left"
+    assert not list(elsewhere.iterdir())
+    # a killed writer's leftover goes with the next save; a live process's file stays
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    orphan = target.parent / f".last.ckpt.{int(dead.stdout)}.tmp"
+    live = target.parent / f".last.ckpt.{os.getppid()}.tmp"
+    orphan.write_bytes(b"PK torn"), live.write_bytes(b"PK busy")
+    AtomicCheckpointIO().save_checkpoint({"w": torch.arange(5)}, target)
+    assert not orphan.exists() and live.exists()
 
 
 # -- numbers ---------------------------------------------------------------------------------------
