@@ -33,10 +33,13 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lightning_batch.sampler import ResizableBatchSampler
+if TYPE_CHECKING:  # the config imports this module's defaults and must not pull in torch
+    from lightning_batch.sampler import ResizableBatchSampler
 
+#: Steps the ``goodput`` policy times at a batch size before it decides again (its default).
+GOODPUT_MIN_TIMED_STEPS = 20
 #: The share of an epoch's rows after which a decision falls even before ``adjust_every`` steps.
 EPOCH_SHARE_PER_DECISION = 0.25
 
@@ -130,6 +133,7 @@ def epoch_steps(sampler: ResizableBatchSampler, limit_train_batches: int | float
     already drawn has exactly the steps it took. ``limit_train_batches`` is the Trainer's option:
     an int caps the steps, a fraction below 1 takes that share (at least one step).
 
+    >>> from lightning_batch.sampler import ResizableBatchSampler
     >>> sampler = ResizableBatchSampler(100, batch_size=10, shuffle=False)
     >>> batches = iter(sampler)
     >>> _ = [next(batches) for _ in range(3)]  # 30 rows taken in 3 steps

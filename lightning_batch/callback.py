@@ -44,7 +44,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from lightning_batch.cadence import DecisionCadence, effective_ceiling, epoch_steps
+from lightning_batch.cadence import GOODPUT_MIN_TIMED_STEPS, DecisionCadence, effective_ceiling, epoch_steps
 from lightning_batch.memory import (
     CpuMemoryMeter,
     CudaMemoryMeter,
@@ -64,8 +64,6 @@ from lightning_batch.sampler import ResizableBatchSampler
 
 log = logging.getLogger(__name__)
 
-#: Steps the ``goodput`` policy times at a batch size before it decides again (its default).
-GOODPUT_MIN_TIMED_STEPS = 20
 #: The metrics this callback logs (besides ``batch_size`` and ``lr`` for modules that don't).
 METRICS = ("gns", "grad_sqr", "grad_var", "throughput", "mem_peak")
 

@@ -108,6 +108,11 @@ def _train_arguments(parser: argparse.ArgumentParser, resumable: bool = True) ->
     optim.add_argument("--memory-budget", type=float, help="share of free memory the batch may use (0-1]")
     optim.add_argument("--adjust-every", type=int, help="reconsider the batch size every N steps")
     optim.add_argument(
+        "--min-timed-steps",
+        type=int,
+        help="goodput: steps timed at a batch size before it decides again (default 20)",
+    )
+    optim.add_argument(
         "--milestones", type=int, nargs="+", help="epochs where --policy schedule doubles the batch"
     )
     optim.add_argument(

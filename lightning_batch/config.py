@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from lightning_batch.cadence import GOODPUT_MIN_TIMED_STEPS
+
 
 class UserError(Exception):
     """Bad input from the user: the message is one line saying what is wrong and what to do."""
@@ -120,7 +122,10 @@ class RunConfig:
     memory_budget: float = 0.5
     """Share of free memory the batch-size probe may plan for (available RAM on CPU, device memory on CUDA)."""
     adjust_every: int = 20
-    """Reconsider the batch size every N optimizer steps."""
+    """Reconsider the batch size every N optimizer steps (or each quarter epoch, if sooner)."""
+    min_timed_steps: int = GOODPUT_MIN_TIMED_STEPS
+    """The ``goodput`` policy's timed steps at a batch size before it decides again (its throughput
+    model needs them); decisions then come every ``max(adjust_every, min_timed_steps)`` steps."""
     milestones: list[int] = field(default_factory=list)
     """Epochs where the ``schedule`` policy multiplies the batch size by 2."""
     lr: float | None = None
@@ -238,6 +243,7 @@ class RunConfig:
                 f"--memory-budget is a fraction of free memory in (0, 1], got {self.memory_budget}"
             )
         _positive_int(self.adjust_every, "--adjust-every", "--adjust-every 20")
+        _positive_int(self.min_timed_steps, "--min-timed-steps", "--min-timed-steps 20")
         if isinstance(self.milestones, int):
             self.milestones = [self.milestones]
         if not isinstance(self.milestones, list) or not all(

@@ -163,6 +163,7 @@ def build_resizer(cfg: RunConfig) -> DynamicBatchSize:
         min_batch=cfg.min_batch,
         max_batch=cfg.max_batch,
         adjust_every=cfg.adjust_every,
+        min_timed_steps=cfg.min_timed_steps,
         memory_budget=cfg.memory_budget,
         milestones=tuple(cfg.milestones),
         log_every=cfg.log_every,

@@ -57,6 +57,10 @@ def _cases(folder: Path) -> dict[str, tuple[list[str], str]]:
             ["train", "--data", _write_csv(folder, "few.csv", few), "--target", "y"],
             "too few to split",
         ),
+        "zero timed steps for goodput": (
+            ["train", "--data", "diabetes", "--batch-size", "auto", "--min-timed-steps", "0"],
+            "--min-timed-steps must be a positive integer",
+        ),
         "tune: unknown sampler": ([*tune, "--sampler", "bayes"], "unknown sampler"),
         "tune: unknown pruner": ([*tune, "--pruner", "asha"], "unknown pruner"),
         "tune: more workers than trials": ([*tune, "--trials", "2", "--workers", "4"], "lower --workers"),

@@ -441,3 +441,18 @@ def test_decisions_fall_at_the_documented_steps(policy, options, min_steps, capl
     expected = _documented_decision_steps(spy.rows, len(dataset), options["adjust_every"], min_steps)
     assert spy.decided == expected
     assert len(expected) >= 3
+
+
+def test_min_timed_steps_reaches_the_callback_from_flags():
+    from lightning_batch.cli import build_parser, config_from_args
+    from lightning_batch.training import build_resizer
+
+    args = build_parser().parse_args(
+        ["train", "--batch-size", "auto", "--adjust-every", "5", "--min-timed-steps", "7"]
+    )
+    resizer = build_resizer(config_from_args(args))
+    assert (resizer.cadence.adjust_every, resizer.cadence.min_steps) == (5, 7)
+    noise = build_resizer(
+        RunConfig(policy="noise", batch_size=16, adjust_every=5, min_timed_steps=7).validate()
+    )
+    assert noise.cadence.min_steps == 1, "only goodput times steps"
