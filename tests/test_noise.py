@@ -790,3 +790,162 @@ def test_per_sample_stats_with_dropout_draw_a_mask_per_example() -> None:
     assert stats.n == 8 and math.isfinite(stats.grad_sqr) and stats.small_sqr_norm > 0
     with pytest.raises(RuntimeError):
         per_sample_grad_stats(model, ce_loss, x, y, randomness="error")
+
+
+def test_looped_fallback_inside_a_measurement_does_not_start_a_new_one() -> None:
+    """The micro-batch loop runs plain forwards (no torch.func): only the suspension keeps them out."""
+    torch.manual_seed(17)
+    model = SmallCNN().to(DTYPE)
+    x, y = torch.randn(8, 1, 6, 6, dtype=DTYPE), torch.randint(0, 2, (8,))
+    with PerExampleGradNorms(model) as hooks:
+        ce_loss(model(x), y).backward()
+        before = hooks.grad_stats()
+        microbatch_grad_stats(model, ce_loss, x, y, num_microbatches=4, vectorize=False)
+        assert hooks.grad_stats() == before
+
+
+def test_a_thread_that_never_ran_a_fallback_measures() -> None:
+    import threading
+
+    torch.manual_seed(18)
+    model = mlp()
+    x, y = torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))
+    found: list[object] = []
+
+    def measure() -> None:
+        try:
+            with PerExampleGradNorms(model) as hooks:
+                ce_loss(model(x), y).backward()
+                found.append(hooks.batch_size)
+        except Exception as exc:  # reported below
+            found.append(exc)
+
+    thread = threading.Thread(target=measure)
+    thread.start()
+    thread.join()
+    assert found == [8]
+
+
+def test_vectorized_microbatches_draw_a_dropout_mask_each() -> None:
+    torch.manual_seed(19)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.ReLU(), nn.Linear(16, 3)).to(DTYPE).train()
+    x, y = torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))
+    stats = microbatch_grad_stats(model, ce_loss, x, y, num_microbatches=4, vectorize=True)
+    assert (stats.n, stats.small_batch) == (4, 2) and math.isfinite(stats.grad_sqr)
+
+
+def test_a_linear_subclass_does_not_hide_the_linears_after_it() -> None:
+    class Scaled(nn.Linear):
+        def forward(self, x: Tensor) -> Tensor:
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(Scaled(5, 4), nn.ReLU(), nn.Linear(4, 3)).to(DTYPE)
+    x, y = torch.randn(6, 5, dtype=DTYPE), torch.randint(0, 3, (6,))
+    with PerExampleGradNorms(model) as hooks:
+        ce_loss(model(x), y).backward()
+        assert hooks.covered_parameter_names == ("2.weight", "2.bias")
+        assert hooks.uncovered_parameter_names == ("0.weight", "0.bias")
+        per_sample = func_per_sample_grads(model, ce_loss, x, y)
+        assert_stats_close(hooks.grad_stats(), reference_stats(flat(per_sample, ["2.weight", "2.bias"])))
+
+
+def test_removing_hooks_before_any_forward_and_a_backward_after_removal() -> None:
+    model = mlp()
+    PerExampleGradNorms(model).remove()  # nothing measured yet
+    x, y = torch.randn(4, 5, dtype=DTYPE), torch.randint(0, 3, (4,))
+    hooks = PerExampleGradNorms(model)
+    loss = ce_loss(model(x), y)
+    hooks.remove()  # the graph's tensor hooks become no-ops: the measurement never completes
+    loss.backward()
+    with pytest.raises(RuntimeError, match="did backward run"):
+        hooks.grad_stats()
+
+
+def test_a_second_backward_through_the_same_graph_uncovers_the_layers() -> None:
+    torch.manual_seed(20)
+    model = mlp()
+    x, y = torch.randn(6, 5, dtype=DTYPE), torch.randint(0, 3, (6,))
+    with PerExampleGradNorms(model) as hooks:
+        loss = ce_loss(model(x), y)
+        loss.backward(retain_graph=True)
+        assert set(hooks.covered_parameter_names) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+        loss.backward()
+        assert hooks.covered_parameter_names == ()
+        assert all("more than once" in why for why in hooks.uncovered_reasons.values())
+        with pytest.raises(RuntimeError, match="no covered layer"):
+            hooks.grad_stats()
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_microbatch_stats_keep_float64_precision(vectorize: bool) -> None:
+    torch.manual_seed(21)
+    model = mlp()
+    x, y = torch.randn(6, 5, dtype=DTYPE), torch.randint(0, 3, (6,))
+    names = [k for k, _ in model.named_parameters()]
+    ref = reference_stats(flat(loop_per_sample_grads(model, ce_loss, x, y), names))
+    got = microbatch_grad_stats(model, ce_loss, x, y, num_microbatches=6, vectorize=vectorize)
+    assert_stats_close(got, ref, rel=1e-10)
+
+
+class WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Linear(5, 5)  # registered first, never called
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x)
+
+
+def test_looped_microbatches_skip_unused_parameters_and_take_a_subset() -> None:
+    torch.manual_seed(22)
+    model = WithUnused().to(DTYPE)
+    x, y = torch.randn(6, 5, dtype=DTYPE), torch.randint(0, 3, (6,))
+    ref = reference_stats(flat(loop_per_sample_grads(model.fc, ce_loss, x, y), ["weight", "bias"]))
+    got = microbatch_grad_stats(model, ce_loss, x, y, num_microbatches=6, vectorize=False)
+    assert_stats_close(got, ref, rel=1e-10)  # the unused layer's gradient is exactly zero
+    only_bias = microbatch_grad_stats(model, ce_loss, x, y, 6, param_names=["fc.bias"], vectorize=False)
+    ref_bias = reference_stats(flat(loop_per_sample_grads(model.fc, ce_loss, x, y), ["bias"]))
+    assert_stats_close(only_bias, ref_bias, rel=1e-10)
+
+
+def test_microbatches_leave_buffers_updated_when_asked() -> None:
+    torch.manual_seed(23)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).to(DTYPE)
+    x, y = torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))
+    before = model[1].running_mean.clone()
+    microbatch_grad_stats(model, ce_loss, x, y, num_microbatches=2, restore_buffers=False)
+    assert not torch.equal(model[1].running_mean, before)
+
+
+def test_ema_with_zero_decay_keeps_only_the_last_measurement() -> None:
+    ema = NoiseScaleEMA(decay=0.0)
+    ema.update(1.0, 10.0)
+    ema.update(4.0, 8.0)
+    assert (ema.grad_sqr, ema.grad_var, ema.gns) == (4.0, 8.0, 2.0)
+
+
+class KeywordInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = nn.Linear(5, 5).requires_grad_(False)  # first: its output needs no grad
+        self.fc = nn.Linear(5, 4)
+        self.norm = nn.LayerNorm(4)  # after a Linear in module order
+        self.head = nn.Linear(4, 3)
+        self.head.weight.requires_grad_(False)  # only the head's bias is trained
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.norm(self.fc(input=self.frozen(x))))
+
+
+def test_keyword_input_frozen_layers_and_a_bias_only_linear() -> None:
+    torch.manual_seed(24)
+    model = KeywordInput().to(DTYPE)
+    x, y = torch.randn(6, 5, dtype=DTYPE), torch.randint(0, 3, (6,))
+    with PerExampleGradNorms(model) as hooks:
+        ce_loss(model(x), y).backward()
+        assert hooks.covered_parameter_names == ("fc.weight", "fc.bias", "head.bias")
+        assert hooks.uncovered_parameter_names == ("norm.weight", "norm.bias")
+        per_sample = func_per_sample_grads(model, ce_loss, x, y)
+        ref = reference_stats(flat(per_sample, ["fc.weight", "fc.bias", "head.bias"]))
+        assert_stats_close(hooks.grad_stats(), ref, rel=1e-10)

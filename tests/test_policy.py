@@ -738,6 +738,7 @@ def test_reasons_name_their_outcome_and_gain_is_zero_when_kept() -> None:
     hold = ctl.decide(PolicyContext(batch_size=64, base_batch=64, noise_scale=67.0))
     change = ctl.decide(PolicyContext(batch_size=64, base_batch=64, noise_scale=100.0))
     forced = ctl.decide(PolicyContext(batch_size=64, base_batch=64, noise_scale=100.0, ceiling=32))
+    ctl.decide(PolicyContext(batch_size=64, base_batch=64, noise_scale=64.0))  # another keep
     assert [d.reason.split(":")[0] for d in (keep, hold, change, forced)] == [
         "keep",
         "hold",

@@ -241,3 +241,13 @@ def test_the_relay_sampler_covers_every_row():
     sampler = ResizableBatchSampler(9, batch_size=4)
     assert list(sampler.sampler) == list(range(9))
     assert len(sampler.sampler) == 9
+
+
+def test_constructor_bounds_and_defaults():
+    with pytest.raises(ValueError, match="positive"):
+        ResizableBatchSampler(0, batch_size=1)
+    with pytest.raises(ValueError, match="rank"):
+        ResizableBatchSampler(10, batch_size=2, rank=2, world_size=2)
+    sampler = ResizableBatchSampler(10, batch_size=3)
+    assert (sampler.last_global_rows, sampler.drop_last) == (0, False)  # Lightning reads drop_last
+    assert torch.equal(sampler.permutation(), ResizableBatchSampler(10, batch_size=3, seed=0).permutation())
