@@ -43,8 +43,15 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
-from lightning_batch.cadence import GOODPUT_MIN_TIMED_STEPS, DecisionCadence, effective_ceiling, epoch_steps
+from lightning_batch._lightning_compat import (
+    replace_train_dataloader,
+    restart_train_iterator,
+    scale_scheduler_lrs,
+    sync_epoch_length,
+)
+from lightning_batch.cadence import GOODPUT_MIN_TIMED_STEPS, DecisionCadence, effective_ceiling
 from lightning_batch.memory import (
     CpuMemoryMeter,
     CudaMemoryMeter,
@@ -60,56 +67,15 @@ from lightning_batch.policy import (
     PolicyContext,
     make_policy,
 )
+from lightning_batch.resizable_loader import UnsupportedLoaderError, make_resizable
 from lightning_batch.sampler import ResizableBatchSampler
+
+__all__ = ["DynamicBatchSize", "sync_epoch_length"]
 
 log = logging.getLogger(__name__)
 
 #: The metrics this callback logs (besides ``batch_size`` and ``lr`` for modules that don't).
 METRICS = ("gns", "grad_sqr", "grad_var", "throughput", "mem_peak")
-
-
-def find_resizable_sampler(trainer: pl.Trainer) -> ResizableBatchSampler:
-    """The training loader's :class:`ResizableBatchSampler`, or a clear error saying how to get one."""
-    loader = trainer.train_dataloader
-    sampler = getattr(loader, "batch_sampler", None)
-    if isinstance(sampler, ResizableBatchSampler):
-        return sampler
-    datamodule = getattr(trainer, "datamodule", None)
-    sampler = getattr(datamodule, "train_batch_sampler", None)
-    if isinstance(sampler, ResizableBatchSampler):
-        return sampler
-    raise RuntimeError(
-        "DynamicBatchSize needs the training DataLoader to use a ResizableBatchSampler "
-        "(batch_sampler=ResizableBatchSampler(len(dataset), batch_size)); TabularDataModule does this for you"
-    )
-
-
-def sync_epoch_length(trainer: pl.Trainer, sampler: ResizableBatchSampler) -> None:
-    """Tell the Trainer how many steps the current epoch now has, after a mid-epoch resize.
-
-    Lightning reads the epoch's length when the fit starts (the combined loader's ``limits``, the
-    loop's ``max_batches``, the end-of-epoch validation check ``val_check_batch``) and when each
-    epoch starts (the data fetcher's stopping count). Call this after every resize and at every
-    epoch start. A batch that grows would otherwise skip the epoch-end validation; one that
-    shrinks would cut the epoch short and silently drop rows. These are private attributes of
-    Lightning 2.6; ``tests/test_callback.py`` checks the behaviour they produce (every row once,
-    one validation per epoch), so an upgrade that moves them fails loudly.
-    """
-    total = epoch_steps(sampler, trainer.limit_train_batches)
-    fit_loop = trainer.fit_loop
-    limit = trainer.limit_train_batches
-    fit_loop.max_batches = total
-    loader = getattr(fit_loop, "_combined_loader", None)
-    if loader is not None:
-        # The combined loader caps every later epoch at the length it had when the fit began.
-        loader.limits = [limit if isinstance(limit, int) else (float("inf") if limit >= 1.0 else total)]
-    fetcher = getattr(fit_loop, "_data_fetcher", None)
-    if fetcher is not None and fetcher.length is not None:
-        fetcher.length = total
-        fetcher.done = fetcher.fetched >= total
-    interval = trainer.val_check_interval
-    if isinstance(interval, float) and trainer.check_val_every_n_epoch is not None:
-        trainer.val_check_batch = max(1, int(total * interval))
 
 
 class DynamicBatchSize(Callback):
@@ -252,6 +218,7 @@ class DynamicBatchSize(Callback):
         self._cycle_is_clean = False
         self._samples_seen = 0
         self._loaded_state: dict[str, Any] | None = None
+        self._restart_iterator = False
 
     # ------------------------------------------------------------------------------------------
     # set-up
@@ -260,8 +227,44 @@ class DynamicBatchSize(Callback):
         inner = getattr(pl_module, self.module_attr, None) if self.module_attr else None
         return inner if isinstance(inner, nn.Module) else pl_module
 
+    def _adopt_train_loader(self, trainer: pl.Trainer) -> ResizableBatchSampler:
+        """The training loader's resizable sampler: the one it has (TabularDataModule's, or the user's
+        own), else the loader rebuilt on one (see :mod:`lightning_batch.resizable_loader`). From
+        here on this callback reports the trained batches, so the sampler's saved position is right
+        whatever the loader fetches ahead."""
+        loader = trainer.train_dataloader
+        existing = getattr(loader, "batch_sampler", None)
+        if not isinstance(existing, ResizableBatchSampler):
+            existing = getattr(getattr(trainer, "datamodule", None), "train_batch_sampler", None)
+        if isinstance(existing, ResizableBatchSampler):
+            sampler = existing
+        else:
+            if not isinstance(loader, DataLoader):
+                raise UnsupportedLoaderError(f"{type(loader).__name__} instead of one torch DataLoader")
+            # One seed for every rank (an unseeded RandomSampler would draw its own on each).
+            seed = int(torch.randint(2**31 - 1, ()).item())
+            seed = int(trainer.strategy.broadcast(seed, src=0))
+            loader, sampler = make_resizable(
+                loader, seed=seed, rank=trainer.global_rank, world_size=trainer.world_size
+            )
+            replace_train_dataloader(trainer, loader)
+            self._restart_iterator = True
+        sampler.position_owner = self
+        return sampler
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._sampler = find_resizable_sampler(trainer)
+        self._restart_iterator = False
+        self._sampler = self._adopt_train_loader(trainer)
+        try:
+            self._start(trainer, pl_module)
+        finally:
+            if self._restart_iterator:
+                # The iterator Lightning made before this hook reads the user's loader, or a sampler
+                # position restored only now: the first epoch must start from what is set here.
+                restart_train_iterator(trainer)
+                sync_epoch_length(trainer, self._sampler)
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         network = self._network(pl_module)
         # T, the squared norm of the batch's mean gradient, is read from .grad right after backward
         # (an extra matmul per layer in the hooks would cost as much as the weight gradient itself).
@@ -345,6 +348,8 @@ class DynamicBatchSize(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self._sampler is not None and self._sampler.position_owner is self:
+            self._sampler.batch_trained()  # in order, once per trained batch: the saved position
         # global_step moves on in the optimizer step: what to measure is decided here, at the start.
         self._measured_this_step = trainer.global_step % self.measure_every == 0
         self._grad_t = None
@@ -561,11 +566,7 @@ class DynamicBatchSize(Callback):
             for group in optimizer.param_groups:
                 group["lr"] *= ratio
         for config in trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            if hasattr(scheduler, "base_lrs"):
-                scheduler.base_lrs = [lr * ratio for lr in scheduler.base_lrs]
-            if hasattr(scheduler, "_last_lr"):
-                scheduler._last_lr = [lr * ratio for lr in scheduler._last_lr]
+            scale_scheduler_lrs(config.scheduler, ratio)
         self.lr_scale = scale
 
     # ------------------------------------------------------------------------------------------
@@ -608,6 +609,9 @@ class DynamicBatchSize(Callback):
             "samples_seen": self._samples_seen,
             # Where the next decision falls: a resumed fit decides at the same steps as an unbroken one.
             **self.cadence.state_dict(),
+            # The trained position in the epoch: this callback reports trained batches, so it saves
+            # them too (a user's loader has nobody else to).
+            "sampler": self._sampler.state_dict() if self._sampler is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -627,11 +631,24 @@ class DynamicBatchSize(Callback):
         self._samples_seen = int(state["samples_seen"])
         self.cadence.load_state_dict(state)
         assert self._sampler is not None
+        if state.get("sampler") is not None:
+            self._sampler.load_state_dict(state["sampler"])
+            self._restart_iterator = True
         if self.batch_size is not None:
             self._sampler.batch_size = self.batch_size
-            sync_epoch_length(trainer, self._sampler)
+        sync_epoch_length(trainer, self._sampler)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # A fit that raised (a pruned trial, a KeyboardInterrupt, an error) must not leave the
+        # measurement hooks on the user's model.
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
         if self._norms is not None:
             self._norms.remove()
             self._norms = None

@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_batch._lightning_compat import uses_distributed_sampler
 from lightning_batch.config import SKLEARN_DATASETS, SYNTHETIC_DATASETS, RunConfig, UserError
 from lightning_batch.sampler import ResizableBatchSampler
 
@@ -577,7 +578,7 @@ class TabularDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return 0, 1
-        if trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
+        if trainer.world_size > 1 and uses_distributed_sampler(trainer):
             raise UserError(
                 "TabularDataModule shards batches itself under DDP; build the Trainer with "
                 "use_distributed_sampler=False"
@@ -603,8 +604,14 @@ class TabularDataModule(pl.LightningDataModule):
         # Lightning calls this once per batch it is about to train, in order, after fetching ahead:
         # the sampler learns which of its batches were really trained (for exact mid-epoch resume).
         trainer = self.trainer
-        if trainer is not None and trainer.training and self._train_sampler is not None:
-            self._train_sampler.batch_trained()
+        sampler = self._train_sampler
+        if (
+            trainer is not None
+            and trainer.training
+            and sampler is not None
+            and sampler.position_owner is None
+        ):
+            sampler.batch_trained()
         return batch
 
     # -- checkpoints -------------------------------------------------------------------------------

@@ -65,6 +65,10 @@ class ResizableBatchSampler(BatchSampler):
         shuffle: a new seeded permutation each epoch (``seed + epoch``); else sequential order.
         seed: seed of the permutations; equal on all ranks.
         rank, world_size: this process's DDP rank and the number of ranks.
+        drop_last: end the epoch when fewer rows are left than a full batch (as ``DataLoader``'s
+            ``drop_last``), instead of training them as a shorter last batch.
+        index_lists: yield each batch as a list of ints (for datasets indexed row by row, which
+            may not accept a tensor index) rather than one ``LongTensor``.
     """
 
     def __init__(
@@ -76,6 +80,8 @@ class ResizableBatchSampler(BatchSampler):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        drop_last: bool = False,
+        index_lists: bool = False,
     ) -> None:
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
@@ -88,8 +94,12 @@ class ResizableBatchSampler(BatchSampler):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.index_lists = index_lists
+        #: Who reports trained batches (:meth:`batch_trained`); a DynamicBatchSize claims it, and
+        #: TabularDataModule then leaves the reporting to it.
+        self.position_owner: object | None = None
         # BatchSampler's __init__ validates batch_size and sets drop_last; its sampler only relays set_epoch.
-        super().__init__(_EpochRelay(self), int(batch_size), drop_last=False)
+        super().__init__(_EpochRelay(self), int(batch_size), drop_last=bool(drop_last))
         self.epoch = 0
         self.cursor = 0  # rows of this epoch's permutation already handed out (all ranks)
         self.batches_yielded = 0  # steps handed out this epoch
@@ -133,8 +143,10 @@ class ResizableBatchSampler(BatchSampler):
         """Global rows for the next step: a full batch, or the tail if what would be left is too small.
 
         A leftover smaller than ``world_size`` would leave some rank without a row, so it joins the
-        step before it.
+        step before it. With ``drop_last`` a tail shorter than a batch is not taken at all (0).
         """
+        if self.drop_last:
+            return self._batch_size if remaining >= self._batch_size else 0
         take = min(self._batch_size, remaining)
         if 0 < remaining - take < self.world_size:
             take = remaining
@@ -146,6 +158,8 @@ class ResizableBatchSampler(BatchSampler):
         if rows <= 0:
             return 0
         full, tail = divmod(rows, self._batch_size)
+        if self.drop_last:
+            return full
         if tail == 0 or (tail < self.world_size and full > 0):
             return full
         return full + 1
@@ -164,20 +178,24 @@ class ResizableBatchSampler(BatchSampler):
             return self._steps_for(self.num_samples)
         return self.batches_yielded + self.remaining_batches()
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[torch.Tensor | list[int]]:
         if self.cursor >= self.num_samples:
             # The previous pass ran to the end without a set_epoch (plain PyTorch use): next epoch.
             self.set_epoch(self.epoch + 1)
         order = self.permutation()
         while self.cursor < self.num_samples:
             take = self._next_take(self.num_samples - self.cursor)
+            if take == 0:  # drop_last: the rows left make no full batch; the epoch is over
+                self.cursor = self.num_samples
+                break
             global_batch = order[self.cursor : self.cursor + take]
             self.cursor += take
             self.batches_yielded += 1
             self._in_flight.append(take)
             if not self._tracks_training:
                 self.last_global_rows = take
-            yield global_batch[self.rank :: self.world_size]
+            local = global_batch[self.rank :: self.world_size]
+            yield local.tolist() if self.index_lists else local
 
     def batch_trained(self) -> int:
         """The consumer trained the oldest batch handed out: its global rows (also ``last_global_rows``)."""

@@ -1,0 +1,112 @@
+"""Every use of Lightning's private attributes and helpers, in one place: the file to check on a
+Lightning upgrade (written against Lightning 2.6).
+
+The behaviour each function produces is tested through real fits (every row once per epoch, one
+validation per epoch, a user's loader rebuilt with its own arguments), so an upgrade that moves
+these attributes fails those tests loudly rather than silently dropping rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.fabric.utilities.data import _reinstantiate_wrapped_cls, _replace_value_in_saved_args
+from lightning.pytorch.utilities.data import _get_dataloader_init_args_and_kwargs
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+
+from lightning_batch.cadence import epoch_steps
+from lightning_batch.sampler import ResizableBatchSampler
+
+
+def sync_epoch_length(trainer: pl.Trainer, sampler: ResizableBatchSampler) -> None:
+    """Tell the Trainer how many steps the current epoch now has, after a mid-epoch resize.
+
+    Lightning reads the epoch's length when the fit starts (the combined loader's ``limits``, the
+    loop's ``max_batches``, the end-of-epoch validation check ``val_check_batch``) and when each
+    epoch starts (the data fetcher's stopping count). Call this after every resize and at every
+    epoch start. A batch that grows would otherwise skip the epoch-end validation; one that
+    shrinks would cut the epoch short and silently drop rows.
+    """
+    total = epoch_steps(sampler, trainer.limit_train_batches)
+    fit_loop = trainer.fit_loop
+    limit = trainer.limit_train_batches
+    fit_loop.max_batches = total
+    loader = getattr(fit_loop, "_combined_loader", None)
+    if loader is not None:
+        # The combined loader caps every later epoch at the length it had when the fit began.
+        loader.limits = [limit if isinstance(limit, int) else (float("inf") if limit >= 1.0 else total)]
+    fetcher = getattr(fit_loop, "_data_fetcher", None)
+    if fetcher is not None and fetcher.length is not None:
+        fetcher.length = total
+        fetcher.done = fetcher.fetched >= total
+    interval = trainer.val_check_interval
+    if isinstance(interval, float) and trainer.check_val_every_n_epoch is not None:
+        trainer.val_check_batch = max(1, int(total * interval))
+
+
+def scale_scheduler_lrs(scheduler: Any, ratio: float) -> None:
+    """Multiply a torch lr scheduler's base lrs and its last computed lrs by ``ratio``, so the
+    schedule goes on from the rescaled lr (``_last_lr`` is torch's private cache of the last lrs)."""
+    if hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [lr * ratio for lr in scheduler.base_lrs]
+    if hasattr(scheduler, "_last_lr"):
+        scheduler._last_lr = [lr * ratio for lr in scheduler._last_lr]
+
+
+def uses_distributed_sampler(trainer: pl.Trainer) -> bool:
+    """Whether the Trainer replaces samplers with a ``DistributedSampler`` (its
+    ``use_distributed_sampler`` option, which it keeps privately)."""
+    return bool(trainer._accelerator_connector.use_distributed_sampler)
+
+
+def with_batch_sampler(loader: DataLoader, batch_sampler: BatchSampler) -> DataLoader:
+    """A copy of ``loader`` that draws its batches from ``batch_sampler``; every other argument the
+    user gave (``collate_fn``, ``num_workers``, ``pin_memory``, ``worker_init_fn``, ``generator``...,
+    and a ``DataLoader`` subclass's own arguments) is kept.
+
+    It uses the re-instantiation Lightning uses to inject a ``DistributedSampler``: arguments saved
+    when the loader was built inside a ``*_dataloader`` hook, else its attributes.
+    """
+    placeholder = SequentialSampler(loader.dataset)  # replaced below; Lightning's helper wants one
+    args, kwargs = _get_dataloader_init_args_and_kwargs(loader, placeholder)
+    arg_names = getattr(loader, "__pl_saved_arg_names", ())
+    default_kwargs = getattr(loader, "__pl_saved_default_kwargs", {})
+    # batch_sampler excludes batch_size, shuffle, sampler and drop_last: DataLoader's own rule.
+    for key, value in (
+        ("batch_sampler", batch_sampler),
+        ("batch_size", 1),
+        ("shuffle", False),
+        ("sampler", None),
+        ("drop_last", False),
+    ):
+        replaced, args, kwargs = _replace_value_in_saved_args(
+            key, value, args, kwargs, default_kwargs, arg_names
+        )
+        if not replaced:
+            kwargs[key] = value
+    return _reinstantiate_wrapped_cls(loader, *args, **kwargs)
+
+
+def replace_train_dataloader(trainer: pl.Trainer, loader: DataLoader) -> None:
+    """Make ``loader`` the fit's training loader (call from ``on_train_start``, then
+    :func:`restart_train_iterator`)."""
+    combined = trainer.fit_loop._combined_loader
+    if combined is None or len(combined.flattened) != 1:
+        raise RuntimeError("DynamicBatchSize supports exactly one training DataLoader")
+    combined.flattened = [loader]
+
+
+def restart_train_iterator(trainer: pl.Trainer) -> None:
+    """Start the first epoch's iterator afresh from the current training loader and sampler state.
+
+    The fit loop creates that iterator when it sets up the data, before ``on_train_start``: from
+    the user's original loader, and, with worker processes, already fetching from a sampler whose
+    resumed position was not yet restored. Dropping it shuts its workers down.
+    """
+    fit_loop = trainer.fit_loop
+    fetcher = fit_loop._data_fetcher
+    if fetcher is None or fit_loop._combined_loader is None:
+        return
+    fetcher.setup(fit_loop._combined_loader)
+    iter(fetcher)

@@ -1,0 +1,227 @@
+"""DynamicBatchSize dropped into a plain Lightning project (tests/plain_project.py): the user's own
+module, DataModule and ``DataLoader(shuffle=True)``, nothing else of this package.
+
+Each epoch must train every row exactly once while the batch size moves mid-epoch (rows are
+recorded from the batches, which carry their indices, so worker processes are covered too); a
+fit killed mid-epoch resumes exactly; what the callback cannot resize is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, WeightedRandomSampler
+
+from lightning_batch import DynamicBatchSize
+from lightning_batch.resizable_loader import UnsupportedLoaderError
+
+from .conftest import ROOT, subprocess_env
+from .plain_project import PlainRegressor, RowDataset, RowsTrained, fit
+
+NOISE = dict(
+    policy="noise", lr_rule="sqrt", adjust_every=8, measure_every=2, min_batch=4, max_batch=256, multiple=1
+)
+
+
+def _epochs(steps: list[list]) -> dict[int, list[int]]:
+    epochs: dict[int, list[int]] = {}
+    for _, epoch, rows in steps:
+        epochs.setdefault(epoch, []).extend(rows)
+    return epochs
+
+
+def _mid_epoch_changes(steps: list[list]) -> int:
+    """Batch-size changes between two steps of the same epoch (the last batch of an epoch aside)."""
+    changes = 0
+    for (_, e1, r1), (_, e2, r2), nxt in zip(steps, steps[1:], [*steps[2:], None], strict=False):
+        last_of_epoch = nxt is None or nxt[1] != e2
+        changes += e1 == e2 and len(r1) != len(r2) and not last_of_epoch
+    return changes
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_plain_loader_is_resized_mid_epoch_and_each_epoch_trains_every_row_once(num_workers, tmp_path):
+    rows = RowsTrained()
+    sizes_at_epoch_end: list[int] = []
+
+    class SizeAtEpochEnd(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            sizes_at_epoch_end.append(trainer.train_dataloader.batch_sampler.batch_size)
+
+    trainer, _ = fit(
+        dict(resize=NOISE, epochs=3, num_workers=num_workers, root=str(tmp_path)), [rows, SizeAtEpochEnd()]
+    )
+    n = len(trainer.datamodule.dataset)
+    epochs = _epochs(rows.steps)
+    assert sorted(epochs) == [0, 1, 2]
+    for epoch, seen in epochs.items():
+        assert sorted(seen) == list(range(n)), f"epoch {epoch}: every row exactly once"
+    assert _mid_epoch_changes(rows.steps) >= 2, "the batch size must have moved mid-epoch"
+    assert epochs[0] != epochs[1], "shuffle=True: a new order each epoch"
+    # The loader was rebuilt with the user's arguments (workers included): batches fetched ahead at
+    # the old size are trained as they are, and each epoch starts at the size the last one ended with.
+    assert trainer.train_dataloader.num_workers == num_workers
+    assert trainer.train_dataloader.persistent_workers == (num_workers > 0)
+    first_of_epoch = [r for (_, e, r), prev in zip(rows.steps[1:], rows.steps, strict=False) if prev[1] != e]
+    assert [len(r) for r in first_of_epoch] == [min(b, n) for b in sizes_at_epoch_end[:2]]
+
+
+def test_a_plain_fit_killed_at_a_random_step_resumes_with_every_row_once_and_the_same_weights(tmp_path):
+    """SIGKILL from inside a plain-module fit (its own process) at a random step, then resume from
+    last.ckpt: each epoch's rows exactly once, and the weights of an unbroken fit to 1e-6."""
+    config = dict(resize=NOISE, epochs=2, root=str(tmp_path / "ckpt"), checkpoint_every=7, rows=1000)
+    script = str(ROOT / "tests" / "plain_project.py")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, script, *args],
+            cwd=tmp_path,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    unbroken = run("fit", json.dumps({**config, "root": str(tmp_path / "ref")}), str(tmp_path / "ref"))
+    assert unbroken.returncode == 0, unbroken.stderr[-3000:]
+    reference = json.loads((tmp_path / "ref.rank0.json").read_text())
+    total_steps = reference["steps"][-1][0]
+    kill_step = random.Random().randint(8, total_steps - 2)  # after the first checkpoint, before the end
+
+    killed = run("kill", json.dumps(config), str(kill_step), str(tmp_path / "killed.json"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    checkpoint_step = saved["global_step"]
+    # the last step checkpoint before the kill (at a multiple of 7 the kill comes before that save)
+    assert checkpoint_step == (kill_step - 1) // 7 * 7
+    kept = [s for s in json.loads((tmp_path / "killed.json").read_text()) if s[0] <= checkpoint_step]
+
+    resumed = run("fit", json.dumps(config), str(tmp_path / "resumed"), str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = json.loads((tmp_path / "resumed.rank0.json").read_text())
+    steps = kept + after["steps"]
+    for epoch, seen in _epochs(steps).items():
+        assert sorted(seen) == list(range(1000)), (
+            f"epoch {epoch} (killed at step {kill_step}): every row once"
+        )
+    assert [s[2] for s in steps] == [s[2] for s in reference["steps"]], f"killed at step {kill_step}"
+    for name, values in reference["weights"].items():
+        torch.testing.assert_close(
+            torch.tensor(after["weights"][name]), torch.tensor(values), rtol=0, atol=1e-6, msg=name
+        )
+
+
+@pytest.mark.ddp
+def test_two_rank_ddp_with_a_plain_loader_covers_each_epoch_once_with_one_batch_size_sequence(tmp_path):
+    config = dict(
+        resize=NOISE, epochs=2, devices=2, strategy="ddp", rows=900, batch_size=9, root=str(tmp_path)
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "plain_project.py"),
+            "fit",
+            json.dumps(config),
+            str(tmp_path / "ddp"),
+        ],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"ddp.rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["decisions"] == ranks[1]["decisions"] and ranks[0]["decisions"]
+    sizes = [[len(s[2]) for s in r["steps"]] for r in ranks]
+    # one global batch per step: the two ranks' shares differ by at most one row
+    assert len(sizes[0]) == len(sizes[1])
+    assert all(abs(a - b) <= 1 for a, b in zip(*sizes, strict=True))
+    assert len({a + b for a, b in zip(*sizes, strict=True)}) > 2, "the global batch moved"
+    epochs = [_epochs(r["steps"]) for r in ranks]
+    for epoch in epochs[0]:
+        union = epochs[0][epoch] + epochs[1][epoch]
+        assert sorted(union) == list(range(900)), f"epoch {epoch}: every row once across ranks"
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+
+
+class _Stream(IterableDataset):
+    def __iter__(self):
+        yield from (torch.zeros(6),) * 4
+
+
+@pytest.mark.parametrize(
+    ("loader", "names"),
+    [
+        (lambda ds: DataLoader(_Stream(), batch_size=2), "iterable-style dataset"),
+        (
+            lambda ds: DataLoader(ds, batch_size=8, sampler=WeightedRandomSampler([1.0] * len(ds), len(ds))),
+            "custom sampler (WeightedRandomSampler)",
+        ),
+        (
+            lambda ds: DataLoader(ds, batch_sampler=_OwnBatchSampler(ds)),
+            "its own batch_sampler (_OwnBatchSampler)",
+        ),
+        (lambda ds: DataLoader(ds, batch_size=None), "batch_size=None"),
+        (lambda ds: DataLoader(ds, batch_size=8, sampler=RandomSampler(ds, replacement=True)), "replacement"),
+    ],
+    ids=["iterable", "weighted-sampler", "batch-sampler", "no-batching", "with-replacement"],
+)
+def test_a_loader_that_cannot_be_resized_is_refused_in_one_line(loader, names, tmp_path):
+    module = PlainRegressor()
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[DynamicBatchSize(policy="noise", probe_memory=False)],
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(UnsupportedLoaderError) as raised:
+        trainer.fit(module, train_dataloaders=loader(RowDataset(40)))
+    message = str(raised.value)
+    assert len(message.splitlines()) == 1 and names in message and "shuffle=True|False" in message
+
+
+class _OwnBatchSampler(BatchSampler):
+    def __init__(self, dataset) -> None:
+        super().__init__(RandomSampler(dataset), 8, False)
+
+
+def test_a_fit_that_raises_leaves_no_hooks_on_the_model(tmp_path):
+    class Boom(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 5:
+                raise RuntimeError("boom")
+
+    module = PlainRegressor()
+
+    def hooked() -> list[str]:
+        return [
+            name
+            for name, layer in module.named_modules()
+            if layer._forward_hooks
+            or layer._forward_pre_hooks
+            or layer._backward_hooks
+            or layer._backward_pre_hooks
+        ]
+
+    class HooksDuringFit(pl.Callback):
+        seen: list[str] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            HooksDuringFit.seen = hooked()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(dict(resize=NOISE, root=str(tmp_path)), [HooksDuringFit(), Boom()], module=module)
+    assert HooksDuringFit.seen, "the callback measures through hooks while it trains"
+    assert not hooked(), "a fit that raised must leave no hook on the user's model"
