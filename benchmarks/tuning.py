@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lightning_batch.config import RunConfig, TuneConfig  # noqa: E402
-from lightning_batch.search_space import parse_space  # noqa: E402
+from lightning_batch.config import RunConfig  # noqa: E402
+from lightning_batch.search_space import TuneConfig, parse_space  # noqa: E402
 from lightning_batch.tuning import tune  # noqa: E402
 
 TASK = dict(data="synthetic-regression", rows=20_000, features=16, noise=0.5, correlation=0.5, model="linear")

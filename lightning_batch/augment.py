@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from lightning_batch.config import UserError
+from lightning_batch.errors import UserError
 
 KINDS = ("noise", "mixup", "shift")
 

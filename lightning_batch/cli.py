@@ -28,17 +28,15 @@ from lightning_batch.config import (
     LR_RULES,
     LR_SCHEDULES,
     MODELS,
+    ON_NAN,
     OPTIMIZERS,
     POLICIES,
-    PRUNERS,
-    RETRAIN_MODES,
-    SAMPLERS,
     TASKS,
     RunConfig,
-    TuneConfig,
-    UserError,
     load_yaml_config,
 )
+from lightning_batch.errors import UserError
+from lightning_batch.search_space import PRUNERS, RETRAIN_MODES, SAMPLERS, TuneConfig, parse_space
 
 EXIT_BAD_INPUT = 2
 
@@ -64,6 +62,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _train_arguments(parser: argparse.ArgumentParser, resumable: bool = True) -> None:
     """The run options; every default comes from RunConfig (so YAML can sit under the flags)."""
+    from lightning_batch import defaults as d  # the defaults the help texts quote
+
     data = parser.add_argument_group("data")
     data.add_argument(
         "--data",
@@ -103,17 +103,68 @@ def _train_arguments(parser: argparse.ArgumentParser, resumable: bool = True) ->
     )
     optim.add_argument("--lr-rule", metavar="|".join(LR_RULES), help="how lr follows the batch size")
     optim.add_argument("--base-batch", type=int, help="where --batch-size auto starts")
-    optim.add_argument("--min-batch", type=int)
+    optim.add_argument(
+        "--min-batch", type=int, help=f"smallest batch a policy may choose (default {d.MIN_BATCH})"
+    )
     optim.add_argument("--max-batch", type=int)
-    optim.add_argument("--memory-budget", type=float, help="share of free memory the batch may use (0-1]")
-    optim.add_argument("--adjust-every", type=int, help="reconsider the batch size every N steps")
+    optim.add_argument(
+        "--multiple", type=int, help=f"round batch sizes to a multiple of N (default {d.MULTIPLE}; 1: off)"
+    )
+    optim.add_argument(
+        "--memory-budget",
+        type=float,
+        help=f"share of free memory the batch may use (0-1], default {d.MEMORY_BUDGET}",
+    )
+    optim.add_argument(
+        "--no-probe-memory",
+        dest="probe_memory",
+        action="store_false",
+        help="skip the memory probe at the start (only --max-batch bounds the batch)",
+    )
+    optim.add_argument(
+        "--adjust-every", type=int, help=f"reconsider the batch size every N steps (default {d.ADJUST_EVERY})"
+    )
     optim.add_argument(
         "--min-timed-steps",
         type=int,
-        help="goodput: steps timed at a batch size before it decides again (default 20)",
+        help=f"goodput: steps timed at a batch size before it decides again (default {d.MIN_TIMED_STEPS})",
     )
     optim.add_argument(
-        "--milestones", type=int, nargs="+", help="epochs where --policy schedule doubles the batch"
+        "--measure-every",
+        type=int,
+        help=f"measure the gradient noise scale every N steps (default {d.MEASURE_EVERY})",
+    )
+    optim.add_argument(
+        "--hysteresis",
+        type=float,
+        help=f"resize only for a predicted gain above this (default {d.HYSTERESIS})",
+    )
+    optim.add_argument(
+        "--ema-decay", type=float, help=f"decay of the noise-scale EMAs, in [0, 1) (default {d.EMA_DECAY})"
+    )
+    optim.add_argument("--noise-k", type=float, help=f"noise: train at K x B_noise (default {d.NOISE_K})")
+    optim.add_argument(
+        "--explore-factor",
+        type=float,
+        help=f"goodput: time B x F once to fit its throughput model (default {d.EXPLORE_FACTOR})",
+    )
+    optim.add_argument(
+        "--milestones", type=int, nargs="+", help="epochs where --policy schedule grows the batch"
+    )
+    optim.add_argument(
+        "--schedule-factor",
+        type=float,
+        help=f"schedule: batch growth at each milestone (default {d.SCHEDULE_FACTOR})",
+    )
+    optim.add_argument(
+        "--fallback-microbatches",
+        type=int,
+        help=f"micro-batches measuring layers the per-example hooks miss (default {d.FALLBACK_MICROBATCHES})",
+    )
+    optim.add_argument(
+        "--fallback-every",
+        type=int,
+        help=f"measure those micro-batches every N steps (default {d.FALLBACK_EVERY})",
     )
     optim.add_argument(
         "--lr", type=float, help="learning rate at the start batch (default 0.01; 0.1 for cnn)"
@@ -136,7 +187,7 @@ def _train_arguments(parser: argparse.ArgumentParser, resumable: bool = True) ->
     )
     optim.add_argument(
         "--on-nan",
-        metavar="fail|skip",
+        metavar="|".join(ON_NAN),
         help="a NaN loss fails the run (default) or skips the step, halving lr",
     )
     optim.add_argument("--epochs", type=int)
@@ -148,7 +199,9 @@ def _train_arguments(parser: argparse.ArgumentParser, resumable: bool = True) ->
     track.add_argument("--experiment", help="MLflow experiment name")
     track.add_argument("--run-name")
     track.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
-    track.add_argument("--log-every", type=int, help="log per-step metrics every N steps")
+    track.add_argument(
+        "--log-every", type=int, help=f"log per-step metrics every N steps (default {d.LOG_EVERY})"
+    )
     track.add_argument(
         "--checkpoint-every", type=int, help="save the resumable checkpoint every N steps (default 200)"
     )
@@ -257,8 +310,6 @@ TUNE_FLAGS = {
 
 def tune_config_from_args(args: argparse.Namespace) -> TuneConfig:
     """Study options from the flags; ``--space`` is read from its YAML file (a ``space:`` key or the mapping)."""
-    from lightning_batch.search_space import parse_space
-
     values = {field: getattr(args, flag) for flag, field in TUNE_FLAGS.items() if hasattr(args, flag)}
     if "space" in values:
         raw = load_yaml_config(values["space"])

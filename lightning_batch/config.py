@@ -14,12 +14,16 @@ Example:
     >>> RunConfig(lr=-1).validate()
     Traceback (most recent call last):
     ...
-    lightning_batch.config.UserError: --lr must be a positive number, got -1; try --lr 0.01
+    lightning_batch.errors.UserError: --lr must be a positive number, got -1; try --lr 0.01
+
+The defaults of the batch-size options come from :mod:`lightning_batch.defaults` (the callback's
+own), the policy and lr-rule names from :mod:`lightning_batch.policy`'s registries.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +31,9 @@ from typing import Any
 
 import yaml
 
-from lightning_batch.cadence import GOODPUT_MIN_TIMED_STEPS
-
-
-class UserError(Exception):
-    """Bad input from the user: the message is one line saying what is wrong and what to do."""
-
+from lightning_batch import defaults
+from lightning_batch import policy as _policy
+from lightning_batch.errors import UserError
 
 #: scikit-learn's bundled datasets (they ship with the package: nothing is downloaded).
 SKLEARN_DATASETS = {
@@ -56,8 +57,22 @@ ACTIVATIONS = ("relu", "gelu", "tanh")
 DEFAULT_LR = {"cnn": 0.1}
 INITS = ("default", "xavier", "kaiming")
 BATCH_MODES = ("full", "auto")
-POLICIES = ("fixed", "memory", "noise", "goodput", "schedule")
-LR_RULES = ("auto", "none", "linear", "sqrt", "adascale")
+#: The batch policies and lr rules, named as :mod:`lightning_batch.policy` registers them.
+POLICIES = tuple(_policy.POLICIES)
+LR_RULES = ("auto", *_policy.LR_RULES)
+ON_NAN = ("fail", "skip")
+#: Options whose value is one of a few names (the CLI's metavars, the search space's check).
+NAMED_CHOICES: dict[str, tuple[str, ...]] = {
+    "task": TASKS,
+    "model": MODELS,
+    "activation": ACTIVATIONS,
+    "init": INITS,
+    "optimizer": OPTIMIZERS,
+    "lr_schedule": LR_SCHEDULES,
+    "policy": POLICIES,
+    "lr_rule": LR_RULES,
+    "on_nan": ON_NAN,
+}
 
 
 def _choices(values: tuple[str, ...] | dict[str, str]) -> str:
@@ -117,17 +132,38 @@ class RunConfig:
     """How lr follows the batch: none, linear, sqrt, adascale; ``auto``: adascale for SGD, sqrt for Adam(W)."""
     base_batch: int = 32
     """The batch ``auto`` starts from (where ``lr`` applies)."""
-    min_batch: int = 8
+    min_batch: int = defaults.MIN_BATCH
+    """The smallest batch a policy may choose (global, all ranks together)."""
     max_batch: int | None = None
-    memory_budget: float = 0.5
+    multiple: int = defaults.MULTIPLE
+    """Round chosen batch sizes to a multiple of this (sizes below it stay allowed); 1: no rounding."""
+    memory_budget: float = defaults.MEMORY_BUDGET
     """Share of free memory the batch-size probe may plan for (available RAM on CPU, device memory on CUDA)."""
-    adjust_every: int = 20
+    probe_memory: bool = defaults.PROBE_MEMORY
+    """Find the largest batch that fits when training starts (off: only ``max_batch`` bounds it)."""
+    adjust_every: int = defaults.ADJUST_EVERY
     """Reconsider the batch size every N optimizer steps (or each quarter epoch, if sooner)."""
-    min_timed_steps: int = GOODPUT_MIN_TIMED_STEPS
+    min_timed_steps: int = defaults.MIN_TIMED_STEPS
     """The ``goodput`` policy's timed steps at a batch size before it decides again (its throughput
     model needs them); decisions then come every ``max(adjust_every, min_timed_steps)`` steps."""
+    measure_every: int = defaults.MEASURE_EVERY
+    """Measure the gradient noise scale every N optimizer steps."""
+    hysteresis: float = defaults.HYSTERESIS
+    """Resize only when the predicted gain exceeds this (0.05 = 5%)."""
+    ema_decay: float = defaults.EMA_DECAY
+    """Decay of the EMAs of ``|G|²`` and ``tr(Σ)`` whose ratio is the noise scale, in [0, 1)."""
+    noise_k: float = defaults.NOISE_K
+    """The ``noise`` policy trains at ``noise_k × B_noise``."""
+    explore_factor: float = defaults.EXPLORE_FACTOR
+    """The ``goodput`` policy times ``B × explore_factor`` once, to fit its throughput model (> 1)."""
     milestones: list[int] = field(default_factory=list)
-    """Epochs where the ``schedule`` policy multiplies the batch size by 2."""
+    """Epochs where the ``schedule`` policy multiplies the batch size by ``schedule_factor``."""
+    schedule_factor: float = defaults.SCHEDULE_FACTOR
+    """The ``schedule`` policy's growth factor at each milestone."""
+    fallback_microbatches: int = defaults.FALLBACK_MICROBATCHES
+    """Micro-batches for the noise statistics of layers the per-example hooks miss (convolutions)."""
+    fallback_every: int = defaults.FALLBACK_EVERY
+    """Measure those micro-batch statistics every N steps (in step with ``measure_every``)."""
     lr: float | None = None
     """The learning rate at ``base_batch``; unset: 0.1 for ``cnn`` (SGD on conv nets wants the
     larger step), else 0.01."""
@@ -156,7 +192,7 @@ class RunConfig:
     run_name: str | None = None
     tracking_uri: str | None = None
     """MLflow tracking URI; default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlruns/mlflow.db``."""
-    log_every: int = 10
+    log_every: int = defaults.LOG_EVERY
     """Log per-step metrics every N optimizer steps (train_loss averaged over them). Buffered, one
     database write per ~1000 values; still ~0.16 ms a value in MLflow's SQL store, so 1 is for short runs."""
     checkpoint_every: int = 200
@@ -200,10 +236,10 @@ class RunConfig:
         _positive_int(self.log_every, "--log-every", "--log-every 10")
         if isinstance(self.augment, str):
             self.augment = [self.augment]
-        from lightning_batch.augment import Augmenter  # it imports this module
+        from lightning_batch.augment import Augmenter  # torch: imported only when validating
 
         Augmenter.parse(self.augment)
-        if self.on_nan not in ("fail", "skip"):
+        if self.on_nan not in ON_NAN:
             raise UserError(f"--on-nan must be fail or skip, got {self.on_nan!r}")
         _positive_int(self.checkpoint_every, "--checkpoint-every", "--checkpoint-every 200")
         self._validate_batch_policy()
@@ -216,7 +252,7 @@ class RunConfig:
 
     @property
     def resolved_policy(self) -> str:
-        return self.policy or ("goodput" if self.batch_size == "auto" else "fixed")
+        return self.policy or (defaults.POLICY if self.batch_size == "auto" else "fixed")
 
     @property
     def resolved_lr_rule(self) -> str:
@@ -231,6 +267,7 @@ class RunConfig:
             raise UserError(f"unknown lr rule {self.lr_rule!r}; use --lr-rule {_choices(LR_RULES)}")
         _positive_int(self.base_batch, "--base-batch", "--base-batch 32")
         _positive_int(self.min_batch, "--min-batch", "--min-batch 8")
+        _positive_int(self.multiple, "--multiple", "--multiple 8")
         if self.max_batch is not None:
             _positive_int(self.max_batch, "--max-batch", "--max-batch 4096")
             if self.max_batch < self.min_batch:
@@ -244,6 +281,26 @@ class RunConfig:
             )
         _positive_int(self.adjust_every, "--adjust-every", "--adjust-every 20")
         _positive_int(self.min_timed_steps, "--min-timed-steps", "--min-timed-steps 20")
+        if not isinstance(self.probe_memory, bool):
+            raise UserError(f"probe_memory must be true or false, got {self.probe_memory!r}")
+        _positive_int(self.measure_every, "--measure-every", "--measure-every 20")
+        _finite(self.hysteresis, "--hysteresis", "--hysteresis 0.05", minimum=0.0)
+        _finite(self.ema_decay, "--ema-decay", "--ema-decay 0.9", minimum=0.0)
+        if self.ema_decay >= 1:
+            raise UserError(f"--ema-decay must be below 1, got {self.ema_decay}; e.g. --ema-decay 0.9")
+        _finite(self.noise_k, "--noise-k", "--noise-k 1.0", minimum=0.0)
+        if self.noise_k == 0:
+            raise UserError("--noise-k must be positive (a multiple of B_noise); e.g. --noise-k 1.0")
+        _finite(self.explore_factor, "--explore-factor", "--explore-factor 4", minimum=0.0)
+        if self.explore_factor <= 1:
+            raise UserError(
+                f"--explore-factor must be above 1, got {self.explore_factor}; e.g. --explore-factor 4"
+            )
+        _finite(self.schedule_factor, "--schedule-factor", "--schedule-factor 2", minimum=0.0)
+        if self.schedule_factor == 0:
+            raise UserError("--schedule-factor must be positive; e.g. --schedule-factor 2")
+        _positive_int(self.fallback_microbatches, "--fallback-microbatches", "--fallback-microbatches 8")
+        _positive_int(self.fallback_every, "--fallback-every", "--fallback-every 10")
         if isinstance(self.milestones, int):
             self.milestones = [self.milestones]
         if not isinstance(self.milestones, list) or not all(
@@ -251,6 +308,10 @@ class RunConfig:
         ):
             raise UserError(
                 f"--milestones must be positive epoch numbers, got {self.milestones!r}; e.g. --milestones 3 6"
+            )
+        if any(b <= a for a, b in itertools.pairwise(self.milestones)):
+            raise UserError(
+                f"--milestones must be increasing, got {self.milestones!r}; e.g. --milestones 3 6"
             )
         if self.resolved_policy == "schedule" and not self.milestones:
             raise UserError(
@@ -407,79 +468,6 @@ def parse_batch_size(value: int | str) -> int | str:
             f"--batch-size must be a positive integer or 'full', got {value!r}; e.g. --batch-size 32"
         )
     return value
-
-
-SAMPLERS = ("tpe", "gp", "random", "grid")
-PRUNERS = ("median", "hyperband", "none")
-RETRAIN_MODES = ("as-is", "train+val", "none")
-
-
-@dataclass
-class TuneConfig:
-    """How to search; the training options themselves are a :class:`RunConfig`."""
-
-    study: str = "lightning-batch-study"
-    trials: int = 20
-    """Trials this invocation runs, split across ``workers``."""
-    timeout: float | None = None
-    """Stop starting new trials after this many seconds (per worker)."""
-    workers: int = 1
-    storage: str | None = None
-    """Optuna RDB URL; default ``sqlite:///`` ``optuna.db`` beside the MLflow sqlite store (or ``mlruns/``)."""
-    sampler: str = "tpe"
-    pruner: str = "median"
-    space: dict[str, Any] | None = None
-    """The search space mapping (see :mod:`lightning_batch.search_space`); None: the default."""
-    retrain: str = "as-is"
-    """After the search, refit the best configuration ``as-is`` (train split) or on ``train+val``, and
-    test it once; ``none`` skips it."""
-    seed: int = 0
-    """Sampler seed (worker i uses seed + i, so workers do not propose the same points)."""
-    heartbeat_interval: int = 10
-    grace_period: int | None = None
-    """Seconds without a heartbeat before a running trial counts as lost; default 3 × the interval."""
-    max_retry: int = 1
-    """How many times a lost trial is re-queued with the same parameters."""
-    startup_trials: int = 5
-    """Trials the median pruner and TPE observe before they act."""
-    enqueue: list[dict[str, Any]] = field(default_factory=list)
-    """Parameter sets to try first (e.g. a known good config), as Optuna's ``enqueue_trial``."""
-
-    @property
-    def grace_seconds(self) -> int:
-        """Seconds without a heartbeat before a running trial counts as lost."""
-        return self.grace_period or 3 * self.heartbeat_interval
-
-    def validate(self) -> TuneConfig:
-        if not isinstance(self.study, str) or not self.study.strip():
-            raise UserError("--study must be a non-empty name, e.g. --study lr-vs-batch")
-        for name, value, example in (
-            ("--trials", self.trials, "--trials 20"),
-            ("--workers", self.workers, "--workers 2"),
-            ("--heartbeat-interval", self.heartbeat_interval, "--heartbeat-interval 10"),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"{name} must be a positive integer, got {value!r}; e.g. {example}")
-        if self.workers > self.trials:
-            raise UserError(f"--workers {self.workers} is more than --trials {self.trials}; lower --workers")
-        if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
-            raise UserError(f"--timeout must be a positive number of seconds, got {self.timeout!r}")
-        if self.sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {self.sampler!r}; use --sampler {'|'.join(SAMPLERS)}")
-        if self.pruner not in PRUNERS:
-            raise UserError(f"unknown pruner {self.pruner!r}; use --pruner {'|'.join(PRUNERS)}")
-        if self.retrain not in RETRAIN_MODES:
-            raise UserError(f"unknown retrain mode {self.retrain!r}; use --retrain {'|'.join(RETRAIN_MODES)}")
-        if self.storage is not None and not str(self.storage).startswith(
-            ("sqlite:///", "postgresql", "mysql")
-        ):
-            raise UserError(
-                f"--storage must be an RDB URL (sqlite:///path/optuna.db or postgresql://user@host/db), got {self.storage!r}"
-            )
-        from lightning_batch.search_space import parse_space  # it imports this module
-
-        parse_space(self.space)
-        return self
 
 
 def load_yaml_config(path: str) -> dict[str, Any]:

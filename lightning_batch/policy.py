@@ -32,6 +32,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from lightning_batch import defaults
+
 __all__ = [
     "LR_RULES",
     "POLICIES",
@@ -559,7 +561,7 @@ class NoisePolicy(BatchPolicy):
 
     name = "noise"
 
-    def __init__(self, k: float = 1.0) -> None:
+    def __init__(self, k: float = defaults.NOISE_K) -> None:
         self.k = _check_float("k", k, 0.0, "Pass a positive multiplier of B_noise, e.g. k=1.0.", strict=True)
 
     def propose_with_reason(self, ctx: PolicyContext) -> tuple[int, str]:
@@ -653,7 +655,9 @@ class SchedulePolicy(BatchPolicy):
 
     name = "schedule"
 
-    def __init__(self, milestones: Sequence[int] = (), factor: float | Sequence[float] = 2.0) -> None:
+    def __init__(
+        self, milestones: Sequence[int] = (), factor: float | Sequence[float] = defaults.SCHEDULE_FACTOR
+    ) -> None:
         ms = [
             _check_int("milestones[i]", m, 0, "Pass epoch indices, e.g. milestones=[30, 60].")
             for m in milestones
@@ -921,10 +925,10 @@ class BatchSizeController:
         policy: BatchPolicy | str = "fixed",
         *,
         lr_rule: LrRule | str = "none",
-        min_batch: int = 1,
+        min_batch: int = defaults.MIN_BATCH,
         max_batch: int | None = None,
-        multiple: int = 8,
-        hysteresis: float = 0.05,
+        multiple: int = defaults.MULTIPLE,
+        hysteresis: float = defaults.HYSTERESIS,
         throughput: ThroughputModel | None = None,
         max_step_factor: float | None = 4.0,
     ) -> None:

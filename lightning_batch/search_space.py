@@ -1,8 +1,10 @@
-"""What an Optuna study searches over: parameters of a :class:`RunConfig`, from YAML or defaults.
+"""What an Optuna study searches over (parameters of a :class:`RunConfig`, from YAML or defaults),
+and how (:class:`TuneConfig`: sampler, pruner, trials, workers, storage).
 
 A space maps a parameter name to a distribution. Names are RunConfig fields (``lr``,
 ``batch_size``, ``policy``, ``weight_decay``, ``dropout``, ``lr_rule``, ``momentum``, ...) plus
-``hidden_width`` (every hidden layer of the MLP gets that width). A spec is one of::
+``hidden_width`` (every hidden layer of the MLP gets that width); the batch-size options
+(``hysteresis``, ``measure_every``, ``ema_decay``, ``noise_k``, ...) too. A spec is one of::
 
     lr:         {low: 1.0e-4, high: 1.0, log: true}    # float (log-uniform)
     batch_size: {low: 8, high: 1024, log: true}        # int, because both bounds are ints
@@ -13,6 +15,9 @@ A space maps a parameter name to a distribution. Names are RunConfig fields (``l
 ``policy`` is how the batch size moves; when it is not ``fixed``, ``batch_size`` is where the
 dynamic policy starts (B0, where ``lr`` applies). So a study with the default space tells whether
 sizing the batch during training beats the best fixed size, on one lr × batch-size plane.
+
+Each bound and each choice is checked as the option itself would be (``policy`` names come from
+:mod:`lightning_batch.policy`), so a space that cannot run fails before the first trial.
 
 Example:
     >>> space = parse_space({"lr": {"low": 0.001, "high": 0.1, "log": True}, "policy": ["fixed", "goodput"]})
@@ -28,12 +33,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from lightning_batch.config import RunConfig, UserError
+from lightning_batch.config import NAMED_CHOICES, RunConfig
+from lightning_batch.errors import UserError
 
 #: Tuned when no space is given: the lr, the (starting) batch size, and whether it moves.
 DEFAULT_SPACE: dict[str, Any] = {
@@ -119,7 +125,27 @@ def parse_space(raw: Mapping[str, Any] | None, origin: str = "the search space")
         if name not in allowed:
             raise UserError(f"{origin}: {key!r} cannot be searched; searchable: {', '.join(sorted(allowed))}")
         space[name] = _parse_spec(name, spec, origin)
+        _check_values(space[name], f"{origin}, {name}")
     return space
+
+
+def _check_values(spec: ParamSpec, where: str) -> None:
+    """Each choice, or both bounds, must be a value the option accepts."""
+    values = spec.choices if spec.kind == "categorical" else (spec.low, spec.high)
+    names = NAMED_CHOICES.get(spec.name)
+    for value in values:
+        if names is not None:
+            if value not in names:
+                raise UserError(f"{where}: unknown choice {value!r}; use one of {', '.join(names)}")
+            continue
+        if spec.name == "hidden_width":
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise UserError(f"{where}: {value!r} is not a layer width; use positive integers")
+            continue
+        try:
+            RunConfig.from_mapping({spec.name: value}).validate()
+        except UserError as exc:
+            raise UserError(f"{where}: {value!r} is not a valid value ({exc})") from None
 
 
 def _parse_spec(name: str, spec: Any, origin: str) -> ParamSpec:
@@ -177,3 +203,74 @@ def apply_params(base: RunConfig, params: Mapping[str, Any]) -> RunConfig:
     if values.get("policy") == "fixed":
         values["policy"] = None  # a fixed policy is a plain integer batch size
     return RunConfig.from_mapping(values, origin="trial parameters").validate()
+
+
+SAMPLERS = ("tpe", "gp", "random", "grid")
+PRUNERS = ("median", "hyperband", "none")
+RETRAIN_MODES = ("as-is", "train+val", "none")
+
+
+@dataclass
+class TuneConfig:
+    """How to search; the training options themselves are a :class:`RunConfig`."""
+
+    study: str = "lightning-batch-study"
+    trials: int = 20
+    """Trials this invocation runs, split across ``workers``."""
+    timeout: float | None = None
+    """Stop starting new trials after this many seconds (per worker)."""
+    workers: int = 1
+    storage: str | None = None
+    """Optuna RDB URL; default ``sqlite:///`` ``optuna.db`` beside the MLflow sqlite store (or ``mlruns/``)."""
+    sampler: str = "tpe"
+    pruner: str = "median"
+    space: dict[str, Any] | None = None
+    """The search space mapping (see :mod:`lightning_batch.search_space`); None: the default."""
+    retrain: str = "as-is"
+    """After the search, refit the best configuration ``as-is`` (train split) or on ``train+val``, and
+    test it once; ``none`` skips it."""
+    seed: int = 0
+    """Sampler seed (worker i uses seed + i, so workers do not propose the same points)."""
+    heartbeat_interval: int = 10
+    grace_period: int | None = None
+    """Seconds without a heartbeat before a running trial counts as lost; default 3 × the interval."""
+    max_retry: int = 1
+    """How many times a lost trial is re-queued with the same parameters."""
+    startup_trials: int = 5
+    """Trials the median pruner and TPE observe before they act."""
+    enqueue: list[dict[str, Any]] = field(default_factory=list)
+    """Parameter sets to try first (e.g. a known good config), as Optuna's ``enqueue_trial``."""
+
+    @property
+    def grace_seconds(self) -> int:
+        """Seconds without a heartbeat before a running trial counts as lost."""
+        return self.grace_period or 3 * self.heartbeat_interval
+
+    def validate(self) -> TuneConfig:
+        if not isinstance(self.study, str) or not self.study.strip():
+            raise UserError("--study must be a non-empty name, e.g. --study lr-vs-batch")
+        for name, value, example in (
+            ("--trials", self.trials, "--trials 20"),
+            ("--workers", self.workers, "--workers 2"),
+            ("--heartbeat-interval", self.heartbeat_interval, "--heartbeat-interval 10"),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{name} must be a positive integer, got {value!r}; e.g. {example}")
+        if self.workers > self.trials:
+            raise UserError(f"--workers {self.workers} is more than --trials {self.trials}; lower --workers")
+        if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
+            raise UserError(f"--timeout must be a positive number of seconds, got {self.timeout!r}")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {self.sampler!r}; use --sampler {'|'.join(SAMPLERS)}")
+        if self.pruner not in PRUNERS:
+            raise UserError(f"unknown pruner {self.pruner!r}; use --pruner {'|'.join(PRUNERS)}")
+        if self.retrain not in RETRAIN_MODES:
+            raise UserError(f"unknown retrain mode {self.retrain!r}; use --retrain {'|'.join(RETRAIN_MODES)}")
+        if self.storage is not None and not str(self.storage).startswith(
+            ("sqlite:///", "postgresql", "mysql")
+        ):
+            raise UserError(
+                f"--storage must be an RDB URL (sqlite:///path/optuna.db or postgresql://user@host/db), got {self.storage!r}"
+            )
+        parse_space(self.space)
+        return self

@@ -162,11 +162,21 @@ def build_resizer(cfg: RunConfig) -> DynamicBatchSize:
         lr_rule=cfg.resolved_lr_rule,
         min_batch=cfg.min_batch,
         max_batch=cfg.max_batch,
+        multiple=cfg.multiple,
         adjust_every=cfg.adjust_every,
         min_timed_steps=cfg.min_timed_steps,
-        memory_budget=cfg.memory_budget,
+        measure_every=cfg.measure_every,
+        hysteresis=cfg.hysteresis,
+        ema_decay=cfg.ema_decay,
+        noise_k=cfg.noise_k,
+        explore_factor=cfg.explore_factor,
         milestones=tuple(cfg.milestones),
+        schedule_factor=cfg.schedule_factor,
+        probe_memory=cfg.probe_memory,
+        memory_budget=cfg.memory_budget,
         log_every=cfg.log_every,
+        fallback_microbatches=cfg.fallback_microbatches,
+        fallback_every=cfg.fallback_every,
     )
 
 

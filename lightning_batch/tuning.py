@@ -52,8 +52,9 @@ from lightning.pytorch.callbacks import Callback
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from lightning_batch.config import RunConfig, TuneConfig, UserError
-from lightning_batch.search_space import ParamSpec, apply_params, parse_space
+from lightning_batch.config import RunConfig
+from lightning_batch.errors import UserError
+from lightning_batch.search_space import ParamSpec, TuneConfig, apply_params, parse_space
 from lightning_batch.tracking import (
     ensure_store,
     get_or_create_experiment,

@@ -446,7 +446,7 @@ def test_in_a_study_a_nan_validation_loss_is_a_failed_trial_not_a_pruned_one(
     from epoch 1) would call a NaN PRUNED; StopOnNonFiniteLoss fails the trial at epoch 0 first."""
     import optuna
 
-    from lightning_batch.config import TuneConfig
+    from lightning_batch.search_space import TuneConfig
     from lightning_batch.tuning import tune
 
     _nan_validation(monkeypatch, when=lambda module: module.hparams.lr == 0.0123)

@@ -9,7 +9,8 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from lightning_batch.cli import main
-from lightning_batch.config import RunConfig, TuneConfig
+from lightning_batch.config import RunConfig
+from lightning_batch.search_space import TuneConfig
 from lightning_batch.training import train
 from lightning_batch.tuning import tune
 

@@ -19,8 +19,9 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from lightning_batch.config import RunConfig, TuneConfig, UserError
-from lightning_batch.search_space import DEFAULT_SPACE, apply_params, parse_space
+from lightning_batch.config import RunConfig
+from lightning_batch.errors import UserError
+from lightning_batch.search_space import DEFAULT_SPACE, TuneConfig, apply_params, parse_space
 from lightning_batch.tuning import PARENT_ATTR, RUN_ID_ATTR, _quota, redact, resolve_storage, tune
 
 from .conftest import RUN_PY, free_port, subprocess_env, wait_for

@@ -1,0 +1,54 @@
+"""The default of every :class:`~lightning_batch.callback.DynamicBatchSize` option, in one place.
+
+The callback's keyword arguments, :class:`~lightning_batch.config.RunConfig`'s fields (hence the
+CLI flags and YAML keys) and the policy building blocks in :mod:`lightning_batch.policy` all take
+their defaults from here, so a plugin user and a ``run.py train`` user get the same behaviour.
+Plain numbers only: importing this module pulls in neither torch nor Lightning.
+
+Why these values:
+
+- ``MIN_BATCH = 1``: no floor beyond the data; the memory ceiling and the policy decide, and
+  sizes below ``MULTIPLE`` stay allowed (a ``noise`` policy early in training may want them).
+- ``MULTIPLE = 8``: sizes round to multiples of 8 (tensor-core and vector-width friendly).
+- ``ADJUST_EVERY = 20`` and ``MIN_TIMED_STEPS = 20``: see :mod:`lightning_batch.cadence`.
+- ``MEASURE_EVERY = 20``: a noise measurement costs about half a small tabular step on a 2-core
+  CPU; every 10 steps measured 5-6% overhead (``benchmarks/noise_overhead.py``).
+- ``HYSTERESIS = 0.05``: a resize must promise more than 5% to be worth its cost.
+- ``EMA_DECAY = 0.9``: measurements come every 20 steps, so 0.9 already averages ~10 of them
+  (~200 steps); 0.95 would lag a moving noise scale by ~400 steps.
+- ``NOISE_K = 1.0``: the ``noise`` policy trains at B_noise itself (McCandlish et al. 2018).
+- ``EXPLORE_FACTOR = 4.0``: ``goodput`` times a second size ×4 away once (the controller's trust
+  region allows ×4 a decision), else its throughput model never fits.
+- ``SCHEDULE_FACTOR = 2.0``: Smith et al. 2017 double the batch where they would halve the lr.
+- ``MEMORY_BUDGET = 0.5``: plan for half the free memory (on a CPU an OOM kills the process).
+- ``LOG_EVERY = 10``: one metric row every 10 steps keeps MLflow's SQL store cheap.
+- ``FALLBACK_MICROBATCHES = 8`` and ``FALLBACK_EVERY = 10``: micro-batch noise statistics for
+  layers the per-example hooks cannot see (convolutions), see ``benchmarks/noise_overhead.py``.
+
+>>> MIN_BATCH, MULTIPLE, MEASURE_EVERY, EMA_DECAY
+(1, 8, 20, 0.9)
+"""
+
+from __future__ import annotations
+
+from lightning_batch.cadence import GOODPUT_MIN_TIMED_STEPS
+
+#: The policy ``DynamicBatchSize()`` and ``--batch-size auto`` use.
+POLICY = "goodput"
+#: The lr rule ``DynamicBatchSize()`` uses (``--lr-rule auto`` picks it for SGD, sqrt for Adam).
+LR_RULE = "adascale"
+MIN_BATCH = 1
+MULTIPLE = 8
+ADJUST_EVERY = 20
+MIN_TIMED_STEPS = GOODPUT_MIN_TIMED_STEPS
+MEASURE_EVERY = 20
+HYSTERESIS = 0.05
+EMA_DECAY = 0.9
+NOISE_K = 1.0
+EXPLORE_FACTOR = 4.0
+SCHEDULE_FACTOR = 2.0
+PROBE_MEMORY = True
+MEMORY_BUDGET = 0.5
+LOG_EVERY = 10
+FALLBACK_MICROBATCHES = 8
+FALLBACK_EVERY = 10
