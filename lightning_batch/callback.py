@@ -37,7 +37,7 @@ import contextlib
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import torch
@@ -73,6 +73,24 @@ from lightning_batch.sampler import ResizableBatchSampler
 __all__ = ["DynamicBatchSize", "sync_epoch_length"]
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class LossModule(Protocol):
+    """What DynamicBatchSize needs from a LightningModule to measure everything.
+
+    ``loss(prediction, target)``: the training loss of the network's output on a batch, a mean
+    over rows. With it the callback probes the memory ceiling (a few trial steps on random rows)
+    and measures the noise of parameters outside ``nn.Linear`` layers (convolutions, norms) with
+    micro-batches. Without it, the memory probe is skipped (the batch is bounded by ``max_batch``
+    and by any out-of-memory error the module recovers from) and the noise scale covers the
+    ``nn.Linear`` layers only, which hooks measure exactly in any module; the callback says so
+    once, as a warning and a run tag. Both need training batches of the form
+    ``(inputs, targets, ...)``.
+    """
+
+    def loss(self, prediction: Tensor, target: Tensor) -> Tensor: ...
+
 
 #: The metrics this callback logs (besides ``batch_size`` and ``lr`` for modules that don't).
 METRICS = ("gns", "grad_sqr", "grad_var", "throughput", "mem_peak")
@@ -219,6 +237,7 @@ class DynamicBatchSize(Callback):
         self._samples_seen = 0
         self._loaded_state: dict[str, Any] | None = None
         self._restart_iterator = False
+        self._has_loss = True  # set for each fit in setup()
 
     # ------------------------------------------------------------------------------------------
     # set-up
@@ -252,6 +271,31 @@ class DynamicBatchSize(Callback):
         sampler.position_owner = self
         return sampler
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._has_loss = isinstance(pl_module, LossModule)
+
+    def _say_what_is_not_measured(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Once per fit: what a module without ``loss()`` leaves unmeasured (warning and run tag)."""
+        if self._has_loss:
+            return
+        assert self._norms is not None
+        left_out = list(self._norms.uncovered_parameter_names)
+        lost = [
+            "the memory probe is skipped (the batch is bounded by max_batch and out-of-memory recoveries)"
+        ]
+        if left_out:
+            lost.append(
+                f"the noise scale leaves out {len(left_out)} parameters outside nn.Linear layers "
+                f"({', '.join(left_out[:4])}{', ...' if len(left_out) > 4 else ''})"
+            )
+        message = (
+            f"DynamicBatchSize: {type(pl_module).__name__} has no loss(prediction, target) method, so "
+            f"{'; '.join(lost)}; add that method to measure them"
+        )
+        if trainer.is_global_zero:
+            log.warning(message)
+        _set_run_tag(trainer, "batch_size_not_measured", "; ".join(lost))
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restart_iterator = False
         self._sampler = self._adopt_train_loader(trainer)
@@ -274,6 +318,7 @@ class DynamicBatchSize(Callback):
             network, loss_reduction="mean", enabled=False, batch_grad_from_hooks=not self._grad_t_from_params
         )
         self._named_params = dict(network.named_parameters())
+        self._say_what_is_not_measured(trainer, pl_module)
         if self._loaded_state is not None:
             self._restore(trainer)
             return
@@ -288,11 +333,12 @@ class DynamicBatchSize(Callback):
             self._apply(trainer, decision, context)
 
     def _probe_memory(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loss_fn = getattr(pl_module, "loss", None)
-        dataset = trainer.train_dataloader.dataset
-        if not callable(loss_fn) or not hasattr(dataset, "__getitems__"):
-            log.warning("DynamicBatchSize: no pl_module.loss or batched dataset; skipping the memory probe")
-            return
+        if not self._has_loss:
+            return  # said once in _say_what_is_not_measured
+        loss_fn = pl_module.loss  # type: ignore[attr-defined]
+        loader = trainer.train_dataloader
+        dataset, collate = loader.dataset, loader.collate_fn
+        batched = callable(getattr(dataset, "__getitems__", None))
         world = trainer.world_size
         network = self._network(pl_module)
         device = pl_module.device
@@ -306,7 +352,9 @@ class DynamicBatchSize(Callback):
 
         def run_step(batch: int) -> None:
             index = torch.randint(local_rows, (batch,), generator=generator)
-            x, y = dataset.__getitems__(index)
+            # As the DataLoader builds a batch: the dataset's batched read, or rows and the collate.
+            rows = dataset.__getitems__(index) if batched else [dataset[int(i)] for i in index]
+            x, y = collate(rows)[:2]
             loss = loss_fn(network(x.to(device)), y.to(device))
             loss.backward()
             network.zero_grad(set_to_none=True)
@@ -368,7 +416,7 @@ class DynamicBatchSize(Callback):
     def _needs_fallback(self, pl_module: pl.LightningModule) -> bool:
         """The model has parameters outside nn.Linear layers, measurable with micro-batches of its loss."""
         assert self._norms is not None
-        return bool(self._norms.uncovered_parameter_names) and callable(getattr(pl_module, "loss", None))
+        return bool(self._norms.uncovered_parameter_names) and self._has_loss
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -652,6 +700,21 @@ class DynamicBatchSize(Callback):
         if self._norms is not None:
             self._norms.remove()
             self._norms = None
+
+
+def _set_run_tag(trainer: pl.Trainer, key: str, value: str) -> None:
+    """A tag on the run of each logger that has tags (MLflow), else a hyperparameter."""
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        set_tag = getattr(logger, "set_tag", None)
+        experiment = getattr(logger, "experiment", None) if set_tag is None else None
+        if callable(set_tag):
+            set_tag(key, value)
+        elif hasattr(experiment, "set_tag") and getattr(logger, "run_id", None):
+            experiment.set_tag(logger.run_id, key, value)
+        else:
+            logger.log_hyperparams({key: value})
 
 
 def _memory_peak(device: torch.device) -> int:

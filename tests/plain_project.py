@@ -114,7 +114,7 @@ def fit(
     data = PlainDataModule(
         config.get("batch_size", 16), config.get("num_workers", 0), config.get("rows", 1200)
     )
-    resize = DynamicBatchSize(**config.get("resize", {}))
+    resize = DynamicBatchSize(**{"probe_memory": False, **config.get("resize", {})})
     saves = []
     if config.get("checkpoint_every"):
         # The resumable state every N steps, mid-epoch included: last.ckpt in the root folder.
@@ -131,7 +131,7 @@ def fit(
         accelerator="cpu",
         devices=config.get("devices", 1),
         strategy=config.get("strategy", "auto"),
-        logger=False,
+        logger=config.get("trainer", {}).pop("logger", False),
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=config.get("root"),

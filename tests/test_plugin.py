@@ -225,3 +225,45 @@ def test_a_fit_that_raises_leaves_no_hooks_on_the_model(tmp_path):
         fit(dict(resize=NOISE, root=str(tmp_path)), [HooksDuringFit(), Boom()], module=module)
     assert HooksDuringFit.seen, "the callback measures through hooks while it trains"
     assert not hooked(), "a fit that raised must leave no hook on the user's model"
+
+
+class _NoLossRegressor(pl.LightningModule):
+    """No ``loss()`` method, and a parameter outside any nn.Linear (an output scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        return torch.nn.functional.mse_loss(self.net(x) * self.scale, y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_without_a_loss_method_what_is_not_measured_is_said_once_and_tagged(tmp_path, caplog):
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    logger = MLFlowLogger(experiment_name="plugin", tracking_uri=uri)
+    with caplog.at_level("WARNING", logger="lightning_batch.callback"):
+        fit(
+            dict(resize=NOISE, root=str(tmp_path), trainer=dict(logger=logger)), [], module=_NoLossRegressor()
+        )
+    said = [r.getMessage() for r in caplog.records if "has no loss(prediction, target)" in r.getMessage()]
+    assert len(said) == 1 and "scale" in said[0] and "memory probe is skipped" in said[0]
+    tags = MlflowClient(uri).get_run(logger.run_id).data.tags
+    assert "scale" in tags["batch_size_not_measured"]
+
+
+def test_with_a_loss_method_a_per_row_dataset_is_probed_and_fully_measured(tmp_path, caplog):
+    rows = RowsTrained()
+    with caplog.at_level("WARNING", logger="lightning_batch.callback"):
+        trainer, _ = fit(dict(resize={**NOISE, "probe_memory": True}, root=str(tmp_path)), [rows])
+    resize = next(c for c in trainer.callbacks if isinstance(c, DynamicBatchSize))
+    assert resize.probe is not None and resize.ceiling is not None and resize.ceiling >= 1
+    assert resize.ema.num_updates > 0 and resize.ema.gns is not None
+    assert not [r for r in caplog.records if "has no loss" in r.getMessage()]
