@@ -62,6 +62,7 @@ from lightning_batch.memory import (
 )
 from lightning_batch.noise import GradNoiseStats, NoiseScaleEMA, PerExampleGradNorms, microbatch_grad_stats
 from lightning_batch.policy import (
+    BatchPolicy,
     BatchSizeController,
     Decision,
     PolicyContext,
@@ -101,7 +102,9 @@ class DynamicBatchSize(Callback):
 
     Args:
         policy: ``fixed``, ``memory`` (largest that fits), ``noise`` (``k × B_noise``), ``goodput``
-            (Pollux: throughput × statistical efficiency) or ``schedule`` (grow at milestones).
+            (Pollux: throughput × statistical efficiency) or ``schedule`` (grow at milestones); or a
+            :class:`~lightning_batch.policy.BatchPolicy` object of your own (give it ``times_steps =
+            True`` if it reads the throughput model, so it gets ``min_timed_steps`` timed steps a size).
         lr_rule: how lr follows the batch: ``none``, ``linear``, ``sqrt`` or ``adascale``.
         min_batch, max_batch: bounds of the batch size (global, all ranks together).
         multiple: round batch sizes to a multiple of this (sizes below it stay allowed).
@@ -137,7 +140,7 @@ class DynamicBatchSize(Callback):
 
     def __init__(
         self,
-        policy: str = "goodput",
+        policy: str | BatchPolicy = "goodput",
         lr_rule: str = "adascale",
         *,
         min_batch: int = 1,
@@ -171,17 +174,22 @@ class DynamicBatchSize(Callback):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0 < memory_budget <= 1:
             raise ValueError(f"memory_budget must be a fraction in (0, 1], got {memory_budget!r}; e.g. 0.5")
-        policy_options: dict[str, Any] = {}
-        if policy == "noise":
-            policy_options = {"k": noise_k}
-        elif policy == "goodput":
-            policy_options = {"explore_factor": explore_factor}
-        elif policy == "schedule":
-            policy_options = {"milestones": tuple(milestones), "factor": schedule_factor}
-        self.policy_name = policy
+        if isinstance(policy, BatchPolicy):
+            # A policy of the user's own (a BatchPolicy subclass), used as it is.
+            batch_policy = policy
+        else:
+            policy_options: dict[str, Any] = {}
+            if policy == "noise":
+                policy_options = {"k": noise_k}
+            elif policy == "goodput":
+                policy_options = {"explore_factor": explore_factor}
+            elif policy == "schedule":
+                policy_options = {"milestones": tuple(milestones), "factor": schedule_factor}
+            batch_policy = make_policy(policy, **policy_options)
+        self.policy_name = batch_policy.name
         self.lr_rule_name = lr_rule
         self.controller = BatchSizeController(
-            make_policy(policy, **policy_options),
+            batch_policy,
             lr_rule=lr_rule,
             min_batch=min_batch,
             max_batch=max_batch,
@@ -191,8 +199,9 @@ class DynamicBatchSize(Callback):
         self.ema = NoiseScaleEMA(ema_decay)
         self.adjust_every = adjust_every
         self.min_timed_steps = min_timed_steps
-        # Only goodput reads step times; the other policies decide every adjust_every steps exactly.
-        self.cadence = DecisionCadence(adjust_every, min_timed_steps if policy == "goodput" else 1)
+        # Only goodput reads step times (a policy of one's own says so with times_steps = True).
+        times_steps = getattr(batch_policy, "times_steps", batch_policy.name == "goodput")
+        self.cadence = DecisionCadence(adjust_every, min_timed_steps if times_steps else 1)
         if self.cadence.effective_every > adjust_every:
             log.warning(
                 "DynamicBatchSize: the goodput policy times %d steps at each batch size, so it decides every "

@@ -267,3 +267,26 @@ def test_with_a_loss_method_a_per_row_dataset_is_probed_and_fully_measured(tmp_p
     assert resize.probe is not None and resize.ceiling is not None and resize.ceiling >= 1
     assert resize.ema.num_updates > 0 and resize.ema.gns is not None
     assert not [r for r in caplog.records if "has no loss" in r.getMessage()]
+
+
+def test_a_policy_of_ones_own_drives_the_batch_size(tmp_path):
+    from lightning_batch.policy import BatchPolicy
+
+    class Alternate(BatchPolicy):
+        """16 and 24 in turn, at every decision."""
+
+        name = "alternate"
+
+        def propose_with_reason(self, ctx):
+            return (24 if ctx.batch_size == 16 else 16), "alternate"
+
+    rows = RowsTrained()
+    trainer, _ = fit(
+        dict(resize=dict(policy=Alternate(), adjust_every=5, multiple=1, hysteresis=0.0), root=str(tmp_path)),
+        [rows],
+    )
+    resize = next(c for c in trainer.callbacks if isinstance(c, DynamicBatchSize))
+    assert resize.policy_name == "alternate"
+    assert [d["to"] for d in resize.decisions[:4]] == [24, 16, 24, 16]
+    assert [d["step"] for d in resize.decisions[:4]] == [0, 5, 10, 15]  # the first before any step
+    assert [len(s[2]) for s in rows.steps[:11]] == [24] * 5 + [16] * 5 + [24]
