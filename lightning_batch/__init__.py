@@ -4,6 +4,11 @@ Public API (imported lazily, so ``import lightning_batch`` stays cheap)::
 
     from lightning_batch import DynamicBatchSize, TaskModule, TabularDataModule, RunConfig, train
     from lightning_batch import TuneConfig, tune
+
+``pip install lightning-batch`` brings what ``DynamicBatchSize`` needs (torch, Lightning, psutil);
+the tabular path, MLflow and Optuna come with the extras ``[data]``, ``[tracking]``, ``[tune]``
+(``[all]``: everything). A name whose extra is missing raises ``MissingExtraError`` (an
+``ImportError``) with one line naming it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ _EXPORTS = {
     "train": "lightning_batch.training",
     "TuneConfig": "lightning_batch.config",
     "tune": "lightning_batch.tuning",
+    "MissingExtraError": "lightning_batch._extras",
 }
 
 __all__ = sorted(_EXPORTS)

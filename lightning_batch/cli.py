@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from lightning_batch._extras import MissingExtraError, check
 from lightning_batch.config import (
     ACTIVATIONS,
     INITS,
@@ -39,6 +40,20 @@ from lightning_batch.errors import UserError
 from lightning_batch.search_space import PRUNERS, RETRAIN_MODES, SAMPLERS, TuneConfig, parse_space
 
 EXIT_BAD_INPUT = 2
+
+_DATA = ("data", ("pandas", "sklearn"))
+_TRACKING = ("tracking", ("mlflow", "matplotlib", "rich"))
+_TUNE = ("tune", ("optuna", "optuna_integration"))
+#: What each command imports beyond torch and Lightning (extra, import names), checked before it
+#: starts: a missing package is one ``error:`` line naming the extra, not a traceback mid-run.
+COMMAND_EXTRAS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "demo": (_DATA, _TRACKING),
+    "train": (_DATA, _TRACKING),
+    "tune": (_DATA, _TRACKING, _TUNE),
+    "report": (_TRACKING, _TUNE),
+    "dashboard": (("tune", ("optuna", "optuna_integration", "optuna_dashboard")),),
+    "ui": (("tracking", ("mlflow",)),),
+}
 
 #: Every character ``str.splitlines()`` breaks a line on, mapped to its escape (``\n``, ``\x85``, ...).
 _LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
@@ -583,6 +598,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
+        for extra, modules in COMMAND_EXTRAS.get(args.command or "demo", ()):
+            check(modules, extra, f"run.py {args.command or '(the demo)'}")
         if args.command is None:
             return run_demo(os.environ.get("MLFLOW_TRACKING_URI"))
         if args.command == "train":
@@ -596,7 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "ui":
             return run_ui(args)
         raise UserError(f"unknown command {args.command!r}")
-    except UserError as exc:
+    except (UserError, MissingExtraError) as exc:
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (MemoryError, FloatingPointError) as exc:

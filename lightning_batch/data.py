@@ -31,13 +31,18 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_batch._extras import check, extra_imports
 from lightning_batch._lightning_compat import uses_distributed_sampler
 from lightning_batch.config import SKLEARN_DATASETS, SYNTHETIC_DATASETS, RunConfig, UserError
 from lightning_batch.sampler import ResizableBatchSampler
+
+_FEATURE = "the tabular data path"
+with extra_imports("data", _FEATURE):
+    import pandas as pd
+check("sklearn", "data", _FEATURE)  # imported where used (splits, bundled sets): cheap to find now
 
 TARGET = "target"
 
@@ -131,6 +136,8 @@ def load_sklearn(name: str) -> RawTable:
 def read_table_file(path: str, target: str) -> RawTable:
     """Read a CSV or Parquet file; any failure is one :class:`UserError` line."""
     file = Path(path)
+    if file.suffix.lower() != ".csv":
+        check("pyarrow", "data", "reading Parquet files")  # before the try: not a 'cannot read' error
     try:
         if file.suffix.lower() == ".csv":
             frame = pd.read_csv(file)

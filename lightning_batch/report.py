@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_batch._extras import extra_imports
 from lightning_batch.config import UserError
 
 # MLflow draws a download bar per artifact; a report reads two small files.
@@ -194,7 +195,8 @@ def study_report(client: Any, study: Any) -> StudyReport:
 
 def plot_noise_scale(report: RunReport, path: Path) -> None:
     """Critical batch size and the batch size used, against samples seen."""
-    import matplotlib
+    with extra_imports("tracking", "plotting"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -223,8 +225,9 @@ def to_markdown(title: str, rows: list[tuple[str, str]], images: list[str]) -> s
 
 def make_report(target: str, tracking_uri: str, storage: str) -> tuple[str, list[tuple[str, str]], str]:
     """(title, rows, run id it was logged to) for a run id or a study name; logs ``report.md`` + PNGs."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    with extra_imports("tracking", "the batch-size report"):
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri)
     run_exists = True
@@ -242,7 +245,8 @@ def make_report(target: str, tracking_uri: str, storage: str) -> tuple[str, list
                 plot_noise_scale(report, folder / "report_noise_scale.png")
                 images.append("report_noise_scale.png")
         else:
-            import optuna
+            with extra_imports("tune", "a study's report"):
+                import optuna
 
             try:
                 study = optuna.load_study(study_name=target, storage=storage)

@@ -31,12 +31,16 @@ from typing import Any
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from lightning_batch._extras import check, extra_imports
+
 DEFAULT_STORE_DIR = Path("mlruns")
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 #: Metric values per ``log_batch`` call; MLflow accepts up to 1000 per request.
 FLUSH_EVERY = 1000
 #: Also write what is buffered at least this often, so the UI follows a long run.
 FLUSH_SECONDS = 10.0
+#: How a missing [tracking] extra is reported: "MLflow tracking needs mlflow: pip install ...".
+_FEATURE = "MLflow tracking"
 
 
 def resolve_tracking_uri(cli_value: str | None = None) -> str:
@@ -79,7 +83,8 @@ def ensure_store(uri: str) -> None:
         return
     db.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(db.with_name(db.name + ".lock")):
-        from mlflow import MlflowClient
+        with extra_imports("tracking", _FEATURE):
+            from mlflow import MlflowClient
 
         # The first client call runs the schema migrations; the lock makes it one process's job.
         MlflowClient(uri).search_experiments(max_results=1)
@@ -87,8 +92,9 @@ def ensure_store(uri: str) -> None:
 
 def get_or_create_experiment(uri: str, name: str) -> str:
     """The id of experiment ``name``, created with its artifacts under ``mlruns/artifacts/<name>``."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    with extra_imports("tracking", _FEATURE):
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
@@ -135,6 +141,7 @@ class BufferedMLFlowLogger(MLFlowLogger):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check("mlflow", "tracking", _FEATURE)  # Lightning's own message would not name the extra
         super().__init__(*args, **kwargs)
         self._pending: list[tuple[str, float, int, int]] = []  # (key, value, timestamp ms, step)
         self._last_flush = time.monotonic()
@@ -190,7 +197,8 @@ class BufferedMLFlowLogger(MLFlowLogger):
 
 def plot_loss_curves(history: Mapping[str, list[tuple[int, float]]], path: Path) -> Path:
     """PNG of train loss per step and val loss per validation, against the optimizer step."""
-    import matplotlib
+    with extra_imports("tracking", "plotting"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -218,7 +226,8 @@ def plot_batch_dynamics(rows: list[dict[str, float]], path: Path) -> Path:
     """PNG of batch size, learning rate and gradient noise scale against samples seen."""
     import math
 
-    import matplotlib
+    with extra_imports("tracking", "plotting"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

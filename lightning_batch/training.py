@@ -36,6 +36,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
+from lightning_batch._extras import check
 from lightning_batch.augment import Augmenter
 from lightning_batch.callback import DynamicBatchSize
 from lightning_batch.checkpoint_io import AtomicCheckpointIO
@@ -55,6 +56,9 @@ from lightning_batch.tracking import (
     resolve_tracking_uri,
     sqlite_path,
 )
+
+# Every run is recorded in MLflow and ends with plots: say so now, not after the fit (no import cost).
+check(("mlflow", "matplotlib"), "tracking", "the tabular training path (it records runs in MLflow)")
 
 
 @dataclass

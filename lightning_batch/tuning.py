@@ -47,11 +47,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import optuna
 from lightning.pytorch.callbacks import Callback
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.trial import FrozenTrial, TrialState
 
+from lightning_batch._extras import check, extra_imports
 from lightning_batch.config import RunConfig
 from lightning_batch.errors import UserError
 from lightning_batch.search_space import ParamSpec, TuneConfig, apply_params, parse_space
@@ -61,6 +59,12 @@ from lightning_batch.tracking import (
     resolve_tracking_uri,
     sqlite_path,
 )
+
+with extra_imports("tune", "Optuna tuning"):
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.trial import FrozenTrial, TrialState
+check("optuna_integration", "tune", "Optuna tuning")  # its pruning callback is imported per trial
 
 #: Trial user attributes that tie a trial to its MLflow run and its process.
 RUN_ID_ATTR = "mlflow_run_id"
@@ -551,7 +555,8 @@ def trial_epochs(trials: list[FrozenTrial]) -> int:
 
 def _study_plots(study: optuna.Study, folder: Path) -> list[str]:
     """Optuna's matplotlib plots as PNGs; a plot the trials cannot support yet is left out."""
-    import matplotlib
+    with extra_imports("tracking", "plotting"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
