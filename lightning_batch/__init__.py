@@ -20,14 +20,14 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "RunConfig": "lightning_batch.config",
-    "UserError": "lightning_batch.config",
+    "UserError": "lightning_batch.errors",
     "TabularDataModule": "lightning_batch.data",
     "ResizableBatchSampler": "lightning_batch.sampler",
     "TaskModule": "lightning_batch.module",
     "DynamicBatchSize": "lightning_batch.callback",
     "build_model": "lightning_batch.models",
     "train": "lightning_batch.training",
-    "TuneConfig": "lightning_batch.config",
+    "TuneConfig": "lightning_batch.search_space",
     "tune": "lightning_batch.tuning",
     "MissingExtraError": "lightning_batch._extras",
 }

@@ -45,21 +45,15 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lightning_batch import defaults
 from lightning_batch._lightning_compat import (
     replace_train_dataloader,
     restart_train_iterator,
     scale_scheduler_lrs,
     sync_epoch_length,
 )
-from lightning_batch.cadence import GOODPUT_MIN_TIMED_STEPS, DecisionCadence, effective_ceiling
-from lightning_batch.memory import (
-    CpuMemoryMeter,
-    CudaMemoryMeter,
-    MemoryMeter,
-    MemoryProbe,
-    MemoryProbeError,
-    MemoryProbeResult,
-)
+from lightning_batch.cadence import DecisionCadence, effective_ceiling
+from lightning_batch.memory import MemoryProbeResult, probe_training_ceiling
 from lightning_batch.noise import GradNoiseStats, NoiseScaleEMA, PerExampleGradNorms, microbatch_grad_stats
 from lightning_batch.policy import (
     BatchPolicy,
@@ -140,27 +134,27 @@ class DynamicBatchSize(Callback):
 
     def __init__(
         self,
-        policy: str | BatchPolicy = "goodput",
-        lr_rule: str = "adascale",
+        policy: str | BatchPolicy = defaults.POLICY,
+        lr_rule: str = defaults.LR_RULE,
         *,
-        min_batch: int = 1,
+        min_batch: int = defaults.MIN_BATCH,
         max_batch: int | None = None,
-        multiple: int = 8,
-        adjust_every: int = 20,
-        min_timed_steps: int = GOODPUT_MIN_TIMED_STEPS,
-        measure_every: int = 20,
-        hysteresis: float = 0.05,
-        ema_decay: float = 0.9,
-        noise_k: float = 1.0,
-        explore_factor: float = 4.0,
+        multiple: int = defaults.MULTIPLE,
+        adjust_every: int = defaults.ADJUST_EVERY,
+        min_timed_steps: int = defaults.MIN_TIMED_STEPS,
+        measure_every: int = defaults.MEASURE_EVERY,
+        hysteresis: float = defaults.HYSTERESIS,
+        ema_decay: float = defaults.EMA_DECAY,
+        noise_k: float = defaults.NOISE_K,
+        explore_factor: float = defaults.EXPLORE_FACTOR,
         milestones: tuple[int, ...] = (),
-        schedule_factor: float = 2.0,
-        probe_memory: bool = True,
-        memory_budget: float = 0.5,
-        log_every: int = 10,
+        schedule_factor: float = defaults.SCHEDULE_FACTOR,
+        probe_memory: bool = defaults.PROBE_MEMORY,
+        memory_budget: float = defaults.MEMORY_BUDGET,
+        log_every: int = defaults.LOG_EVERY,
         module_attr: str | None = "model",
-        fallback_microbatches: int = 8,
-        fallback_every: int = 10,
+        fallback_microbatches: int = defaults.FALLBACK_MICROBATCHES,
+        fallback_every: int = defaults.FALLBACK_EVERY,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -349,42 +343,23 @@ class DynamicBatchSize(Callback):
         dataset, collate = loader.dataset, loader.collate_fn
         batched = callable(getattr(dataset, "__getitems__", None))
         world = trainer.world_size
-        network = self._network(pl_module)
-        device = pl_module.device
-        meter: MemoryMeter
-        if device.type == "cuda":
-            meter = CudaMemoryMeter(device, budget_fraction=self.memory_budget)
-        else:
-            meter = CpuMemoryMeter(budget_fraction=self.memory_budget)
-        generator = torch.Generator().manual_seed(trainer.global_rank)
-        local_rows = len(dataset)
 
-        def run_step(batch: int) -> None:
-            index = torch.randint(local_rows, (batch,), generator=generator)
+        def sample_batch(index: Tensor) -> tuple[Tensor, Tensor]:
             # As the DataLoader builds a batch: the dataset's batched read, or rows and the collate.
             rows = dataset.__getitems__(index) if batched else [dataset[int(i)] for i in index]
             x, y = collate(rows)[:2]
-            loss = loss_fn(network(x.to(device)), y.to(device))
-            loss.backward()
-            network.zero_grad(set_to_none=True)
+            return x, y
 
-        # The probe must leave no trace: same parameters, buffers, grads and random state after it.
-        buffers = {name: b.detach().clone() for name, b in network.named_buffers()}
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            try:
-                run_step(min(8, local_rows))  # warm-up: lazy allocations are not per-sample cost
-                network.zero_grad(set_to_none=True)
-                self.probe = MemoryProbe(meter, upper_bound=max(1, local_rows // world)).run(run_step)
-            except MemoryProbeError as exc:
-                raise MemoryError(
-                    f"not even the smallest batch fits the memory budget (--memory-budget {self.memory_budget:g} "
-                    f"of free {meter.name} memory = {meter.budget_bytes() / 2**20:.1f} MiB); raise --memory-budget, "
-                    f"free memory, or use a smaller model ({exc})"
-                ) from None
-            finally:
-                network.zero_grad(set_to_none=True)
-                for name, buffer in network.named_buffers():
-                    buffer.copy_(buffers[name])
+        # Each rank probes its own share of the rows (a rank's batch is its share of the global one).
+        self.probe = probe_training_ceiling(
+            self._network(pl_module),
+            loss_fn,
+            sample_batch,
+            len(dataset) // world or 1,
+            pl_module.device,
+            self.memory_budget,
+            seed=trainer.global_rank,
+        )
         local_ceiling = self.probe.ceiling
         if world > 1:
             # The global ceiling is what the tightest rank can hold, times the number of ranks.

@@ -748,3 +748,61 @@ def probe_max_batch(run_step: RunStep, meter: MemoryMeter, **kwargs: Any) -> Mem
     900
     """
     return MemoryProbe(meter, **kwargs).run(run_step)
+
+
+def probe_training_ceiling(
+    network: Any,
+    loss_fn: Callable[[Any, Any], Any],
+    sample_batch: Callable[[Any], tuple[Any, Any]],
+    rows: int,
+    device: Any,
+    memory_budget: float,
+    *,
+    seed: int = 0,
+) -> MemoryProbeResult:
+    """The largest batch whose training step fits ``memory_budget`` of free memory on ``device``.
+
+    A trial step is the forward and backward of ``loss_fn(network(x), y)`` on ``sample_batch(index)``,
+    ``index`` being random rows out of ``rows``. The probe leaves no trace: the network's parameters,
+    buffers (running statistics), gradients and the random state are as before. Raises
+    ``MemoryError`` with what to do when not even one row fits.
+
+    >>> import torch
+    >>> net, x, y = torch.nn.Linear(4, 1), torch.randn(64, 4), torch.randn(64, 1)
+    >>> result = probe_training_ceiling(
+    ...     net, torch.nn.functional.mse_loss, lambda i: (x[i], y[i]), 64, torch.device("cpu"), 0.5
+    ... )
+    >>> result.ceiling  # a linear model on 64 rows: all of them fit
+    64
+    """
+    import torch
+
+    meter: MemoryMeter
+    if device.type == "cuda":
+        meter = CudaMemoryMeter(device, budget_fraction=memory_budget)
+    else:
+        meter = CpuMemoryMeter(budget_fraction=memory_budget)
+    generator = torch.Generator().manual_seed(seed)
+
+    def run_step(batch: int) -> None:
+        x, y = sample_batch(torch.randint(rows, (batch,), generator=generator))
+        loss_fn(network(x.to(device)), y.to(device)).backward()
+        network.zero_grad(set_to_none=True)
+
+    buffers = {name: b.detach().clone() for name, b in network.named_buffers()}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            run_step(min(8, rows))  # warm-up: lazy allocations are not per-sample cost
+            network.zero_grad(set_to_none=True)
+            return MemoryProbe(meter, upper_bound=max(1, rows)).run(run_step)
+        except MemoryProbeError as exc:
+            raise MemoryError(
+                f"not even the smallest batch fits the memory budget (--memory-budget {memory_budget:g} "
+                f"of free {meter.name} memory = {meter.budget_bytes() / 2**20:.1f} MiB); raise --memory-budget, "
+                f"free memory, or use a smaller model ({exc})"
+            ) from None
+        finally:
+            network.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for name, buffer in network.named_buffers():
+                    buffer.copy_(buffers[name])

@@ -67,6 +67,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_batch import defaults
+
 __all__ = [
     "GradNoiseStats",
     "NoiseScaleEMA",
@@ -819,7 +821,7 @@ class NoiseScaleEMA:
     0.4286
     """
 
-    def __init__(self, decay: float = 0.95) -> None:
+    def __init__(self, decay: float = defaults.EMA_DECAY) -> None:
         self.decay = self._check_decay(decay)
         self._ema_grad_sqr = 0.0
         self._ema_trace_sigma = 0.0
