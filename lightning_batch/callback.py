@@ -54,7 +54,7 @@ from lightning_batch._lightning_compat import (
 )
 from lightning_batch.cadence import DecisionCadence, effective_ceiling
 from lightning_batch.memory import MemoryProbeResult, probe_training_ceiling
-from lightning_batch.noise import GradNoiseStats, NoiseScaleEMA, PerExampleGradNorms, microbatch_grad_stats
+from lightning_batch.noise import NoiseMeter, NoiseScaleEMA
 from lightning_batch.policy import (
     BatchPolicy,
     BatchSizeController,
@@ -226,16 +226,13 @@ class DynamicBatchSize(Callback):
 
         # Per-fit scratch.
         self._sampler: ResizableBatchSampler | None = None
-        self._norms: PerExampleGradNorms | None = None
-        self._named_params: dict[str, nn.Parameter] = {}
-        self._grad_t_from_params = True
-        self._grad_t: torch.Tensor | None = None
+        #: Measures each step's noise statistics (None outside a fit); see :class:`NoiseMeter`.
+        self.noise_meter: NoiseMeter | None = None
+        #: The last all-ranks mean ``(|G|², tr(Σ))`` fed to the EMAs (None: that step was not measured).
+        self.last_measurement: tuple[float, float] | None = None
         self._step_started = 0.0
         self._step_times: list[tuple[int, float]] = []
         self._measured_this_step = False
-        #: The batch to measure with micro-batches (parameters outside nn.Linear), until backward.
-        self._fallback_batch: tuple[Tensor, Tensor] | None = None
-        self._fallback_stats: GradNoiseStats | None = None
         self._cycle_is_clean = False
         self._samples_seen = 0
         self._loaded_state: dict[str, Any] | None = None
@@ -281,8 +278,8 @@ class DynamicBatchSize(Callback):
         """Once per fit: what a module without ``loss()`` leaves unmeasured (warning and run tag)."""
         if self._has_loss:
             return
-        assert self._norms is not None
-        left_out = list(self._norms.uncovered_parameter_names)
+        assert self.noise_meter is not None
+        left_out = list(self.noise_meter.uncovered_parameter_names)
         lost = [
             "the memory probe is skipped (the batch is bounded by max_batch and out-of-memory recoveries)"
         ]
@@ -316,11 +313,12 @@ class DynamicBatchSize(Callback):
         # T, the squared norm of the batch's mean gradient, is read from .grad right after backward
         # (an extra matmul per layer in the hooks would cost as much as the weight gradient itself).
         # That needs .grad to hold exactly this step's gradient: not with gradient accumulation.
-        self._grad_t_from_params = trainer.accumulate_grad_batches == 1
-        self._norms = PerExampleGradNorms(
-            network, loss_reduction="mean", enabled=False, batch_grad_from_hooks=not self._grad_t_from_params
+        self.noise_meter = NoiseMeter(
+            network,
+            loss_fn=pl_module.loss if self._has_loss else None,  # type: ignore[attr-defined]
+            grad_from_params=trainer.accumulate_grad_batches == 1,
+            fallback_microbatches=self.fallback_microbatches,
         )
-        self._named_params = dict(network.named_parameters())
         self._say_what_is_not_measured(trainer, pl_module)
         if self._loaded_state is not None:
             self._restore(trainer)
@@ -384,23 +382,10 @@ class DynamicBatchSize(Callback):
             self._sampler.batch_trained()  # in order, once per trained batch: the saved position
         # global_step moves on in the optimizer step: what to measure is decided here, at the start.
         self._measured_this_step = trainer.global_step % self.measure_every == 0
-        self._grad_t = None
-        self._fallback_stats = None
-        self._fallback_batch = None
-        if self._norms is not None:
-            self._norms.enabled = self._measured_this_step
-            if (
-                self._measured_this_step
-                and self._needs_fallback(pl_module)
-                and isinstance(batch, (tuple, list))
-                and trainer.global_step % self.fallback_every == 0
-            ):
-                self._fallback_batch = (batch[0], batch[1])
-
-    def _needs_fallback(self, pl_module: pl.LightningModule) -> bool:
-        """The model has parameters outside nn.Linear layers, measurable with micro-batches of its loss."""
-        assert self._norms is not None
-        return bool(self._norms.uncovered_parameter_names) and self._has_loss
+        if self.noise_meter is not None:
+            self.noise_meter.begin_step(
+                self._measured_this_step, batch, fallback=trainer.global_step % self.fallback_every == 0
+            )
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -427,23 +412,9 @@ class DynamicBatchSize(Callback):
         self._cycle_is_clean = True
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Before clipping and the optimizer step; under DDP after the all-reduce, i.e. the global mean.
-        if self._fallback_batch is not None:
-            # Here, not at batch end: the micro-batch gradients must be taken at the same parameters
-            # as the per-example (nn.Linear) norms, i.e. before the optimizer moves them. Once a step,
-            # even when an out-of-memory retry runs several backward passes.
-            batch, self._fallback_batch = self._fallback_batch, None
-            self._fallback_stats = self._microbatch_stats(pl_module, *batch)
-        if not (self._measured_this_step and self._grad_t_from_params and self._norms is not None):
-            return
-        try:
-            names = self._norms.covered_parameter_names
-        except RuntimeError:
-            return
-        grads = [self._named_params[n].grad for n in names if self._named_params[n].grad is not None]
-        if grads:
-            norms = torch._foreach_norm(grads)
-            self._grad_t = torch.stack(norms).pow(2).sum()
+        # Before clipping and the optimizer step: the gradients of the weights the hooks saw.
+        if self.noise_meter is not None:
+            self.noise_meter.after_backward()
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._cycle_is_clean = False
@@ -458,70 +429,16 @@ class DynamicBatchSize(Callback):
         measure sends NaN), so a rank-local problem cannot deadlock the others; the EMAs move only
         when every rank measured.
         """
-        estimate = self._local_estimate(pl_module)
+        assert self.noise_meter is not None and self._sampler is not None
+        estimate = self.noise_meter.estimate(global_rows=self._sampler.last_global_rows)
         values = torch.tensor(estimate if estimate is not None else (math.nan, math.nan), dtype=torch.float64)
         if trainer.world_size > 1:
             values = trainer.strategy.reduce(values.to(pl_module.device), reduce_op="mean").cpu()
         grad_sqr, trace = float(values[0]), float(values[1])
+        self.last_measurement = None
         if math.isfinite(grad_sqr) and math.isfinite(trace):
+            self.last_measurement = (grad_sqr, trace)
             self.ema.update(grad_sqr, trace)
-
-    def _local_estimate(self, pl_module: pl.LightningModule) -> tuple[float, float] | None:
-        """(|G|², tr(Σ)) from this rank's batch, or None when this step can't be measured.
-
-        Linear layers come from the per-example hooks. Other parameters (convolutions, norms)
-        need the micro-batch fallback, run every ``fallback_every`` steps; on other steps such a
-        model is not measured at all, since a partial estimate would bias the EMAs. A module
-        without a ``loss`` method gets the Linear layers' estimate alone, consistently.
-        """
-        assert self._norms is not None
-        full_model = self._needs_fallback(pl_module)
-        if full_model and self._fallback_stats is None:
-            return None  # not a fallback step, or the micro-batches could not be measured
-        if not full_model and not self._norms.covered_parameter_names:
-            return None  # nothing this callback can measure in this model
-        grad_sqr = trace = 0.0
-        try:
-            if self._norms.covered_parameter_names:
-                if self._grad_t_from_params:
-                    if self._grad_t is None or self._sampler is None:
-                        return None
-                    global_rows = self._sampler.last_global_rows
-                    stats = self._norms.grad_stats_with(float(self._grad_t), n=global_rows)
-                else:
-                    stats = self._norms.grad_stats()
-                grad_sqr, trace = stats.grad_sqr, stats.trace_sigma
-            if full_model:
-                assert self._fallback_stats is not None
-                # |G|² and tr(Σ) are sums over parameters: disjoint subsets add up.
-                grad_sqr += self._fallback_stats.grad_sqr
-                trace += self._fallback_stats.trace_sigma
-        except (RuntimeError, ValueError):
-            return None  # e.g. a 1-row tail batch, or an OOM-split step that ran several forwards
-        return grad_sqr, trace
-
-    def _microbatch_stats(self, pl_module: pl.LightningModule, x: Tensor, y: Tensor) -> GradNoiseStats | None:
-        """Noise statistics of the parameters the per-example hooks miss, from equal micro-batches.
-
-        ``fallback_microbatches`` micro-batches of the step's rows (a remainder that does not divide
-        evenly is left out); None for a batch too small to split or one that runs out of memory.
-        """
-        assert self._norms is not None
-        parts = min(self.fallback_microbatches, len(x))
-        if parts < 2:
-            return None
-        usable = (len(x) // parts) * parts
-        try:
-            return microbatch_grad_stats(
-                self._network(pl_module),
-                pl_module.loss,
-                x[:usable],
-                y[:usable],
-                parts,
-                param_names=self._norms.uncovered_parameter_names,
-            )
-        except (RuntimeError, ValueError, MemoryError):
-            return None
 
     def _over_ceiling(self, trainer: pl.Trainer) -> bool:
         """The batch no longer fits (an out-of-memory error lowered the ceiling): decide now."""
@@ -681,9 +598,9 @@ class DynamicBatchSize(Callback):
         self._remove_hooks()
 
     def _remove_hooks(self) -> None:
-        if self._norms is not None:
-            self._norms.remove()
-            self._norms = None
+        if self.noise_meter is not None:
+            self.noise_meter.remove()
+            self.noise_meter = None
 
 
 def _set_run_tag(trainer: pl.Trainer, key: str, value: str) -> None:

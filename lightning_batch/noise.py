@@ -71,6 +71,7 @@ from lightning_batch import defaults
 
 __all__ = [
     "GradNoiseStats",
+    "NoiseMeter",
     "NoiseScaleEMA",
     "PerExampleGradNorms",
     "microbatch_grad_stats",
@@ -898,3 +899,168 @@ class NoiseScaleEMA:
         self._ema_grad_sqr = float(state_dict["ema_grad_sqr"])
         self._ema_trace_sigma = float(state_dict["ema_trace_sigma"])
         self._num_updates = num_updates
+
+
+# --------------------------------------------------------------------------------------------------
+# One training step's measurement
+# --------------------------------------------------------------------------------------------------
+
+
+class NoiseMeter:
+    """One training step's unbiased ``(|G|², tr(Σ))`` for a whole network, without a Trainer.
+
+    ``nn.Linear`` layers are measured exactly by :class:`PerExampleGradNorms` hooks; the other
+    parameters (convolutions, norms) by :func:`microbatch_grad_stats` on the step's rows, when a
+    ``loss_fn`` is given and on ``fallback`` steps only (a partial estimate of such a model would
+    bias the EMAs, so other steps give None). The caller drives one step at a time:
+
+    1. :meth:`begin_step` before the forward (whether to measure, the batch for micro-batches);
+    2. :meth:`after_backward` right after the backward, before the optimizer moves the weights;
+    3. :meth:`estimate` with the step's global rows; :attr:`last_estimate` keeps the value.
+
+    ``grad_from_params``: read the batch gradient's squared norm from ``.grad`` (exact only when
+    ``.grad`` holds this step's gradient alone: no gradient accumulation); else the hooks compute it.
+
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = nn.Linear(3, 1)
+    >>> meter = NoiseMeter(net)
+    >>> x, y = torch.randn(16, 3), torch.randn(16, 1)
+    >>> meter.begin_step(measure=True)
+    >>> nn.functional.mse_loss(net(x), y).backward()
+    >>> meter.after_backward()
+    >>> grad_sqr, trace = meter.estimate(global_rows=16)
+    >>> grad_sqr > 0 and trace > 0
+    True
+    >>> meter.remove()
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        *,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        grad_from_params: bool = True,
+        fallback_microbatches: int = 8,
+    ) -> None:
+        self.network = network
+        self.loss_fn = loss_fn
+        self.grad_from_params = grad_from_params
+        self.fallback_microbatches = fallback_microbatches
+        self.hooks = PerExampleGradNorms(
+            network, loss_reduction="mean", enabled=False, batch_grad_from_hooks=not grad_from_params
+        )
+        self._params = dict(network.named_parameters())
+        self._measuring = False
+        self._grad_t: Tensor | None = None
+        self._fallback_batch: tuple[Tensor, Tensor] | None = None
+        self._fallback_stats: GradNoiseStats | None = None
+        #: The last :meth:`estimate` (None: that step could not be measured).
+        self.last_estimate: tuple[float, float] | None = None
+
+    @property
+    def uncovered_parameter_names(self) -> tuple[str, ...]:
+        """Parameters outside ``nn.Linear`` layers (measured by micro-batches, if at all)."""
+        return self.hooks.uncovered_parameter_names
+
+    @property
+    def measuring(self) -> bool:
+        """Whether the current step is measured (set by :meth:`begin_step`)."""
+        return self._measuring
+
+    @property
+    def needs_fallback(self) -> bool:
+        """The network has parameters the hooks miss, and a loss to measure them with micro-batches."""
+        return bool(self.uncovered_parameter_names) and self.loss_fn is not None
+
+    def begin_step(self, measure: bool, batch: Any = None, fallback: bool = True) -> None:
+        """Before the step's forward: measure it or not; ``batch`` ``(inputs, targets, ...)`` feeds the
+        micro-batches on ``fallback`` steps."""
+        self._measuring = measure
+        self._grad_t = None
+        self._fallback_stats = None
+        self._fallback_batch = None
+        self.hooks.enabled = measure
+        if (
+            measure
+            and fallback
+            and self.needs_fallback
+            and isinstance(batch, (tuple, list))
+            and len(batch) >= 2
+        ):
+            self._fallback_batch = (batch[0], batch[1])
+
+    def after_backward(self) -> None:
+        """Right after the backward, before clipping and the optimizer step (under DDP: after the
+        gradient all-reduce, so ``.grad`` is the global mean)."""
+        if self._fallback_batch is not None:
+            # Once a step, even when an out-of-memory retry runs several backward passes; at the
+            # parameters the per-example hooks saw.
+            batch, self._fallback_batch = self._fallback_batch, None
+            self._fallback_stats = self._microbatch_stats(*batch)
+        if not (self._measuring and self.grad_from_params):
+            return
+        try:
+            names = self.hooks.covered_parameter_names
+        except RuntimeError:
+            return
+        grads = [self._params[n].grad for n in names if self._params[n].grad is not None]
+        if grads:
+            self._grad_t = torch.stack(torch._foreach_norm(grads)).pow(2).sum()
+
+    def estimate(self, global_rows: int) -> tuple[float, float] | None:
+        """This step's ``(|G|², tr(Σ))``, or None when it can't be measured (also :attr:`last_estimate`).
+
+        ``global_rows``: the rows of the step over all ranks (the mean gradient in ``.grad`` is theirs).
+        """
+        self.last_estimate = self._estimate(global_rows) if self._measuring else None
+        return self.last_estimate
+
+    def _estimate(self, global_rows: int) -> tuple[float, float] | None:
+        covered = self.hooks.covered_parameter_names
+        full_model = self.needs_fallback
+        if full_model and self._fallback_stats is None:
+            return None  # not a fallback step, or the micro-batches could not be measured
+        if not full_model and not covered:
+            return None  # nothing measurable in this network
+        grad_sqr = trace = 0.0
+        try:
+            if covered:
+                if self.grad_from_params:
+                    if self._grad_t is None:
+                        return None
+                    stats = self.hooks.grad_stats_with(float(self._grad_t), n=global_rows)
+                else:
+                    stats = self.hooks.grad_stats()
+                grad_sqr, trace = stats.grad_sqr, stats.trace_sigma
+            if full_model:
+                assert self._fallback_stats is not None
+                # |G|² and tr(Σ) are sums over parameters: disjoint subsets add up.
+                grad_sqr += self._fallback_stats.grad_sqr
+                trace += self._fallback_stats.trace_sigma
+        except (RuntimeError, ValueError):
+            return None  # e.g. a 1-row tail batch, or an OOM-split step that ran several forwards
+        return grad_sqr, trace
+
+    def _microbatch_stats(self, x: Tensor, y: Tensor) -> GradNoiseStats | None:
+        """Statistics of the parameters the hooks miss, from ``fallback_microbatches`` equal parts of
+        the rows (a remainder is left out); None for a batch too small to split or out of memory."""
+        parts = min(self.fallback_microbatches, len(x))
+        if parts < 2 or self.loss_fn is None:
+            return None
+        usable = (len(x) // parts) * parts
+        try:
+            return microbatch_grad_stats(
+                self.network,
+                self.loss_fn,
+                x[:usable],
+                y[:usable],
+                parts,
+                param_names=self.uncovered_parameter_names,
+            )
+        except (RuntimeError, ValueError, MemoryError):
+            return None
+
+    def remove(self) -> None:
+        """Take the hooks off the network."""
+        self.hooks.remove()

@@ -3,7 +3,7 @@
 Lightning's DDP launcher re-runs this script for rank 1, so it cannot live inside pytest. Each rank
 writes what it did to ``OUT.rank{N}.json``: the rows it trained at every step (by their position in
 the training set), each epoch's permutation, the noise estimate it measured at every measured step
-and the values its EMAs were fed, its decisions and its final lr.
+and the values its EMAs were fed (read from the callback's public attributes), its decisions and its final lr.
 """
 
 import json
@@ -40,24 +40,23 @@ class Recorder(TrainedRows):
         self.global_rows.append(trainer.datamodule.train_batch_sampler.last_global_rows)
 
 
-def spy_on_noise_statistics(resize: DynamicBatchSize, trainer_ref: list) -> tuple[list, list]:
-    """Record every local estimate and every value fed to the EMAs, with the step it belongs to."""
-    local: list = []
-    fed: list = []
-    measure, update = resize._local_estimate, resize.ema.update
+class NoiseRecorder(pl.Callback):
+    """After DynamicBatchSize's own batch-end hook (it comes first in the callbacks): each measured
+    step's local estimate on this rank, and the all-ranks value the EMAs were fed."""
 
-    def local_estimate(pl_module):
-        value = measure(pl_module)
-        local.append([trainer_ref[0].global_step, None if value is None else list(value)])
-        return value
+    def __init__(self, resize: DynamicBatchSize) -> None:
+        self.resize = resize
+        self.local: list = []
+        self.fed: list = []
 
-    def ema_update(grad_sqr, trace):
-        fed.append([trainer_ref[0].global_step, grad_sqr, trace])
-        return update(grad_sqr, trace)
-
-    resize._local_estimate = local_estimate
-    resize.ema.update = ema_update
-    return local, fed
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        meter = self.resize.noise_meter
+        if meter is None or not meter.measuring:
+            return
+        estimate = meter.last_estimate
+        self.local.append([trainer.global_step, None if estimate is None else list(estimate)])
+        if self.resize.last_measurement is not None:
+            self.fed.append([trainer.global_step, *self.resize.last_measurement])
 
 
 def main(out: str) -> None:
@@ -79,8 +78,7 @@ def main(out: str) -> None:
         max_batch=301,
         multiple=1,
     )
-    trainer_ref: list = []
-    local, fed = spy_on_noise_statistics(resize, trainer_ref)
+    noise = NoiseRecorder(resize)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -92,17 +90,16 @@ def main(out: str) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[resize, recorder],
+        callbacks=[resize, recorder, noise],
     )
-    trainer_ref.append(trainer)
     trainer.fit(module, datamodule=dm)
     result = {
         "rank": trainer.global_rank,
         "steps": recorder.steps,
         "global_rows": recorder.global_rows,
         "permutations": recorder.permutations,
-        "local_estimates": local,
-        "ema_fed": fed,
+        "local_estimates": noise.local,
+        "ema_fed": noise.fed,
         "ema": resize.ema.state_dict(),
         "decisions": [d["to"] for d in resize.decisions],
         "n_train": len(dm.train_set),

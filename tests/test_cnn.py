@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -99,20 +100,24 @@ def test_dynamic_batch_size_measures_the_cnn_like_exact_per_example_gradients():
     seen: list[tuple[dict, torch.Tensor, torch.Tensor]] = []
     estimates: list[tuple[float, float] | None] = []
     covered: set[str] = set()
-    microbatch_stats, local_estimate = callback._microbatch_stats, callback._local_estimate
 
-    def snapshot_then_measure(pl_module, x, y):
-        seen.append(({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}, x, y))
-        covered.update(callback._norms.covered_parameter_names)
-        return microbatch_stats(pl_module, x, y)
+    class Record(Callback):
+        """Before the step: the weights and rows it trains on; after DynamicBatchSize's batch end
+        (it comes first in the list): the estimate its NoiseMeter measured."""
 
-    def record(pl_module):
-        estimates.append(local_estimate(pl_module))
-        return estimates[-1]
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            state = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+            self.step = (state, batch[0].clone(), batch[1].clone())
 
-    callback._microbatch_stats = snapshot_then_measure
-    callback._local_estimate = record
-    quiet_trainer(1, [callback], limit_train_batches=21, limit_val_batches=0).fit(module, datamodule=dm)
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if callback.noise_meter.measuring:
+                seen.append(self.step)
+                estimates.append(callback.noise_meter.last_estimate)
+                covered.update(callback.noise_meter.hooks.covered_parameter_names)
+
+    quiet_trainer(1, [callback, Record()], limit_train_batches=21, limit_val_batches=0).fit(
+        module, datamodule=dm
+    )
 
     assert len(seen) == len(estimates) == 5  # steps 0, 5, 10, 15, 20
     head = {"net.7.weight", "net.7.bias"}  # conv, act, pool, conv, act, pool, flatten, then the head
