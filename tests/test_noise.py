@@ -21,6 +21,7 @@ from torch.func import functional_call, grad, vmap
 import lightning_batch.noise as noise_module
 from lightning_batch.noise import (
     GradNoiseStats,
+    NoiseMeter,
     NoiseScaleEMA,
     PerExampleGradNorms,
     microbatch_grad_stats,
@@ -949,3 +950,90 @@ def test_keyword_input_frozen_layers_and_a_bias_only_linear() -> None:
         per_sample = func_per_sample_grads(model, ce_loss, x, y)
         ref = reference_stats(flat(per_sample, ["fc.weight", "fc.bias", "head.bias"]))
         assert_stats_close(hooks.grad_stats(), ref, rel=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------
+# NoiseMeter: one step's measurement, against per-example gradients from torch.func
+
+
+def _reference_stats(model: nn.Module, x: Tensor, y: Tensor, names: list[str]) -> tuple[float, float]:
+    """Unbiased (|G|², tr Σ) of the named parameters from exact per-example gradients: tr Σ is the
+    Bessel-corrected variance summed over coordinates, |G|² the squared mean minus tr Σ / B."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, xi, yi):
+        return nn.functional.mse_loss(torch.func.functional_call(model, p, (xi[None],)), yi[None])
+
+    grads = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))(params, x, y)
+    flat = torch.cat([grads[n].reshape(len(x), -1) for n in names], dim=1).double()
+    trace = float(flat.var(dim=0, unbiased=True).sum())
+    return float(flat.mean(dim=0).pow(2).sum()) - trace / len(x), trace
+
+
+class _Scaled(nn.Module):
+    """Two Linear layers and a parameter outside any (an output scale): the hooks miss the scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1))
+        self.scale = nn.Parameter(torch.tensor([1.5]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x) * self.scale
+
+
+def _step(meter, model, x, y, *, measure=True, fallback=True) -> tuple[float, float] | None:
+    meter.begin_step(measure, (x, y), fallback=fallback)
+    model.zero_grad(set_to_none=True)
+    nn.functional.mse_loss(model(x), y).backward()
+    meter.after_backward()
+    return meter.estimate(global_rows=len(x))
+
+
+@pytest.mark.parametrize("grad_from_params", [True, False])
+def test_noise_meter_measures_linear_layers_exactly(grad_from_params: bool) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)).double()
+    x, y = torch.randn(24, 5, dtype=torch.float64), torch.randn(24, 1, dtype=torch.float64)
+    meter = NoiseMeter(model, grad_from_params=grad_from_params)
+    estimate = _step(meter, model, x, y)
+    names = [n for n, _ in model.named_parameters()]
+    assert estimate == pytest.approx(_reference_stats(model, x, y, names), rel=1e-9)
+    assert meter.last_estimate == estimate and meter.measuring
+    assert _step(meter, model, x, y, measure=False) is None and not meter.measuring
+    assert meter.last_estimate is None
+    meter.remove()
+    assert not any(m._forward_hooks or m._backward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_noise_meter_adds_the_micro_batch_part_on_fallback_steps_only() -> None:
+    torch.manual_seed(1)
+    model = _Scaled().double()
+    x, y = torch.randn(32, 5, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
+    meter = NoiseMeter(model, loss_fn=nn.functional.mse_loss, fallback_microbatches=4)
+    assert meter.needs_fallback and meter.uncovered_parameter_names == ("scale",)
+    linear = [n for n, _ in model.named_parameters() if n != "scale"]
+    linear_part = _reference_stats(model, x, y, linear)
+    # the scale from 4 micro-batches of 8 rows: their gradients' mean and Bessel-corrected spread
+    parts = (
+        torch.stack(
+            [
+                torch.autograd.grad(nn.functional.mse_loss(model(xs), ys), model.scale)[0]
+                for xs, ys in zip(x.chunk(4), y.chunk(4), strict=True)
+            ]
+        )
+        .double()
+        .reshape(4, -1)
+    )
+    micro_trace = float(parts.var(dim=0, unbiased=True).sum()) * 8  # per-example variance = 8 × a part's
+    micro_sqr = float(parts.mean(dim=0).pow(2).sum()) - micro_trace / 32
+    expected = (linear_part[0] + micro_sqr, linear_part[1] + micro_trace)
+    assert _step(meter, model, x, y) == pytest.approx(expected, rel=1e-9)
+    assert _step(meter, model, x, y, fallback=False) is None, "a partial estimate would bias the EMAs"
+    assert _step(meter, model, x[:1], y[:1]) is None, "one row cannot be split into micro-batches"
+    meter.remove()
+
+    without_loss = NoiseMeter(model)  # no loss: the Linear layers alone, said by needs_fallback
+    assert not without_loss.needs_fallback
+    assert _step(without_loss, model, x, y) == pytest.approx(linear_part, rel=1e-9)
+    without_loss.remove()
