@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import sys
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -99,6 +100,10 @@ def check(modules: tuple[str, ...] | str, extra: str, feature: str) -> None:
     importing any (``import mlflow`` costs seconds; a feature checks before it starts work)."""
     for module in (modules,) if isinstance(modules, str) else modules:
         top = module.partition(".")[0]
+        if sys.modules.get(top) is not None:
+            # Imported already (optuna_integration then replaces itself by a module whose
+            # __spec__ is None, which find_spec refuses with a ValueError).
+            continue
         try:
             found = importlib.util.find_spec(top) is not None
         except (ImportError, ValueError):  # None in sys.modules, a finder that refuses it
