@@ -57,7 +57,7 @@ class PlainRegressor(pl.LightningModule):
         return self.net(x)
 
     def training_step(self, batch, batch_idx):
-        x, y, _ = batch
+        x, y = batch[0], batch[1]
         return self.loss(self(x), y)
 
     def configure_optimizers(self):

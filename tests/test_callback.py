@@ -401,18 +401,20 @@ def _documented_decision_steps(
 
 
 class _DecisionSpy(Callback):
-    """The global step of every decision the callback takes while training, and every step's rows."""
+    """The step of every decision the callback's controller takes while training (the number of
+    steps begun by then; the decision before the first step is left out), and every step's rows."""
 
     def __init__(self, resize: DynamicBatchSize) -> None:
         self.decided: list[int] = []
         self.rows: list[int] = []
-        decide = resize._decide
+        decide = resize.controller.decide
 
-        def spy(trainer):
-            self.decided.append(trainer.global_step)
-            decide(trainer)
+        def spy(context):
+            if self.rows:
+                self.decided.append(len(self.rows))
+            return decide(context)
 
-        resize._decide = spy
+        resize.controller.decide = spy
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.rows.append(len(batch[0]))

@@ -21,6 +21,7 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSa
 
 from lightning_batch import DynamicBatchSize
 from lightning_batch.resizable_loader import UnsupportedLoaderError
+from lightning_batch.sampler import ResizableBatchSampler
 
 from .conftest import ROOT, subprocess_env
 from .plain_project import PlainRegressor, RowDataset, RowsTrained, fit
@@ -290,3 +291,69 @@ def test_a_policy_of_ones_own_drives_the_batch_size(tmp_path):
     assert [d["to"] for d in resize.decisions[:4]] == [24, 16, 24, 16]
     assert [d["step"] for d in resize.decisions[:4]] == [0, 5, 10, 15]  # the first before any step
     assert [len(s[2]) for s in rows.steps[:11]] == [24] * 5 + [16] * 5 + [24]
+
+
+def _collate_with_marker(rows):
+    """A user's own collate: stacks as PyTorch's default does and appends a marker."""
+    x, y, index = zip(*rows, strict=True)
+    return torch.stack(x), torch.stack(y), torch.tensor(index), "collated by the user"
+
+
+class _TaggedLoader(DataLoader):
+    """A DataLoader subclass with an argument of its own, as users write them."""
+
+    def __init__(self, dataset, tag: str, **kwargs) -> None:
+        super().__init__(dataset, **kwargs)
+        self.tag = tag
+
+
+class _TaggedData(pl.LightningDataModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dataset = RowDataset(300)
+
+    def train_dataloader(self):
+        return _TaggedLoader(
+            self.dataset,
+            "mine",
+            batch_size=10,
+            shuffle=True,
+            collate_fn=_collate_with_marker,
+            generator=torch.Generator().manual_seed(5),
+            drop_last=True,
+        )
+
+
+def test_a_subclassed_loader_keeps_its_own_arguments_collate_generator_and_drop_last(tmp_path):
+    markers: list[str] = []
+    rows = RowsTrained()
+
+    class Marker(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            markers.append(batch[3])
+
+    resize = DynamicBatchSize(
+        policy="schedule", milestones=(1,), probe_memory=False, multiple=1, adjust_every=3
+    )
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[resize, rows, Marker()],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(PlainRegressor(), datamodule=_TaggedData())
+    loader = trainer.train_dataloader
+    assert type(loader) is _TaggedLoader and loader.tag == "mine"
+    assert set(markers) == {"collated by the user"}
+    epochs = _epochs(rows.steps)
+    # The schedule doubles the batch at the first decision of epoch 1 (every 3 steps): 3 batches of
+    # 10, then 20s; drop_last drops the 10 rows that make no full batch, and no row comes twice.
+    assert [len(s[2]) for s in rows.steps] == [10] * 30 + [10] * 3 + [20] * 13
+    assert sorted(epochs[0]) == list(range(300))
+    assert len(epochs[1]) == len(set(epochs[1])) == 290
+    # the user's generator seeds the shuffle: its seed, not the global RNG, decides the order
+    assert epochs[0] == ResizableBatchSampler(300, 10, seed=5).permutation(0).tolist()
