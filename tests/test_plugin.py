@@ -23,7 +23,7 @@ from lightning_batch import DynamicBatchSize
 from lightning_batch.resizable_loader import UnsupportedLoaderError
 from lightning_batch.sampler import ResizableBatchSampler
 
-from .conftest import ROOT, subprocess_env
+from .conftest import ROOT, quiet_trainer, subprocess_env
 from .plain_project import PlainRegressor, RowDataset, RowsTrained, fit
 
 NOISE = dict(
@@ -177,15 +177,8 @@ class _Stream(IterableDataset):
 )
 def test_a_loader_that_cannot_be_resized_is_refused_in_one_line(loader, names, tmp_path):
     module = PlainRegressor()
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[DynamicBatchSize(policy="noise", probe_memory=False)],
-        default_root_dir=tmp_path,
+    trainer = quiet_trainer(
+        1, [DynamicBatchSize(policy="noise", probe_memory=False)], default_root_dir=tmp_path
     )
     with pytest.raises(UnsupportedLoaderError) as raised:
         trainer.fit(module, train_dataloaders=loader(RowDataset(40)))
@@ -335,16 +328,7 @@ def test_a_subclassed_loader_keeps_its_own_arguments_collate_generator_and_drop_
     resize = DynamicBatchSize(
         policy="schedule", milestones=(1,), probe_memory=False, multiple=1, adjust_every=3
     )
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[resize, rows, Marker()],
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(2, [resize, rows, Marker()], default_root_dir=tmp_path)
     trainer.fit(PlainRegressor(), datamodule=_TaggedData())
     loader = trainer.train_dataloader
     assert type(loader) is _TaggedLoader and loader.tag == "mine"
