@@ -941,7 +941,7 @@ class NoiseMeter:
         *,
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
         grad_from_params: bool = True,
-        fallback_microbatches: int = 8,
+        fallback_microbatches: int = defaults.FALLBACK_MICROBATCHES,
     ) -> None:
         self.network = network
         self.loss_fn = loss_fn

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 import lightning_batch.noise as noise_module
+from lightning_batch import defaults
 from lightning_batch.noise import (
     GradNoiseStats,
     NoiseMeter,
@@ -1037,3 +1038,44 @@ def test_noise_meter_adds_the_micro_batch_part_on_fallback_steps_only() -> None:
     assert not without_loss.needs_fallback
     assert _step(without_loss, model, x, y) == pytest.approx(linear_part, rel=1e-9)
     without_loss.remove()
+
+
+def test_a_fresh_noise_meter_measures_nothing_until_told() -> None:
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    meter = NoiseMeter(model)
+    assert meter.measuring is False and meter.last_estimate is None and meter.hooks.enabled is False
+    assert meter.grad_from_params is True and meter.fallback_microbatches == defaults.FALLBACK_MICROBATCHES
+    assert meter.estimate(global_rows=4) is None
+    meter.remove()
+
+
+class _OnlyScale(nn.Module):
+    """No nn.Linear at all: every parameter is left to the micro-batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor([0.7], dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[:, :1] * self.scale
+
+
+def test_noise_meter_on_a_network_the_hooks_cannot_see() -> None:
+    torch.manual_seed(2)
+    model = _OnlyScale()
+    x, y = torch.randn(30, 2, dtype=torch.float64), torch.randn(30, 1, dtype=torch.float64)
+    assert _step(NoiseMeter(model), model, x, y) is None, "no loss, no Linear: nothing measurable"
+    meter = NoiseMeter(model, loss_fn=nn.functional.mse_loss, fallback_microbatches=2)
+    # 2 micro-batches of 15 rows (30 divides evenly); with 4 parts the 2 leftover rows are left out
+    for parts, usable in ((2, 30), (4, 28)):
+        meter.fallback_microbatches = parts
+        size = usable // parts
+        grads = torch.stack(
+            [
+                torch.autograd.grad(nn.functional.mse_loss(model(xs), ys), model.scale)[0]
+                for xs, ys in zip(x[:usable].split(size), y[:usable].split(size), strict=True)
+            ]
+        )
+        trace = float(grads.var(dim=0, unbiased=True).sum()) * size
+        expected = (float(grads.mean(dim=0).pow(2).sum()) - trace / usable, trace)
+        assert _step(meter, model, x, y) == pytest.approx(expected, rel=1e-9), parts

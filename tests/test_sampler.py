@@ -251,3 +251,22 @@ def test_constructor_bounds_and_defaults():
     sampler = ResizableBatchSampler(10, batch_size=3)
     assert (sampler.last_global_rows, sampler.drop_last) == (0, False)  # Lightning reads drop_last
     assert torch.equal(sampler.permutation(), ResizableBatchSampler(10, batch_size=3, seed=0).permutation())
+
+
+def test_drop_last_leaves_out_the_short_tail_and_only_it():
+    sampler = ResizableBatchSampler(10, batch_size=4, shuffle=False, drop_last=True)
+    assert sampler.drop_last is True and len(sampler) == 2
+    assert [b.tolist() for b in sampler] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert sampler.state_dict()["cursor"] == 10 and len(sampler) == 2  # the epoch is over
+    assert [len(b) for b in sampler] == [4, 4], "the next pass is the next epoch, tail dropped again"
+    exact = ResizableBatchSampler(12, batch_size=4, shuffle=False, drop_last=True)
+    assert [len(b) for b in exact] == [4, 4, 4], "a last batch that is exactly full is kept"
+    assert ResizableBatchSampler(10, batch_size=4).drop_last is False
+
+
+def test_index_lists_yield_plain_ints_and_nobody_owns_the_position_at_first():
+    sampler = ResizableBatchSampler(5, batch_size=2, shuffle=False, index_lists=True)
+    batches = list(sampler)
+    assert batches == [[0, 1], [2, 3], [4]] and all(type(i) is int for b in batches for i in b)
+    assert all(isinstance(b, torch.Tensor) for b in ResizableBatchSampler(5, 2))
+    assert ResizableBatchSampler(5, 2).position_owner is None
