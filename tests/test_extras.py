@@ -249,9 +249,16 @@ def test_callback_fits_with_only_torch_and_lightning(tmp_path: Path) -> None:
     [
         (set(), ["train", "--data", "diabetes"], "pandas", "data"),
         ({"data"}, ["train", "--data", "diabetes"], "mlflow", "tracking"),
-        ({"data", "tracking"}, ["tune", "--data", "diabetes", "--trials", "1"], "optuna", "tune"),
-        ({"data", "tracking"}, ["dashboard"], "optuna", "tune"),
-        ({"data"}, ["ui"], "mlflow", "tracking"),
+        # The same check for the other commands, in the slow suite (each builds its own environment).
+        pytest.param(
+            {"data", "tracking"},
+            ["tune", "--data", "diabetes", "--trials", "1"],
+            "optuna",
+            "tune",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param({"data", "tracking"}, ["dashboard"], "optuna", "tune", marks=pytest.mark.slow),
+        pytest.param({"data"}, ["ui"], "mlflow", "tracking", marks=pytest.mark.slow),
     ],
     ids=["train-without-data", "train-without-tracking", "tune-without-tune", "dashboard", "ui"],
 )
