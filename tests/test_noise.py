@@ -983,6 +983,23 @@ class _Scaled(nn.Module):
         return self.net(x) * self.scale
 
 
+def _microbatch_reference(
+    model: nn.Module, param: nn.Parameter, x: Tensor, y: Tensor, *, parts: int, usable: int
+) -> tuple[float, float]:
+    """Unbiased (|G|², tr Σ) of ``param`` from ``parts`` equal micro-batches of the first ``usable``
+    rows, by plain autograd: the micro-batch gradients' squared mean, and their Bessel-corrected
+    spread times the rows in a micro-batch (a mean of m rows has 1/m of the per-row variance)."""
+    size = usable // parts
+    grads = torch.stack(
+        [
+            torch.autograd.grad(nn.functional.mse_loss(model(xs), ys), param)[0].double().reshape(-1)
+            for xs, ys in zip(x[:usable].split(size), y[:usable].split(size), strict=True)
+        ]
+    )
+    trace = float(grads.var(dim=0, unbiased=True).sum()) * size
+    return float(grads.mean(dim=0).pow(2).sum()) - trace / usable, trace
+
+
 def _step(meter, model, x, y, *, measure=True, fallback=True) -> tuple[float, float] | None:
     meter.begin_step(measure, (x, y), fallback=fallback)
     model.zero_grad(set_to_none=True)
@@ -1015,19 +1032,7 @@ def test_noise_meter_adds_the_micro_batch_part_on_fallback_steps_only() -> None:
     assert meter.needs_fallback and meter.uncovered_parameter_names == ("scale",)
     linear = [n for n, _ in model.named_parameters() if n != "scale"]
     linear_part = _reference_stats(model, x, y, linear)
-    # the scale from 4 micro-batches of 8 rows: their gradients' mean and Bessel-corrected spread
-    parts = (
-        torch.stack(
-            [
-                torch.autograd.grad(nn.functional.mse_loss(model(xs), ys), model.scale)[0]
-                for xs, ys in zip(x.chunk(4), y.chunk(4), strict=True)
-            ]
-        )
-        .double()
-        .reshape(4, -1)
-    )
-    micro_trace = float(parts.var(dim=0, unbiased=True).sum()) * 8  # per-example variance = 8 × a part's
-    micro_sqr = float(parts.mean(dim=0).pow(2).sum()) - micro_trace / 32
+    micro_sqr, micro_trace = _microbatch_reference(model, model.scale, x, y, parts=4, usable=32)
     expected = (linear_part[0] + micro_sqr, linear_part[1] + micro_trace)
     assert _step(meter, model, x, y) == pytest.approx(expected, rel=1e-9)
     assert _step(meter, model, x, y, fallback=False) is None, "a partial estimate would bias the EMAs"
@@ -1069,13 +1074,5 @@ def test_noise_meter_on_a_network_the_hooks_cannot_see() -> None:
     # 2 micro-batches of 15 rows (30 divides evenly); with 4 parts the 2 leftover rows are left out
     for parts, usable in ((2, 30), (4, 28)):
         meter.fallback_microbatches = parts
-        size = usable // parts
-        grads = torch.stack(
-            [
-                torch.autograd.grad(nn.functional.mse_loss(model(xs), ys), model.scale)[0]
-                for xs, ys in zip(x[:usable].split(size), y[:usable].split(size), strict=True)
-            ]
-        )
-        trace = float(grads.var(dim=0, unbiased=True).sum()) * size
-        expected = (float(grads.mean(dim=0).pow(2).sum()) - trace / usable, trace)
+        expected = _microbatch_reference(model, model.scale, x, y, parts=parts, usable=usable)
         assert _step(meter, model, x, y) == pytest.approx(expected, rel=1e-9), parts
