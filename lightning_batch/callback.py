@@ -198,9 +198,10 @@ class DynamicBatchSize(Callback):
         self.cadence = DecisionCadence(adjust_every, min_timed_steps if times_steps else 1)
         if self.cadence.effective_every > adjust_every:
             log.warning(
-                "DynamicBatchSize: the goodput policy times %d steps at each batch size, so it decides every "
+                "DynamicBatchSize: the %s policy times %d steps at each batch size, so it decides every "
                 "%d steps, not every adjust_every=%d; pass min_timed_steps=%d (--min-timed-steps) to decide "
                 "that often, with a noisier throughput model",
+                batch_policy.name,
                 min_timed_steps,
                 self.cadence.effective_every,
                 adjust_every,
