@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 
 from lightning_batch._extras import MissingExtraError, check
 from lightning_batch.config import (
+    ACCELERATORS,
     ACTIVATIONS,
     INITS,
     LR_RULES,
@@ -32,6 +33,8 @@ from lightning_batch.config import (
     ON_NAN,
     OPTIMIZERS,
     POLICIES,
+    PRECISIONS,
+    STRATEGIES,
     TASKS,
     RunConfig,
     load_yaml_config,
@@ -209,6 +212,26 @@ def _train_arguments(parser: argparse.ArgumentParser, resumable: bool = True) ->
     optim.add_argument("--patience", type=int, help="early stopping on val_loss after N stalled validations")
     optim.add_argument("--val-every", type=int, help="validate every N epochs")
     optim.add_argument("--seed", type=int)
+
+    hardware = parser.add_argument_group("hardware")
+    hardware.add_argument(
+        "--accelerator", metavar="|".join(ACCELERATORS), help="default auto: a GPU when torch sees one"
+    )
+    hardware.add_argument(
+        "--devices", metavar="N|auto", help="devices (or CPU processes) per node (default 1)"
+    )
+    hardware.add_argument(
+        "--strategy", metavar="|".join(STRATEGIES), help="default auto: ddp when more than one process"
+    )
+    hardware.add_argument(
+        "--num-nodes", type=int, help="machines (each with NODE_RANK, MASTER_ADDR, MASTER_PORT)"
+    )
+    hardware.add_argument("--precision", metavar="|".join(PRECISIONS), help="default 32-true")
+    hardware.add_argument(
+        "--device-data-budget",
+        type=float,
+        help=f"share of free accelerator memory the data may take (default {d.DEVICE_DATA_BUDGET}; 0: host)",
+    )
 
     track = parser.add_argument_group("tracking")
     track.add_argument("--experiment", help="MLflow experiment name")

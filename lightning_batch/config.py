@@ -61,6 +61,9 @@ BATCH_MODES = ("full", "auto")
 POLICIES = tuple(_policy.POLICIES)
 LR_RULES = ("auto", *_policy.LR_RULES)
 ON_NAN = ("fail", "skip")
+ACCELERATORS = ("auto", "cpu", "gpu", "mps")
+STRATEGIES = ("auto", "ddp", "ddp_spawn")
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 #: Options whose value is one of a few names (the CLI's metavars, the search space's check).
 NAMED_CHOICES: dict[str, tuple[str, ...]] = {
     "task": TASKS,
@@ -72,6 +75,9 @@ NAMED_CHOICES: dict[str, tuple[str, ...]] = {
     "policy": POLICIES,
     "lr_rule": LR_RULES,
     "on_nan": ON_NAN,
+    "accelerator": ACCELERATORS,
+    "strategy": STRATEGIES,
+    "precision": PRECISIONS,
 }
 
 
@@ -187,6 +193,24 @@ class RunConfig:
     """Validate every N epochs."""
     seed: int = 0
 
+    # --- hardware -------------------------------------------------------------------------------
+    accelerator: str = "auto"
+    """``cpu``, ``gpu`` (CUDA), ``mps`` or ``auto`` (a GPU when torch sees one, else the CPU)."""
+    devices: int | str = 1
+    """Devices (GPUs, or CPU processes) per node; ``auto``: every GPU torch sees. Above 1 trains with DDP."""
+    strategy: str = "auto"
+    """``ddp`` (one process per device, started by Lightning), ``ddp_spawn``, or ``auto`` (ddp when
+    more than one process)."""
+    num_nodes: int = 1
+    """Machines; each is started with NODE_RANK, MASTER_ADDR and MASTER_PORT set (see the README)."""
+    precision: str = "32-true"
+    """``32-true``, ``16-mixed`` (CUDA, with a gradient scaler) or ``bf16-mixed``; the memory probe
+    measures under it."""
+    device_data_budget: float = defaults.DEVICE_DATA_BUDGET
+    """Share of the accelerator's free memory the data tables may take: when they fit, they move there
+    once and a batch is an index on the device; else they stay in host memory and each batch is copied
+    from pinned memory. 0 keeps them on the host."""
+
     # --- tracking -------------------------------------------------------------------------------
     experiment: str = "lightning-batch"
     run_name: str | None = None
@@ -243,7 +267,29 @@ class RunConfig:
             raise UserError(f"--on-nan must be fail or skip, got {self.on_nan!r}")
         _positive_int(self.checkpoint_every, "--checkpoint-every", "--checkpoint-every 200")
         self._validate_batch_policy()
+        self._validate_hardware()
         return self
+
+    def _validate_hardware(self) -> None:
+        """The names and numbers; what this machine has is checked by ``hardware.resolve_placement``."""
+        for name, flag in (
+            ("accelerator", "--accelerator"),
+            ("strategy", "--strategy"),
+            ("precision", "--precision"),
+        ):
+            value, choices = getattr(self, name), NAMED_CHOICES[name]
+            if value not in choices:
+                raise UserError(f"unknown {name} {value!r}; use {flag} {_choices(choices)}")
+        if isinstance(self.devices, str) and self.devices.strip().isdigit():
+            self.devices = int(self.devices)
+        if self.devices != "auto":
+            _positive_int(self.devices, "--devices", "--devices 2 (or auto)")
+        _positive_int(self.num_nodes, "--num-nodes", "--num-nodes 2")
+        _finite(self.device_data_budget, "--device-data-budget", "--device-data-budget 0.25", minimum=0.0)
+        if self.device_data_budget > 1:
+            raise UserError(
+                f"--device-data-budget is a fraction of free accelerator memory in [0, 1], got {self.device_data_budget}"
+            )
 
     @property
     def dynamic(self) -> bool:

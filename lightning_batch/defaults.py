@@ -52,3 +52,5 @@ MEMORY_BUDGET = 0.5
 LOG_EVERY = 10
 FALLBACK_MICROBATCHES = 8
 FALLBACK_EVERY = 10
+#: Share of an accelerator's free memory the tabular data may take (the rest is the model's and the batch's).
+DEVICE_DATA_BUDGET = 0.25

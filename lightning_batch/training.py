@@ -42,6 +42,7 @@ from lightning_batch.callback import DynamicBatchSize
 from lightning_batch.checkpoint_io import AtomicCheckpointIO
 from lightning_batch.config import RunConfig, UserError, check_model_for_data, check_model_for_task
 from lightning_batch.data import TabularDataModule
+from lightning_batch.hardware import resolve_placement
 from lightning_batch.models import build_model
 from lightning_batch.module import TaskModule
 from lightning_batch.progress import BatchProgressBar
@@ -218,6 +219,7 @@ def train(
     if resume_run_id is not None:
         cfg = load_resumable_config(cfg, resume_run_id)
     cfg.validate()
+    placement = resolve_placement(cfg)  # a GPU that is not there is an error before the data is read
     dm = TabularDataModule(cfg)
     dm.setup()  # read, clean, split, scale: every data error happens here, before a run exists
     cfg.task = dm.task
@@ -231,7 +233,13 @@ def train(
     uri = resolve_tracking_uri(cfg.tracking_uri)
     ensure_store(uri)
     experiment_id = get_or_create_experiment(uri, cfg.experiment)
-    tags = {"task": dm.task, "dataset": cfg.data, "model": str(cfg.model), **(extra_tags or {})}
+    tags = {
+        "task": dm.task,
+        "dataset": cfg.data,
+        "model": str(cfg.model),
+        **placement.tags(),
+        **(extra_tags or {}),
+    }
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -308,8 +316,7 @@ def train(
             enable_model_summary=verbose,
             num_sanity_val_steps=0,
             use_distributed_sampler=False,
-            accelerator="cpu",
-            devices=1,
+            **placement.trainer_options(),
             plugins=[AtomicCheckpointIO()],
         )
         options.update(trainer_options or {})
