@@ -46,6 +46,19 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs torch sees, as ``CUDA_VISIBLE_DEVICES`` entries a child process can be given.
+
+    Without ``CUDA_VISIBLE_DEVICES`` they are ``0 .. n-1``. With it they are the first n of its
+    entries (indices or UUIDs), so a child given one of them sees the same physical device.
+    """
+    count = gpu_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(count)]
+    return [entry.strip() for entry in listed.split(",") if entry.strip()][:count]
+
+
 @dataclass(frozen=True)
 class Placement:
     """A resolved placement: every field is concrete (no ``auto`` left but Lightning's own strategy)."""

@@ -15,7 +15,9 @@ Why each piece:
   heartbeat goes stale; the next worker to start a trial marks it FAIL, ends its MLflow run FAILED and
   queues a retry with the same parameters (:class:`StaleTrialRetry`);
 - workers on one machine are separate processes (``python -m lightning_batch.tuning``), so a crash
-  in one cannot take the others down, and each is given its share of the CPU threads.
+  in one cannot take the others down, and each is given its share of the CPU threads and, when the
+  trials would train on GPUs, its own GPU: worker i of K sees GPU i mod n of the n visible
+  (``CUDA_VISIBLE_DEVICES``, see :func:`worker_environment`).
 
 Example (one process, in-memory data, a throw-away store):
     >>> import tempfile
@@ -42,13 +44,14 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
+from lightning_batch import hardware
 from lightning_batch._extras import check, extra_imports
 from lightning_batch.config import RunConfig
 from lightning_batch.errors import UserError
@@ -70,6 +73,10 @@ check("optuna_integration", "tune", "Optuna tuning")  # its pruning callback is 
 RUN_ID_ATTR = "mlflow_run_id"
 PARENT_ATTR = "mlflow_parent_run_id"
 TRIAL_STATE_TAG = "optuna_trial_state"
+#: Set in a worker's environment to the GPUs it was given (its ``CUDA_VISIBLE_DEVICES``); its trials
+#: carry it as the tag :data:`WORKER_GPUS_TAG`.
+WORKER_GPUS_ENV = "LIGHTNING_BATCH_WORKER_GPUS"
+WORKER_GPUS_TAG = "worker_gpus"
 
 Echo = Callable[[str], None]
 
@@ -235,6 +242,8 @@ class Objective:
         }
         if retry_of is not None:
             tags["optuna_retry_of"] = str(retry_of)
+        if os.environ.get(WORKER_GPUS_ENV):
+            tags[WORKER_GPUS_TAG] = os.environ[WORKER_GPUS_ENV]
         pruning = PyTorchLightningPruningCallback(trial, monitor="val_loss")
         epochs = _EpochCounter()
         try:
@@ -425,22 +434,80 @@ def _worker_command(spec_path: Path, worker: int, quota: int) -> list[str]:
     return [sys.executable, "-m", "lightning_batch.tuning", str(spec_path), str(worker), str(quota)]
 
 
-def _run_workers(base: RunConfig, options: TuneConfig, echo: Echo) -> tuple[list[int], set[int]]:
-    """Start ``options.workers`` processes, wait for all; their exit codes and pids."""
-    threads = max(1, (os.cpu_count() or 1) // options.workers)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "LIGHTNING_BATCH_THREADS": str(threads)}
+def worker_environment(
+    parent: Mapping[str, str],
+    worker: int,
+    workers: int,
+    *,
+    cpus: int,
+    gpus: Sequence[str] = (),
+    gpus_per_worker: int = 1,
+) -> dict[str, str]:
+    """The environment worker ``worker`` (0-based) of ``workers`` is started with.
+
+    Each gets ``cpus // workers`` threads (at least one). Given ``gpus`` (``CUDA_VISIBLE_DEVICES``
+    entries, :func:`lightning_batch.hardware.visible_gpus`), worker i sees ``gpus_per_worker`` of
+    them starting at entry ``i * gpus_per_worker`` mod n: with one device per trial, worker i gets
+    GPU i mod n, and more workers than GPUs share them round-robin. Without ``gpus`` the parent's
+    ``CUDA_VISIBLE_DEVICES`` (set or not) passes through unchanged.
+
+    >>> env = worker_environment({}, 3, 4, cpus=8, gpus=["0", "1", "2"])
+    >>> env["CUDA_VISIBLE_DEVICES"], env["OMP_NUM_THREADS"]
+    ('0', '2')
+    >>> worker_environment({}, 1, 2, cpus=16, gpus=["4", "5", "6", "7"], gpus_per_worker=2)["CUDA_VISIBLE_DEVICES"]
+    '6,7'
+    """
+    threads = max(1, cpus // workers)
+    env = {**parent, "OMP_NUM_THREADS": str(threads), "LIGHTNING_BATCH_THREADS": str(threads)}
     package_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop(WORKER_GPUS_ENV, None)
+    if gpus:
+        count = min(max(1, gpus_per_worker), len(gpus))
+        mine = [gpus[(worker * count + j) % len(gpus)] for j in range(count)]
+        env["CUDA_VISIBLE_DEVICES"] = env[WORKER_GPUS_ENV] = ",".join(mine)
+    return env
+
+
+def worker_gpus(base: RunConfig, workers: int) -> tuple[list[str], int]:
+    """The GPUs to share among ``workers`` and how many each trial needs; ``([], 1)`` off the GPU.
+
+    GPUs are handed out only when the trials would train on them (``--accelerator auto`` or
+    ``gpu`` and torch sees some). ``--devices N`` gives each worker N of them; ``--devices auto``
+    (every GPU the process sees) gives each worker its share, n // K (at least one).
+    """
+    if base.accelerator not in ("auto", "gpu"):
+        return [], 1
+    gpus = hardware.visible_gpus()
+    if not gpus:
+        return [], 1
+    devices = base.devices
+    per_worker = devices if isinstance(devices, int) else max(1, len(gpus) // workers)
+    return gpus, per_worker
+
+
+def _run_workers(base: RunConfig, options: TuneConfig, echo: Echo) -> tuple[list[int], set[int]]:
+    """Start ``options.workers`` processes, wait for all; their exit codes and pids."""
+    gpus, per_worker = worker_gpus(base, options.workers)
+    envs = [
+        worker_environment(
+            os.environ, i, options.workers, cpus=os.cpu_count() or 1, gpus=gpus, gpus_per_worker=per_worker
+        )
+        for i in range(options.workers)
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp, "spec.json")
         spec.write_text(json.dumps({"base": base.to_dict(), "options": asdict(options)}, default=str))
         processes = [
             subprocess.Popen(
-                _worker_command(spec, i + 1, _quota(options.trials, options.workers, i)), env=env
+                _worker_command(spec, i + 1, _quota(options.trials, options.workers, i)), env=envs[i]
             )
             for i in range(options.workers)
         ]
         echo(f"started {len(processes)} workers: pids {', '.join(str(p.pid) for p in processes)}")
+        if gpus:
+            placed = ", ".join(f"{i + 1}: {env[WORKER_GPUS_ENV]}" for i, env in enumerate(envs))
+            echo(f"GPUs per worker (CUDA_VISIBLE_DEVICES): {placed}")
         try:
             codes = [p.wait() for p in processes]
         except KeyboardInterrupt:
@@ -627,6 +694,7 @@ def tune(base: RunConfig, options: TuneConfig, echo: Echo = print) -> TuneResult
     quiet_lightning(False)
     base.validate()
     options.validate()
+    hardware.resolve_placement(base)  # no GPU, bf16 unsupported, ...: one error before any study or run
     TabularDataModule(base).setup()  # bad data fails here, once, before any study or run exists
     tracking_uri = resolve_tracking_uri(base.tracking_uri)
     base = RunConfig.from_mapping({**base.to_dict(), "tracking_uri": tracking_uri})
