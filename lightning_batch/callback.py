@@ -117,7 +117,14 @@ class DynamicBatchSize(Callback):
         noise_k: the ``noise`` policy's multiple of ``B_noise``.
         explore_factor: ``goodput`` tries ``B × explore_factor`` once, to time a second size.
         milestones, schedule_factor: the ``schedule`` policy's epochs and growth factor.
-        probe_memory: find the memory ceiling when training starts (needs ``pl_module.loss``).
+        probe_memory: find the memory ceiling when training starts (needs ``pl_module.loss``). The
+            trial steps run under the Trainer's precision (bf16 activations take half the bytes).
+        accumulate: a batch a policy wants beyond the memory ceiling runs as accumulated
+            micro-batches of at most the ceiling's rows (as AdaptDL does), one optimizer step on
+            the whole batch, instead of being capped at the ceiling. Needs a module that splits
+            its step into passes of ``max_rows_per_pass`` rows (:class:`~lightning_batch.module.TaskModule`
+            does; the callback sets the attribute); other modules, and the ``memory`` policy (the
+            largest batch that fits), are capped at the ceiling.
         memory_budget: share of memory the probe may plan for (of free device memory on CUDA, of
             available RAM on CPU, where an OOM kills the process instead of raising).
         log_every: log this callback's metrics every N steps.
@@ -155,6 +162,7 @@ class DynamicBatchSize(Callback):
         module_attr: str | None = "model",
         fallback_microbatches: int = defaults.FALLBACK_MICROBATCHES,
         fallback_every: int = defaults.FALLBACK_EVERY,
+        accumulate: bool = True,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -214,6 +222,7 @@ class DynamicBatchSize(Callback):
         self.module_attr = module_attr
         self.fallback_microbatches = fallback_microbatches
         self.fallback_every = fallback_every
+        self.accumulate = accumulate
 
         # Run state (all in state_dict).
         self.base_batch: int | None = None
@@ -239,6 +248,9 @@ class DynamicBatchSize(Callback):
         self._loaded_state: dict[str, Any] | None = None
         self._restart_iterator = False
         self._has_loss = True  # set for each fit in setup()
+        #: Whether batches beyond the ceiling run as micro-batches in this fit (see ``accumulate``).
+        self.accumulates = False
+        self._loss_scale = 1.0  # a float16 GradScaler's scale at the measured step's backward
 
     # ------------------------------------------------------------------------------------------
     # set-up
@@ -321,18 +333,33 @@ class DynamicBatchSize(Callback):
             fallback_microbatches=self.fallback_microbatches,
         )
         self._say_what_is_not_measured(trainer, pl_module)
+        self.accumulates = (
+            self.accumulate
+            and hasattr(pl_module, "max_rows_per_pass")
+            and self.controller.policy.name != "memory"  # its batch *is* the ceiling
+        )
         if self._loaded_state is not None:
             self._restore(trainer)
+            self._limit_rows_per_pass(trainer, pl_module)
             return
         self.base_batch = self._sampler.batch_size
         self.batch_size = self._sampler.batch_size
         if self.probe_memory and self.controller.policy.name != "fixed":
             self._probe_memory(trainer, pl_module)
+            self._limit_rows_per_pass(trainer, pl_module)
         # A start above the ceiling (or the bounds) is corrected before the first step.
         context = self._context(trainer)
         decision = self.controller.decide(context)
         if decision.changed:
             self._apply(trainer, decision, context)
+
+    def _limit_rows_per_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """With ``accumulate``, a rank's forward/backward passes hold at most its share of the ceiling."""
+        if not self.accumulates or self.ceiling is None:
+            return
+        per_rank = max(1, self.ceiling // trainer.world_size)
+        current = pl_module.max_rows_per_pass  # type: ignore[attr-defined]
+        pl_module.max_rows_per_pass = min(current, per_rank) if current else per_rank  # type: ignore[attr-defined]
 
     def _probe_memory(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._has_loss:
@@ -358,6 +385,8 @@ class DynamicBatchSize(Callback):
             pl_module.device,
             self.memory_budget,
             seed=trainer.global_rank,
+            # Under the Trainer's precision: autocast changes the activations' bytes per row.
+            forward_context=trainer.precision_plugin.forward_context,
         )
         local_ceiling = self.probe.ceiling
         if world > 1:
@@ -416,6 +445,11 @@ class DynamicBatchSize(Callback):
         # Before clipping and the optimizer step: the gradients of the weights the hooks saw.
         if self.noise_meter is not None:
             self.noise_meter.after_backward()
+            if self._measured_this_step:
+                # float16 mixed precision scales the loss, so the hooks and .grad see gradients × S:
+                # remember S now (the scaler may change it in the optimizer step) to divide by S².
+                scaler = getattr(trainer.precision_plugin, "scaler", None)
+                self._loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._cycle_is_clean = False
@@ -433,6 +467,8 @@ class DynamicBatchSize(Callback):
         assert self.noise_meter is not None and self._sampler is not None
         estimate = self.noise_meter.estimate(global_rows=self._sampler.last_global_rows)
         values = torch.tensor(estimate if estimate is not None else (math.nan, math.nan), dtype=torch.float64)
+        if self._loss_scale != 1.0:
+            values /= self._loss_scale**2
         if trainer.world_size > 1:
             values = trainer.strategy.reduce(values.to(pl_module.device), reduce_op="mean").cpu()
         grad_sqr, trace = float(values[0]), float(values[1])
@@ -464,9 +500,12 @@ class DynamicBatchSize(Callback):
 
     def _effective_ceiling(self, trainer: pl.Trainer) -> int | None:
         """The probed ceiling, lowered by any OOM the module recovered from (rows that fit per pass)."""
-        oom_rows = getattr(trainer.lightning_module, "max_rows_per_pass", None)
         # The sampler's rows are the whole dataset (every rank walks the same permutation): global already.
         epoch_rows = self._sampler.num_samples if self._sampler is not None else None
+        if self.accumulates:
+            # Memory bounds the rows of a pass, not the batch: only the data (and max_batch) bound it.
+            return effective_ceiling(None, None, trainer.world_size, epoch_rows)
+        oom_rows = getattr(trainer.lightning_module, "max_rows_per_pass", None)
         return effective_ceiling(self.ceiling, oom_rows, trainer.world_size, epoch_rows)
 
     def _decide(self, trainer: pl.Trainer) -> None:

@@ -414,9 +414,23 @@ class TensorTableDataset(Dataset):
         return self.features[index], self.targets[index]
 
     def __getitems__(self, indices: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        # DataLoader calls this instead of one __getitem__ per row when it exists.
-        index = torch.as_tensor(indices, dtype=torch.long)
+        # DataLoader calls this instead of one __getitem__ per row when it exists. With the tables on
+        # an accelerator the batch is gathered there: only the index (8 bytes a row) crosses over.
+        index = torch.as_tensor(indices, dtype=torch.long).to(self.features.device, non_blocking=True)
         return self.features[index], self.targets[index]
+
+    @property
+    def nbytes(self) -> int:
+        return self.features.nbytes + self.targets.nbytes
+
+    @property
+    def device(self) -> torch.device:
+        return self.features.device
+
+    def to_(self, device: torch.device | str) -> None:
+        """Move both tables to ``device`` in place (loaders over this dataset follow)."""
+        self.features = self.features.to(device)
+        self.targets = self.targets.to(device)
 
 
 def keep_batch(batch: Any) -> Any:
@@ -504,6 +518,9 @@ class TabularDataModule(pl.LightningDataModule):
         self.config = RunConfig.from_mapping({**base, **options}, origin="TabularDataModule").validate()
         self.eval_batch_size = eval_batch_size
         self.prepared: PreparedData | None = None
+        #: Where the tables are: ``host`` (CPU training), ``device`` (moved to the accelerator once) or
+        #: ``pinned`` (host memory, each batch pinned and copied asynchronously); see place_tables.
+        self.data_placement = "host"
         self._train_sampler: ResizableBatchSampler | None = None
         self._pending_sampler_state: dict[str, Any] | None = None
 
@@ -512,6 +529,35 @@ class TabularDataModule(pl.LightningDataModule):
         if self.prepared is None:  # idempotent: Lightning calls setup per stage
             self.prepared = prepare_data(self.config)
             self.config.task = self.prepared.task
+        if self.trainer is not None:
+            self.place_tables(self.trainer.strategy.root_device)
+
+    def teardown(self, stage: str | None = None) -> None:
+        # Give the accelerator's memory back once a fit or test is over (the next stage's setup
+        # moves the tables again: one copy, not one per step).
+        if self.prepared is not None and self.data_placement == "device":
+            self.place_tables(torch.device("cpu"))
+
+    def place_tables(self, device: torch.device) -> str:
+        """Put the tables where the model trains: on ``device`` when they fit the budget
+        (``device_data_budget`` of its free memory), so a batch is an index there and no step copies
+        rows from the host; else in host memory, batches pinned for asynchronous copies (CUDA).
+        Returns and records the choice in :attr:`data_placement` (``device``, ``pinned`` or ``host``)."""
+        data = self._data()
+        tables = (data.train, data.val, data.test)
+        placement = "host"
+        if device.type == "cuda":
+            need = sum(t.nbytes for t in tables if t.device != device)
+            free, _ = torch.cuda.mem_get_info(device)
+            placement = "device" if need <= self.config.device_data_budget * free else "pinned"
+        elif device.type == "mps" and self.config.device_data_budget > 0:
+            placement = "device"
+        target = device if placement == "device" else torch.device("cpu")
+        for table in tables:
+            if table.device != target:
+                table.to_(target)
+        self.data_placement = placement
+        return placement
 
     def _data(self) -> PreparedData:
         if self.prepared is None:
@@ -594,12 +640,19 @@ class TabularDataModule(pl.LightningDataModule):
 
     # -- loaders ---------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_sampler=self.train_batch_sampler, collate_fn=keep_batch)
+        return DataLoader(
+            self.train_set,
+            batch_sampler=self.train_batch_sampler,
+            collate_fn=keep_batch,
+            pin_memory=self.data_placement == "pinned",
+        )
 
     def _eval_loader(self, dataset: TensorTableDataset) -> DataLoader:
         # Every rank evaluates the whole split: the numbers agree across ranks without a sampler.
         sampler = ResizableBatchSampler(len(dataset), min(self.eval_batch_size, len(dataset)), shuffle=False)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=keep_batch)
+        return DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=keep_batch, pin_memory=self.data_placement == "pinned"
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_set)

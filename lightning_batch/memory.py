@@ -759,11 +759,13 @@ def probe_training_ceiling(
     memory_budget: float,
     *,
     seed: int = 0,
+    forward_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> MemoryProbeResult:
     """The largest batch whose training step fits ``memory_budget`` of free memory on ``device``.
 
     A trial step is the forward and backward of ``loss_fn(network(x), y)`` on ``sample_batch(index)``,
-    ``index`` being random rows out of ``rows``. The probe leaves no trace: the network's parameters,
+    ``index`` being random rows out of ``rows``, the forward inside ``forward_context()`` (the
+    Trainer's precision plugin's, e.g. bf16 autocast). The probe leaves no trace: the network's parameters,
     buffers (running statistics), gradients and the random state are as before. Raises
     ``MemoryError`` with what to do when not even one row fits.
 
@@ -786,7 +788,9 @@ def probe_training_ceiling(
 
     def run_step(batch: int) -> None:
         x, y = sample_batch(torch.randint(rows, (batch,), generator=generator))
-        loss_fn(network(x.to(device)), y.to(device)).backward()
+        with forward_context():
+            loss = loss_fn(network(x.to(device)), y.to(device))
+        loss.backward()
         network.zero_grad(set_to_none=True)
 
     buffers = {name: b.detach().clone() for name, b in network.named_buffers()}

@@ -40,7 +40,6 @@ from torch.nn import functional as F
 
 from lightning_batch.augment import Augmenter
 from lightning_batch.gradient_health import GradientRatioAlarm, LayerGradNorms
-from lightning_batch.tracking import BufferedMLFlowLogger
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +145,8 @@ class TaskModule(pl.LightningModule):
         # Per-step scratch values in a plain dict: attribute writes on an nn.Module are slow.
         self._step: dict[str, Any] = {}
         self._val_loss_fresh = False
-        #: Rows one forward/backward pass may hold, learnt from an out-of-memory error (None: no limit).
+        #: Rows one forward/backward pass may hold (None: no limit): set by DynamicBatchSize from the
+        #: memory ceiling (a larger batch runs as accumulated passes), lowered by out-of-memory errors.
         self.max_rows_per_pass: int | None = None
         #: Out-of-memory errors recovered from by redoing the step's rows in smaller passes.
         self.oom_recoveries = 0
@@ -213,7 +213,7 @@ class TaskModule(pl.LightningModule):
         loss = self._forward_backward(x, y, optimizer).detach()
         if self._check_every_step and not self._finite_or_skip(loss, optimizer):
             return loss  # skipped: no update, lr halved
-        self._measure_and_clip_gradients()
+        # Norms and clipping run in on_before_optimizer_step, where float16 gradients are unscaled.
         optimizer.step()
         self._step["rows"] = x.shape[0] * self._world_size
         # Counted here, not in on_train_batch_end: callbacks (a mid-epoch checkpoint) run before
@@ -262,6 +262,7 @@ class TaskModule(pl.LightningModule):
                 failed = strategy.reduce_boolean_decision(failed, all=False)
             if not failed:
                 assert total is not None
+                self._step["passes"] = len(starts)
                 return total
             optimizer.zero_grad()
             if torch.cuda.is_available():
@@ -273,6 +274,11 @@ class TaskModule(pl.LightningModule):
                 )
             self.max_rows_per_pass = per_pass // 2
             self.oom_recoveries += 1
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        # Lightning calls this inside optimizer.step(), after a float16 GradScaler unscaled the
+        # gradients and before the update: norms and clipping see true gradients in any precision.
+        self._measure_and_clip_gradients()
 
     def _measure_and_clip_gradients(self) -> None:
         """Gradient norms for the log (layer norms on log steps only), then clipping if asked.
@@ -322,8 +328,11 @@ class TaskModule(pl.LightningModule):
             warning = self.gradient_alarm.update(ratio, step)
             if warning is not None and self.trainer.is_global_zero:
                 log.warning("warning: %s", warning)
-                if isinstance(self.logger, BufferedMLFlowLogger):
-                    self.logger.set_tag("gradient_warning", warning)
+                # A logger with run tags (tracking.BufferedMLFlowLogger); duck-typed so this module
+                # imports without MLflow (a GPU box may have Lightning and torch only).
+                set_tag = getattr(self.logger, "set_tag", None)
+                if callable(set_tag):
+                    set_tag("gradient_warning", warning)
         return metrics
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -345,6 +354,9 @@ class TaskModule(pl.LightningModule):
             extra["nan_skips"] = float(self.nan_skips)
         if self.oom_recoveries:
             extra["oom_recoveries"] = float(self.oom_recoveries)
+        if self.max_rows_per_pass is not None:
+            # Passes of the window's last step: >1 when the batch is beyond what fits in one pass.
+            extra["micro_batches"] = float(self._step.get("passes", 1))
         if self.logger is not None:
             # Straight into the logger's buffer (see tracking.BufferedMLFlowLogger): one dict a window.
             # train_loss is the mean over the window's steps, so no step's loss goes unrecorded.

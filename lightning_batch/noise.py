@@ -60,7 +60,7 @@ import numbers
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
 
@@ -240,6 +240,8 @@ class _LayerRecord:
     per_example: Tensor | None = None  # (B,) per-example squared grad norm of this layer's params
     batch_sqr: Tensor | None = None  # 0-dim: squared norm of this layer's mean (batch) gradient
     problem: str | None = None  # set when this layer's params cannot be measured in this pass
+    #: Raw per-example norms of the step's earlier passes (micro-batches), in row order.
+    earlier_passes: list[Tensor] = field(default_factory=list)
 
 
 class PerExampleGradNorms:
@@ -281,7 +283,12 @@ class PerExampleGradNorms:
     a reference to the layer input, which autograd saves for the weight gradient anyway.
 
     Measurement lifecycle: each forward of the wrapped ``module`` (with grad enabled, while
-    :attr:`enabled`) starts a new measurement; the following backward fills it in.  Calling the wrapped
+    :attr:`enabled`) starts a new measurement; the following backward fills it in. After
+    :meth:`begin_step`, the forwards up to the next ``begin_step`` are *passes* of one step instead
+    (micro-batches whose gradients accumulate, each pass's loss weighted by its share of the step's
+    rows): each pass's forward must follow the previous pass's backward, and the per-example norms
+    of all passes make one measurement over the step's rows. The batch-gradient norm ``T`` then
+    comes from ``.grad`` (:meth:`grad_stats_with`), which holds the accumulated step gradient.  Calling the wrapped
     module twice before one backward, reusing a Linear within one forward, or running backward twice
     through the same graph is detected and reported (uncovered layer, or an error from
     :meth:`grad_stats`) rather than silently mis-measured.  Gradient checkpointing re-runs forwards in
@@ -352,6 +359,9 @@ class PerExampleGradNorms:
 
         self._generation = 0
         self._records: dict[nn.Module, _LayerRecord] = {}
+        self._step_mode = False  # begin_step() was called: forwards are passes of one step
+        self._step_started = False  # the current step's first pass has begun
+        self._passes = 0
         self._measured = False  # at least one measurement started
         self._invalid: str | None = None
         self._version = 0  # bumped whenever a hook changes a record (cache key of _coverage)
@@ -384,15 +394,44 @@ class PerExampleGradNorms:
         self._records = {}
         self._invalid = None
         self._measured = False
+        self._passes = 0
+
+    def begin_step(self) -> None:
+        """The next forward starts a step's measurement; later forwards until the next call are its
+        passes (micro-batches), measured together."""
+        self._step_mode = True
+        self._step_started = False
 
     # ---- hooks -------------------------------------------------------------------------------------
     def _start_measurement(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if not self.enabled or _should_ignore_forward():
             return  # keep the previous measurement readable while disabled / during evaluation
-        self._generation += 1
+        self._generation += 1  # hooks of an earlier pass's graph, should it run backward again, no-op
+        if self._step_mode and self._step_started and self._measured:
+            self._next_pass()
+            return
+        self._step_started = True
         self._records = {}
         self._invalid = None
         self._measured = True
+        self._passes = 1
+
+    def _next_pass(self) -> None:
+        """Keep each layer's per-example norms of the pass that ended; reset its per-pass state."""
+        self._version += 1
+        self._passes += 1
+        for rec in self._records.values():
+            if rec.problem is not None:
+                continue
+            if rec.calls and rec.per_example is None:
+                # The previous pass ran forward but no backward through this layer before this
+                # forward: forwards interleaved, not passes.
+                rec.problem = "a pass's forward ran before the previous pass's backward"
+                continue
+            if rec.per_example is not None:
+                rec.earlier_passes.append(rec.per_example)
+            rec.calls = rec.backward_calls = 0
+            rec.input = rec.per_example = rec.batch_sqr = None
 
     def _forward_hook(
         self, mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -443,11 +482,11 @@ class PerExampleGradNorms:
             if g.dtype != acc_dtype:
                 g = g.to(acc_dtype)
             batch = g.shape[0]
-            # Rescale hook rows to per-example gradients (of the per-example losses) and to the batch
-            # *mean* gradient, whatever the loss reduction.
-            per_scale, mean_scale = (
-                (float(batch), 1.0) if self.loss_reduction == "mean" else (1.0, 1.0 / batch)
-            )
+            # Hook rows are kept raw; per_example_sqr_norms rescales them to per-example gradients
+            # (of the per-example losses) once the step's rows are known (a mean loss over R rows
+            # gives rows g_i / R, whether in one pass or several). T is rescaled to the batch *mean*
+            # gradient here, whatever the loss reduction.
+            mean_scale = 1.0 if self.loss_reduction == "mean" else 1.0 / batch
             g_sqr = (g * g).sum(dim=1)
             weight_measured = weight_grad = mod.weight.requires_grad
             has_bias = isinstance(mod.bias, Tensor) and mod.bias.requires_grad
@@ -474,7 +513,7 @@ class PerExampleGradNorms:
             if has_bias and with_batch:
                 g_sum = g.sum(dim=0)
                 batch_sqr = batch_sqr + (g_sum * g_sum).sum()
-            rec.per_example = per_example * per_scale**2 if per_scale != 1.0 else per_example
+            rec.per_example = per_example
             rec.batch_sqr = batch_sqr * mean_scale**2 if mean_scale != 1.0 else batch_sqr
             rec.input = None  # release the activation reference as soon as possible
 
@@ -548,16 +587,22 @@ class PerExampleGradNorms:
         recs = [self._records[m] for m in good if self._records[m].per_example is not None]
         if not recs:
             raise RuntimeError("no covered layer received a gradient: did backward run after the forward?")
-        sizes = {int(r.per_example.shape[0]) for r in recs}  # type: ignore[union-attr]
+        sizes = {tuple(int(t.shape[0]) for t in (*r.earlier_passes, r.per_example)) for r in recs}  # type: ignore[union-attr]
         if len(sizes) != 1:
             raise RuntimeError(f"covered Linear layers saw different batch sizes {sorted(sizes)}")
         return recs
+
+    def _raw_per_example(self, rec: _LayerRecord) -> Tensor:
+        assert rec.per_example is not None
+        if not rec.earlier_passes:
+            return rec.per_example
+        return torch.cat([*rec.earlier_passes, rec.per_example])
 
     @property
     def batch_size(self) -> int | None:
         """Number of examples in the last completed measurement, or ``None``."""
         try:
-            return int(self._finished_records()[0].per_example.shape[0])  # type: ignore[union-attr]
+            return int(self._raw_per_example(self._finished_records()[0]).shape[0])
         except RuntimeError:
             return None
 
@@ -566,7 +611,9 @@ class PerExampleGradNorms:
         covered parameters.  Layers whose output did not reach the loss contribute zero, which is their
         exact gradient."""
         recs = self._finished_records()
-        return torch.stack([r.per_example for r in recs]).sum(dim=0)  # type: ignore[misc]
+        raw = torch.stack([self._raw_per_example(r) for r in recs]).sum(dim=0)
+        rows = int(raw.shape[0])
+        return raw * float(rows) ** 2 if self.loss_reduction == "mean" else raw
 
     def batch_grad_sqr_norm(self) -> float:
         """Squared norm of the batch-mean gradient over the covered parameters (``T``)."""
@@ -575,6 +622,11 @@ class PerExampleGradNorms:
                 "batch_grad_from_hooks=False: T is not measured here; use grad_stats_with(T, n)"
             )
         recs = self._finished_records()
+        if self._passes > 1:
+            raise RuntimeError(
+                "the step ran in several passes: T is the norm of their sum, not of one pass; read it "
+                "from .grad and use grad_stats_with(T, n)"
+            )
         return float(torch.stack([r.batch_sqr for r in recs]).sum())  # type: ignore[misc]
 
     def grad_stats_with(self, batch_grad_sqr_norm: float, n: int) -> GradNoiseStats:
@@ -981,6 +1033,8 @@ class NoiseMeter:
         self._fallback_stats = None
         self._fallback_batch = None
         self.hooks.enabled = measure
+        if measure:
+            self.hooks.begin_step()  # a step run as several passes (micro-batches) is one measurement
         if (
             measure
             and fallback

@@ -187,21 +187,28 @@ def test_out_of_memory_redoes_the_same_rows_in_halves_with_the_same_gradient():
     torch.testing.assert_close(model.linear.bias, reference.linear.bias, rtol=1e-6, atol=1e-6)
 
 
-def test_after_an_out_of_memory_the_batch_size_comes_down_to_what_fits():
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_after_an_out_of_memory_the_batch_comes_down_or_runs_in_passes(accumulate: bool):
+    """Without accumulation the batch comes down to what fits; with it (the default) the batch
+    stays and each step runs as passes of what fits."""
     cfg = RunConfig(data="synthetic-regression", rows=1000, features=4, batch_size=96, lr=0.02).validate()
     dm = TabularDataModule(cfg)
     dm.setup()
     model = OutOfMemoryAbove(4, limit=40)
     module = TaskModule(model, lr=0.02)
-    resize = DynamicBatchSize(policy="fixed", probe_memory=False, adjust_every=5)
+    resize = DynamicBatchSize(policy="fixed", probe_memory=False, adjust_every=5, accumulate=accumulate)
     dataset = RecordingDataset(dm.prepared.train)
     dm.prepared.train = dataset
     recorder = EpochRecorder(dataset)
     trainer = quiet_trainer(2, [resize, recorder])
     trainer.fit(module, datamodule=dm)
     assert module.oom_recoveries >= 1
-    assert resize.batch_size <= 40
-    assert resize.decisions[0]["reason"].startswith("forced")
+    if accumulate:
+        assert resize.batch_size == 96 and not resize.decisions
+        assert module.max_rows_per_pass <= 40 and module._step["passes"] >= 2
+    else:
+        assert resize.batch_size <= 40
+        assert resize.decisions[0]["reason"].startswith("forced")
     assert all(sorted(rows) == list(range(len(dataset))) for rows in recorder.epochs), (
         "no row lost to the OOM"
     )

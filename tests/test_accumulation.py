@@ -1,0 +1,140 @@
+"""A batch beyond the memory ceiling runs as accumulated micro-batches: same step, same statistics.
+
+References are independent of the code under test: a plain torch optimizer step on the whole
+batch, and the noise statistics of the same rows measured in one pass.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import Logger
+from torch import nn
+
+from lightning_batch import DynamicBatchSize, TabularDataModule, TaskModule, build_model
+from lightning_batch.memory import MemoryProbeResult
+from lightning_batch.noise import NoiseMeter
+from tests.conftest import quiet_trainer
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("rows_per_pass", [7, 25, 64])
+def test_one_step_in_passes_equals_one_plain_step_on_the_whole_batch(optimizer: str, rows_per_pass: int):
+    x, y = torch.randn(100, 6), torch.randint(0, 3, (100,))
+    net = _mlp()
+    reference = copy.deepcopy(net)
+    module = TaskModule(net, task="classification", n_classes=3, optimizer=optimizer, lr=0.1, momentum=0.0)
+    module.max_rows_per_pass = rows_per_pass
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=100)
+    quiet_trainer(1, [], limit_val_batches=0).fit(module, loader)
+
+    opt_cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
+    opt = opt_cls(reference.parameters(), lr=0.1)
+    nn.functional.cross_entropy(reference(x), y).backward()
+    opt.step()
+    assert module._step["passes"] == -(-100 // rows_per_pass)
+    for got, want in zip(net.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("passes", [2, 3, 5])
+def test_noise_statistics_of_a_step_in_passes_equal_those_of_one_pass(passes: int):
+    torch.manual_seed(1)
+    x, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
+    net = _mlp()
+
+    def measure(split: int) -> tuple[float, float]:
+        meter = NoiseMeter(net)
+        net.zero_grad()
+        meter.begin_step(measure=True)
+        for xs, ys in zip(x.tensor_split(split), y.tensor_split(split), strict=True):
+            # Each pass's mean loss weighted by its share of the rows, as TaskModule does.
+            (nn.functional.cross_entropy(net(xs), ys) * (len(xs) / len(x))).backward()
+            meter.after_backward()
+        estimate = meter.estimate(global_rows=len(x))
+        meter.remove()
+        assert estimate is not None
+        return estimate
+
+    whole = measure(1)
+    split = measure(passes)
+    assert split == pytest.approx(whole, rel=1e-5)
+
+
+def test_interleaved_forwards_are_not_taken_for_passes():
+    net = _mlp()
+    meter = NoiseMeter(net)
+    meter.begin_step(measure=True)
+    x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    first = nn.functional.cross_entropy(net(x[:10]), y[:10])
+    second = nn.functional.cross_entropy(net(x[10:]), y[10:])
+    (first + second).backward()
+    meter.after_backward()
+    assert meter.estimate(global_rows=20) is None
+    meter.remove()
+
+
+class MetricsRecorder(Logger):
+    """Keeps every logged metric in memory (a stand-in for MLflow, which these tests don't need)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recorder"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append((step or 0, dict(metrics)))
+
+
+def test_a_policy_beyond_the_ceiling_trains_in_micro_batches_and_logs_them(monkeypatch):
+    dm = TabularDataModule(data="synthetic-regression", rows=3000, features=6, batch_size=32, seed=0)
+    dm.setup()
+    module = TaskModule(build_model("mlp", dm.n_features, 1, hidden=[16]), lr=0.01, log_every=5)
+    probe = MemoryProbeResult(
+        ceiling=48, steps=[(48, 48)], budget_bytes=48, backend="fake", bytes_per_sample=1.0
+    )
+    monkeypatch.setattr("lightning_batch.callback.probe_training_ceiling", lambda *a, **k: probe)
+    resize = DynamicBatchSize(policy="schedule", milestones=(1,), schedule_factor=4.0, lr_rule="none")
+    recorder = MetricsRecorder()
+    trainer = quiet_trainer(2, [resize], logger=recorder, log_every_n_steps=5)
+    trainer.fit(module, datamodule=dm)
+    assert resize.ceiling == 48 and resize.accumulates
+    assert resize.batch_size == 128, "the schedule's batch is not capped at the ceiling"
+    assert module.max_rows_per_pass == 48
+    micro = [m["micro_batches"] for _, m in recorder.rows if "micro_batches" in m]
+    assert micro and micro[0] == 1.0 and max(micro) == 3.0  # 128 rows in passes of 48, 48, 32
+    assert module.samples_seen == 2 * len(dm.train_set)
+
+
+def test_without_accumulation_the_ceiling_caps_the_batch(monkeypatch):
+    dm = TabularDataModule(data="synthetic-regression", rows=3000, features=6, batch_size=32, seed=0)
+    dm.setup()
+    module = TaskModule(build_model("mlp", dm.n_features, 1, hidden=[16]), lr=0.01)
+    probe = MemoryProbeResult(
+        ceiling=48, steps=[(48, 48)], budget_bytes=48, backend="fake", bytes_per_sample=1.0
+    )
+    monkeypatch.setattr("lightning_batch.callback.probe_training_ceiling", lambda *a, **k: probe)
+    resize = DynamicBatchSize(
+        policy="schedule", milestones=(1,), schedule_factor=4.0, lr_rule="none", accumulate=False
+    )
+    pl.seed_everything(0, verbose=False)
+    quiet_trainer(2, [resize]).fit(module, datamodule=dm)
+    assert resize.batch_size == 48 and module.max_rows_per_pass is None
