@@ -170,6 +170,9 @@ class RunConfig:
     """Micro-batches for the noise statistics of layers the per-example hooks miss (convolutions)."""
     fallback_every: int = defaults.FALLBACK_EVERY
     """Measure those micro-batch statistics every N steps (in step with ``measure_every``)."""
+    accumulate: bool = True
+    """A batch beyond the memory ceiling trains as accumulated micro-batches that fit (one optimizer
+    step on the whole batch; ``micro_batches`` is logged); off: the ceiling caps the batch."""
     lr: float | None = None
     """The learning rate at ``base_batch``; unset: 0.1 for ``cnn`` (SGD on conv nets wants the
     larger step), else 0.01."""
@@ -329,6 +332,8 @@ class RunConfig:
         _positive_int(self.min_timed_steps, "--min-timed-steps", "--min-timed-steps 20")
         if not isinstance(self.probe_memory, bool):
             raise UserError(f"probe_memory must be true or false, got {self.probe_memory!r}")
+        if not isinstance(self.accumulate, bool):
+            raise UserError(f"accumulate must be true or false, got {self.accumulate!r}")
         _positive_int(self.measure_every, "--measure-every", "--measure-every 20")
         _finite(self.hysteresis, "--hysteresis", "--hysteresis 0.05", minimum=0.0)
         _finite(self.ema_decay, "--ema-decay", "--ema-decay 0.9", minimum=0.0)
