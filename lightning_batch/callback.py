@@ -53,7 +53,7 @@ from lightning_batch._lightning_compat import (
     sync_epoch_length,
 )
 from lightning_batch.cadence import DecisionCadence, effective_ceiling
-from lightning_batch.memory import MemoryProbeResult, probe_training_ceiling
+from lightning_batch.memory import MemoryProbeResult, probe_training_ceiling, resident_bytes
 from lightning_batch.noise import NoiseMeter, NoiseScaleEMA
 from lightning_batch.policy import (
     BatchPolicy,
@@ -663,7 +663,5 @@ def _memory_peak(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     with contextlib.suppress(Exception):
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
+        return resident_bytes()
     return 0

@@ -232,12 +232,23 @@ class CudaMemoryMeter(MemoryMeter):
 
         free, total = torch.cuda.mem_get_info(self.device)
         others = max(0, total - free - torch.cuda.memory_reserved(self.device))
-        return max(0, int(self.budget_fraction * total) - others)
+        budget = int(self.budget_fraction * total) - others
+        # A limit set with torch.cuda.set_per_process_memory_fraction (GPU sharing) caps this
+        # process's allocator below the card: the budget is a share of that limit.
+        get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        limit = get_fraction(self.device) if get_fraction is not None else 1.0
+        if limit < 1.0:
+            budget = min(budget, int(self.budget_fraction * limit * total))
+        return max(0, budget)
 
     def measure(self, run_step: RunStep, batch_size: int) -> int:
         import torch
 
         torch.cuda.synchronize(self.device)
+        # Blocks cached from the previous (smaller or larger) trial would fragment the pool a larger
+        # step needs: under a limit (a per-process fraction, or a full card) it could then fail at a
+        # batch that fits. Each trial starts from an empty cache, as training's first step does.
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         oom = False
         try:
@@ -273,10 +284,26 @@ def _release_free_memory() -> None:
 _malloc_trim: Any = None
 
 
-def _rss() -> int:
-    import psutil
-
+def resident_bytes() -> int:
+    try:
+        import psutil
+    except ImportError:  # a machine with torch and Lightning only (psutil is our dependency, not theirs)
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * resource.getpagesize()
     return int(psutil.Process().memory_info().rss)
+
+
+def _available_memory() -> int:
+    """RAM available to new allocations (psutil's ``available``; Linux's MemAvailable without it)."""
+    try:
+        import psutil
+    except ImportError:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        raise
+    return int(psutil.virtual_memory().available)
 
 
 def _maxrss() -> int:
@@ -314,13 +341,13 @@ class _RssSampler:
 
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
-        self.peak = _rss()
+        self.peak = resident_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, _rss())
+            self.peak = max(self.peak, resident_bytes())
 
     def __enter__(self) -> _RssSampler:
         self._thread.start()
@@ -329,7 +356,7 @@ class _RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss())
+        self.peak = max(self.peak, resident_bytes())
 
 
 class CpuMemoryMeter(MemoryMeter):
@@ -396,14 +423,12 @@ class CpuMemoryMeter(MemoryMeter):
         self._budget: int | None = None
 
     def begin(self) -> None:
-        import psutil
-
         _release_free_memory()
-        self._baseline = _rss()
+        self._baseline = resident_bytes()
         if self._fixed_budget is not None:
             self._budget = self._fixed_budget
         else:
-            self._budget = int(self.budget_fraction * psutil.virtual_memory().available)
+            self._budget = int(self.budget_fraction * _available_memory())
 
     def budget_bytes(self) -> int:
         if self._budget is None:
@@ -750,6 +775,10 @@ def probe_max_batch(run_step: RunStep, meter: MemoryMeter, **kwargs: Any) -> Mem
     return MemoryProbe(meter, **kwargs).run(run_step)
 
 
+#: The CUDA probe's first trial batch (see probe_training_ceiling).
+CUDA_START_BATCH = 1024
+
+
 def probe_training_ceiling(
     network: Any,
     loss_fn: Callable[[Any, Any], Any],
@@ -782,8 +811,15 @@ def probe_training_ceiling(
     meter: MemoryMeter
     if device.type == "cuda":
         meter = CudaMemoryMeter(device, budget_fraction=memory_budget)
+        # On a GPU the peak of a small batch is the fixed cost's (weights, their gradients, cuBLAS's
+        # workspace): measured on an H200, an MLP's bytes per row from 8 and 975 rows came out 13% low,
+        # so the jump to the ceiling overshot into an OOM. From 1,024 rows the slope is the large
+        # batches' (benchmarks/gpu_check.py). An OOM there costs a trial and halves the start.
+        start_batch = min(CUDA_START_BATCH, max(1, rows))
     else:
+        # On a CPU an OOM kills the process: start small and grow under the conservative bound.
         meter = CpuMemoryMeter(budget_fraction=memory_budget)
+        start_batch = min(8, max(1, rows))
     generator = torch.Generator().manual_seed(seed)
 
     def run_step(batch: int) -> None:
@@ -798,7 +834,7 @@ def probe_training_ceiling(
         try:
             run_step(min(8, rows))  # warm-up: lazy allocations are not per-sample cost
             network.zero_grad(set_to_none=True)
-            return MemoryProbe(meter, upper_bound=max(1, rows)).run(run_step)
+            return MemoryProbe(meter, upper_bound=max(1, rows), start_batch=start_batch).run(run_step)
         except MemoryProbeError as exc:
             raise MemoryError(
                 f"not even the smallest batch fits the memory budget (--memory-budget {memory_budget:g} "

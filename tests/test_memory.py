@@ -19,6 +19,7 @@ import torch
 
 from lightning_batch import memory
 from lightning_batch.memory import (
+    CUDA_START_BATCH,
     BatchOutOfMemoryError,
     CpuMemoryMeter,
     CudaMemoryMeter,
@@ -226,6 +227,7 @@ class FakeCuda:
         self.oom_above = oom_above
         self.peak = weights
         self.empty_cache_calls = 0
+        self.fraction = 1.0  # torch.cuda.set_per_process_memory_fraction's limit
 
     def step(self, batch: int) -> None:
         need = self.weights + self.per_sample * batch
@@ -248,6 +250,7 @@ class FakeCuda:
         monkeypatch.setattr(
             torch.cuda, "empty_cache", lambda: setattr(self, "empty_cache_calls", self.empty_cache_calls + 1)
         )
+        monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: self.fraction)
 
 
 def test_cuda_meter_on_recorded_figures(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -264,13 +267,43 @@ def test_cuda_meter_on_recorded_figures(monkeypatch: pytest.MonkeyPatch) -> None
     assert result.verified_bytes == gpu.weights + gpu.per_sample * result.ceiling
 
 
+def test_cuda_budget_honours_a_per_process_memory_fraction(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu = FakeCuda(weights=8_400_000, per_sample=9_100, total=800 * MB, other_process=0)
+    gpu.install(monkeypatch)
+    gpu.fraction = 0.25  # torch.cuda.set_per_process_memory_fraction(0.25): a GPU shared four ways
+    assert CudaMemoryMeter(budget_fraction=0.9).budget_bytes() == int(0.9 * 0.25 * 800 * MB)
+
+
+class H200Mlp(FakeCuda):
+    """The peaks an H200 measured for the MLP 512-512 (benchmarks/gpu_check.py, fp32, 8 GiB limit):
+    a fixed regime at small batches (weights' gradients, workspace), then 8,329 bytes a row."""
+
+    def step(self, batch: int) -> None:
+        need = max(70_454_784 + 1_000 * batch, 69_315_000 + 8_329 * batch)
+        if need > self.total:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate ...")
+        self.peak = max(self.peak, need)
+
+
+@pytest.mark.parametrize(("start", "within_10pct_in_3"), [(8, False), (CUDA_START_BATCH, True)])
+def test_on_the_h200s_figures_a_start_of_1024_rows_lands_within_10pct_in_3_trials(
+    monkeypatch: pytest.MonkeyPatch, start: int, within_10pct_in_3: bool
+) -> None:
+    gpu = H200Mlp(weights=69_315_000, per_sample=8_329, total=8 * 2**30, other_process=0)
+    gpu.install(monkeypatch)
+    meter = CudaMemoryMeter(budget_fraction=1.0)
+    truth = (8 * 2**30 - 69_315_000) // 8_329
+    result = MemoryProbe(meter, start_batch=start).run(gpu.step)
+    assert (result.trials <= 3 and 0.9 * truth <= result.ceiling <= truth) is within_10pct_in_3
+
+
 def test_cuda_meter_translates_oom_and_frees_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     gpu = FakeCuda(weights=8_400_000, per_sample=9_100, total=800 * MB, other_process=0, oom_above=50_000)
     gpu.install(monkeypatch)
     meter = CudaMemoryMeter(budget_fraction=0.9)
     with pytest.raises(BatchOutOfMemoryError):
         meter.measure(gpu.step, 60_000)
-    assert gpu.empty_cache_calls == 1
+    assert gpu.empty_cache_calls == 2  # before the trial (a clean pool) and after the OOM
     result = MemoryProbe(meter).run(gpu.step)
     assert any(p == "oom" for _, p in result.steps)
     assert gpu.empty_cache_calls >= 2
