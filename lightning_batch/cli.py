@@ -529,7 +529,8 @@ def run_train(args: argparse.Namespace) -> int:
         verbose=getattr(args, "verbose", False),
         resume_run_id=_resume_run_id(getattr(args, "resume", None)),
     )
-    _print_summary([result])
+    if result.rank == 0:  # under DDP every rank returns here; the run is rank 0's to report
+        _print_summary([result])
     return 0
 
 
@@ -617,6 +618,20 @@ def run_ui(args: argparse.Namespace) -> int:
         return 0
 
 
+def _rank_prefix() -> str:
+    """``"rank N: "`` in a DDP process other than global rank 0 (each rank reports its own error), else ``""``.
+
+    The rank is Lightning's (``rank_zero_only.rank``), set once ``train`` knows the placement; this
+    module does not import Lightning for it.
+    """
+    if "lightning.pytorch" not in sys.modules:
+        return ""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    rank = getattr(rank_zero_only, "rank", 0)
+    return f"rank {rank}: " if rank else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -637,12 +652,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_ui(args)
         raise UserError(f"unknown command {args.command!r}")
     except (UserError, MissingExtraError) as exc:
-        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        print(f"error: {_rank_prefix()}{one_line(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (MemoryError, FloatingPointError) as exc:
         # The run existed and is marked FAILED (error tag); the user needs the reason, not a traceback.
         message = one_line(" ".join(str(exc).split()))
-        print(f"error: {message} (the run is marked FAILED in MLflow)", file=sys.stderr)
+        prefix = _rank_prefix()
+        where = "" if prefix else " (the run is marked FAILED in MLflow)"  # by rank 0, not this rank
+        print(f"error: {prefix}{message}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: the run was marked KILLED in MLflow", file=sys.stderr)

@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import secrets
 import shutil
 import sys
@@ -42,7 +43,7 @@ from lightning_batch.callback import DynamicBatchSize
 from lightning_batch.checkpoint_io import AtomicCheckpointIO
 from lightning_batch.config import RunConfig, UserError, check_model_for_data, check_model_for_task
 from lightning_batch.data import TabularDataModule
-from lightning_batch.hardware import resolve_placement
+from lightning_batch.hardware import Placement, resolve_placement
 from lightning_batch.models import build_model
 from lightning_batch.module import TaskModule
 from lightning_batch.progress import BatchProgressBar
@@ -80,6 +81,9 @@ class RunResult:
     samples_seen: int
     metrics: dict[str, float] = field(default_factory=dict)
     tracking_uri: str = ""
+    #: The global DDP rank that returned this (0 in a single-process run). Only rank 0 wrote the run;
+    #: another rank's result names the same run, with its own counters.
+    rank: int = 0
 
 
 class StopOnNonFiniteLoss(Callback):
@@ -191,6 +195,86 @@ def _checkpoint_dir(uri: str, run_id: str) -> Path:
     return base / run_id
 
 
+def process_rank(placement: Placement) -> int:
+    """This process's global rank as Lightning numbers it; 0 in a single-process run.
+
+    Known before the fit, from the same environment Lightning reads (``LOCAL_RANK`` in a process its
+    DDP launcher started, ``NODE_RANK`` on another machine, torchrun's ``RANK``, SLURM's), because
+    only global rank 0 may create the MLflow run. Asked of a Trainer built for the placement alone:
+    building one starts nothing.
+    """
+    if placement.world_size == 1:
+        return 0
+    probe = pl.Trainer(
+        **placement.trainer_options(),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return probe.global_rank
+
+
+def check_strategy(placement: Placement) -> None:
+    """Refuse ``ddp_spawn`` with one line, before the data is read or a run exists.
+
+    Under ``ddp_spawn`` the ranks train in spawned copies of the module, callbacks and logger, and
+    Lightning brings back only the weights and the last callback metrics: tried, the run ended
+    FINISHED with its per-step metrics, but with ``best_val_loss`` NaN, ``epochs_run`` 0, an empty
+    loss plot and no batch-size decisions, and ``samples_seen`` 0 in the result. ``ddp`` runs the
+    same command once per device instead, each rank in a process of its own, with none of that lost.
+    """
+    if placement.strategy == "ddp_spawn":
+        raise UserError(
+            "--strategy ddp_spawn is not supported: its ranks train in spawned copies of the module, callbacks "
+            "and logger, and the run's summary (best val loss, epochs, samples seen), loss plot and batch-size "
+            "decisions would stay in those copies; use --strategy ddp (Lightning runs the same command once per "
+            "device)"
+        )
+
+
+class _ShareRunId(Callback):
+    """Rank 0's run and experiment ids, broadcast to every rank when the fit sets up (the other ranks
+    never open the tracking store, but their RunResult names the one run)."""
+
+    def __init__(self, run_id: str, experiment_id: str) -> None:
+        self.ids = (run_id, experiment_id)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:
+            self.ids = tuple(trainer.strategy.broadcast(self.ids, src=0))
+
+
+#: Longest a failing DDP rank waits for rank 0 to record the failure before it exits.
+FAILURE_HANDOFF_SECONDS = 30.0
+
+
+def _leave_failure_to_rank_zero(rank: int) -> None:
+    """On a failing rank other than 0: let rank 0 end the run FAILED before this process exits.
+
+    Lightning's DDP launcher watches the ranks it started and SIGKILLs the launching process (rank 0
+    of this node) as soon as one exits with an error; rank 0 would then die before it marks the run
+    FAILED, leaving it RUNNING. So this rank first closes its connections (rank 0's next collective
+    fails at once and ends the run FAILED), then waits for its launcher to exit, at most
+    :data:`FAILURE_HANDOFF_SECONDS`, and only then lets its own error end the process.
+    """
+    import torch.distributed as dist
+
+    with contextlib.suppress(Exception):
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    # Only a process Lightning launched on node 0 has rank 0 for a parent (LOCAL_RANK set by the launcher).
+    launched_by_rank_zero = (
+        os.environ.get("NODE_RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") != "0"
+    )
+    if rank == 0 or not launched_by_rank_zero:
+        return
+    parent = os.getppid()
+    deadline = time.monotonic() + FAILURE_HANDOFF_SECONDS
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def train(
     cfg: RunConfig,
     *,
@@ -214,12 +298,18 @@ def train(
     ``clean_stops`` are exceptions that stop a run on purpose (Optuna's ``TrialPruned``): the run
     ends FINISHED with a ``stopped`` tag instead of FAILED, and the exception propagates.
     ``on_run_created`` is told the MLflow run id as soon as the run exists (a tuner records it).
+
+    Under DDP every rank calls this (Lightning's launcher re-runs the command once per device):
+    only global rank 0 creates, writes and ends the MLflow run and its artifacts; the other ranks
+    train without opening the tracking store and return a :class:`RunResult` with their ``rank``.
     """
     quiet_lightning(verbose)
     if resume_run_id is not None:
         cfg = load_resumable_config(cfg, resume_run_id)
     cfg.validate()
     placement = resolve_placement(cfg)  # a GPU that is not there is an error before the data is read
+    check_strategy(placement)
+    rank = process_rank(placement)
     dm = TabularDataModule(cfg)
     dm.setup()  # read, clean, split, scale: every data error happens here, before a run exists
     cfg.task = dm.task
@@ -231,46 +321,57 @@ def train(
     module = build_module(cfg, dm)
 
     uri = resolve_tracking_uri(cfg.tracking_uri)
-    ensure_store(uri)
-    experiment_id = get_or_create_experiment(uri, cfg.experiment)
-    tags = {
-        "task": dm.task,
-        "dataset": cfg.data,
-        "model": str(cfg.model),
-        **placement.tags(),
-        **(extra_tags or {}),
-    }
-    commit = git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    logger = BufferedMLFlowLogger(
-        experiment_name=cfg.experiment,
-        tracking_uri=uri,
-        run_name=cfg.run_name or default_run_name(cfg),
-        tags=tags,
-        run_id=resume_run_id,
-    )
-    run_id = logger.run_id
-    client = logger.experiment
-    checkpoint_dir = _checkpoint_dir(uri, run_id)
-    resume_from = checkpoint_dir / "last.ckpt" if resume_run_id else None
+    logger: BufferedMLFlowLogger | None = None
+    if rank == 0:
+        ensure_store(uri)
+        experiment_id = get_or_create_experiment(uri, cfg.experiment)
+        tags = {
+            "task": dm.task,
+            "dataset": cfg.data,
+            "model": str(cfg.model),
+            **placement.tags(),
+            **(extra_tags or {}),
+        }
+        commit = git_commit()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        logger = BufferedMLFlowLogger(
+            experiment_name=cfg.experiment,
+            tracking_uri=uri,
+            run_name=cfg.run_name or default_run_name(cfg),
+            tags=tags,
+            run_id=resume_run_id,
+        )
+        run_id = logger.run_id
+        client = logger.experiment
+        checkpoint_dir: Path | None = _checkpoint_dir(uri, run_id)
+    else:
+        # Another rank: no store, no run. Lightning's ModelCheckpoint takes rank 0's folder at setup
+        # (a broadcast); a resumed fit reads its last.ckpt from the path every rank can compute.
+        run_id, experiment_id = resume_run_id or "", ""
+        checkpoint_dir = _checkpoint_dir(uri, resume_run_id) if resume_run_id else None
+    resume_from = _checkpoint_dir(uri, resume_run_id) / "last.ckpt" if resume_run_id else None
     started = time.perf_counter()
     try:
         data = dm.prepared
         assert data is not None
-        if on_run_created is not None:
-            on_run_created(run_id)
-        if resume_run_id is not None:
-            client.update_run(run_id, status="RUNNING")
-            client.set_tag(run_id, "resumed", "true")
-        else:
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            (checkpoint_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            _log_params(logger, cfg, dm)
-            with contextlib.suppress(
-                Exception
-            ):  # a dataset profile is nice to have, never worth a failed run
-                log_dataset_input(client, run_id, data.raw_frame, data.source, data.target_column, cfg.data)
+        if logger is not None:
+            assert checkpoint_dir is not None
+            if on_run_created is not None:
+                on_run_created(run_id)
+            if resume_run_id is not None:
+                client.update_run(run_id, status="RUNNING")
+                client.set_tag(run_id, "resumed", "true")
+            else:
+                checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                (checkpoint_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+                _log_params(logger, cfg, dm)
+                with contextlib.suppress(
+                    Exception
+                ):  # a dataset profile is nice to have, never worth a failed run
+                    log_dataset_input(
+                        client, run_id, data.raw_frame, data.source, data.target_column, cfg.data
+                    )
 
         checkpoint = ModelCheckpoint(
             dirpath=checkpoint_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1
@@ -292,9 +393,11 @@ def train(
             save_on_train_epoch_end=True,
             enable_version_counter=False,
         )
-        # The bar by default where someone watches (a terminal), never in logs or tests.
-        show_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
+        # The bar by default where someone watches (a terminal), never in logs or tests; rank 0's only.
+        show_bar = rank == 0 and (sys.stderr.isatty() if progress_bar is None else progress_bar)
+        ids = _ShareRunId(run_id, experiment_id)
         all_callbacks: list[Callback] = [
+            ids,
             *([BatchProgressBar()] if show_bar else []),
             checkpoint,
             last_by_steps,
@@ -310,10 +413,10 @@ def train(
         options: dict[str, Any] = dict(
             max_epochs=cfg.epochs,
             check_val_every_n_epoch=cfg.val_every,
-            logger=logger,
+            logger=logger if logger is not None else False,
             callbacks=all_callbacks,
             enable_progress_bar=show_bar,
-            enable_model_summary=verbose,
+            enable_model_summary=verbose and rank == 0,
             num_sanity_val_steps=0,
             use_distributed_sampler=False,
             **placement.trainer_options(),
@@ -328,11 +431,14 @@ def train(
         final_weights = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
         ckpt_path = checkpoint.best_model_path or None
         samples_seen = module.samples_seen  # before test() loads the best checkpoint's counters
-        test_metrics = (
-            trainer.test(module, datamodule=dm, ckpt_path=ckpt_path, verbose=False)[0]
-            if evaluate_test
-            else {}
-        )
+        test_metrics: dict[str, Any] = {}
+        if evaluate_test:
+            if trainer.world_size > 1:
+                # Rank 0 reads the best checkpoint and sends its weights: another machine need not
+                # see rank 0's checkpoint folder.
+                _load_best_weights_on_every_rank(trainer, module, ckpt_path)
+                ckpt_path = None
+            test_metrics = trainer.test(module, datamodule=dm, ckpt_path=ckpt_path, verbose=False)[0]
         seconds = time.perf_counter() - started
         summary = {
             **{k: float(v) for k, v in test_metrics.items()},
@@ -340,14 +446,18 @@ def train(
             "fit_seconds": seconds,
             "epochs_run": float(trainer.current_epoch),
         }
-        logger.log_metrics({k: v for k, v in summary.items() if k.startswith(("best_", "fit_", "epochs_"))})
-        logger.flush()
-        _log_run_artifacts(client, run_id, cfg, dm, logger, checkpoint, resizer, final_weights)
-        logger.finalize("success")
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the best one is an artifact now
+        if logger is not None:
+            logger.log_metrics(
+                {k: v for k, v in summary.items() if k.startswith(("best_", "fit_", "epochs_"))}
+            )
+            logger.flush()
+            _log_run_artifacts(client, run_id, cfg, dm, logger, checkpoint, resizer, final_weights)
+            logger.finalize("success")
+            assert checkpoint_dir is not None
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the best one is an artifact now
         return RunResult(
-            run_id=run_id,
-            experiment_id=experiment_id,
+            run_id=ids.ids[0],
+            experiment_id=ids.ids[1],
             status="FINISHED",
             dataset=cfg.data,
             task=dm.task,
@@ -358,7 +468,7 @@ def train(
                 [
                     dm.initial_batch_size(),
                     dm.batch_size,
-                    *(int(v) for _, v in logger.history.get("batch_size", [])),
+                    *(int(v) for _, v in (logger.history if logger else {}).get("batch_size", [])),
                     *(int(d["to"]) for d in (resizer.decisions if resizer is not None else [])),
                 ]
             ),
@@ -367,14 +477,35 @@ def train(
             samples_seen=samples_seen,
             metrics=summary,
             tracking_uri=uri,
+            rank=rank,
         )
     except clean_stops as exc:
-        mark_run_stopped(logger, exc)
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        if logger is not None:
+            mark_run_stopped(logger, exc)
+            assert checkpoint_dir is not None
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
         raise
     except BaseException as exc:
-        mark_run_failed(logger, exc)
+        if logger is not None:
+            mark_run_failed(logger, exc)
+        else:
+            _leave_failure_to_rank_zero(rank)
         raise
+
+
+def _load_best_weights_on_every_rank(trainer: pl.Trainer, module: TaskModule, best: str | None) -> None:
+    """The best checkpoint's weights into ``module`` on every rank, read from disk by rank 0 alone.
+
+    ``trainer.test(ckpt_path=...)`` would have each rank read the file, and only rank 0 wrote it:
+    on several machines without a shared filesystem the others would not find it. Without a best
+    checkpoint (no validation ran) every rank tests the weights it ends with, as a single process does.
+    """
+    state = None
+    if trainer.is_global_zero and best:
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    state = trainer.strategy.broadcast(state, src=0)
+    if state is not None:
+        module.load_state_dict(state)
 
 
 def _log_params(logger: BufferedMLFlowLogger, cfg: RunConfig, dm: TabularDataModule) -> None:
