@@ -90,13 +90,25 @@ class Placement:
         elif self.accelerator == "mps":
             name = "Apple MPS"
         else:
-            name = platform.processor() or platform.machine() or "cpu"
+            name = _cpu_name()
         return {
             "device_name": name,
             "device_count": str(self.world_size),
             "torch_version": torch.__version__,
             "cuda_version": torch.version.cuda or "none",
         }
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def resolve_placement(cfg: Any) -> Placement:
