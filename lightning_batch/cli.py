@@ -140,6 +140,12 @@ def _train_arguments(parser: argparse.ArgumentParser, resumable: bool = True) ->
         help="skip the memory probe at the start (only --max-batch bounds the batch)",
     )
     optim.add_argument(
+        "--no-accumulate",
+        dest="accumulate",
+        action="store_false",
+        help="cap the batch at the memory ceiling instead of training a larger one in micro-batches",
+    )
+    optim.add_argument(
         "--adjust-every", type=int, help=f"reconsider the batch size every N steps (default {d.ADJUST_EVERY})"
     )
     optim.add_argument(

@@ -186,6 +186,7 @@ def build_resizer(cfg: RunConfig) -> DynamicBatchSize:
         log_every=cfg.log_every,
         fallback_microbatches=cfg.fallback_microbatches,
         fallback_every=cfg.fallback_every,
+        accumulate=cfg.accumulate,
     )
 
 
