@@ -142,6 +142,7 @@ class TaskModule(pl.LightningModule):
         self.automatic_optimization = False
         self.samples_seen = 0
         self._world_size = 1
+        self._global_rows: Any = None  # a sampler with last_global_rows (see on_train_start)
         # Per-step scratch values in a plain dict: attribute writes on an nn.Module are slow.
         self._step: dict[str, Any] = {}
         self._val_loss_fresh = False
@@ -187,6 +188,13 @@ class TaskModule(pl.LightningModule):
         self._world_size = self.trainer.world_size
         self._check_every_step = self.hparams.on_nan == "skip" or self.device.type == "cpu"
 
+    def on_train_start(self) -> None:
+        # Under DDP a rank's share of an odd global batch differs by one row from another's, so
+        # rows × ranks would miscount; a ResizableBatchSampler knows the step's global rows (the
+        # same on every rank, set before the step). Other loaders shard evenly (DistributedSampler).
+        sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
+        self._global_rows = sampler if hasattr(sampler, "last_global_rows") else None
+
     def _finite_or_skip(self, loss: torch.Tensor, optimizer: Any) -> bool:
         """True when the step's loss is finite; else fail the run, or skip the step (halving the lr)."""
         if bool(torch.isfinite(loss)):
@@ -215,7 +223,8 @@ class TaskModule(pl.LightningModule):
             return loss  # skipped: no update, lr halved
         # Norms and clipping run in on_before_optimizer_step, where float16 gradients are unscaled.
         optimizer.step()
-        self._step["rows"] = x.shape[0] * self._world_size
+        source = self._global_rows
+        self._step["rows"] = source.last_global_rows if source is not None else x.shape[0] * self._world_size
         # Counted here, not in on_train_batch_end: callbacks (a mid-epoch checkpoint) run before
         # the module's own batch-end hook and must see this step as done.
         self.samples_seen += self._step["rows"]
@@ -346,7 +355,14 @@ class TaskModule(pl.LightningModule):
     def _log_step_window(self) -> None:
         step = self.trainer.global_step
         window = max(self._step.get("window", 0), 1)
-        loss_mean = float(self._step.get("loss_sum", 0.0)) / window
+        loss_sum = self._step.get("loss_sum", 0.0)
+        if self._world_size > 1:
+            # Every rank closes its windows at the same steps: the loss is all ranks' mean, one
+            # all-reduce a window (not a step).
+            loss_sum = self.trainer.strategy.reduce(
+                torch.as_tensor(loss_sum, device=self.device), reduce_op="mean"
+            )
+        loss_mean = float(loss_sum) / window
         if not self._check_every_step and not math.isfinite(loss_mean):
             raise NonFiniteLossError(step, loss_mean, window=window)
         extra = self._gradient_health_metrics(step)

@@ -366,7 +366,7 @@ def train(
             else:
                 checkpoint_dir.mkdir(parents=True, exist_ok=True)
                 (checkpoint_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-                _log_params(logger, cfg, dm)
+                _log_params(logger, cfg, dm, placement)
                 with contextlib.suppress(
                     Exception
                 ):  # a dataset profile is nice to have, never worth a failed run
@@ -509,12 +509,19 @@ def _load_best_weights_on_every_rank(trainer: pl.Trainer, module: TaskModule, be
         module.load_state_dict(state)
 
 
-def _log_params(logger: BufferedMLFlowLogger, cfg: RunConfig, dm: TabularDataModule) -> None:
+def _log_params(
+    logger: BufferedMLFlowLogger, cfg: RunConfig, dm: TabularDataModule, placement: Placement
+) -> None:
     data = dm.prepared
     assert data is not None
     logger.log_hyperparams(
         {
             **cfg.to_dict(),
+            # The flags as given (auto stays auto, so the config reruns anywhere), and what they became here.
+            "accelerator_resolved": placement.accelerator,
+            "devices_resolved": placement.devices,
+            "strategy_resolved": placement.strategy,
+            "world_size": placement.world_size,
             "n_train": len(dm.train_set),
             "n_val": len(dm.val_set),
             "n_test": len(dm.test_set),

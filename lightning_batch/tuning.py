@@ -694,7 +694,13 @@ def tune(base: RunConfig, options: TuneConfig, echo: Echo = print) -> TuneResult
     quiet_lightning(False)
     base.validate()
     options.validate()
-    hardware.resolve_placement(base)  # no GPU, bf16 unsupported, ...: one error before any study or run
+    placement = hardware.resolve_placement(base)  # no GPU, bf16 unsupported, ...: one error before anything
+    if placement.world_size > 1:
+        # Lightning's DDP launcher would re-run the whole tuner once per device.
+        raise UserError(
+            f"run.py tune trains each trial on one device, got --devices {base.devices} --num-nodes {base.num_nodes}; "
+            "run trials side by side instead: --workers K (worker i gets GPU i mod n)"
+        )
     TabularDataModule(base).setup()  # bad data fails here, once, before any study or run exists
     tracking_uri = resolve_tracking_uri(base.tracking_uri)
     base = RunConfig.from_mapping({**base.to_dict(), "tracking_uri": tracking_uri})

@@ -105,6 +105,8 @@ def main(out: str) -> None:
         "n_train": len(dm.train_set),
         "lr": trainer.optimizers[0].param_groups[0]["lr"],
         "ceiling": resize.ceiling,
+        "samples_seen": module.samples_seen,
+        "epochs": cfg.epochs,
     }
     Path(f"{out}.rank{trainer.global_rank}.json").write_text(json.dumps(result))
 

@@ -314,6 +314,8 @@ def test_two_rank_ddp_fit_trains_each_row_once_with_odd_global_batches_and_avera
     assert rank0["permutations"] == rank1["permutations"]
     assert all(c == n_train for c in cursor.values()), "every epoch ran to its last row"
     assert odd >= 3, "odd global batches (one rank a row short) must have been trained"
+    # The module counts global rows from the sampler: an odd batch is not rank 0's half times two.
+    assert rank0["samples_seen"] == rank1["samples_seen"] == rank0["epochs"] * n_train
 
     # Noise statistics: every update of the EMAs is the mean of the two ranks' local estimates.
     local = [{step: value for step, value in r["local_estimates"]} for r in ranks]

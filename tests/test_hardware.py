@@ -249,23 +249,38 @@ def test_validate_accepts_the_edges():
 def test_a_cpu_run_records_its_placement_as_params_and_the_machine_as_tags(workdir: Path, tracking_uri: str):
     from lightning_batch.training import train
 
-    cfg = RunConfig(data="iris", epochs=1, accelerator="cpu", tracking_uri=tracking_uri, experiment="placed")
+    cfg = RunConfig(data="iris", epochs=1, tracking_uri=tracking_uri, experiment="placed")
     result = train(cfg)
     client = MlflowClient(tracking_uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert {k: params[k] for k in ("accelerator", "devices", "strategy", "num_nodes", "precision")} == {
-        "accelerator": "cpu",
+        "accelerator": "auto",
         "devices": "1",
         "strategy": "auto",
         "num_nodes": "1",
         "precision": "32-true",
     }
     assert float(params["device_data_budget"]) == cfg.device_data_budget
+    # ...and what auto became on this machine.
+    expected = "gpu" if torch.cuda.is_available() else "cpu"
+    assert (params["accelerator_resolved"], params["devices_resolved"], params["world_size"]) == (expected, "1", "1")
     tags = run.data.tags
     assert tags["device_name"].strip()
     assert tags["device_count"] == "1"
     assert tags["torch_version"] == torch.__version__
     assert tags["cuda_version"] == (torch.version.cuda or "none")
     assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_tune_refuses_several_devices_per_trial(machine, workdir: Path, capsys: pytest.CaptureFixture):
+    """Lightning's DDP launcher would re-run the whole tuner per device: trials run side by side instead."""
+    status = main(
+        ["tune", "--data", "iris", "--epochs", "1", "--trials", "1", "--accelerator", "cpu", "--devices", "2"]
+    )
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1, lines
+    assert "run.py tune trains each trial on one device" in lines[0] and "--workers K" in lines[0]
+    _assert_no_run(workdir)
