@@ -265,7 +265,11 @@ def test_a_cpu_run_records_its_placement_as_params_and_the_machine_as_tags(workd
     assert float(params["device_data_budget"]) == cfg.device_data_budget
     # ...and what auto became on this machine.
     expected = "gpu" if torch.cuda.is_available() else "cpu"
-    assert (params["accelerator_resolved"], params["devices_resolved"], params["world_size"]) == (expected, "1", "1")
+    assert (params["accelerator_resolved"], params["devices_resolved"], params["world_size"]) == (
+        expected,
+        "1",
+        "1",
+    )
     tags = run.data.tags
     assert tags["device_name"].strip()
     assert tags["device_count"] == "1"
