@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 from .conftest import RUN_PY, subprocess_env
@@ -15,6 +16,7 @@ from .test_tuning import _assert_trials_match_runs
 ROWS, EPOCHS, BATCH = 2000, 2, 32
 
 
+@pytest.mark.slow  # CI runs the slow suite after `make test` (.ci/run)
 def test_four_trainings_and_a_two_worker_study_share_a_fresh_store(workdir: Path):
     assert not (workdir / "mlruns").exists()  # every process races to create the database
     common = [

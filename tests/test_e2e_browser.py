@@ -115,6 +115,7 @@ def test_mlflow_ui_shows_the_runs_the_batch_size_metric_and_the_charts(workdir: 
     assert (SCREENSHOTS / "mlflow-run.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # CI runs the slow suite after `make test` (.ci/run)
 def test_optuna_dashboard_shows_the_study_and_its_trials(workdir: Path, tmp_path: Path):
     _chromium()
     done = subprocess.run(

@@ -305,6 +305,7 @@ def test_two_workers_share_a_postgresql_study(workdir: Path):
     _two_workers_eight_trials(workdir, url, f"two-pg-{uuid.uuid4().hex[:8]}")
 
 
+@pytest.mark.slow  # CI runs the slow suite after `make test` (.ci/run)
 def test_a_killed_worker_trial_fails_and_is_retried(workdir: Path):
     """SIGKILL one worker mid-trial: its trial ends FAIL (and its MLflow run FAILED) once the
     heartbeat is stale, and a trial with the same parameters runs again; nothing is left RUNNING."""
@@ -403,6 +404,7 @@ def test_optuna_dashboard_serves_the_study(workdir: Path, tracking_uri: str):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow  # CI runs the slow suite after `make test` (.ci/run)
 def test_a_study_recorded_through_an_mlflow_tracking_server(workdir: Path):
     """The many-machines path: trials log to `mlflow server` over HTTP, artifacts to its destination."""
     port = free_port()
