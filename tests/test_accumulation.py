@@ -138,3 +138,36 @@ def test_without_accumulation_the_ceiling_caps_the_batch(monkeypatch):
     pl.seed_everything(0, verbose=False)
     quiet_trainer(2, [resize]).fit(module, datamodule=dm)
     assert resize.batch_size == 48 and module.max_rows_per_pass is None
+
+
+class DtypeRecorder(nn.Module):
+    """An MLP that remembers the dtype of its output at each call (bf16 under autocast)."""
+
+    def __init__(self, n_features: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_features, 32), nn.ReLU(), nn.Linear(32, 1))
+        self.dtypes: list[torch.dtype] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        self.dtypes.append(out.dtype)
+        return out
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("32-true", torch.float32), ("bf16-mixed", torch.bfloat16)])
+def test_the_memory_probe_runs_under_the_trainers_precision(precision: str, dtype: torch.dtype):
+    dm = TabularDataModule(data="synthetic-regression", rows=2000, features=6, batch_size=32, seed=0)
+    dm.setup()
+    net = DtypeRecorder(dm.n_features)
+    module = TaskModule(net, lr=0.01)
+    seen_at_start: list[torch.dtype] = []
+
+    class Mark(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if not seen_at_start:
+                seen_at_start.extend(net.dtypes)  # every forward so far was the probe's
+
+    resize = DynamicBatchSize(policy="noise")
+    quiet_trainer(1, [resize, Mark()], precision=precision, limit_train_batches=2).fit(module, datamodule=dm)
+    assert resize.probe is not None and len(seen_at_start) >= 3  # the warm-up and the trial steps
+    assert set(seen_at_start) == {dtype}
