@@ -199,3 +199,26 @@ def test_a_float16_gradient_scaler_is_divided_out_of_the_noise_statistics():
     plain = first_measurement([MixedPrecision("bf16-mixed", "cpu")])  # autocast too, no scaler
     # float16 vs bfloat16 activations differ a little; a missing division would be a factor 2**20.
     assert scaled == pytest.approx(plain, rel=0.05)
+
+
+def test_gradient_norms_and_clipping_see_unscaled_gradients_under_a_float16_scaler():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    def logged_norms(plugins: list) -> list[float]:
+        dm = TabularDataModule(data="synthetic-regression", rows=2000, features=6, batch_size=64, seed=0)
+        dm.setup()
+        torch.manual_seed(0)
+        module = TaskModule(
+            build_model("mlp", dm.n_features, 1, hidden=[16]), lr=0.01, grad_clip=100.0, log_every=1
+        )
+        recorder = MetricsRecorder()
+        quiet_trainer(1, [], plugins=plugins, logger=recorder, limit_train_batches=4).fit(
+            module, datamodule=dm
+        )
+        return [m["grad_norm"] for _, m in recorder.rows if "grad_norm" in m]
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaled = logged_norms([MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    plain = logged_norms([MixedPrecision("bf16-mixed", "cpu")])
+    assert len(scaled) == len(plain) >= 3
+    assert scaled == pytest.approx(plain, rel=0.05)  # not × 1024: clipping would act on scaled norms
