@@ -140,9 +140,11 @@ def read_table_file(path: str, target: str) -> RawTable:
         check("pyarrow", "data", "reading Parquet files")  # before the try: not a 'cannot read' error
     try:
         if file.suffix.lower() == ".csv":
-            frame = pd.read_csv(file)
+            frame = _read_csv_columnar(file)
+            if frame is None:  # pyarrow could not, or might not, give pandas' frame: pandas' C parser
+                frame = pd.read_csv(file)
         else:
-            frame = pd.read_parquet(file)
+            frame = _read_parquet(file)
     except pd.errors.EmptyDataError:
         raise UserError(f"{path!r} is empty; give a file with a header row and data rows") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
@@ -162,6 +164,83 @@ def read_table_file(path: str, target: str) -> RawTable:
     if frame.shape[1] < 2:
         raise UserError(f"{path!r} has no feature columns besides the target {target!r}")
     return RawTable(frame, target, str(file))
+
+
+#: A text value pandas' C parser might have read as something else (a number, a boolean, missing) or
+#: whose surrounding blanks it treats differently: a column holding one is read by that parser.
+_NOT_PLAIN_TEXT = r"^\s|\s$|^$|^[-+]?(\d|\.\d|inf|nan)|^(true|false)$"
+
+
+def _read_csv_columnar(file: Path) -> pd.DataFrame | None:
+    """The CSV as pandas' C parser would read it, parsed by pyarrow instead; None where they might differ.
+
+    pyarrow's streaming reader parses a block at a time into columns (each numeric column straight
+    into its final buffer), so the peak is about the frame plus a few blocks where the C parser's is
+    ~3x the frame. Everything pandas' parser does on its own is left to it (the caller falls back to
+    ``pd.read_csv``, whose errors and edge cases the messages of :func:`read_table_file` were
+    written for): any pyarrow error (a ragged row, bad UTF-8, a type that changes after the first
+    block, an empty file), a header pandas would rename (empty, blank or repeated names), no data
+    rows, or a column pyarrow typed otherwise than int64, float64 or plain text (booleans, dates,
+    all-missing columns), integers past int64, and text columns holding a value matched by
+    :data:`_NOT_PLAIN_TEXT`. What is left, numbers and plain text with pandas' own missing-value
+    markers, reads the same with both (checked by a differential fuzz in tests/test_data.py).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+    from pandas._libs.parsers import STR_NA_VALUES  # the C parser's missing-value markers
+
+    try:
+        table = pacsv.open_csv(
+            file,
+            # Quoted line breaks are values, as for pandas (off by default in pyarrow).
+            parse_options=pacsv.ParseOptions(newlines_in_values=True, ignore_empty_lines=True),
+            convert_options=pacsv.ConvertOptions(null_values=sorted(STR_NA_VALUES), strings_can_be_null=True),
+        ).read_all()  # the reader goes with its buffers (release_unused below can return them)
+    except Exception:  # pyarrow's own error types: the C parser says what is wrong, in its words
+        return None
+    names = table.column_names
+    if table.num_rows == 0 or len(set(names)) != len(names) or any(not n.strip() for n in names):
+        return None
+    plain = all(
+        pa.types.is_int64(kind)
+        or pa.types.is_float64(kind)
+        or (
+            pa.types.is_string(kind)
+            and not pc.any(pc.match_substring_regex(column, _NOT_PLAIN_TEXT, ignore_case=True)).as_py()
+        )
+        for column, kind in zip(table.columns, table.schema.types, strict=True)
+    )
+    if not plain:
+        return None
+    frame = table.to_pandas(split_blocks=True, self_destruct=True)  # no copy of numeric columns
+    del table
+    for name in frame.columns:  # in NumPy: Arrow's kernels here kept ~0.7x the frame allocated
+        if frame[name].dtype == np.float64:
+            values = frame[name].to_numpy()
+            if not -(2.0**63) < np.nanmin(values, initial=0.0) <= np.nanmax(values, initial=0.0) < 2.0**63:
+                # Maybe an integer past int64, which pandas reads as uint64 (or ±inf: look closer).
+                finite = values[np.isfinite(values)]
+                if finite.size and np.abs(finite).max() >= 2.0**63:
+                    return None
+    pa.default_memory_pool().release_unused()  # the parse buffers, back to the OS
+    return frame
+
+
+def _read_parquet(file: Path) -> pd.DataFrame:
+    """A Parquet file through pyarrow, a column chunk at a time, into one block per column.
+
+    Arrow's buffers become the frame's (no copy for columns without missing values, and none of the
+    consolidation into one 2-D block pandas does by default), so the peak is about the frame plus a
+    column chunk instead of twice the frame.
+    """
+    import pyarrow as pa
+
+    frame = pd.read_parquet(
+        file, pre_buffer=False, to_pandas_kwargs={"split_blocks": True, "self_destruct": True}
+    )
+    pa.default_memory_pool().release_unused()
+    return frame
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,7 +296,8 @@ def clean_frame(raw: RawTable, task: str | None, max_categories: int) -> CleanTa
     else:
         keep = target.notna()
     dropped = int((~keep).sum())
-    frame = frame.loc[keep]
+    if dropped:  # a copy of the kept rows; with none dropped the frame is used as read (no copy)
+        frame = frame.loc[keep]
     if len(frame) == 0:
         raise UserError(
             f"every row of {raw.source!r} lacks a usable target {raw.target!r}; nothing to train on"
@@ -333,52 +413,91 @@ class Preprocessor:
     scale: list[float] = field(default_factory=list)
 
     @classmethod
-    def fit(cls, train: pd.DataFrame) -> Preprocessor:
+    def fit(cls, train: pd.DataFrame, rows: np.ndarray | None = None) -> Preprocessor:
+        """Fit on ``train``, or on its rows at positions ``rows`` (then no copy of them is made).
+
+        A column at a time: its statistics come from that column alone, in float64, so the memory
+        needed is a column's, never a float64 copy of the table.
+        """
         pre = cls()
+        numeric_stats: list[tuple[float, float]] = []
+        level_stats: list[np.ndarray] = []
         for name in train.columns:
             column = train[name]
             if _is_numeric_column(column):
-                values = _finite_numeric(column)
-                if values.notna().sum() == 0:
+                values = _numbers(column, rows)  # float64, NaN where missing or ±inf
+                missing = np.isnan(values)
+                if missing.all():
                     pre.dropped_columns.append(name)  # all missing in train: nothing to learn from it
                     continue
                 pre.numeric_columns.append(name)
-                pre.medians[name] = float(values.median())
+                # The median of the finite values, found in place: their order is not needed after.
+                median = float(np.median(values[~missing] if missing.any() else values, overwrite_input=True))
+                pre.medians[name] = median
+                values[missing] = median
+                numeric_stats.append((float(values.mean()), float(values.std())))
             else:
-                levels = sorted(column.dropna().astype(str).unique().tolist())
+                codes, texts = _text_codes(column if rows is None else column.iloc[rows])
+                levels = sorted(set(texts))
                 if not levels:
                     pre.dropped_columns.append(name)
                     continue
                 pre.categorical_levels[name] = levels
+                # Each one-hot column is 0/1: its mean is the level's share p, its std sqrt(p(1-p)).
+                codes = _level_codes(codes, texts, levels)
+                share = np.bincount(codes[codes >= 0], minlength=len(levels)) / len(codes)
+                level_stats.append(share)
         if not pre.numeric_columns and not pre.categorical_levels:
             raise UserError("every feature column is empty in the training split; nothing to train on")
         pre.output_columns = list(pre.numeric_columns) + [
             f"{name}={level}" for name, levels in pre.categorical_levels.items() for level in levels
         ]
-        unscaled = pre._encode(train)
-        mean = unscaled.mean(axis=0)
-        std = unscaled.std(axis=0)
+        shares = np.concatenate(level_stats) if level_stats else np.zeros(0)
+        mean = np.concatenate([[m for m, _ in numeric_stats], shares])
+        std = np.concatenate([[s for _, s in numeric_stats], np.sqrt(shares * (1.0 - shares))])
         # A constant column keeps scale 1: dividing by ~0 would blow its noise up to unit variance.
         std = np.where(std < 1e-12, 1.0, std)
         pre.mean, pre.scale = mean.tolist(), std.tolist()
         return pre
 
-    def _encode(self, frame: pd.DataFrame) -> np.ndarray:
-        parts = []
-        for name in self.numeric_columns:
-            parts.append(_finite_numeric(frame[name]).fillna(self.medians[name]).to_numpy(dtype=np.float64))
-        for name, levels in self.categorical_levels.items():
-            text = frame[name].astype(str).where(frame[name].notna(), None)
-            for level in levels:  # a level unseen in train encodes as all zeros
-                parts.append((text == level).to_numpy(dtype=np.float64))
-        return np.stack(parts, axis=1) if parts else np.zeros((len(frame), 0))
+    def transform(self, frame: pd.DataFrame, rows: np.ndarray | None = None) -> np.ndarray:
+        """Model input for ``frame``, or for its rows at positions ``rows``: one float32 matrix.
 
-    def transform(self, frame: pd.DataFrame) -> np.ndarray:
-        encoded = self._encode(frame)
-        scaled = (encoded - np.asarray(self.mean)) / np.asarray(self.scale)
-        # A val/test outlier far outside the train range (1e38 where train was constant) would be
-        # inf in float32 and poison every loss; a million standard deviations is extreme enough.
-        return np.clip(scaled, -MAX_SCALED, MAX_SCALED).astype(np.float32)
+        Filled in place a block of rows at a time (:data:`BLOCK_CELLS` cells): per block the numeric
+        columns are imputed and scaled in float64 and the text columns one-hot encoded from integer
+        level codes, so the float64 data alive at once is one block's, not the table's, and nothing
+        is done per row in Python. The numbers are those of a float64 pass over the whole table.
+        """
+        n = len(frame) if rows is None else len(rows)
+        width = len(self.output_columns)
+        out = np.empty((n, width), dtype=np.float32)
+        mean = np.asarray(self.mean, dtype=np.float64)
+        scale = np.asarray(self.scale, dtype=np.float64)
+        numeric = [_number_source(frame[name]) for name in self.numeric_columns]
+        medians = np.asarray([self.medians[name] for name in self.numeric_columns], dtype=np.float64)
+        k = len(numeric)
+        one_hot = []  # (first output column, level codes of the rows, number of levels)
+        at = k
+        for name, levels in self.categorical_levels.items():
+            column = frame[name] if rows is None else frame[name].iloc[rows]
+            one_hot.append((at, _level_codes(*_text_codes(column), levels), len(levels)))
+            at += len(levels)
+        step = max(1, BLOCK_CELLS // max(1, width))
+        block = np.empty((min(step, n), k), dtype=np.float64)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            part = slice(start, stop) if rows is None else rows[start:stop]
+            values = block[: stop - start]
+            for j, source in enumerate(numeric):
+                values[:, j] = _float64(source[part])
+            np.copyto(values, medians, where=~np.isfinite(values))
+            _scale_into(out[start:stop, :k], values, mean[:k], scale[:k])
+            for first, codes, count in one_hot:
+                # A level unseen in train (code -1) or a missing value encodes as all zeros.
+                hot = (codes[start:stop, None] == np.arange(count)).astype(np.float64)
+                stop_col = first + count
+                _scale_into(out[start:stop, first:stop_col], hot, mean[first:stop_col], scale[first:stop_col])
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -388,10 +507,60 @@ class Preprocessor:
         return cls(**values)
 
 
-def _finite_numeric(column: pd.Series) -> pd.Series:
-    """Numbers with ±inf treated as missing (they would poison the mean and the scaler)."""
-    values = pd.to_numeric(column, errors="coerce").astype(float)
-    return values.where(np.isfinite(values))
+#: Cells per block of :meth:`Preprocessor.transform` (512 KiB of float64 working memory: fastest here).
+BLOCK_CELLS = 1 << 16
+
+
+def _number_source(column: pd.Series) -> Any:
+    """A numeric column's values to index by rows: its own NumPy buffer (no copy) for NumPy dtypes,
+    else its extension array (nullable and Arrow dtypes, converted a block at a time)."""
+    return column.to_numpy(copy=False) if isinstance(column.dtype, np.dtype) else column.array
+
+
+def _float64(values: Any) -> np.ndarray:
+    """Numbers as float64, NaN where missing (a pandas NA cannot be a float)."""
+    if isinstance(values, np.ndarray):
+        return values.astype(np.float64, copy=False)
+    return values.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _numbers(column: pd.Series, rows: np.ndarray | None = None) -> np.ndarray:
+    """A numeric column (at ``rows``) as a new float64 array, ±inf treated as missing (NaN): they
+    would poison the mean and the scaler."""
+    source = _number_source(column)
+    values = _float64(source if rows is None else source[rows])
+    if not (values.flags.owndata and values.flags.writeable):  # the frame's own buffer: not ours to change
+        values = values.copy()
+    values[~np.isfinite(values)] = np.nan
+    return values
+
+
+def _text_codes(column: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """A text column factorized: a code per value (-1 where missing) and each code's text, as
+    ``astype(str)`` writes it (one-hot levels are text; 1 and "1" are the same level). Only the
+    distinct values of text and boolean columns are turned into text, not every row."""
+    if not (isinstance(column.dtype, pd.StringDtype) or pd.api.types.is_bool_dtype(column)):
+        # Text first: 1 and True are one key to factorize (they compare equal) but two texts.
+        column = column.astype(str).where(column.notna(), None)
+    codes, uniques = pd.factorize(column)
+    return codes, pd.Series(uniques).astype(str).tolist()
+
+
+def _level_codes(codes: np.ndarray, texts: list[str], levels: list[str]) -> np.ndarray:
+    """Each value's position in ``levels`` from :func:`_text_codes`' output; -1 for a missing value
+    or a level not in the list."""
+    lookup = np.append(pd.Index(levels, dtype=object).get_indexer(texts), -1)  # code -1 -> -1
+    return lookup[codes].astype(np.int16 if len(levels) < 2**15 else np.int64)
+
+
+def _scale_into(out: np.ndarray, values: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> None:
+    """``out[...] = clip((values - mean) / scale)`` in float32, ``values`` (float64) overwritten."""
+    values -= mean
+    values /= scale
+    # A val/test outlier far outside the train range (1e38 where train was constant) would be
+    # inf in float32 and poison every loss; a million standard deviations is extreme enough.
+    np.clip(values, -MAX_SCALED, MAX_SCALED, out=values)
+    out[...] = values
 
 
 # ------------------------------------------------------------------------------------------------
@@ -474,10 +643,10 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
     features = clean.features.reset_index(drop=True)
     if cfg.train_on_val:  # a tuned configuration's final fit: every row but the test split
         train_idx = np.concatenate([train_idx, val_idx])
-    pre = Preprocessor.fit(features.iloc[train_idx])
+    pre = Preprocessor.fit(features, rows=train_idx)  # no copy of the train rows
 
     def _dataset(idx: np.ndarray) -> TensorTableDataset:
-        x = torch.from_numpy(pre.transform(features.iloc[idx]))
+        x = torch.from_numpy(pre.transform(features, rows=idx))  # written once, as float32
         y = torch.from_numpy(clean.target[idx])
         if clean.task == "regression":
             y = y.unsqueeze(1)
