@@ -103,6 +103,19 @@ def _train_arguments(parser: argparse.ArgumentParser, resumable: bool = True) ->
     data.add_argument(
         "--no-shuffle", dest="shuffle", action="store_false", help="train in the file's row order"
     )
+    data.add_argument(
+        "--data-cache",
+        metavar="DIR",
+        help="prepare the tables once into memory-mapped files in DIR, reused by later runs and trials "
+        "(default: only for tables over --data-memory-budget, beside the MLflow store)",
+    )
+    data.add_argument(
+        "--data-memory-budget",
+        type=float,
+        help="share of available RAM the prepared tables may take in memory "
+        f"(default {RunConfig.data_memory_budget}); "
+        "larger ones train from the data cache",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", metavar="|".join(MODELS))

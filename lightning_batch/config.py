@@ -115,6 +115,15 @@ class RunConfig:
     train_on_val: bool = False
     """Train on train+val (scaling fit on both); for the final fit of a tuned configuration. The
     val metrics are then on rows the model has seen."""
+    data_cache: str | None = None
+    """A folder for the prepared tables as memory-mapped float32 files, named by a digest of the source
+    and of the options that change preparation: written once, then reused by later runs and by every
+    trial of a study. Unset: used (under the MLflow store's folder) only when the tables would exceed
+    ``data_memory_budget``."""
+    data_memory_budget: float = 0.25
+    """Share of the available RAM the prepared tables may take in memory; a larger table is prepared
+    into the data cache (a Parquet file streamed column by column, then in row chunks) and trained
+    from memory-mapped files. 0.25: in-memory preparation peaks at a few times the table."""
 
     # --- model ----------------------------------------------------------------------------------
     model: str | None = None
@@ -422,6 +431,18 @@ class RunConfig:
                 "--val-fraction plus --test-fraction leaves under 10% of the rows to train on; lower them"
             )
         _positive_int(self.max_categories, "--max-categories", "--max-categories 20")
+        if self.data_cache is not None:
+            if not isinstance(self.data_cache, str) or not self.data_cache.strip():
+                raise UserError("--data-cache must be a folder path, e.g. --data-cache cache/")
+            if Path(self.data_cache).exists() and not Path(self.data_cache).is_dir():
+                raise UserError(
+                    f"--data-cache {self.data_cache!r} is a file; give a folder (created if missing)"
+                )
+        _finite(self.data_memory_budget, "--data-memory-budget", "--data-memory-budget 0.25", minimum=0.0)
+        if not 0 < self.data_memory_budget <= 1:
+            raise UserError(
+                f"--data-memory-budget is a fraction of available memory in (0, 1], got {self.data_memory_budget}"
+            )
 
     def _validate_model(self) -> None:
         if self.model is None:

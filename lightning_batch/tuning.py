@@ -19,7 +19,7 @@ Why each piece:
   trials would train on GPUs, its own GPU: worker i of K sees GPU i mod n of the n visible
   (``CUDA_VISIBLE_DEVICES``, see :func:`worker_environment`).
 
-Example (one process, in-memory data, a throw-away store):
+Example (one process, bundled data, a throw-away store; the prepared data goes to its data-cache/):
     >>> import tempfile
     >>> from lightning_batch.config import RunConfig
     >>> root = tempfile.mkdtemp()
@@ -51,7 +51,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from lightning_batch import hardware
+from lightning_batch import data_cache, hardware
 from lightning_batch._extras import check, extra_imports
 from lightning_batch.config import RunConfig
 from lightning_batch.errors import UserError
@@ -701,6 +701,11 @@ def tune(base: RunConfig, options: TuneConfig, echo: Echo = print) -> TuneResult
             f"run.py tune trains each trial on one device, got --devices {base.devices} --num-nodes {base.num_nodes}; "
             "run trials side by side instead: --workers K (worker i gets GPU i mod n)"
         )
+    if base.data_cache is None:
+        # A study prepares its data once: every trial, here or in a worker, reads the tables this
+        # setup writes (memory-mapped) instead of reading, cleaning and scaling the source again.
+        cache = data_cache.default_cache_dir(base.tracking_uri).resolve()
+        base = RunConfig.from_mapping({**base.to_dict(), "data_cache": str(cache)}).validate()
     TabularDataModule(base).setup()  # bad data fails here, once, before any study or run exists
     tracking_uri = resolve_tracking_uri(base.tracking_uri)
     base = RunConfig.from_mapping({**base.to_dict(), "tracking_uri": tracking_uri})
