@@ -630,6 +630,9 @@ class PreparedData:
     #: The source as read; None when the tables came from the data cache (nothing was read).
     raw_frame: pd.DataFrame | None
     target_column: str
+    #: From the data cache: the MLflow dataset input recorded when the cache was written (name,
+    #: digest, source_type, source, schema, profile), so a run that read nothing still records it.
+    dataset_input: dict[str, Any] | None = None
 
     @property
     def n_features(self) -> int:
@@ -652,7 +655,9 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
     if cache.over_budget and cfg.is_file_source and Path(cfg.data).suffix.lower() != ".csv":
         tables = cache.load_or_build(lambda writer: _stream_parquet(cfg, writer, cache.budget))
     else:
-        tables = cache.load_or_build(lambda writer: _write_prepared(prepare_in_memory(cfg), writer))
+        tables = cache.load_or_build(
+            lambda writer: _write_prepared(prepare_in_memory(cfg), writer, name=cfg.data)
+        )
     return _from_cache(tables)
 
 
@@ -718,14 +723,32 @@ def _facts(
     }
 
 
-def _write_prepared(data: PreparedData, writer: data_cache.CacheWriter) -> dict[str, Any]:
+def _write_prepared(data: PreparedData, writer: data_cache.CacheWriter, name: str) -> dict[str, Any]:
     """The in-memory preparation's tables into the cache, byte for byte."""
     for split in SPLITS:
         table = getattr(data, split)
         writer.save(f"{split}_x", table.features.numpy())
         writer.save(f"{split}_y", table.targets.numpy())
     facts = (data.dropped_rows, data.source, data.truth, data.target_column)
-    return _facts(data.task, data.classes, data.preprocessor, *facts)
+    return {
+        **_facts(data.task, data.classes, data.preprocessor, *facts),
+        "dataset_input": _dataset_input_fields(data.raw_frame, data.source, name),
+    }
+
+
+def _dataset_input_fields(frame: pd.DataFrame | None, source: str, name: str) -> dict[str, Any] | None:
+    """The MLflow dataset input of the source as read, kept in meta.json for the runs that read the
+    cache instead (None without MLflow: the data path runs without it, e.g. on a bare GPU box)."""
+    if frame is None:
+        return None
+    try:
+        from lightning_batch.tracking import dataset_input_fields
+    except ImportError:
+        return None
+    try:
+        return dataset_input_fields(frame, source, name)
+    except Exception:  # noqa: BLE001 -- a dataset profile is nice to have, never worth a failed cache
+        return None
 
 
 def _from_cache(tables: data_cache.CachedTables) -> PreparedData:
@@ -751,6 +774,7 @@ def _from_cache(tables: data_cache.CachedTables) -> PreparedData:
         truth=meta["truth"],
         raw_frame=None,
         target_column=meta["target_column"],
+        dataset_input=meta.get("dataset_input"),
     )
 
 

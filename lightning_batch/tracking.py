@@ -288,6 +288,29 @@ def log_dataset_input(client: Any, run_id: str, frame: Any, source: str, target:
     client.log_inputs(run_id, datasets=[DatasetInput(dataset=entity, tags=tags)])
 
 
+def dataset_input_fields(frame: Any, source: str, name: str) -> dict[str, Any]:
+    """:func:`dataset_entity`'s fields as plain JSON, to record later with :func:`log_dataset_fields`
+    (the data cache keeps them, so a run reading prepared tables records the source it never read)."""
+    entity = dataset_entity(frame, _dataset_source(source), name)
+    return {
+        "name": entity.name,
+        "digest": entity.digest,
+        "source_type": entity.source_type,
+        "source": entity.source,
+        "schema": entity.schema,
+        "profile": entity.profile,
+    }
+
+
+def log_dataset_fields(client: Any, run_id: str, fields: dict[str, Any]) -> None:
+    """Record a dataset input kept by :func:`dataset_input_fields` as the run's ``training`` input."""
+    from mlflow.entities import Dataset as DatasetEntity
+    from mlflow.entities import DatasetInput, InputTag
+
+    tags = [InputTag(key="mlflow.data.context", value="training")]
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset=DatasetEntity(**fields), tags=tags)])
+
+
 def _dataset_source(source: str) -> Any:
     """A file is its own source; bundled and generated data are described by how they were made."""
     import warnings

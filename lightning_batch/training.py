@@ -52,6 +52,7 @@ from lightning_batch.tracking import (
     ensure_store,
     get_or_create_experiment,
     git_commit,
+    log_dataset_fields,
     log_dataset_input,
     plot_batch_dynamics,
     plot_loss_curves,
@@ -370,9 +371,12 @@ def train(
                 with contextlib.suppress(
                     Exception
                 ):  # a dataset profile is nice to have, never worth a failed run
-                    log_dataset_input(
-                        client, run_id, data.raw_frame, data.source, data.target_column, cfg.data
-                    )
+                    if data.raw_frame is not None:
+                        log_dataset_input(
+                            client, run_id, data.raw_frame, data.source, data.target_column, cfg.data
+                        )
+                    elif data.dataset_input is not None:  # tables from the data cache
+                        log_dataset_fields(client, run_id, data.dataset_input)
 
         checkpoint = ModelCheckpoint(
             dirpath=checkpoint_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1

@@ -357,3 +357,28 @@ def test_the_data_cache_flag_end_to_end(workdir, preparations):
     # Another process with the same options reads what the run wrote.
     prepare_data(RunConfig(data="diabetes", data_cache=str(cache)).validate())
     assert preparations == [] and _folders(cache) == [folder]
+
+
+def test_a_run_that_reads_the_cache_still_records_the_dataset_input(tmp_path, tracking_uri):
+    """The first run prepares (and records the source it read); the second reads the memory-mapped
+    tables only, and records the same input from meta.json."""
+    from mlflow import MlflowClient
+
+    from lightning_batch.training import train
+
+    cfg = dict(data="diabetes", epochs=1, data_cache=str(tmp_path / "prepared"), tracking_uri=tracking_uri)
+    first = train(RunConfig(**cfg).validate())
+    second = train(RunConfig(**cfg).validate())
+    client = MlflowClient(tracking_uri)
+    inputs = [client.get_run(r.run_id).inputs.dataset_inputs for r in (first, second)]
+    assert all(len(i) == 1 for i in inputs)
+    one, two = (i[0].dataset for i in inputs)
+    assert one.schema and one.digest
+    assert (one.name, one.digest, one.schema, one.profile, one.source) == (
+        two.name,
+        two.digest,
+        two.schema,
+        two.profile,
+        two.source,
+    )
+    assert [t.value for t in inputs[1][0].tags] == ["training"]
