@@ -61,6 +61,8 @@ NOT_SEARCHABLE = (
     "run_name",
     "tracking_uri",
     "train_on_val",
+    "data_cache",
+    "data_memory_budget",
 )
 
 
