@@ -69,6 +69,7 @@ def _serve(workdir: Path, *command: str) -> tuple[subprocess.Popen, int]:
     return server, port
 
 
+@pytest.mark.slow  # CI runs the slow suite after `make test` (.ci/run)
 def test_mlflow_ui_shows_the_runs_the_batch_size_metric_and_the_charts(workdir: Path, tmp_path: Path):
     _chromium()
     done = subprocess.run(

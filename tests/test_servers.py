@@ -24,6 +24,7 @@ def _listening_addresses(process: psutil.Process, port: int) -> set[str]:
     }
 
 
+@pytest.mark.slow  # CI runs the slow suite after `make test` (.ci/run)
 @pytest.mark.parametrize("command", ["ui", "dashboard"])
 def test_servers_bind_to_loopback_by_default(workdir: Path, command: str):
     if command == "dashboard":
