@@ -42,10 +42,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lightning  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from _common import training_only_trainer  # noqa: E402
 from lightning.pytorch.callbacks import BatchSizeFinder, Callback  # noqa: E402
 
 from lightning_batch.callback import DynamicBatchSize  # noqa: E402
@@ -89,19 +91,20 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def trainer(device: torch.device, **options: Any) -> pl.Trainer:
-    base: dict[str, Any] = dict(
-        accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        use_distributed_sampler=False,
+    """The benchmarks' training-only Trainer, on ``device``."""
+    return training_only_trainer(accelerator="gpu" if device.type == "cuda" else "cpu", **options)
+
+
+def mlp_module(prepared: Any, lr: float, **options: Any) -> TaskModule:
+    """The check's network: an MLP 512-512 classifier over the prepared tables, seeded."""
+    pl.seed_everything(0, verbose=False)
+    return TaskModule(
+        build_model("mlp", prepared.n_features, prepared.n_outputs, hidden=[512, 512]),
+        task="classification",
+        n_classes=prepared.n_outputs,
+        lr=lr,
+        **options,
     )
-    base.update(options)
-    return pl.Trainer(**base)
 
 
 def free_cuda() -> None:
@@ -258,14 +261,7 @@ def _fit_fixed(
 ) -> tuple[TaskModule, dict[str, torch.Tensor], float]:
     dm = TabularDataModule(data="synthetic-classification", batch_size=batch, seed=0, device_data_budget=0.5)
     dm.prepared = prepared
-    pl.seed_everything(0, verbose=False)
-    module = TaskModule(
-        build_model("mlp", prepared.n_features, prepared.n_outputs, hidden=[512, 512]),
-        task="classification",
-        n_classes=prepared.n_outputs,
-        lr=0.1,
-        momentum=0.9,
-    )
+    module = mlp_module(prepared, lr=0.1, momentum=0.9)
     trainer(device, max_steps=steps, callbacks=callbacks).fit(module, datamodule=dm)
     weights = {k: v.detach().double().cpu() for k, v in module.model.state_dict().items()}
     module.to(device).eval()
@@ -369,14 +365,7 @@ def _fit_for_time(
     ).validate()
     dm = TabularDataModule(cfg)
     dm.prepared = prepared
-    pl.seed_everything(0, verbose=False)
-    module = TaskModule(
-        build_model("mlp", prepared.n_features, prepared.n_outputs, hidden=[512, 512]),
-        task="classification",
-        n_classes=prepared.n_outputs,
-        lr=lr,
-        log_every=50,
-    )
+    module = mlp_module(prepared, lr=lr, log_every=50)
     clock = Clock(
         prepared.val.features[:val_rows], prepared.val.targets[:val_rows], eval_every_rows, budget_s
     )
@@ -519,14 +508,7 @@ def _data_placement(
                 data="synthetic-classification", batch_size=batch, seed=0, device_data_budget=budget
             )
             dm.prepared = local
-            pl.seed_everything(0, verbose=False)
-            module = TaskModule(
-                build_model("mlp", prepared.n_features, prepared.n_outputs, hidden=[512, 512]),
-                task="classification",
-                n_classes=prepared.n_outputs,
-                lr=0.05,
-                log_every=50,
-            )
+            module = mlp_module(prepared, lr=0.05, log_every=50)
             rate = StepRate(warmup=20)
             trainer(device, max_steps=steps, callbacks=[rate]).fit(module, datamodule=dm)
             results.append(rate.steps / rate.seconds if rate.seconds else None)

@@ -33,7 +33,6 @@ goes in and turns the arrays back into datasets.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -43,7 +42,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -52,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from lightning_batch.config import SKLEARN_DATASETS, SYNTHETIC_DATASETS, RunConfig
+from lightning_batch.locks import file_lock
 
 #: Bumped when the folder layout or meta.json changes meaning: older folders are then not trusted.
 FORMAT = 1
@@ -324,7 +324,7 @@ class TableCache:
         found = self.load()
         if found is not None:
             return found
-        with _locked(self.folder / f".{self.path.name}.lock"):
+        with file_lock(self.folder / f".{self.path.name}.lock"):
             found = self.load()  # another process may have written it while we waited
             if found is not None:
                 return found
@@ -376,16 +376,6 @@ def _commit(tmp: Path, final: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _sweep_dead_writers(folder: Path) -> None:

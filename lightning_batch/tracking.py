@@ -21,14 +21,12 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import os
 import subprocess
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_batch._extras import check, extra_imports
+from lightning_batch.locks import file_lock
 
 DEFAULT_STORE_DIR = Path("mlruns")
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
@@ -69,24 +68,13 @@ def artifact_root_for(uri: str) -> str | None:
     return (db.parent.resolve() / "artifacts").as_uri()
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure_store(uri: str) -> None:
     """Create the tracking store if it is a sqlite file that does not exist yet (once, under a lock)."""
     db = sqlite_path(uri)
     if db is None:
         return
     db.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(db.with_name(db.name + ".lock")):
+    with file_lock(db.with_name(db.name + ".lock")):
         with extra_imports("tracking", _FEATURE):
             from mlflow import MlflowClient
 
