@@ -15,9 +15,10 @@ truth, and the key below in words). The digest is a SHA-256 of:
   a generator's name and parameters; a bundled set's name and scikit-learn's version;
 - every option that changes preparation: target, task, val/test fractions, seed, max_categories,
   train_on_val (not shuffle, batch size, model or anything else that only reads the tables);
-- the preparation code (``data.py``'s bytes) and the versions of numpy, pandas, scikit-learn and
-  pyarrow: new code never trusts an old cache. Old folders are never deleted here; remove them
-  by hand (``meta.json`` says what each holds and when it was written).
+- the preparation code (the bytes of ``data.py`` and ``preprocessing.py``) and the versions of
+  numpy, pandas, scikit-learn and pyarrow: new code never trusts an old cache. Old folders are
+  never deleted here; remove them by hand (``meta.json`` says what each holds and when it was
+  written).
 
 **Written atomically**: into ``DIR/.tmp-...``, every file synced, then renamed to its final name
 in one step, so a folder with a digest name is complete by construction, and a killed writer
@@ -158,7 +159,11 @@ def source_identity(cfg: RunConfig) -> dict[str, Any]:
 
 def cache_key(cfg: RunConfig) -> dict[str, Any]:
     """Everything the prepared tables depend on (hashed into the folder name, kept in meta.json)."""
-    code = hashlib.sha256(Path(__file__).with_name("data.py").read_bytes()).hexdigest()[:16]
+    # The preparation lives in two files (the fitted preprocessing in its own, Lightning-free one).
+    code = {
+        name: hashlib.sha256(Path(__file__).with_name(name).read_bytes()).hexdigest()[:16]
+        for name in ("data.py", "preprocessing.py")
+    }
     return {
         "format": FORMAT,
         "source": source_identity(cfg),
@@ -172,7 +177,7 @@ def cache_key(cfg: RunConfig) -> dict[str, Any]:
             "train_on_val": bool(cfg.train_on_val),
         },
         "code": {
-            "data.py": code,
+            **code,
             **{name: _version(name) for name in ("numpy", "pandas", "scikit-learn", "pyarrow")},
         },
     }
