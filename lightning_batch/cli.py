@@ -5,7 +5,8 @@
 - ``tune``: an Optuna study over lr and batch size (and policy); every trial a child MLflow run;
 - ``ui``: the MLflow UI on 127.0.0.1 against the project's store;
 - ``dashboard``: optuna-dashboard on 127.0.0.1 against the studies' storage;
-- ``report``: how to choose the batch size, from a run's or a study's measurements.
+- ``report``: how to choose the batch size, from a run's or a study's measurements;
+- ``runs``: the store's runs and their states; ``--reap`` ends FAILED those whose process died.
 
 Bad input prints one ``error: ...`` line and exits with status 2. Only ``experiments/run.py``
 imports this module.
@@ -18,6 +19,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -56,6 +58,7 @@ COMMAND_EXTRAS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "report": (_TRACKING, _TUNE),
     "dashboard": (("tune", ("optuna", "optuna_integration", "optuna_dashboard")),),
     "ui": (("tracking", ("mlflow",)),),
+    "runs": (("tracking", ("mlflow", "rich")),),
 }
 
 #: Every character ``str.splitlines()`` breaks a line on, mapped to its escape (``\n``, ``\x85``, ...).
@@ -327,11 +330,34 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard.add_argument(
         "--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)"
     )
+    _runs_arguments(
+        commands.add_parser("runs", help="list runs and their states; --reap ends lost ones FAILED")
+    )
     ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--tracking-uri")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     return parser
+
+
+def _runs_arguments(parser: argparse.ArgumentParser) -> None:
+    from lightning_batch.run_owners import RUN_STATES
+
+    parser.add_argument(
+        "--experiment",
+        action="append",
+        metavar="NAME",
+        help="only this experiment (or study); repeat for several (default: all)",
+    )
+    parser.add_argument("--status", choices=RUN_STATES, help="only runs in this state")
+    parser.add_argument("--limit", type=int, default=50, help="newest N runs (default 50)")
+    parser.add_argument(
+        "--reap",
+        action="store_true",
+        help="first end FAILED the RUNNING runs whose process on this host is gone "
+        "(train and tune do this at start)",
+    )
+    parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -584,6 +610,72 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_runs(args: argparse.Namespace) -> int:
+    """``run.py runs``: a table of the newest runs with their state and owner; ``--reap`` first."""
+    from mlflow import MlflowClient
+    from rich.console import Console
+    from rich.table import Table
+
+    from lightning_batch import run_owners
+    from lightning_batch.store_uri import resolve_tracking_uri, sqlite_path  # not tracking: no Lightning
+
+    if args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    uri = resolve_tracking_uri(args.tracking_uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():  # reading must not create a store
+        raise UserError(
+            f"no runs yet: {str(db)!r} does not exist; run `run.py train` first or pass --tracking-uri"
+        )
+    client = MlflowClient(uri)
+    names = run_owners.experiment_names(client)
+    ids = list(names)
+    if args.experiment:
+        by_name = {name: eid for eid, name in names.items()}
+        unknown = [n for n in args.experiment if n not in by_name]
+        if unknown:
+            known = ", ".join(sorted(by_name)[:20]) or "none"
+            raise UserError(f"no experiment named {unknown[0]!r} in {uri}; known: {known}")
+        ids = [by_name[n] for n in args.experiment]
+    reaped = run_owners.reap_lost_runs(client, ids) if args.reap else []
+    runs, more = run_owners.list_runs(client, ids, args.status, args.limit)
+
+    table = Table(title=f"runs in {uri}")
+    for column in ("run id", "experiment", "name", "state", "started", "owner", "note"):
+        table.add_column(column, overflow="fold")
+    style = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "RUNNING": "cyan"}
+    lost = []
+    for run in runs:
+        owner = run_owners.Owner.from_tags(run.data.tags)
+        state = run.info.status
+        liveness = owner.state() if owner is not None and state == "RUNNING" else None
+        if liveness == "gone":
+            lost.append(run.info.run_id)
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.info.start_time / 1000))
+        table.add_row(
+            run.info.run_id,
+            names.get(run.info.experiment_id, run.info.experiment_id),
+            run.info.run_name or "",
+            f"[{style.get(state, '')}]{state}[/]" + (" (process lost)" if liveness == "gone" else ""),
+            started,
+            (str(owner) + (f", {liveness}" if liveness else "")) if owner else "-",
+            run.data.tags.get(run_owners.ERROR_TAG, "").split("\n")[0][:300],
+        )
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(table)
+    if more:
+        console.print(f"(the newest {args.limit}; --limit N shows more)")
+    if reaped:
+        ended = ", ".join(r.info.run_id for r in reaped)
+        console.print(f"marked FAILED (process lost): {ended}; `run.py train --resume RUN_ID` continues one")
+    elif lost:
+        console.print(
+            f"{len(lost)} RUNNING run(s) whose process on this host is gone: "
+            "`run.py runs --reap` marks them FAILED (train and tune do so at start)"
+        )
+    return 0
+
+
 def run_dashboard(args: argparse.Namespace) -> int:
     from lightning_batch.tracking import resolve_tracking_uri
     from lightning_batch.tuning import redact, resolve_storage
@@ -669,6 +761,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_dashboard(args)
         if args.command == "ui":
             return run_ui(args)
+        if args.command == "runs":
+            return run_runs(args)
         raise UserError(f"unknown command {args.command!r}")
     except (UserError, MissingExtraError) as exc:
         print(f"error: {_rank_prefix()}{one_line(str(exc))}", file=sys.stderr)

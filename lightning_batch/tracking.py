@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import os
 import subprocess
 import time
 from collections import defaultdict
@@ -35,26 +34,19 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_batch._extras import check, extra_imports
 from lightning_batch.locks import file_lock
+from lightning_batch.store_uri import DEFAULT_TRACKING_URI, resolve_tracking_uri, sqlite_path  # noqa: F401
 
 DEFAULT_STORE_DIR = Path("mlruns")
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 #: Metric values per ``log_batch`` call; MLflow accepts up to 1000 per request.
 FLUSH_EVERY = 1000
 #: Also write what is buffered at least this often, so the UI follows a long run.
 FLUSH_SECONDS = 10.0
 #: How a missing [tracking] extra is reported: "MLflow tracking needs mlflow: pip install ...".
 _FEATURE = "MLflow tracking"
-
-
-def resolve_tracking_uri(cli_value: str | None = None) -> str:
-    """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the project's sqlite store."""
-    return cli_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (relative to the working directory), else None."""
-    prefix = "sqlite:///"
-    return Path(uri[len(prefix) :]) if uri.startswith(prefix) else None
+#: MLflow 3's experiment kind: without it the UI opens an experiment in its GenAI view (traces,
+#: evaluations); ``custom_model_development`` opens it on training runs and their charts.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def artifact_root_for(uri: str) -> str | None:
@@ -83,7 +75,11 @@ def ensure_store(uri: str) -> None:
 
 
 def get_or_create_experiment(uri: str, name: str) -> str:
-    """The id of experiment ``name``, created with its artifacts under ``mlruns/artifacts/<name>``."""
+    """The id of experiment ``name``, created with its artifacts under ``mlruns/artifacts/<name>``.
+
+    It is a model-training experiment (:data:`EXPERIMENT_KIND`): one made before this tag, or by
+    another tool without any kind, gets it now; a kind someone chose is left as it is.
+    """
     with extra_imports("tracking", _FEATURE):
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
@@ -93,11 +89,15 @@ def get_or_create_experiment(uri: str, name: str) -> str:
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     root = artifact_root_for(uri)
     location = f"{root}/{_safe_name(name)}" if root else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(
+            name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     except MlflowException:  # another process created it between our look-up and create
         experiment = client.get_experiment_by_name(name)
         if experiment is None:

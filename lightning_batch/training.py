@@ -47,6 +47,7 @@ from lightning_batch.hardware import Placement, resolve_placement
 from lightning_batch.models import build_model
 from lightning_batch.module import TaskModule
 from lightning_batch.progress import BatchProgressBar
+from lightning_batch.run_owners import claim_run, owner_tags, reap_quietly
 from lightning_batch.tracking import (
     BufferedMLFlowLogger,
     ensure_store,
@@ -326,6 +327,7 @@ def train(
     logger: BufferedMLFlowLogger | None = None
     if rank == 0:
         ensure_store(uri)
+        reap_quietly(uri)  # runs whose process died end FAILED ("process lost") before this one starts
         experiment_id = get_or_create_experiment(uri, cfg.experiment)
         tags = {
             "task": dm.task,
@@ -333,6 +335,7 @@ def train(
             "model": str(cfg.model),
             **placement.tags(),
             **(extra_tags or {}),
+            **owner_tags(),  # this process (rank 0): a reaper ends the run FAILED if it dies
         }
         commit = git_commit()
         if commit:
@@ -362,6 +365,7 @@ def train(
             if on_run_created is not None:
                 on_run_created(run_id)
             if resume_run_id is not None:
+                claim_run(client, run_id)  # first: a reaper must not see it RUNNING under its dead owner
                 client.update_run(run_id, status="RUNNING")
                 client.set_tag(run_id, "resumed", "true")
             else:

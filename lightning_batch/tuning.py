@@ -55,6 +55,7 @@ from lightning_batch import data_cache, hardware
 from lightning_batch._extras import check, extra_imports
 from lightning_batch.config import RunConfig
 from lightning_batch.errors import UserError
+from lightning_batch.run_owners import claim_run, owner_tags, reap_quietly
 from lightning_batch.search_space import ParamSpec, TuneConfig, apply_params, parse_space
 from lightning_batch.tracking import (
     ensure_store,
@@ -364,11 +365,13 @@ def ensure_parent_run(study: optuna.Study, base: RunConfig, options: TuneConfig,
 
     tracking_uri = resolve_tracking_uri(base.tracking_uri)
     ensure_store(tracking_uri)
+    reap_quietly(tracking_uri)  # runs whose process died end FAILED ("process lost"), a lost parent too
     experiment_id = get_or_create_experiment(tracking_uri, options.study)
     client = MlflowClient(tracking_uri)
     existing = study.user_attrs.get(PARENT_ATTR)
     if existing:
         with contextlib.suppress(Exception):
+            claim_run(client, existing)  # this process owns the study run now
             client.update_run(existing, status="RUNNING")
             return str(existing)
     run = client.create_run(
@@ -378,6 +381,7 @@ def ensure_parent_run(study: optuna.Study, base: RunConfig, options: TuneConfig,
             "optuna_study": options.study,
             "lightning_batch.role": "study",
             "optuna_storage": redact(storage_url),
+            **owner_tags(),
         },
     )
     run_id = run.info.run_id

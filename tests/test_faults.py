@@ -52,6 +52,18 @@ def _flags(options: dict) -> list[str]:
     return out
 
 
+def _run_py(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python experiments/run.py ARGS`` in ``workdir``, its output captured."""
+    return subprocess.run(
+        [sys.executable, str(RUN_PY), *args],
+        cwd=workdir,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def _final_weights(client: MlflowClient, run_id: str, folder: Path) -> dict[str, torch.Tensor]:
     path = client.download_artifacts(run_id, "checkpoints/final_weights.pt", str(folder))
     return torch.load(path, weights_only=True)
@@ -94,27 +106,18 @@ def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(workdi
     saved = torch.load(next(checkpoints.glob(f"{killed.info.run_id}/last.ckpt")), weights_only=True)
     killed_at = saved["global_step"]
 
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(RUN_PY),
-            "train",
-            "--resume",
-            killed.info.run_id,
-            "--tracking-uri",
-            tracking_uri,
-        ],
-        cwd=workdir,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # `run.py runs --reap` ends the lost run FAILED; `--resume` still continues it.
+    reaped = _run_py(workdir, "runs", "--reap", "--experiment", "killed", "--tracking-uri", tracking_uri)
+    assert reaped.returncode == 0, reaped.stderr[-3000:]
+    assert f"marked FAILED (process lost): {killed.info.run_id}" in reaped.stdout, reaped.stdout
+    assert client.get_run(killed.info.run_id).info.status == "FAILED"
+
+    done = _run_py(workdir, "train", "--resume", killed.info.run_id, "--tracking-uri", tracking_uri)
     assert done.returncode == 0, done.stderr[-3000:]
     (resumed,) = client.search_runs([experiment])  # the same run went on: no second run
     assert resumed.info.run_id == killed.info.run_id
     assert resumed.info.status == "FINISHED", done.stdout[-3000:] + done.stderr[-3000:]
-    assert resumed.data.tags["resumed"] == "true"
+    assert resumed.data.tags["resumed"] == "true" and "error" not in resumed.data.tags
     n_train = int(resumed.data.params["n_train"])
     assert resumed.data.metrics["samples_seen"] == RESUMABLE["epochs"] * n_train, "no row skipped or repeated"
 

@@ -4,12 +4,14 @@ A kill timed from outside the process lands at a random step; this one lands at 
 the test knows the checkpoint: mid-epoch, after a batch-size change in the same epoch, with a batch
 the loader fetched ahead still in flight. That is where a wrong sampler cursor shows: one that
 forgets the fetched-ahead batch skips its rows, one computed as steps × current size skips or
-repeats rows. The checks use the test's own record of the rows each step trained.
+repeats rows. The checks use the test's own record of the rows each step trained. The killed run,
+left RUNNING, is ended FAILED ("process lost") by the next train on the store, and still resumes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from lightning_batch.callback import sync_epoch_length
 from lightning_batch.config import RunConfig
 from lightning_batch.data import TabularDataModule, keep_batch
 from lightning_batch.module import TaskModule
+from lightning_batch.run_owners import ERROR_TAG, PROCESS_LOST_TAG, Owner
 from lightning_batch.training import build_module, train
 
 from .conftest import ROOT, quiet_trainer, subprocess_env
@@ -68,13 +71,6 @@ def _rows_by_epoch(steps: list[list]) -> dict[int, list[int]]:
 
 def test_a_kill_mid_epoch_after_a_resize_resumes_exactly(workdir: Path, tracking_uri: str):
     client = MlflowClient(tracking_uri)
-    unbroken_rows = TrainedRows()
-    reference = train(
-        RunConfig(**CONFIG, tracking_uri=tracking_uri, experiment="reference"),
-        callbacks=[unbroken_rows],
-        progress_bar=False,
-    )
-
     record = workdir / "killed.json"
     config = json.dumps({**CONFIG, "tracking_uri": tracking_uri, "experiment": "killed"})
     killed = subprocess.run(
@@ -88,6 +84,19 @@ def test_a_kill_mid_epoch_after_a_resize_resumes_exactly(workdir: Path, tracking
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     (run,) = client.search_runs([client.get_experiment_by_name("killed").experiment_id])
     assert run.info.status == "RUNNING"  # nobody could close it
+    owner = Owner.from_tags(run.data.tags)
+    assert owner is not None and owner.pid != os.getpid() and owner.state() == "gone"
+
+    # The next train on the store (here the unbroken reference fit) ends the killed run FAILED.
+    unbroken_rows = TrainedRows()
+    reference = train(
+        RunConfig(**CONFIG, tracking_uri=tracking_uri, experiment="reference"),
+        callbacks=[unbroken_rows],
+        progress_bar=False,
+    )
+    reaped = client.get_run(run.info.run_id)
+    assert reaped.info.status == "FAILED"
+    assert reaped.data.tags[ERROR_TAG].startswith(f"process lost: pid {owner.pid} on {owner.host} is gone")
 
     # The checkpoint the resume starts from: mid-epoch, after a resize in that epoch.
     saved = torch.load(workdir / "mlruns" / "checkpoints" / run.info.run_id / "last.ckpt", weights_only=True)
@@ -112,6 +121,10 @@ def test_a_kill_mid_epoch_after_a_resize_resumes_exactly(workdir: Path, tracking
         RunConfig(tracking_uri=tracking_uri), resume_run_id=run.info.run_id, callbacks=[resumed_rows]
     )
     assert result.run_id == run.info.run_id and result.status == "FINISHED"
+    resumed = client.get_run(run.info.run_id)  # finished by this process, the loss kept in its history
+    assert resumed.info.status == "FINISHED" and ERROR_TAG not in resumed.data.tags
+    assert Owner.from_tags(resumed.data.tags) == Owner.of_this_process()
+    assert PROCESS_LOST_TAG in resumed.data.tags and resumed.data.tags["resumed"] == "true"
     assert resumed_rows.steps[0][0] == CHECKPOINT_STEP + 1
 
     for epoch, rows in _rows_by_epoch(kept + resumed_rows.steps).items():
