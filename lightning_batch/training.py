@@ -86,6 +86,9 @@ class RunResult:
     #: The global DDP rank that returned this (0 in a single-process run). Only rank 0 wrote the run;
     #: another rank's result names the same run, with its own counters.
     rank: int = 0
+    #: The run's MLflow Model (``models:/<model id>``; ``mlflow.pyfunc.load_model`` reads it), or "" when
+    #: none was logged (``log_model=False``, or another DDP rank).
+    model_uri: str = ""
 
 
 class StopOnNonFiniteLoss(Callback):
@@ -290,6 +293,7 @@ def train(
     evaluate_test: bool = True,
     clean_stops: tuple[type[BaseException], ...] = (),
     on_run_created: Callable[[str], None] | None = None,
+    log_model: bool = True,
 ) -> RunResult:
     """Train, validate and test one configuration, recorded as one MLflow run.
 
@@ -301,6 +305,8 @@ def train(
     ``clean_stops`` are exceptions that stop a run on purpose (Optuna's ``TrialPruned``): the run
     ends FINISHED with a ``stopped`` tag instead of FAILED, and the exception propagates.
     ``on_run_created`` is told the MLflow run id as soon as the run exists (a tuner records it).
+    ``log_model`` logs the best checkpoint with its preprocessing as the run's MLflow Model (a pyfunc,
+    :mod:`lightning_batch.model_export`); a tuning trial skips it, the study's refit does not.
 
     Under DDP every rank calls this (Lightning's launcher re-runs the command once per device):
     only global rank 0 creates, writes and ends the MLflow run and its artifacts; the other ranks
@@ -357,6 +363,7 @@ def train(
         checkpoint_dir = _checkpoint_dir(uri, resume_run_id) if resume_run_id else None
     resume_from = _checkpoint_dir(uri, resume_run_id) / "last.ckpt" if resume_run_id else None
     started = time.perf_counter()
+    model_uri = ""
     try:
         data = dm.prepared
         assert data is not None
@@ -461,6 +468,8 @@ def train(
             )
             logger.flush()
             _log_run_artifacts(client, run_id, cfg, dm, logger, checkpoint, resizer, final_weights)
+            if log_model:
+                model_uri = _log_run_model(uri, run_id, cfg, dm, checkpoint, final_weights)
             logger.finalize("success")
             assert checkpoint_dir is not None
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the best one is an artifact now
@@ -487,6 +496,7 @@ def train(
             metrics=summary,
             tracking_uri=uri,
             rank=rank,
+            model_uri=model_uri,
         )
     except clean_stops as exc:
         if logger is not None:
@@ -576,6 +586,20 @@ def mark_run_stopped(logger: BufferedMLFlowLogger, exc: BaseException) -> None:
     with contextlib.suppress(Exception):
         logger.experiment.set_tag(logger.run_id, "stopped", str(exc)[:4000] or type(exc).__name__)
         logger.experiment.set_terminated(logger.run_id, "FINISHED")
+
+
+def _log_run_model(
+    uri: str, run_id: str, cfg: RunConfig, dm: TabularDataModule, checkpoint: ModelCheckpoint, final: dict
+) -> str:
+    """Log the run's MLflow Model from the best validation checkpoint (the final weights when no
+    validation ran), the weights ``test_*`` were measured with; its ``models:/`` URI."""
+    from lightning_batch.model_export import log_run_model, network_weights
+
+    state = final
+    if checkpoint.best_model_path and Path(checkpoint.best_model_path).is_file():
+        state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+    info = log_run_model(uri, run_id, cfg, dm.prepared, dm.n_features, dm.n_outputs, network_weights(state))
+    return str(info.model_uri)
 
 
 def _log_run_artifacts(

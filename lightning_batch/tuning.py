@@ -254,6 +254,7 @@ class Objective:
                 extra_tags=tags,
                 evaluate_test=False,
                 clean_stops=(optuna.TrialPruned,),
+                log_model=False,  # the study's refit logs the model: one per study, not one per trial
                 on_run_created=lambda run_id: trial.set_user_attr(RUN_ID_ATTR, run_id),
             )
             value = result.metrics.get("best_val_loss", math.nan)
