@@ -13,7 +13,11 @@ The documented cadence: a decision falls at the end of the step where at least `
 steps went by since the previous decision, or sooner, once a quarter of an epoch's rows went by
 (a large batch makes few steps an epoch); but never before ``min_steps`` steps at the current size
 (the ``goodput`` policy times that many steps of each size for its throughput model; the other
-policies need no timings and use ``min_steps=1``).
+policies need no timings and use ``min_steps=1``). With ``warmup=W``, the first ``W`` decisions
+come sooner: the k-th (from 0) after ``adjust_every`` and ``min_steps`` divided by ``2**(W - k)``
+(at least 1): the first few dozen steps carry the most information per second, and a batch that
+should grow is worth growing early. :class:`~lightning_batch.callback.DynamicBatchSize` uses
+``warmup=2`` (:data:`WARMUP_DECISIONS`): with the defaults, decisions after 5, 10, then every 20 steps.
 
 Example:
     >>> def decision_steps(cadence, rows, epoch_rows=1000, steps=9):
@@ -29,10 +33,13 @@ Example:
     [3, 6, 9]
     >>> decision_steps(DecisionCadence(adjust_every=2, min_steps=4), rows=8)  # goodput timing 4 steps
     [4, 8]
+    >>> decision_steps(DecisionCadence(adjust_every=4, warmup=2), rows=8, steps=12)  # after 1, 2, then 4
+    [1, 3, 7, 11]
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the config imports this module's defaults and must not pull in torch
@@ -42,6 +49,8 @@ if TYPE_CHECKING:  # the config imports this module's defaults and must not pull
 GOODPUT_MIN_TIMED_STEPS = 20
 #: The share of an epoch's rows after which a decision falls even before ``adjust_every`` steps.
 EPOCH_SHARE_PER_DECISION = 0.25
+#: The decisions DynamicBatchSize takes sooner at the start of a fit (see the module docstring).
+WARMUP_DECISIONS = 2
 
 
 class DecisionCadence:
@@ -51,19 +60,29 @@ class DecisionCadence:
         adjust_every: decide every N optimizer steps.
         min_steps: never decide before this many steps since the previous decision (the
             quarter-epoch rule included); 1 means every step may be a decision.
+        warmup: the first ``warmup`` decisions come sooner (see the module docstring); 0: never.
 
-    Both counters go into checkpoints, so a resumed fit decides at the same steps as an
+    The counters go into checkpoints, so a resumed fit decides at the same steps as an
     unbroken one.
     """
 
-    def __init__(self, adjust_every: int, min_steps: int = 1) -> None:
+    def __init__(self, adjust_every: int, min_steps: int = 1, warmup: int = 0) -> None:
         for name, value in (("adjust_every", adjust_every), ("min_steps", min_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
         self.adjust_every = adjust_every
         self.min_steps = min_steps
+        self.warmup = warmup
         self.steps_since_decision = 0
         self.rows_since_decision = 0
+        self.decisions = 0
+
+    def _shortened(self, steps: int) -> int:
+        """``steps`` for the current decision: divided during the warm-up, at least 1."""
+        shift = self.warmup - self.decisions
+        return max(1, steps >> shift) if shift > 0 else steps
 
     @property
     def effective_every(self) -> int:
@@ -81,9 +100,9 @@ class DecisionCadence:
 
     def due(self, epoch_rows: int) -> bool:
         """Whether the steps counted so far make a decision due (see the module docstring)."""
-        if self.steps_since_decision < self.min_steps:
+        if self.steps_since_decision < self._shortened(self.min_steps):
             return False
-        if self.steps_since_decision >= self.adjust_every:
+        if self.steps_since_decision >= self._shortened(self.adjust_every):
             return True
         return epoch_rows > 0 and self.rows_since_decision >= epoch_rows * EPOCH_SHARE_PER_DECISION
 
@@ -91,16 +110,20 @@ class DecisionCadence:
         """A decision was taken: count afresh."""
         self.steps_since_decision = 0
         self.rows_since_decision = 0
+        self.decisions += 1
 
     def state_dict(self) -> dict[str, int]:
         return {
             "steps_since_decision": self.steps_since_decision,
             "rows_since_decision": self.rows_since_decision,
+            "decisions_taken": self.decisions,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps_since_decision = int(state.get("steps_since_decision", 0))
         self.rows_since_decision = int(state.get("rows_since_decision", 0))
+        # A checkpoint from before the warm-up existed is past it.
+        self.decisions = int(state.get("decisions_taken", self.warmup))
 
 
 def effective_ceiling(
@@ -148,3 +171,89 @@ def epoch_steps(sampler: ResizableBatchSampler, limit_train_batches: int | float
     if limit_train_batches < 1.0:
         return max(1, int(total * limit_train_batches))
     return total
+
+
+#: Measurements taken every other step at the start of a fit, before the budget plans the spacing.
+EARLY_MEASUREMENTS = 8
+#: The early measurements may take this many times the budget (a measurement that costs a dozen
+#: steps, as a CNN's micro-batches do, ends the early phase at once).
+EARLY_OVERSPEND = 5.0
+#: The longest spacing the budget plans between measurements (a sanity bound; the budget rules).
+MAX_MEASURE_INTERVAL = 10_000
+
+
+class MeasurementBudget:
+    """When to measure the noise statistics so that measuring costs at most ``budget`` of the fit's time.
+
+    The caller times what a measurement costs -- a measured step's cycle minus an unmeasured step's
+    at the same batch, plus the reduction after it -- and :meth:`record`\\ s it; at each decision it
+    asks :meth:`plan` for the steps between measurements from then on:
+
+    ``interval = ceil(cost / (budget × step)) × spent / (budget × elapsed)``
+
+    the first factor spreads a measurement's median cost over enough steps, the second repays
+    what was spent beyond the budget so far (or spends what is left of it), so the budget holds
+    over the fit, not just per window. The first :data:`EARLY_MEASUREMENTS` come every other step
+    (the estimates move fastest early, and decisions then need them most) while they cost at most
+    :data:`EARLY_OVERSPEND` times the budget.
+
+    >>> budget = MeasurementBudget(0.02)
+    >>> [budget.step_begins() for _ in range(4)]  # every other step at first
+    [True, False, True, False]
+    >>> for _ in range(8):
+    ...     budget.record(0.0005)  # a measurement costs 0.5 ms
+    >>> budget.plan(elapsed_seconds=0.2, step_seconds=0.001, measurements=8)  # 4 ms spent of 4 ms allowed
+    25
+    """
+
+    def __init__(self, budget: float) -> None:
+        if not 0.0 < budget <= 0.5:
+            raise ValueError(f"budget must be a share of the fit's time in (0, 0.5], got {budget!r}")
+        self.budget = float(budget)
+        self.interval = 2
+        self.steps_since = 1  # the first step is measured
+        self.spent = 0.0
+        self._costs: list[float] = []
+
+    def step_begins(self) -> bool:
+        """Count a step; True when it is to be measured."""
+        self.steps_since += 1
+        if self.steps_since >= self.interval:
+            self.steps_since = 0
+            return True
+        return False
+
+    def record(self, seconds: float) -> None:
+        """One measurement cost ``seconds`` (beyond the step it rode on)."""
+        seconds = max(0.0, float(seconds))
+        self.spent += seconds
+        self._costs = [*self._costs[-15:], seconds]
+
+    def plan(self, elapsed_seconds: float, step_seconds: float | None, measurements: int) -> int:
+        """The steps between measurements from now on (also kept as :attr:`interval`)."""
+        allowed = self.budget * max(elapsed_seconds, 1e-9)
+        if measurements < EARLY_MEASUREMENTS and self.spent <= EARLY_OVERSPEND * allowed:
+            self.interval = 2
+            return self.interval
+        if not self._costs or not step_seconds or step_seconds <= 0:
+            return self.interval
+        costs = sorted(self._costs)
+        cost = costs[len(costs) // 2]
+        spacing = cost / (self.budget * step_seconds)
+        balance = min(max(self.spent / allowed, 0.25), 8.0)
+        self.interval = int(min(max(math.ceil(spacing * balance - 1e-9), 1), MAX_MEASURE_INTERVAL))
+        return self.interval
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "interval": self.interval,
+            "steps_since": self.steps_since,
+            "spent": self.spent,
+            "costs": list(self._costs),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.interval = int(state["interval"])
+        self.steps_since = int(state["steps_since"])
+        self.spent = float(state["spent"])
+        self._costs = [float(c) for c in state["costs"]]

@@ -3,7 +3,8 @@
 It is glue between the Trainer and three pieces of plain math:
 
 - :mod:`lightning_batch.memory` finds the largest batch that fits (once, when training starts);
-- :mod:`lightning_batch.noise` measures the gradient noise scale every ``measure_every`` steps;
+- :mod:`lightning_batch.noise` measures the gradient noise scale, as often as a share of the fit's
+  time allows (``measure_budget``, 2%) or every ``measure_every`` steps;
 - :mod:`lightning_batch.policy` decides, every ``adjust_every`` steps, the batch size and the lr
   multiplier that go with it.
 
@@ -52,7 +53,12 @@ from lightning_batch._lightning_compat import (
     scale_scheduler_lrs,
     sync_epoch_length,
 )
-from lightning_batch.cadence import DecisionCadence, effective_ceiling
+from lightning_batch.cadence import (
+    WARMUP_DECISIONS,
+    DecisionCadence,
+    MeasurementBudget,
+    effective_ceiling,
+)
 from lightning_batch.memory import MemoryProbeResult, probe_training_ceiling, resident_bytes
 from lightning_batch.noise import NoiseMeter, NoiseScaleEMA
 from lightning_batch.policy import (
@@ -108,14 +114,27 @@ class DynamicBatchSize(Callback):
             again (its throughput model fits step times; fewer make it noisier). Decisions then come
             every ``max(adjust_every, min_timed_steps)`` steps, said once in a warning when that is
             more than ``adjust_every``. Default 20; other policies time nothing and ignore it.
-        measure_every: measure the noise statistics every N steps. A measurement costs ~0.6 ms on
-            this project's 2-core CPU (hooks on every Linear, a few reductions, one host sync), about
-            half a small tabular step: every 10 steps measured 5-6% (benchmarks/noise_overhead.py),
-            so the default is 20. The EMAs need many measurements, not every step.
+        measure_every: measure the noise statistics every N steps; 0 (the default): as often as
+            ``measure_budget`` allows. A measurement costs ~0.6 ms on this project's 2-core CPU
+            (hooks on every Linear, a few reductions, one host sync), about half a small tabular
+            step, and far more for a CNN's micro-batches: a fixed N is right for one model only.
+        measure_budget: with ``measure_every=0``, the share of the fit's time measurements may
+            take. The callback times them (a measured step's cycle against the unmeasured steps'
+            at the same batch, plus the reduction after it) and, at each decision, sets the
+            steps between measurements so their cost stays within the budget over the fit so far;
+            the first measurements come every other step (the estimates move fastest early, and
+            the budget is repaid later). Under DDP rank 0 plans and broadcasts with the decision.
         hysteresis: change only when the predicted gain exceeds this (0.05 = 5%).
-        ema_decay: decay of the EMAs of ``|G|²`` and ``tr(Σ)`` (their ratio is the noise scale).
+        ema_decay: decay per measurement of the EMAs of ``|G|²`` and ``tr(Σ)`` (their ratio is the
+            noise scale), with ``noise_window=0``.
+        noise_window: the EMAs' half-life as a share of the samples seen so far (see
+            :class:`~lightning_batch.noise.NoiseScaleEMA`), at least 8 start batches.
         noise_k: the ``noise`` policy's multiple of ``B_noise``.
-        explore_factor: ``goodput`` tries ``B × explore_factor`` once, to time a second size.
+        explore_factor: ``goodput`` tries ``B × explore_factor`` once, to time a second size (only
+            without the memory probe: the probe's timed trial steps give the throughput model its
+            slope, so the first decision can already jump).
+        min_efficiency: ``goodput`` keeps to batches whose statistical efficiency is at least
+            this (see :class:`~lightning_batch.policy.GoodputPolicy`); 0: no bound.
         milestones, schedule_factor: the ``schedule`` policy's epochs and growth factor.
         probe_memory: find the memory ceiling when training starts (needs ``pl_module.loss``). The
             trial steps run under the Trainer's precision (bf16 activations take half the bytes).
@@ -150,10 +169,13 @@ class DynamicBatchSize(Callback):
         adjust_every: int = defaults.ADJUST_EVERY,
         min_timed_steps: int = defaults.MIN_TIMED_STEPS,
         measure_every: int = defaults.MEASURE_EVERY,
+        measure_budget: float = defaults.MEASURE_BUDGET,
         hysteresis: float = defaults.HYSTERESIS,
         ema_decay: float = defaults.EMA_DECAY,
+        noise_window: float = defaults.NOISE_WINDOW,
         noise_k: float = defaults.NOISE_K,
         explore_factor: float = defaults.EXPLORE_FACTOR,
+        min_efficiency: float = defaults.MIN_EFFICIENCY,
         milestones: tuple[int, ...] = (),
         schedule_factor: float = defaults.SCHEDULE_FACTOR,
         probe_memory: bool = defaults.PROBE_MEMORY,
@@ -168,12 +190,23 @@ class DynamicBatchSize(Callback):
         for name, value in (
             ("adjust_every", adjust_every),
             ("min_timed_steps", min_timed_steps),
-            ("measure_every", measure_every),
             ("log_every", log_every),
             ("fallback_every", fallback_every),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(measure_every, bool) or not isinstance(measure_every, int) or measure_every < 0:
+            raise ValueError(
+                f"measure_every must be an integer >= 0 (0: by time budget), got {measure_every!r}"
+            )
+        if not 0 < measure_budget <= 0.5:
+            raise ValueError(
+                f"measure_budget must be a share of the fit's time in (0, 0.5], got {measure_budget!r}"
+            )
+        if not 0 <= noise_window <= 10:
+            raise ValueError(
+                f"noise_window must be in [0, 10] (0: ema_decay per measurement), got {noise_window!r}"
+            )
         if not 0 < memory_budget <= 1:
             raise ValueError(f"memory_budget must be a fraction in (0, 1], got {memory_budget!r}; e.g. 0.5")
         if isinstance(policy, BatchPolicy):
@@ -184,7 +217,7 @@ class DynamicBatchSize(Callback):
             if policy == "noise":
                 policy_options = {"k": noise_k}
             elif policy == "goodput":
-                policy_options = {"explore_factor": explore_factor}
+                policy_options = {"explore_factor": explore_factor, "min_efficiency": min_efficiency}
             elif policy == "schedule":
                 policy_options = {"milestones": tuple(milestones), "factor": schedule_factor}
             batch_policy = make_policy(policy, **policy_options)
@@ -198,12 +231,14 @@ class DynamicBatchSize(Callback):
             multiple=multiple,
             hysteresis=hysteresis,
         )
-        self.ema = NoiseScaleEMA(ema_decay)
+        self.ema = NoiseScaleEMA(ema_decay, half_life_share=noise_window or None)
         self.adjust_every = adjust_every
         self.min_timed_steps = min_timed_steps
         # Only goodput reads step times (a policy of one's own says so with times_steps = True).
         times_steps = getattr(batch_policy, "times_steps", batch_policy.name == "goodput")
-        self.cadence = DecisionCadence(adjust_every, min_timed_steps if times_steps else 1)
+        self.cadence = DecisionCadence(
+            adjust_every, min_timed_steps if times_steps else 1, warmup=WARMUP_DECISIONS
+        )
         if self.cadence.effective_every > adjust_every:
             log.warning(
                 "DynamicBatchSize: the %s policy times %d steps at each batch size, so it decides every "
@@ -216,6 +251,7 @@ class DynamicBatchSize(Callback):
                 adjust_every,
             )
         self.measure_every = measure_every
+        self.measure_budget = measure_budget
         self.probe_memory = probe_memory
         self.memory_budget = memory_budget
         self.log_every = log_every
@@ -241,7 +277,7 @@ class DynamicBatchSize(Callback):
         #: The last all-ranks mean ``(|G|², tr(Σ))`` fed to the EMAs (None: that step was not measured).
         self.last_measurement: tuple[float, float] | None = None
         self._step_started = 0.0
-        self._step_times: list[tuple[int, float]] = []
+        self._fit_started = time.perf_counter()
         self._measured_this_step = False
         self._cycle_is_clean = False
         self._samples_seen = 0
@@ -251,6 +287,9 @@ class DynamicBatchSize(Callback):
         #: Whether batches beyond the ceiling run as micro-batches in this fit (see ``accumulate``).
         self.accumulates = False
         self._loss_scale = 1.0  # a float16 GradScaler's scale at the measured step's backward
+        #: The measurement budget's book-keeping (see ``measure_budget``), in state_dict.
+        self.measurement = MeasurementBudget(measure_budget)
+        self._rows_since_measurement = 0
 
     # ------------------------------------------------------------------------------------------
     # set-up
@@ -310,6 +349,7 @@ class DynamicBatchSize(Callback):
         _set_run_tag(trainer, "batch_size_not_measured", "; ".join(lost))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_started = time.perf_counter()  # the measurement budget's clock (the probe counts)
         self._restart_iterator = False
         self._sampler = self._adopt_train_loader(trainer)
         try:
@@ -344,6 +384,8 @@ class DynamicBatchSize(Callback):
             return
         self.base_batch = self._sampler.batch_size
         self.batch_size = self._sampler.batch_size
+        # The noise window never shorter than 8 start batches: the first estimates need several.
+        self.ema.min_half_life = 8.0 * self.base_batch
         if self.probe_memory and self.controller.policy.name != "fixed":
             self._probe_memory(trainer, pl_module)
             self._limit_rows_per_pass(trainer, pl_module)
@@ -393,6 +435,11 @@ class DynamicBatchSize(Callback):
             # The global ceiling is what the tightest rank can hold, times the number of ranks.
             local_ceiling = int(trainer.strategy.reduce(torch.tensor(float(local_ceiling)), reduce_op="min"))
         self.ceiling = max(1, local_ceiling * world)
+        # The trial steps were timed: their per-row cost (a rank's rows) is the throughput model's
+        # slope until real steps at sizes far enough apart replace it, so the first decision can jump.
+        per_row = self.probe.seconds_per_row()
+        if per_row is not None:
+            self.controller.throughput.set_prior_slope(per_row / world)
         if trainer.logger is not None:
             trainer.logger.log_hyperparams(self.probe.as_dict("memory_probe_"))
             trainer.logger.log_metrics(self.probe.metrics("memory_probe_"), step=trainer.global_step)
@@ -411,11 +458,15 @@ class DynamicBatchSize(Callback):
         if self._sampler is not None and self._sampler.position_owner is self:
             self._sampler.batch_trained()  # in order, once per trained batch: the saved position
         # global_step moves on in the optimizer step: what to measure is decided here, at the start.
-        self._measured_this_step = trainer.global_step % self.measure_every == 0
+        if self.measure_every:
+            self._measured_this_step = trainer.global_step % self.measure_every == 0
+            fallback = trainer.global_step % self.fallback_every == 0
+        else:
+            # By the budget: the same on every rank (the spacing is rank 0's plan, broadcast), and a
+            # measured step measures everything, micro-batches included, since the budget pays for it.
+            self._measured_this_step = fallback = self.measurement.step_begins()
         if self.noise_meter is not None:
-            self.noise_meter.begin_step(
-                self._measured_this_step, batch, fallback=trainer.global_step % self.fallback_every == 0
-            )
+            self.noise_meter.begin_step(self._measured_this_step, batch, fallback=fallback)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -428,10 +479,19 @@ class DynamicBatchSize(Callback):
         # so every rank reaches the same decision points and the broadcast in _decide cannot deadlock.
         rows = self._sampler.last_global_rows if self._sampler is not None else 0
         self._samples_seen += rows
-        if self._cycle_is_clean:
-            self._step_times.append((rows, seconds))
+        self._rows_since_measurement += rows
         if self._measured_this_step:
+            # A measured step is slower than the others: its time is the measurement's cost, not
+            # the throughput model's.
+            started = time.perf_counter()
             self._measure(trainer, pl_module)
+            cost = time.perf_counter() - started
+            plain = self._plain_step_seconds(rows)
+            if self._cycle_is_clean and plain is not None:
+                cost += seconds - plain
+            self.measurement.record(cost)
+        elif self._cycle_is_clean:
+            self.controller.observe_step(rows, seconds)
         step = trainer.global_step
         epoch_rows = self._sampler.num_samples if self._sampler is not None else 0
         if self.cadence.step_done(rows, epoch_rows) or self._over_ceiling(trainer):
@@ -457,6 +517,14 @@ class DynamicBatchSize(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._cycle_is_clean = False
 
+    def _plain_step_seconds(self, rows: int) -> float | None:
+        """An unmeasured step's seconds at ``rows``: the median of those timed, else the model's."""
+        model = self.controller.throughput
+        times = model.times_at(rows)
+        if times:
+            return times[len(times) // 2]
+        return model.step_time(rows) if model.is_fitted else None
+
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One step's unbiased |G|² and tr(Σ) into the EMAs (averaged over ranks first).
 
@@ -475,7 +543,8 @@ class DynamicBatchSize(Callback):
         self.last_measurement = None
         if math.isfinite(grad_sqr) and math.isfinite(trace):
             self.last_measurement = (grad_sqr, trace)
-            self.ema.update(grad_sqr, trace)
+            self.ema.update(grad_sqr, trace, samples=self._rows_since_measurement)
+            self._rows_since_measurement = 0
 
     def _over_ceiling(self, trainer: pl.Trainer) -> bool:
         """The batch no longer fits (an out-of-memory error lowered the ceiling): decide now."""
@@ -483,7 +552,8 @@ class DynamicBatchSize(Callback):
         return ceiling is not None and self.batch_size is not None and self.batch_size > ceiling
 
     def _context(self, trainer: pl.Trainer) -> PolicyContext:
-        step_times, self._step_times = self._step_times, []
+        # Step times go into the controller's throughput model as they come (the measurement budget
+        # reads it every measured step), not through the context.
         gns = self.ema.gns
         grad_sqr = self.ema.grad_sqr
         trace = self.ema.grad_var
@@ -495,7 +565,6 @@ class DynamicBatchSize(Callback):
             trace_sigma=max(trace, 0.0) if trace is not None else None,
             ceiling=self._effective_ceiling(trainer),
             epoch=trainer.current_epoch,
-            step_times=step_times,
         )
 
     def _effective_ceiling(self, trainer: pl.Trainer) -> int | None:
@@ -512,10 +581,19 @@ class DynamicBatchSize(Callback):
         self.cadence.reset()
         decision: Decision | None = None
         context = self._context(trainer)
+        interval = self.measurement.interval
         if trainer.is_global_zero:
             decision = self.controller.decide(context)
-        # Rank 0 decides (its throughput model is the one that counts); every rank applies the same.
-        decision = trainer.strategy.broadcast(decision, src=0)
+            if not self.measure_every:
+                interval = self.measurement.plan(
+                    time.perf_counter() - self._fit_started,
+                    self._plain_step_seconds(decision.batch_size),
+                    self.ema.num_updates,
+                )
+        # Rank 0 decides (its throughput model is the one that counts) and plans the measurements;
+        # every rank applies the same.
+        decision, interval = trainer.strategy.broadcast((decision, interval), src=0)
+        self.measurement.interval = interval
         if decision is not None and decision.changed:
             self._apply(trainer, decision, context)
 
@@ -596,6 +674,8 @@ class DynamicBatchSize(Callback):
             "controller": self.controller.state_dict(),
             "decisions": list(self.decisions),
             "samples_seen": self._samples_seen,
+            "measurement": self.measurement.state_dict(),
+            "rows_since_measurement": self._rows_since_measurement,
             # Where the next decision falls: a resumed fit decides at the same steps as an unbroken one.
             **self.cadence.state_dict(),
             # The trained position in the epoch: this callback reports trained batches, so it saves
@@ -618,6 +698,9 @@ class DynamicBatchSize(Callback):
         self.controller.load_state_dict(state["controller"])
         self.decisions = list(state["decisions"])
         self._samples_seen = int(state["samples_seen"])
+        if "measurement" in state:  # checkpoints from before the measurement budget have none
+            self.measurement.load_state_dict(state["measurement"])
+            self._rows_since_measurement = int(state["rows_since_measurement"])
         self.cadence.load_state_dict(state)
         assert self._sampler is not None
         if state.get("sampler") is not None:

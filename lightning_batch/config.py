@@ -162,15 +162,22 @@ class RunConfig:
     """The ``goodput`` policy's timed steps at a batch size before it decides again (its throughput
     model needs them); decisions then come every ``max(adjust_every, min_timed_steps)`` steps."""
     measure_every: int = defaults.MEASURE_EVERY
-    """Measure the gradient noise scale every N optimizer steps."""
+    """Measure the gradient noise scale every N optimizer steps; 0: as often as ``measure_budget`` allows."""
+    measure_budget: float = defaults.MEASURE_BUDGET
+    """With ``measure_every`` 0, the share of the fit's time the noise measurements may take (0.02 = 2%)."""
     hysteresis: float = defaults.HYSTERESIS
     """Resize only when the predicted gain exceeds this (0.05 = 5%)."""
     ema_decay: float = defaults.EMA_DECAY
-    """Decay of the EMAs of ``|G|²`` and ``tr(Σ)`` whose ratio is the noise scale, in [0, 1)."""
+    """Decay per measurement of the EMAs of ``|G|²`` and ``tr(Σ)`` (the noise scale is their ratio),
+    in [0, 1); used when ``noise_window`` is 0."""
+    noise_window: float = defaults.NOISE_WINDOW
+    """The noise EMAs' half-life as a share of the samples seen so far (0: ``ema_decay`` per measurement)."""
     noise_k: float = defaults.NOISE_K
     """The ``noise`` policy trains at ``noise_k × B_noise``."""
     explore_factor: float = defaults.EXPLORE_FACTOR
     """The ``goodput`` policy times ``B × explore_factor`` once, to fit its throughput model (> 1)."""
+    min_efficiency: float = defaults.MIN_EFFICIENCY
+    """``goodput`` keeps to batches whose statistical efficiency is at least this, in [0, 1) (0: no bound)."""
     milestones: list[int] = field(default_factory=list)
     """Epochs where the ``schedule`` policy multiplies the batch size by ``schedule_factor``."""
     schedule_factor: float = defaults.SCHEDULE_FACTOR
@@ -343,7 +350,31 @@ class RunConfig:
             raise UserError(f"probe_memory must be true or false, got {self.probe_memory!r}")
         if not isinstance(self.accumulate, bool):
             raise UserError(f"accumulate must be true or false, got {self.accumulate!r}")
-        _positive_int(self.measure_every, "--measure-every", "--measure-every 20")
+        if (
+            isinstance(self.measure_every, bool)
+            or not isinstance(self.measure_every, int)
+            or self.measure_every < 0
+        ):
+            raise UserError(
+                f"--measure-every must be a whole number of steps >= 0 (0: by time budget), "
+                f"got {self.measure_every!r}; e.g. --measure-every 20"
+            )
+        _finite(self.measure_budget, "--measure-budget", "--measure-budget 0.02", minimum=0.0)
+        if not 0 < self.measure_budget <= 0.5:
+            raise UserError(
+                f"--measure-budget is a share of the fit's time in (0, 0.5], got {self.measure_budget}; "
+                "e.g. --measure-budget 0.02"
+            )
+        _finite(self.noise_window, "--noise-window", "--noise-window 0.25", minimum=0.0)
+        if self.noise_window > 10:
+            raise UserError(
+                f"--noise-window must be at most 10, got {self.noise_window}; e.g. --noise-window 0.25"
+            )
+        _finite(self.min_efficiency, "--min-efficiency", "--min-efficiency 0.5", minimum=0.0)
+        if self.min_efficiency >= 1:
+            raise UserError(
+                f"--min-efficiency must be below 1, got {self.min_efficiency}; e.g. --min-efficiency 0.5"
+            )
         _finite(self.hysteresis, "--hysteresis", "--hysteresis 0.05", minimum=0.0)
         _finite(self.ema_decay, "--ema-decay", "--ema-decay 0.9", minimum=0.0)
         if self.ema_decay >= 1:

@@ -11,22 +11,28 @@ Why these values:
   sizes below ``MULTIPLE`` stay allowed (a ``noise`` policy early in training may want them).
 - ``MULTIPLE = 8``: sizes round to multiples of 8 (tensor-core and vector-width friendly).
 - ``ADJUST_EVERY = 20`` and ``MIN_TIMED_STEPS = 20``: see :mod:`lightning_batch.cadence`.
-- ``MEASURE_EVERY = 20``: a noise measurement costs about half a small tabular step on a 2-core
-  CPU; every 10 steps measured 5-6% overhead (``benchmarks/noise_overhead.py``).
+- ``MEASURE_EVERY = 0`` and ``MEASURE_BUDGET = 0.02``: the callback times its own measurements
+  and measures as often as 2% of the fit's time allows (densely at the start, where the estimates
+  move fastest); a fixed N > 0 measures every N steps instead. A measurement costs about half a
+  small tabular step on a 2-core CPU, so a fixed every 10 steps cost 5-6%
+  (``benchmarks/noise_overhead.py``).
 - ``HYSTERESIS = 0.05``: a resize must promise more than 5% to be worth its cost.
-- ``EMA_DECAY = 0.9``: measurements come every 20 steps, so 0.9 already averages ~10 of them
-  (~200 steps); 0.95 would lag a moving noise scale by ~400 steps.
+- ``NOISE_WINDOW = 0.25``: the noise EMAs forget in samples, with a half-life of a quarter of the
+  samples seen so far (see :class:`~lightning_batch.noise.NoiseScaleEMA`).
+- ``EMA_DECAY = 0.9``: the decay per measurement when ``NOISE_WINDOW`` is 0 (about 10 measurements).
 - ``NOISE_K = 1.0``: the ``noise`` policy trains at B_noise itself (McCandlish et al. 2018).
 - ``EXPLORE_FACTOR = 4.0``: ``goodput`` times a second size ×4 away once (the controller's trust
   region allows ×4 a decision), else its throughput model never fits.
+- ``MIN_EFFICIENCY = 0.5``: ``goodput`` stays at batches that make at least half the progress per
+  sample of B0 (about ``B_noise + 2 B0``): see :class:`~lightning_batch.policy.GoodputPolicy`.
 - ``SCHEDULE_FACTOR = 2.0``: Smith et al. 2017 double the batch where they would halve the lr.
 - ``MEMORY_BUDGET = 0.5``: plan for half the free memory (on a CPU an OOM kills the process).
 - ``LOG_EVERY = 10``: one metric row every 10 steps keeps MLflow's SQL store cheap.
 - ``FALLBACK_MICROBATCHES = 8`` and ``FALLBACK_EVERY = 10``: micro-batch noise statistics for
   layers the per-example hooks cannot see (convolutions), see ``benchmarks/noise_overhead.py``.
 
->>> MIN_BATCH, MULTIPLE, MEASURE_EVERY, EMA_DECAY
-(1, 8, 20, 0.9)
+>>> MIN_BATCH, MULTIPLE, MEASURE_BUDGET, NOISE_WINDOW
+(1, 8, 0.02, 0.25)
 """
 
 from __future__ import annotations
@@ -41,11 +47,14 @@ MIN_BATCH = 1
 MULTIPLE = 8
 ADJUST_EVERY = 20
 MIN_TIMED_STEPS = GOODPUT_MIN_TIMED_STEPS
-MEASURE_EVERY = 20
+MEASURE_EVERY = 0
+MEASURE_BUDGET = 0.02
 HYSTERESIS = 0.05
 EMA_DECAY = 0.9
+NOISE_WINDOW = 0.25
 NOISE_K = 1.0
 EXPLORE_FACTOR = 4.0
+MIN_EFFICIENCY = 0.5
 SCHEDULE_FACTOR = 2.0
 PROBE_MEMORY = True
 MEMORY_BUDGET = 0.5

@@ -43,6 +43,7 @@ import random
 import resource
 import sys
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -485,11 +486,32 @@ class MemoryProbeResult:
     base_bytes: float = 0.0
     bytes_per_sample: float = 0.0
     upper_bound: int | None = None
+    #: ``(batch, seconds)`` of each trial step that fit (a forward and backward on the batch's rows):
+    #: the per-row cost a throughput model can start from (:meth:`seconds_per_row`).
+    step_seconds: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def trials(self) -> int:
         """Number of trial steps run."""
         return len(self.steps)
+
+    def seconds_per_row(self) -> float | None:
+        """The slope of the trial steps' time against their rows (least squares on relative errors,
+        through :class:`~lightning_batch.policy.ThroughputModel`), or None with fewer than two sizes.
+
+        >>> r = MemoryProbeResult(64, step_seconds=[(8, 0.0108), (64, 0.0164), (512, 0.0612)])
+        >>> round(r.seconds_per_row() * 1e4, 3)  # 0.1 ms a row
+        1.0
+        """
+        from lightning_batch.policy import ThroughputModel  # plain Python, no import cycle
+
+        model = ThroughputModel(max_sizes=max(2, len(self.step_seconds)))
+        for batch, seconds in self.step_seconds:
+            if seconds > 0:
+                model.observe(batch, seconds)
+        if len(model.batch_sizes) < 2:
+            return None
+        return model.coefficients[1]  # type: ignore[index]  # fitted -> not None
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         """Numeric entries, for ``mlflow.log_metrics``."""
@@ -532,6 +554,7 @@ class MemoryProbeResult:
             "base_bytes": self.base_bytes,
             "bytes_per_sample": self.bytes_per_sample,
             "upper_bound": self.upper_bound,
+            "step_seconds": [[b, t] for b, t in self.step_seconds],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -545,6 +568,8 @@ class MemoryProbeResult:
         for key, value in state.items():
             if key == "steps":
                 value = [(int(b), p) for b, p in value]
+            elif key == "step_seconds":
+                value = [(int(b), float(t)) for b, t in value]
             setattr(self, key, value)
 
     @classmethod
@@ -821,12 +846,19 @@ def probe_training_ceiling(
         meter = CpuMemoryMeter(budget_fraction=memory_budget)
         start_batch = min(8, max(1, rows))
     generator = torch.Generator().manual_seed(seed)
+    timed: list[tuple[int, float]] = []
 
     def run_step(batch: int) -> None:
+        # Timed as a training step's data and compute (the batch's rows gathered, forward, backward):
+        # the per-row cost the policy's throughput model starts from (see seconds_per_row).
+        start = time.perf_counter()
         x, y = sample_batch(torch.randint(rows, (batch,), generator=generator))
         with forward_context():
             loss = loss_fn(network(x.to(device)), y.to(device))
         loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timed.append((batch, time.perf_counter() - start))
         network.zero_grad(set_to_none=True)
 
     buffers = {name: b.detach().clone() for name, b in network.named_buffers()}
@@ -834,7 +866,11 @@ def probe_training_ceiling(
         try:
             run_step(min(8, rows))  # warm-up: lazy allocations are not per-sample cost
             network.zero_grad(set_to_none=True)
-            return MemoryProbe(meter, upper_bound=max(1, rows), start_batch=start_batch).run(run_step)
+            timed.clear()
+            result = MemoryProbe(meter, upper_bound=max(1, rows), start_batch=start_batch).run(run_step)
+            # A trial that raised never reached the clock; one over budget did, and timed its rows.
+            result.step_seconds = list(timed)
+            return result
         except MemoryProbeError as exc:
             raise MemoryError(
                 f"not even the smallest batch fits the memory budget (--memory-budget {memory_budget:g} "

@@ -198,7 +198,8 @@ class TaskModule(pl.LightningModule):
     def _finite_or_skip(self, loss: torch.Tensor, optimizer: Any) -> bool:
         """True when the step's loss is finite; else fail the run, or skip the step (halving the lr)."""
         if bool(torch.isfinite(loss)):
-            self._nan_streak = 0
+            if self._nan_streak:  # nn.Module.__setattr__ costs microseconds a step: write only a change
+                self._nan_streak = 0
             return True
         step = self.trainer.global_step
         if self.hparams.on_nan == "fail" or self._nan_streak >= MAX_CONSECUTIVE_NAN_SKIPS:
@@ -226,8 +227,9 @@ class TaskModule(pl.LightningModule):
         source = self._global_rows
         self._step["rows"] = source.last_global_rows if source is not None else x.shape[0] * self._world_size
         # Counted here, not in on_train_batch_end: callbacks (a mid-epoch checkpoint) run before
-        # the module's own batch-end hook and must see this step as done.
-        self.samples_seen += self._step["rows"]
+        # the module's own batch-end hook and must see this step as done. A plain int attribute:
+        # object.__setattr__ skips nn.Module's parameter/buffer/module checks (microseconds a step).
+        object.__setattr__(self, "samples_seen", self.samples_seen + self._step["rows"])
         # Summed as a tensor over the logging window: no host sync until the window closes.
         self._step["loss_sum"] = self._step.get("loss_sum", 0.0) + loss
         self._step["window"] = self._step.get("window", 0) + 1
@@ -243,6 +245,23 @@ class TaskModule(pl.LightningModule):
         only the last pass synchronises gradients.
         """
         rows = len(x)
+        if self._world_size == 1 and (self.max_rows_per_pass is None or rows <= self.max_rows_per_pass):
+            # One pass on one process: the common case, without the slicing and weighting below
+            # (their few tensor ops are a measurable share of a small tabular step). An
+            # out-of-memory error falls through to the loop, which halves the pass.
+            try:
+                loss = self.loss(self.model(x), y)
+                self.manual_backward(loss)
+                self._step["passes"] = 1
+                return loss.detach()
+            except Exception as exc:  # noqa: BLE001 -- only out-of-memory is handled, the rest re-raised
+                if not is_out_of_memory(exc):
+                    raise
+                optimizer.zero_grad()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.max_rows_per_pass = max(1, rows // 2)
+                self.oom_recoveries += 1
         strategy = self.trainer.strategy
         distributed = self._world_size > 1
         while True:

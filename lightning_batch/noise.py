@@ -862,8 +862,20 @@ class NoiseScaleEMA:
     The two quantities are averaged *separately* and the noise scale is the ratio of the averages:
     single-step ``|G|^2`` estimates are noisy and can be ~0 or negative, so an average of per-step
     ratios is dominated by (and biased by) those steps, while the ratio of averages is consistent.
-    Adam-style bias correction (divide by ``1 - decay^t``) makes the first values usable instead of
-    being pulled towards the zero initialisation.
+    Adam-style bias correction (divide by the total weight, ``1 - decay^t`` for a constant decay)
+    makes the first values usable instead of being pulled towards the zero initialisation.
+
+    Two ways to forget:
+
+    - ``decay`` per measurement (``half_life_share=None``): simple, but its window in *samples*
+      grows with the batch (measurements every 20 steps at B=2048 lie 64× more samples apart than at
+      B=32), so the estimate lags most exactly when the noise scale grows fastest.
+    - a window in samples (``half_life_share``, with ``samples`` given to :meth:`update`): a
+      measurement ``n`` samples after the previous one decays the past by ``0.5 ** (n / h)``, with
+      the half-life ``h = max(min_half_life, half_life_share × samples seen)``. A half-life that is
+      a share of the run so far follows the noise scale on the log scale its growth lives on (the
+      loss falls roughly with the log of the samples): early, a few hundred samples; after an epoch
+      of 10⁶ rows, 2.5·10⁵ with a share of 0.25.
 
     >>> ema = NoiseScaleEMA(decay=0.5)
     >>> ema.update(grad_sqr=1.0, trace_sigma=1.0)
@@ -872,12 +884,31 @@ class NoiseScaleEMA:
     >>> ema.update(grad_sqr=3.0, trace_sigma=1.0)
     >>> round(ema.gns, 4)  # 1 / (7/3); averaging the ratios 1 and 1/3 would give 5/9 = 0.5556
     0.4286
+    >>> windowed = NoiseScaleEMA(half_life_share=0.5)
+    >>> windowed.update(1.0, 1.0, samples=100)  # h = 50: weight 1 - 0.5 ** 2 = 0.75
+    >>> windowed.update(3.0, 1.0, samples=100)  # h = 0.5 * 200 = 100 samples: the past keeps 0.5
+    >>> round(windowed.grad_sqr, 4)  # (0.5 * 0.75 * 1 + 0.5 * 3) / (0.5 * 0.75 + 0.5)
+    2.1429
     """
 
-    def __init__(self, decay: float = defaults.EMA_DECAY) -> None:
+    def __init__(
+        self,
+        decay: float = defaults.EMA_DECAY,
+        *,
+        half_life_share: float | None = None,
+        min_half_life: float = 0.0,
+    ) -> None:
         self.decay = self._check_decay(decay)
+        if half_life_share is not None and not (0.0 < float(half_life_share) <= 10.0):
+            raise ValueError(f"half_life_share must be in (0, 10], got {half_life_share}; e.g. 0.25")
+        self.half_life_share = None if half_life_share is None else float(half_life_share)
+        if not (math.isfinite(min_half_life) and min_half_life >= 0.0):
+            raise ValueError(f"min_half_life must be a number of samples >= 0, got {min_half_life}")
+        self.min_half_life = float(min_half_life)
         self._ema_grad_sqr = 0.0
         self._ema_trace_sigma = 0.0
+        self._weight = 0.0  # the averages' total weight (the bias correction divides by it)
+        self._samples = 0.0  # samples seen through the measurements so far (the window's clock)
         self._num_updates = 0
 
     @staticmethod
@@ -887,20 +918,35 @@ class NoiseScaleEMA:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         return decay
 
-    def update(self, grad_sqr: float, trace_sigma: float) -> None:
-        """Add one measurement (floats or 0-dim tensors).  Non-finite values raise ``ValueError``
+    def decay_for(self, samples: float | None) -> float:
+        """The weight the past keeps at a measurement ``samples`` after the previous one."""
+        if self.half_life_share is None or samples is None:
+            return self.decay
+        half_life = max(self.min_half_life, self.half_life_share * (self._samples + samples), 1e-12)
+        return 0.5 ** (samples / half_life)
+
+    def update(self, grad_sqr: float, trace_sigma: float, samples: float | None = None) -> None:
+        """Add one measurement (floats or 0-dim tensors), taken ``samples`` samples after the
+        previous one (used by the window in samples).  Non-finite values raise ``ValueError``
         because a single NaN would otherwise poison the averages forever."""
         g, tr = float(grad_sqr), float(trace_sigma)
         if not (math.isfinite(g) and math.isfinite(tr)):
             raise ValueError(f"non-finite gradient statistics: grad_sqr={g}, trace_sigma={tr}")
-        self._ema_grad_sqr = self.decay * self._ema_grad_sqr + (1.0 - self.decay) * g
-        self._ema_trace_sigma = self.decay * self._ema_trace_sigma + (1.0 - self.decay) * tr
+        if samples is not None and not (math.isfinite(samples) and samples >= 0):
+            raise ValueError(f"samples must be a count >= 0, got {samples}")
+        d = self.decay_for(samples)
+        self._ema_grad_sqr = d * self._ema_grad_sqr + (1.0 - d) * g
+        self._ema_trace_sigma = d * self._ema_trace_sigma + (1.0 - d) * tr
+        self._weight = d * self._weight + (1.0 - d)
+        self._samples += samples or 0.0
         self._num_updates += 1
 
     def reset(self) -> None:
         """Forget all measurements."""
         self._ema_grad_sqr = 0.0
         self._ema_trace_sigma = 0.0
+        self._weight = 0.0
+        self._samples = 0.0
         self._num_updates = 0
 
     @property
@@ -909,7 +955,8 @@ class NoiseScaleEMA:
         return self._num_updates
 
     def _correction(self) -> float:
-        return 1.0 - self.decay**self._num_updates
+        # A first update with decay 0 or a window gives weight > 0; guard the all-decay-1 corner.
+        return self._weight if self._weight > 0.0 else 1.0
 
     @property
     def grad_sqr(self) -> float | None:
@@ -931,26 +978,38 @@ class NoiseScaleEMA:
         # The bias corrections cancel in the ratio; use the corrected values for clarity anyway.
         return noise_scale(self.grad_sqr, self.grad_var)  # type: ignore[arg-type]
 
-    def state_dict(self) -> dict[str, float | int]:
+    def state_dict(self) -> dict[str, float | int | None]:
         """Plain Python numbers only, so ``torch.load(..., weights_only=True)`` can restore it."""
         return {
             "decay": self.decay,
             "ema_grad_sqr": self._ema_grad_sqr,
             "ema_trace_sigma": self._ema_trace_sigma,
             "num_updates": self._num_updates,
+            "weight": self._weight,
+            "samples": self._samples,
+            "half_life_share": self.half_life_share,
+            "min_half_life": self.min_half_life,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore from :meth:`state_dict` (values may be floats, ints or 0-dim tensors)."""
-        expected = {"decay", "ema_grad_sqr", "ema_trace_sigma", "num_updates"}
-        if set(state_dict) != expected:
-            raise KeyError(f"expected keys {sorted(expected)}, got {sorted(state_dict)}")
+        """Restore from :meth:`state_dict` (values may be floats, ints or 0-dim tensors). A state
+        from before the window in samples (four keys) restores with its constant decay."""
+        required = {"decay", "ema_grad_sqr", "ema_trace_sigma", "num_updates"}
+        optional = {"weight", "samples", "half_life_share", "min_half_life"}
+        if not required <= set(state_dict) <= required | optional:
+            raise KeyError(f"expected keys {sorted(required | optional)}, got {sorted(state_dict)}")
         decay = self._check_decay(float(state_dict["decay"]))
         num_updates = _check_int(int(state_dict["num_updates"]), "num_updates", 0)
         self.decay = decay
         self._ema_grad_sqr = float(state_dict["ema_grad_sqr"])
         self._ema_trace_sigma = float(state_dict["ema_trace_sigma"])
         self._num_updates = num_updates
+        self._weight = float(state_dict.get("weight", 1.0 - decay**num_updates))
+        self._samples = float(state_dict.get("samples", 0.0))
+        if "half_life_share" in state_dict:
+            share = state_dict["half_life_share"]
+            self.half_life_share = None if share is None else float(share)
+            self.min_half_life = float(state_dict.get("min_half_life", 0.0))
 
 
 # --------------------------------------------------------------------------------------------------

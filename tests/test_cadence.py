@@ -70,20 +70,46 @@ def test_cadence_matches_the_documented_rule(rows, epoch_rows, adjust_every, min
     )
 
 
-def test_a_restored_cadence_decides_at_the_steps_an_unbroken_one_does():
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_a_restored_cadence_decides_at_the_steps_an_unbroken_one_does(warmup: int):
     rows = [7, 30, 3, 90, 12, 5, 64, 8, 8, 8, 200, 1, 1, 1, 1, 1]
-    unbroken = _decision_steps(DecisionCadence(4, min_steps=2), rows, epoch_rows=900)
-    first = DecisionCadence(4, min_steps=2)
+    unbroken = _decision_steps(DecisionCadence(4, min_steps=2, warmup=warmup), rows, epoch_rows=900)
+    first = DecisionCadence(4, min_steps=2, warmup=warmup)
     before = _decision_steps(first, rows[:6], epoch_rows=900)
-    resumed = DecisionCadence(4, min_steps=2)
+    resumed = DecisionCadence(4, min_steps=2, warmup=warmup)
     resumed.load_state_dict(first.state_dict())
     after = [6 + s for s in _decision_steps(resumed, rows[6:], epoch_rows=900)]
     assert before + after == unbroken
     assert first.state_dict() == {
         "steps_since_decision": first.steps_since_decision,
         "rows_since_decision": first.rows_since_decision,
+        "decisions_taken": len(before),
     }
     assert first.rows_since_decision == sum(rows[before[-1] : 6])
+
+
+def _reference_warmup_steps(rows: int, adjust_every: int, min_steps: int, warmup: int) -> list[int]:
+    """The warm-up rule written out: the k-th decision (from 0) waits adjust_every and min_steps
+    divided by 2**(warmup - k), at least 1 step; afterwards the plain rule."""
+    due, steps, k = [], 0, 0
+    for step in range(1, rows + 1):
+        steps += 1
+        div = 2 ** max(0, warmup - k)
+        if steps >= max(1, min_steps // div) and steps >= max(1, adjust_every // div):
+            due.append(step)
+            steps, k = 0, k + 1
+    return due
+
+
+@pytest.mark.parametrize(
+    ("adjust_every", "min_steps", "warmup"), [(20, 20, 2), (20, 1, 2), (7, 3, 3), (1, 1, 2)]
+)
+def test_the_warmup_brings_the_first_decisions_forward(adjust_every, min_steps, warmup):
+    cadence = DecisionCadence(adjust_every, min_steps, warmup=warmup)
+    due = _decision_steps(cadence, [1] * 120, epoch_rows=10**9)
+    assert due == _reference_warmup_steps(120, adjust_every, min_steps, warmup)
+    if (adjust_every, warmup) == (20, 2):
+        assert due[:4] == [5, 15, 35, 55], "the defaults: after 5, 10, then every 20 steps"
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "5"])

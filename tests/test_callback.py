@@ -399,11 +399,14 @@ def _documented_decision_steps(
 ) -> list[int]:
     """The cadence the docs promise, written out: a decision at the end of the step where
     ``adjust_every`` steps, or a quarter epoch of rows, went by since the last one; never before
-    ``min_steps`` steps (goodput's timed steps)."""
+    ``min_steps`` steps (goodput's timed steps); the first two decisions wait a quarter and a half
+    of both (the warm-up)."""
     due, steps, seen = [], 0, 0
     for step, r in enumerate(rows, start=1):
         steps, seen = steps + 1, seen + r
-        if steps >= min_steps and (steps >= adjust_every or 4 * seen >= epoch_rows):
+        div = 2 ** max(0, 2 - len(due))
+        every, least = max(1, adjust_every // div), max(1, min_steps // div)
+        if steps >= least and (steps >= every or 4 * seen >= epoch_rows):
             due.append(step)
             steps = seen = 0
     return due

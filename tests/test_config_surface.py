@@ -168,7 +168,7 @@ def test_defaults_reach_the_callback_unchanged():
     "option, value, fragment",
     [
         ("multiple", 0, "--multiple must be a positive integer"),
-        ("measure_every", 2.5, "--measure-every must be a positive integer"),
+        ("measure_every", 2.5, "--measure-every must be a whole number of steps >= 0"),
         ("hysteresis", -0.1, "--hysteresis must be at least 0"),
         ("ema_decay", 1.0, "--ema-decay must be below 1"),
         ("noise_k", 0, "--noise-k must be positive"),
@@ -210,7 +210,7 @@ def test_search_space_over_batch_options_reaches_the_callback():
 @pytest.mark.parametrize(
     "raw, fragment",
     [
-        ({"measure_every": {"low": 0, "high": 10}}, "measure_every: 0 is not a valid value"),
+        ({"measure_every": {"low": -1, "high": 10}}, "measure_every: -1 is not a valid value"),
         ({"hysteresis": {"low": -1.0, "high": 0.1}}, "hysteresis: -1.0 is not a valid value"),
         ({"ema_decay": {"low": 0.5, "high": 1.0}}, "ema_decay: 1.0 is not a valid value"),
         ({"policy": ["fixed", "bogus"]}, "unknown choice 'bogus'; use one of fixed, memory, noise"),

@@ -30,7 +30,7 @@ from lightning_batch.training import train
 from .conftest import RUN_PY, quiet_trainer, subprocess_env
 
 #: Deterministic on CPU whatever the timing: a fixed start batch, the noise policy (it reads gradient
-#: statistics, not step times), no dropout.
+#: statistics, not step times) measured every 20 steps (not by a time budget), no dropout.
 RESUMABLE = dict(
     data="synthetic-regression",
     rows=6000,
@@ -41,6 +41,7 @@ RESUMABLE = dict(
     epochs=5,
     checkpoint_every=15,
     adjust_every=20,
+    measure_every=20,
     seed=3,
 )
 

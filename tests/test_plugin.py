@@ -282,8 +282,9 @@ def test_a_policy_of_ones_own_drives_the_batch_size(tmp_path):
     resize = next(c for c in trainer.callbacks if isinstance(c, DynamicBatchSize))
     assert resize.policy_name == "alternate"
     assert [d["to"] for d in resize.decisions[:4]] == [24, 16, 24, 16]
-    assert [d["step"] for d in resize.decisions[:4]] == [0, 5, 10, 15]  # the first before any step
-    assert [len(s[2]) for s in rows.steps[:11]] == [24] * 5 + [16] * 5 + [24]
+    # The first before any step, then the warm-up's after 1 and 2 steps, then every 5.
+    assert [d["step"] for d in resize.decisions[:5]] == [0, 1, 3, 8, 13]
+    assert [len(s[2]) for s in rows.steps[:14]] == [24] + [16] * 2 + [24] * 5 + [16] * 5 + [24]
 
 
 def _collate_with_marker(rows):
@@ -334,10 +335,11 @@ def test_a_subclassed_loader_keeps_its_own_arguments_collate_generator_and_drop_
     assert type(loader) is _TaggedLoader and loader.tag == "mine"
     assert set(markers) == {"collated by the user"}
     epochs = _epochs(rows.steps)
-    # The schedule doubles the batch at the first decision of epoch 1 (every 3 steps): 3 batches of
-    # 10, then 20s; drop_last drops the 10 rows that make no full batch, and no row comes twice.
-    assert [len(s[2]) for s in rows.steps] == [10] * 30 + [10] * 3 + [20] * 13
+    # The schedule doubles the batch at the first decision of epoch 1 (after the warm-up's at steps
+    # 1 and 2, every 3 steps: 29, 32): 2 batches of 10, then 20s (280 rows: no partial batch for
+    # drop_last to drop), and no row comes twice.
+    assert [len(s[2]) for s in rows.steps] == [10] * 30 + [10] * 2 + [20] * 14
     assert sorted(epochs[0]) == list(range(300))
-    assert len(epochs[1]) == len(set(epochs[1])) == 290
+    assert len(epochs[1]) == len(set(epochs[1])) == 300
     # the user's generator seeds the shuffle: its seed, not the global RNG, decides the order
     assert epochs[0] == ResizableBatchSampler(300, 10, seed=5).permutation(0).tolist()

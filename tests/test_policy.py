@@ -169,7 +169,7 @@ def test_goodput_argmax_matches_brute_force(alpha, beta, bn, b0, lo, width, max_
         throughput=fitted_model(alpha, beta),
     )
     hi = min(ceiling, ctx.max_batch) if ctx.max_batch is not None else ceiling
-    got = GoodputPolicy().propose(ctx)
+    got = GoodputPolicy(min_efficiency=0.0).propose(ctx)  # pure Pollux: the bound is tested below
     values = {b: ref_goodput(b, b0, bn, alpha, beta) for b in range(lo, hi + 1)}
     best = max(values.values())
     assert lo <= got <= hi
@@ -197,7 +197,7 @@ def test_goodput_argmax_with_rounding_step(alpha, beta, bn, b0, lo, width) -> No
         multiple=8,
         throughput=fitted_model(alpha, beta),
     )
-    got = GoodputPolicy().propose(ctx)
+    got = GoodputPolicy(min_efficiency=0.0).propose(ctx)
     allowed = ref_admissible(lo, hi, 8)
     assert got in allowed
     best_allowed = max(ref_goodput(b, b0, bn, alpha, beta) for b in allowed)
@@ -205,6 +205,41 @@ def test_goodput_argmax_with_rounding_step(alpha, beta, bn, b0, lo, width) -> No
     # ... and within one rounding step of the unrestricted integer argmax.
     unrestricted = max(range(lo, hi + 1), key=lambda b: ref_goodput(b, b0, bn, alpha, beta))
     assert abs(got - unrestricted) <= 8
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    alpha=st.floats(1e-5, 1.0),
+    beta=st.floats(1e-8, 1e-2),
+    bn=st.floats(0.0, 5e3),
+    b0=st.integers(1, 256),
+    width=st.integers(0, 4000),
+    floor=st.sampled_from([0.25, 0.5, 0.8]),
+)
+def test_goodput_with_an_efficiency_floor_is_the_best_batch_that_keeps_the_floor(
+    alpha, beta, bn, b0, width, floor
+) -> None:
+    """Brute force over every batch: the proposal is the goodput argmax among the batches whose
+    efficiency (B_noise + B0) / (B_noise + B) is at least the floor (B0 itself always is)."""
+    lo, hi = 1, 1 + width
+    ctx = PolicyContext(
+        batch_size=lo, base_batch=b0, noise_scale=bn, ceiling=hi, throughput=fitted_model(alpha, beta)
+    )
+    got = GoodputPolicy(min_efficiency=floor).propose(ctx)
+    keeps = [b for b in range(lo, hi + 1) if (bn + b0) / (bn + b) >= floor * (1 - 1e-12)]
+    assert got in keeps or got == lo
+    best = max(ref_goodput(b, b0, bn, alpha, beta) for b in keeps)
+    assert ref_goodput(got, b0, bn, alpha, beta) >= best * (1 - 1e-9)
+
+
+def test_the_efficiency_floor_stops_a_fixed_cost_dominated_model_from_leaving_the_noise_scale_far_behind():
+    # The digits CNN's demo run that ended at 91.5%: B_noise ~30 from B0=32, and a clock so noisy
+    # that the step time looked flat in B (beta ~ 0). Pure Pollux goes to the ceiling, 8 times B_noise.
+    flat = fitted_model(alpha=0.004, beta=1e-8)
+    ctx = PolicyContext(batch_size=128, base_batch=32, noise_scale=30.0, ceiling=512, throughput=flat)
+    assert GoodputPolicy(min_efficiency=0.0).propose(ctx) == 512
+    bounded = GoodputPolicy().propose(ctx)
+    assert bounded == 94 and efficiency(bounded, 32, 30.0) >= 0.5 > efficiency(bounded + 1, 32, 30.0)
 
 
 def test_goodput_falls_back_to_current_batch() -> None:

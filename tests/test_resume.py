@@ -33,8 +33,9 @@ from lightning_batch.training import build_module, train
 from .conftest import ROOT, quiet_trainer, subprocess_env
 from .kill_at_step import TrainedRows
 
-#: Deterministic on CPU: the noise policy reads gradient statistics, not step times. With this seed
-#: the batch goes 16 -> 8 at step 10 and back to 16 at step 110, in epoch 0 (steps 1-138).
+#: Deterministic on CPU: the noise policy reads gradient statistics, not step times, measured every
+#: 20 steps (the default measures by a time budget, which a clock decides). With this seed the batch
+#: resizes in epoch 0 before the checkpoint at step 125.
 CONFIG = dict(
     data="synthetic-regression",
     rows=2000,
@@ -45,6 +46,7 @@ CONFIG = dict(
     epochs=2,
     checkpoint_every=25,
     adjust_every=10,
+    measure_every=20,
     seed=3,
 )
 CHECKPOINT_STEP = 125  # the last step checkpoint before the kill
