@@ -1,12 +1,22 @@
-"""Per-step cost of this project's training against a plain PyTorch loop, side by side in one run.
+"""Per-step cost of each layer, side by side in one run: a plain PyTorch loop, bare Lightning, this project.
 
-Both sides train the same linear model with SGD on the same in-memory tensors at a fixed batch
-size; this project's side is the real path (TabularDataModule → TaskModule → Lightning Trainer
-→ BufferedMLFlowLogger on a sqlite store, per-step metrics on). Validation is off on both sides:
-it is the training step that is compared. Rounds alternate between the two and the medians are
-reported, because this machine is shared and noisy.
+Every column trains the same linear model with SGD on the same in-memory tensors at a fixed batch
+size, validation off (it is the training step that is compared):
 
-    python benchmarks/overhead.py [--rows 200000] [--rounds 5] [--json out.json]
+- ``plain``: the seed's loop (a permutation each epoch, index slicing, the loss read each step);
+- ``bare Lightning``: a minimal LightningModule (automatic optimization, ``training_step`` returns
+  the loss) in a Trainer with no logger, fed by a plain DataLoader over a ``TensorDataset`` of the
+  same tensors, in the two ways users write it: ``batched`` (a ``BatchSampler`` as the sampler and
+  ``batch_size=None``, so each batch is one fancy-indexing read) and ``per-row`` (``batch_size=B,
+  shuffle=True``: B ``__getitem__`` calls and the default collate);
+- ``project``: the real path (TabularDataModule → TaskModule → Lightning Trainer →
+  BufferedMLFlowLogger on a sqlite store, per-step metrics every ``log_every`` steps).
+
+The ratios are against the faster bare Lightning column; its difference to the plain loop is what
+Lightning costs, the project's difference to it what this project adds. Rounds alternate between
+the columns and medians are reported, because this machine is shared and noisy.
+
+    python benchmarks/overhead.py [--rows 200000] [--rounds 5] [--steps 1500] [--json out.json]
 """
 
 from __future__ import annotations
@@ -17,14 +27,18 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from _common import training_only_trainer  # noqa: E402
+from _common import plain_step, training_only_trainer  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset  # noqa: E402
 
 from lightning_batch.config import RunConfig  # noqa: E402
 from lightning_batch.data import TabularDataModule  # noqa: E402
@@ -43,15 +57,44 @@ def plain_loop_steps_per_second(x: torch.Tensor, y: torch.Tensor, batch_size: in
         order = torch.randperm(len(x))
         for i in range(0, len(x), batch_size):
             index = order[i : i + batch_size]
-            optimizer.zero_grad()
-            loss = criterion(model(x[index]), y[index])
-            loss.backward()
-            optimizer.step()
-            float(loss.detach())  # the loop reads the loss each step, as a user printing it would
+            plain_step(model, criterion, optimizer, x[index], y[index])
             done += 1
             if done == steps:
                 break
     return steps / (time.perf_counter() - start)
+
+
+class BareRegression(pl.LightningModule):
+    """The smallest LightningModule a user would write for the seed's linear model."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.model = nn.Linear(features, 1)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.model(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def bare_lightning_steps_per_second(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int, *, batched: bool
+) -> float:
+    """Bare Lightning over a plain DataLoader of ``TensorDataset(x, y)`` (see the module docstring)."""
+    dataset = TensorDataset(x, y)
+    if batched:
+        sampler = BatchSampler(RandomSampler(dataset), batch_size, drop_last=False)
+        loader = DataLoader(dataset, sampler=sampler, batch_size=None)
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
+    trainer = training_only_trainer(max_steps=steps)
+    start = time.perf_counter()
+    trainer.fit(BareRegression(x.shape[1]), loader)
+    seconds = time.perf_counter() - start
+    assert trainer.global_step == steps
+    return steps / seconds
 
 
 def project_steps_per_second(dm: TabularDataModule, cfg: RunConfig, steps: int, uri: str) -> float:
@@ -79,7 +122,7 @@ def main() -> None:
     uri = f"sqlite:///{tempfile.mkdtemp()}/overhead.db"
     ensure_store(uri)
     results = {}
-    for batch_size, log_every in ((32, 10), (1024, 10), (32, 1)):
+    for batch_size, log_every in ((32, 10), (2048, 10), (32, 1)):
         cfg = RunConfig(
             data="synthetic-regression",
             rows=args.rows,
@@ -91,25 +134,46 @@ def main() -> None:
         dm = TabularDataModule(cfg)
         dm.setup()
         x, y = dm.train_set.features, dm.train_set.targets
-        ours, plain = [], []
-        project_steps_per_second(dm, cfg, 50, uri)  # warm-up: imports, first sqlite writes
+        columns: dict[str, Callable[[], float]] = {
+            "plain": partial(plain_loop_steps_per_second, x, y, batch_size, args.steps),
+            "bare_batched": partial(
+                bare_lightning_steps_per_second, x, y, batch_size, args.steps, batched=True
+            ),
+            "bare_per_row": partial(
+                bare_lightning_steps_per_second, x, y, batch_size, args.steps, batched=False
+            ),
+            "project": partial(project_steps_per_second, dm, cfg, args.steps, uri),
+        }
+        # Warm-up: imports, first sqlite writes, the allocator's first large blocks.
+        project_steps_per_second(dm, cfg, 50, uri)
+        bare_lightning_steps_per_second(x, y, batch_size, 50, batched=True)
+        rounds: dict[str, list[float]] = {name: [] for name in columns}
+        ratios: list[float] = []
         for _ in range(args.rounds):
-            plain.append(plain_loop_steps_per_second(x, y, batch_size, args.steps))
-            ours.append(project_steps_per_second(dm, cfg, args.steps, uri))
-        ratios = [p / o for p, o in zip(plain, ours, strict=True)]
+            for name, run in columns.items():
+                rounds[name].append(run())
+            bare = max(rounds["bare_batched"][-1], rounds["bare_per_row"][-1])
+            ratios.append(bare / rounds["project"][-1])
+        us = {name: 1e6 / statistics.median(v) for name, v in rounds.items()}
+        bare_us = min(us["bare_batched"], us["bare_per_row"])
         results[f"B={batch_size}, log_every={log_every}"] = {
-            "plain_steps_per_s": statistics.median(plain),
-            "project_steps_per_s": statistics.median(ours),
-            "slowdown_median": statistics.median(ratios),
-            "slowdown_per_round": ratios,
+            "us_per_step": us,
+            "lightning_us": bare_us - us["plain"],
+            "project_us": us["project"] - bare_us,
+            "project_vs_bare_lightning_median": statistics.median(ratios),
+            "project_vs_bare_lightning_per_round": ratios,
+            "bare_lightning_vs_plain": bare_us / us["plain"],
+            "steps_per_s_per_round": rounds,
         }
     print(
-        f"{'setting':<22} {'plain loop steps/s':>19} {'lightning-batch steps/s':>24} {'slowdown (median)':>18}"
+        f"{'setting':<22} {'plain':>8} {'bare L batched':>15} {'bare L per-row':>15} {'project':>9}"
+        f" {'project / bare L':>17}   (microseconds a step, medians)"
     )
     for name, r in results.items():
+        u = r["us_per_step"]
         print(
-            f"{name:<22} {r['plain_steps_per_s']:>19.0f} {r['project_steps_per_s']:>24.0f} "
-            f"{r['slowdown_median']:>17.2f}x"
+            f"{name:<22} {u['plain']:>8.0f} {u['bare_batched']:>15.0f} {u['bare_per_row']:>15.0f} "
+            f"{u['project']:>9.0f} {r['project_vs_bare_lightning_median']:>16.2f}x"
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
