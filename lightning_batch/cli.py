@@ -6,7 +6,8 @@
 - ``ui``: the MLflow UI on 127.0.0.1 against the project's store;
 - ``dashboard``: optuna-dashboard on 127.0.0.1 against the studies' storage;
 - ``report``: how to choose the batch size, from a run's or a study's measurements;
-- ``runs``: the store's runs and their states; ``--reap`` ends FAILED those whose process died.
+- ``runs``: the store's runs and their states; ``--reap`` ends FAILED those whose process died;
+- ``predict``: a run's (or registered) MLflow Model on a raw CSV/Parquet file.
 
 Bad input prints one ``error: ...`` line and exits with status 2. Only ``experiments/run.py``
 imports this module.
@@ -15,6 +16,7 @@ imports this module.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import subprocess
@@ -59,6 +61,7 @@ COMMAND_EXTRAS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "dashboard": (("tune", ("optuna", "optuna_integration", "optuna_dashboard")),),
     "ui": (("tracking", ("mlflow",)),),
     "runs": (("tracking", ("mlflow", "rich")),),
+    "predict": (("data", ("pandas",)), ("tracking", ("mlflow", "rich"))),
 }
 
 #: Every character ``str.splitlines()`` breaks a line on, mapped to its escape (``\n``, ``\x85``, ...).
@@ -265,6 +268,12 @@ def _train_arguments(parser: argparse.ArgumentParser, resumable: bool = True) ->
     track.add_argument(
         "--checkpoint-every", type=int, help="save the resumable checkpoint every N steps (default 200)"
     )
+    track.add_argument(
+        "--register",
+        metavar="NAME",
+        help="register the run's model (tune: the refit's) as a version of NAME in MLflow's Model Registry; "
+        "alias champion moves to it when its val loss beats the holder's",
+    )
 
     parser.add_argument("--config", dest="config_file", metavar="FILE.yaml", help="options from a YAML file")
     if resumable:
@@ -333,6 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
     _runs_arguments(
         commands.add_parser("runs", help="list runs and their states; --reap ends lost ones FAILED")
     )
+    predict = commands.add_parser("predict", help="predict a CSV/Parquet file with a run's MLflow Model")
+    predict.add_argument(
+        "model",
+        metavar="RUN_ID_OR_MODEL_URI",
+        help="a run id, models:/NAME@champion, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder",
+    )
+    predict.add_argument("--data", required=True, metavar="FILE", help="raw rows: a .csv or .parquet file")
+    predict.add_argument(
+        "--output", metavar="FILE", help="predictions to this .csv/.parquet (default: stdout)"
+    )
+    predict.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
     ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--tracking-uri")
     ui.add_argument("--port", type=int, default=5000)
@@ -363,7 +383,7 @@ def _runs_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """RunConfig defaults, then the YAML file, then the flags given on the command line."""
     given = dict(vars(args))
-    for key in ("command", "config_file", "verbose", "progress", "resume", *TUNE_FLAGS):
+    for key in ("command", "config_file", "verbose", "progress", "resume", "register", *TUNE_FLAGS):
         given.pop(key, None)
     values: dict[str, Any] = {}
     config_file = getattr(args, "config_file", None)
@@ -568,6 +588,7 @@ def run_train(args: argparse.Namespace) -> int:
     from lightning_batch.training import train
 
     cfg = config_from_args(args)
+    register = _register_name(args)
     result = train(
         cfg,
         progress_bar=getattr(args, "progress", None),
@@ -576,7 +597,21 @@ def run_train(args: argparse.Namespace) -> int:
     )
     if result.rank == 0:  # under DDP every rank returns here; the run is rank 0's to report
         _print_summary([result])
+        if register:
+            from lightning_batch.registry import register_run
+
+            print(register_run(result.tracking_uri, register, result.run_id).describe(), flush=True)
     return 0
+
+
+def _register_name(args: argparse.Namespace) -> str | None:
+    """``--register NAME``, checked before anything trains."""
+    name = getattr(args, "register", None)
+    if name is None:
+        return None
+    from lightning_batch.registry import check_model_name
+
+    return check_model_name(name)
 
 
 def run_tune(args: argparse.Namespace) -> int:
@@ -584,8 +619,67 @@ def run_tune(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     options = tune_config_from_args(args)
+    register = _register_name(args)
+    if register and options.retrain == "none":
+        raise UserError(
+            "--register registers the study's refit, and --retrain none skips it; drop one of them"
+        )
     result = tune(cfg, options, echo=lambda line: print(line, flush=True))
     _print_tune_summary(result)
+    if register:
+        if not result.retrain_run_id:
+            print(f"nothing registered as {register!r}: no trial completed, so nothing was refit", flush=True)
+            return 0
+        from lightning_batch.registry import register_run
+
+        # A refit on train+val has seen the validation rows: the best trial's held-out loss judges it.
+        held_out = options.retrain == "train+val" and result.best_value is not None
+        registration = register_run(
+            result.tracking_uri,
+            register,
+            result.retrain_run_id,
+            val_loss=result.best_value if held_out else None,
+            tags={
+                "study": result.study,
+                "study_run_id": result.parent_run_id,
+                "best_trial": str(result.best_trial),
+                **({"metric_source": f"best trial {result.best_trial}'s val_loss"} if held_out else {}),
+            },
+        )
+        print(registration.describe(), flush=True)
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """``run.py predict``: predictions to ``--output`` (or stdout), a summary of what was read."""
+    import mlflow  # noqa: F401  -- it sets up its loggers on import: quiet them after that
+    from rich.console import Console
+    from rich.table import Table
+
+    from lightning_batch.prediction import check_output_path, predict_file, write_predictions
+    from lightning_batch.store_uri import resolve_tracking_uri  # not tracking: no Lightning import
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    check_output_path(args.output)
+    result = predict_file(args.model, args.data, resolve_tracking_uri(args.tracking_uri))
+    if args.output:
+        write_predictions(result.frame, args.output)
+    else:
+        result.frame.to_csv(sys.stdout, index=False)
+    table = Table(title="predictions")
+    table.add_column("")
+    table.add_column("value", overflow="fold")
+    table.add_row("model", result.model_uri)
+    table.add_row("task", result.task)
+    table.add_row("rows", str(len(result.frame)))
+    table.add_row("columns used", f"{len(result.used)}: " + ", ".join(result.used))
+    if result.ignored:
+        table.add_row("ignored (not model inputs)", f"{len(result.ignored)}: " + ", ".join(result.ignored))
+    table.add_row("empty cells imputed", str(result.imputed))
+    table.add_row("output", args.output or "stdout")
+    # With the predictions on stdout, the summary goes to stderr so that a pipe gets only the table.
+    console = Console(stderr=not args.output, width=None if sys.stdout.isatty() else 160)
+    console.print(table)
     return 0
 
 
@@ -763,6 +857,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_ui(args)
         if args.command == "runs":
             return run_runs(args)
+        if args.command == "predict":
+            return run_predict(args)
         raise UserError(f"unknown command {args.command!r}")
     except (UserError, MissingExtraError) as exc:
         print(f"error: {_rank_prefix()}{one_line(str(exc))}", file=sys.stderr)

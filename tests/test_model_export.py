@@ -9,6 +9,7 @@ one classification run (string labels, an MLP) are trained once for the whole mo
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from lightning_batch.cli import main
 from lightning_batch.config import RunConfig
 from lightning_batch.models import build_model
 from lightning_batch.module import TaskModule
@@ -199,3 +201,246 @@ def test_the_signature_is_the_raw_columns_and_the_example_real_rows(regression: 
     assert logged.name == "model" and logged.source_run_id == run.info.run_id
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "preprocessing.json", "checkpoints"} <= names
+
+
+# -- run.py predict --------------------------------------------------------------------------------
+
+
+def _pyfunc(trained: Trained, frame: pd.DataFrame) -> pd.DataFrame:
+    """MLflow's own loader in this process (the tracking URI pointed at the run's store meanwhile)."""
+    import mlflow
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(trained.uri)
+    try:
+        return mlflow.pyfunc.load_model(trained.result.model_uri).predict(frame)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_predict_matches_the_task_module_imputes_and_names_ignored_columns_once(
+    regression: Trained, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    frame = _regression_frame(40, seed=3)  # the target column comes along: not an input, ignored
+    frame["notes"] = "n/a"
+    frame.loc[[1, 5], "rooms"] = np.nan  # empty cells in a column training read as integers
+    data, output = tmp_path / "new.csv", tmp_path / "preds.csv"
+    frame.to_csv(data, index=False)
+    argv = ["predict", regression.result.run_id, "--data", str(data), "--output", str(output)]
+    assert main([*argv, "--tracking-uri", regression.uri]) == 0
+    said = capsys.readouterr()
+    predictions = pd.read_csv(output)
+    assert list(predictions.columns) == ["prediction"] and len(predictions) == 40
+    np.testing.assert_allclose(
+        predictions["prediction"], _reference(regression, frame)[:, 0], rtol=0, atol=1e-6
+    )
+    # Rows MLflow's own schema check accepts (no empty integer cells): the same numbers as the pyfunc.
+    complete = frame.drop(index=[1, 5]).astype({"rooms": np.int64})
+    pyfunc = _pyfunc(regression, complete.drop(columns=["price", "notes"]))
+    np.testing.assert_allclose(
+        predictions.drop(index=[1, 5])["prediction"], pyfunc["prediction"], rtol=0, atol=1e-12
+    )
+    summary = " ".join(said.out.split())
+    assert "ignored (not model inputs) │ 2: price, notes" in summary
+    assert summary.count("notes") == 1 and "columns used │ 3: rooms, area, city" in summary
+    assert f"output │ {output}" in summary.replace("│ │", "")
+
+
+def test_predict_to_stdout_gives_labels_in_the_training_vocabulary(
+    classification: Trained, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    frame = _classification_frame(20, seed=4).drop(columns="kind")
+    data = tmp_path / "flowers.csv"
+    frame.to_csv(data, index=False)
+    argv = ["predict", f"runs:/{classification.result.run_id}/model", "--data", str(data)]
+    assert main([*argv, "--tracking-uri", classification.uri]) == 0
+    said = capsys.readouterr()
+    from io import StringIO
+
+    printed = pd.read_csv(StringIO(said.out))  # stdout holds the predictions only; the summary is on stderr
+    pd.testing.assert_frame_equal(printed, _pyfunc(classification, frame), check_dtype=False, atol=1e-12)
+    assert set(printed["prediction"]) <= {"setosa", "versicolor", "virginica"}
+    assert "rows │ 20" in " ".join(said.err.split())
+
+
+def _bad_inputs(regression: Trained, folder: Path) -> dict[str, tuple[str, str, str]]:
+    """name -> (model argument, data file, a fragment of the one-line error)."""
+    frame = _regression_frame(10, seed=5)
+    no_city, text_area = folder / "no_city.csv", folder / "text_area.csv"
+    frame.drop(columns="city").to_csv(no_city, index=False)
+    frame.astype({"area": object}).assign(area=["big"] + [1.0] * 9).to_csv(text_area, index=False)
+    good = folder / "good.csv"
+    frame.to_csv(good, index=False)
+    client = MlflowClient(regression.uri)
+    bare = client.create_run(client.get_experiment_by_name("lightning-batch").experiment_id)
+    client.set_terminated(bare.info.run_id, "FINISHED")
+    run_id = regression.result.run_id
+    return {
+        "missing column": (run_id, str(no_city), "lacks the model's input column(s) 'city'"),
+        "text in a numeric column": (run_id, str(text_area), "column 'area' of"),
+        "unknown run": ("0" * 32, str(good), "no run '00000000000000000000000000000000'"),
+        "run without a model": (bare.info.run_id, str(good), "has no MLflow model"),
+        "neither a run id nor a URI": ("last-tuesday", str(good), "neither a run id"),
+        "unknown registered model": ("models:/no-such-model@champion", str(good), "cannot load model"),
+        "missing data file": (run_id, str(folder / "absent.csv"), "data file not found"),
+    }
+
+
+def test_bad_predict_input_is_one_line_exit_2_and_no_output(
+    regression: Trained, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    for name, (model, data, fragment) in _bad_inputs(regression, tmp_path).items():
+        output = tmp_path / f"{name}.csv"
+        code = main(
+            ["predict", model, "--data", data, "--output", str(output), "--tracking-uri", regression.uri]
+        )
+        said = capsys.readouterr()
+        assert code == 2, (name, said.err)
+        lines = said.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], (name, said.err)
+        assert not output.exists() and not list(tmp_path.glob(f".{output.name}*")), name
+
+
+# -- the Model Registry ------------------------------------------------------------------------------
+
+
+def _iris_csv(folder: Path) -> Path:
+    from sklearn.datasets import load_iris
+
+    path = folder / "iris.csv"
+    load_iris(as_frame=True).frame.to_csv(path, index=False)
+    return path
+
+
+def test_champion_moves_only_to_a_version_with_a_lower_val_loss(
+    store: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    uri = store[1]  # the module's store: a fresh sqlite store costs seconds of schema migrations
+    iris = str(_iris_csv(tmp_path))
+    common = ["--data", iris, "--target", "target", "--tracking-uri", uri, "--register", "iris-model"]
+    assert main(["train", *common, "--epochs", "3", "--optimizer", "adam", "--lr", "0.02"]) == 0
+    assert "alias 'champion' set" in capsys.readouterr().out
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    first = client.get_model_version_by_alias("iris-model", "champion")
+    run = client.get_run(first.run_id)
+    assert str(first.version) == "1" and first.tags["run_id"] == run.info.run_id
+    assert first.tags["metric"] == "val_loss" and first.tags["experiment"] == "lightning-batch"
+    assert float(first.tags["val_loss"]) == pytest.approx(run.data.metrics["best_val_loss"])
+
+    # Worse: one epoch at a tiny lr. Registered as version 2, but the alias stays.
+    assert main(["train", *common, "--epochs", "1", "--lr", "0.0001"]) == 0
+    assert "stays on version 1" in capsys.readouterr().out
+    second = client.get_model_version("iris-model", "2")
+    assert float(second.tags["val_loss"]) > float(first.tags["val_loss"])
+    assert str(client.get_model_version_by_alias("iris-model", "champion").version) == "1"
+
+    # Better: more epochs. Version 3 takes the alias.
+    assert main(["train", *common, "--epochs", "15", "--optimizer", "adam", "--lr", "0.05"]) == 0
+    assert "moved from version 1" in capsys.readouterr().out
+    third = client.get_model_version("iris-model", "3")
+    assert float(third.tags["val_loss"]) < float(first.tags["val_loss"])
+    assert str(client.get_model_version_by_alias("iris-model", "champion").version) == "3"
+
+    # The champion, by its alias, predicts as the run that made it.
+    by_alias, by_run = tmp_path / "alias.csv", tmp_path / "run.csv"
+    champion = ["predict", "models:/iris-model@champion", "--data", iris, "--output", str(by_alias)]
+    assert main([*champion, "--tracking-uri", uri]) == 0
+    assert (
+        main(["predict", third.run_id, "--data", iris, "--output", str(by_run), "--tracking-uri", uri]) == 0
+    )
+    pd.testing.assert_frame_equal(pd.read_csv(by_alias), pd.read_csv(by_run))
+    assert (pd.read_csv(by_alias)["prediction"] == pd.read_csv(iris)["target"]).mean() > 0.9
+
+
+@pytest.mark.slow
+def test_a_studys_refit_is_registered_with_the_study_named(
+    store: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    uri = store[1]
+    iris = str(_iris_csv(tmp_path))
+    study = ["tune", "--data", iris, "--target", "target", "--tracking-uri", uri, "--register", "iris-study"]
+    study += ["--study", "iris", "--trials", "2", "--epochs", "2", "--pruner", "none"]
+    assert main([*study, "--storage", f"sqlite:///{tmp_path}/optuna.db"]) == 0
+    assert "alias 'champion' set" in capsys.readouterr().out
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    first = client.get_model_version_by_alias("iris-study", "champion")
+    refit = client.get_run(first.run_id)
+    assert str(first.version) == "1" and refit.info.run_name == "best-of-iris"
+    assert first.tags["study"] == "iris" and first.tags["run_id"] == refit.info.run_id
+    assert first.tags["study_run_id"] == refit.data.tags["study_parent_run_id"]
+    assert float(first.tags["val_loss"]) == pytest.approx(refit.data.metrics["best_val_loss"])
+    # The refit read the study's data cache, not the file: its model still has the file's raw columns.
+    assert refit.data.params["data_cache"] not in ("", "None")
+    inputs = _model_inputs(first.source, uri, tmp_path)
+    assert [c["name"] for c in inputs] == list(pd.read_csv(iris).columns.drop("target"))
+
+
+def _model_inputs(model_uri: str, uri: str, folder: Path) -> list[dict]:
+    import mlflow.artifacts
+    from mlflow.models import Model
+
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=model_uri, dst_path=str(folder), tracking_uri=uri
+    )
+    return Model.load(local).signature.inputs.to_dict()
+
+
+def test_register_refuses_a_bad_name_before_training(tmp_path: Path, capsys: pytest.CaptureFixture):
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    assert main(["train", "--data", "iris", "--tracking-uri", uri, "--register", "team/model"]) == 2
+    assert "cannot contain '/' or ':'" in capsys.readouterr().err
+    assert (
+        main(["tune", "--data", "iris", "--retrain", "none", "--tracking-uri", uri, "--register", "m"]) == 2
+    )
+    assert "--retrain none skips it" in capsys.readouterr().err
+    assert not (tmp_path / "mlruns").exists(), "nothing trained, no store created"
+
+
+# -- serving ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_as_predict_does(regression: Trained, tmp_path: Path):
+    """`mlflow models serve` (the README's command) on 127.0.0.1: real rows with empty cells, POSTed as
+    JSON dataframe_split, come back with `run.py predict`'s numbers."""
+    import json as json_module
+    import urllib.request
+
+    from .conftest import free_port, stop_process_tree, wait_for
+
+    frame = _regression_frame(30, seed=9).drop(columns="price")
+    data, expected = tmp_path / "rows.csv", tmp_path / "expected.csv"
+    frame.to_csv(data, index=False)
+    argv = ["predict", regression.result.run_id, "--data", str(data), "--output", str(expected)]
+    assert main([*argv, "--tracking-uri", regression.uri]) == 0
+
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", regression.result.model_uri]
+        + ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        # MLflow starts the server as `uvicorn` from PATH: the environment's bin folder, as when activated.
+        env=subprocess_env(
+            MLFLOW_TRACKING_URI=regression.uri,
+            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        ),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", 180)
+        rows = pd.read_csv(data)  # as a client would send them: empty cells become JSON nulls
+        payload = {"dataframe_split": json_module.loads(rows.to_json(orient="split", index=False))}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json_module.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json_module.loads(response.read())
+    finally:
+        stop_process_tree(server)
+        log.close()
+    served = pd.DataFrame(answer["predictions"])
+    np.testing.assert_allclose(served["prediction"], pd.read_csv(expected)["prediction"], rtol=0, atol=1e-9)
+    assert rows["area"].isna().any() and rows["city"].isna().any(), "the rows had empty cells"
