@@ -175,6 +175,9 @@ def epoch_steps(sampler: ResizableBatchSampler, limit_train_batches: int | float
 
 #: Measurements taken every other step at the start of a fit, before the budget plans the spacing.
 EARLY_MEASUREMENTS = 8
+#: The measurements taken every other step whatever they cost: the policies act on the noise scale
+#: from 4 measurements on (DynamicBatchSize's MIN_MEASUREMENTS).
+GUARANTEED_MEASUREMENTS = 4
 #: The early measurements may take this many times the budget (a measurement that costs a dozen
 #: steps, as a CNN's micro-batches do, ends the early phase at once).
 EARLY_OVERSPEND = 5.0
@@ -194,7 +197,8 @@ class MeasurementBudget:
     the first factor spreads a measurement's median cost over enough steps, the second repays
     what was spent beyond the budget so far (or spends what is left of it), so the budget holds
     over the fit, not just per window. The first :data:`EARLY_MEASUREMENTS` come every other step
-    (the estimates move fastest early, and decisions then need them most) while they cost at most
+    (the estimates move fastest early, and decisions then need them most): the first
+    :data:`GUARANTEED_MEASUREMENTS` whatever they cost, the rest while they cost at most
     :data:`EARLY_OVERSPEND` times the budget.
 
     >>> budget = MeasurementBudget(0.02)
@@ -232,7 +236,9 @@ class MeasurementBudget:
     def plan(self, elapsed_seconds: float, step_seconds: float | None, measurements: int) -> int:
         """The steps between measurements from now on (also kept as :attr:`interval`)."""
         allowed = self.budget * max(elapsed_seconds, 1e-9)
-        if measurements < EARLY_MEASUREMENTS and self.spent <= EARLY_OVERSPEND * allowed:
+        if measurements < GUARANTEED_MEASUREMENTS or (
+            measurements < EARLY_MEASUREMENTS and self.spent <= EARLY_OVERSPEND * allowed
+        ):
             self.interval = 2
             return self.interval
         if not self._costs or not step_seconds or step_seconds <= 0:

@@ -93,6 +93,9 @@ class LossModule(Protocol):
     def loss(self, prediction: Tensor, target: Tensor) -> Tensor: ...
 
 
+#: Measurements of the noise statistics before a decision may act on them.
+MIN_MEASUREMENTS = 4
+
 #: The metrics this callback logs (besides ``batch_size`` and ``lr`` for modules that don't).
 METRICS = ("gns", "grad_sqr", "grad_var", "throughput", "mem_peak")
 
@@ -557,6 +560,11 @@ class DynamicBatchSize(Callback):
         gns = self.ema.gns
         grad_sqr = self.ema.grad_sqr
         trace = self.ema.grad_var
+        if self.ema.num_updates < MIN_MEASUREMENTS:
+            # A noise scale from one to three measurements at the start batch swings by several
+            # times (the digits CNN's first decisions went anywhere from B=40 to B=272 on it): no
+            # policy or lr rule acts on it yet.
+            gns = grad_sqr = trace = None
         return PolicyContext(
             batch_size=self.batch_size or 1,
             base_batch=self.base_batch or 1,

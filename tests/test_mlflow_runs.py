@@ -82,7 +82,12 @@ def test_demo_writes_finished_runs_with_metrics_and_artifacts(workdir: Path):
     # command's config: data digits, model cnn, batch size auto, every other option at its default).
     cnn = next(r for r in runs if r.info.run_name == "digits-cnn-auto")
     assert cnn.data.params["model"] == "cnn" and cnn.data.params["lr"] == "0.1"
-    assert cnn.data.metrics["test_acc"] >= 0.95 and cnn.data.metrics["fit_seconds"] < 60
+    # The batch follows the clock (goodput's throughput model), so the trajectory, and the accuracy
+    # on the 360 test images (one image = 0.28%), vary from run to run: on this machine (issue 16)
+    # seed 0, the demo's, ended between 0.941 and 0.963 in 8 runs (seeds 1-3: 0.978-0.981); issue
+    # 7's 0.95 sits inside that spread, so no single run can promise it. 0.93 catches a policy gone
+    # wrong (the 0.915 of B=512 before the efficiency bound) without failing on the clock's luck.
+    assert cnn.data.metrics["test_acc"] >= 0.93 and cnn.data.metrics["fit_seconds"] < 60
     for key in ("batch_size", "gns", "grad_norm", "grad_norm_ratio"):
         history = _history(client, cnn.info.run_id, key)
         assert len(history) >= 5 and all(math.isfinite(m.value) for m in history), key
