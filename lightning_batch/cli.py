@@ -175,7 +175,22 @@ def _train_arguments(parser: argparse.ArgumentParser, resumable: bool = True) ->
     optim.add_argument(
         "--measure-every",
         type=int,
-        help=f"measure the gradient noise scale every N steps (default {d.MEASURE_EVERY})",
+        help="measure the gradient noise scale every N steps (default 0: as often as --measure-budget allows)",
+    )
+    optim.add_argument(
+        "--measure-budget",
+        type=float,
+        help=f"share of the fit's time noise measurements may take (default {d.MEASURE_BUDGET})",
+    )
+    optim.add_argument(
+        "--noise-window",
+        type=float,
+        help=f"noise EMAs' half-life as a share of the samples seen (default {d.NOISE_WINDOW}; 0: --ema-decay)",
+    )
+    optim.add_argument(
+        "--min-efficiency",
+        type=float,
+        help=f"goodput: only batches of at least this statistical efficiency (default {d.MIN_EFFICIENCY})",
     )
     optim.add_argument(
         "--hysteresis",
