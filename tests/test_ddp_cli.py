@@ -73,6 +73,7 @@ def _check_written_once(client: MlflowClient, run) -> None:
     assert len(client.get_metric_history(run_id, "train_loss")) >= 3
 
 
+@pytest.mark.slow  # two processes start torch and Lightning: ~20 s
 def test_run_py_train_with_two_ddp_processes_makes_one_finished_run(tmp_path: Path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     done = _run(
@@ -105,11 +106,14 @@ def test_run_py_train_with_two_ddp_processes_makes_one_finished_run(tmp_path: Pa
     ]
     checkpoints = sorted(a.path for a in client.list_artifacts(run.info.run_id, "checkpoints"))
     assert checkpoints == ["checkpoints/best.ckpt", "checkpoints/final_weights.pt"]
-    # One artifact folder (one run's), and the resumable checkpoints cleared once it finished.
-    assert [p.name for p in (tmp_path / "artifacts").glob("*/*")] == [run.info.run_id]
+    # One run's artifact folder and one logged model (rank 0's), and the resumable checkpoints
+    # cleared once it finished.
+    assert sorted(p.name for p in (tmp_path / "artifacts").glob("*/*")) == sorted([run.info.run_id, "models"])
+    assert len(list((tmp_path / "artifacts").glob("*/models/*"))) == 1
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
+@pytest.mark.slow  # two processes start torch and Lightning: ~20 s
 def test_two_nodes_of_one_process_over_localhost_make_one_run(tmp_path: Path):
     """Lightning's own multi-node environment, started as the README's 'Several machines' says.
 

@@ -23,6 +23,7 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list:
     return client.get_metric_history(run_id, key)
 
 
+@pytest.mark.slow  # the whole demo, ~45 s: CI runs the slow suite after `make test` (.ci/run)
 def test_demo_writes_finished_runs_with_metrics_and_artifacts(workdir: Path):
     """`python experiments/run.py` with no arguments, as a user runs it, on the default store."""
     done = subprocess.run(

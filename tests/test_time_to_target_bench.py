@@ -44,6 +44,7 @@ def quick_report(bench: ModuleType, tmp_path_factory: pytest.TempPathFactory) ->
     return report
 
 
+@pytest.mark.slow  # every method of the quick benchmark: ~15 s
 def test_quick_report_has_every_method_and_both_oracles(bench: ModuleType, quick_report: dict) -> None:
     names = [row["method"] for row in quick_report["rows"]]
     assert names[0].startswith("seed (B=32")
