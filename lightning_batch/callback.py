@@ -138,6 +138,9 @@ class DynamicBatchSize(Callback):
             slope, so the first decision can already jump).
         min_efficiency: ``goodput`` keeps to batches whose statistical efficiency is at least
             this (see :class:`~lightning_batch.policy.GoodputPolicy`); 0: no bound.
+        max_lr_scale: the lr rule's multiplier is capped at this (near the optimum AdaScale
+            scales the lr linearly with the batch, the noise floor stops falling and the loss
+            can diverge; capped, a larger batch lowers the floor instead).
         milestones, schedule_factor: the ``schedule`` policy's epochs and growth factor.
         probe_memory: find the memory ceiling when training starts (needs ``pl_module.loss``). The
             trial steps run under the Trainer's precision (bf16 activations take half the bytes).
@@ -179,6 +182,7 @@ class DynamicBatchSize(Callback):
         noise_k: float = defaults.NOISE_K,
         explore_factor: float = defaults.EXPLORE_FACTOR,
         min_efficiency: float = defaults.MIN_EFFICIENCY,
+        max_lr_scale: float = defaults.MAX_LR_SCALE,
         milestones: tuple[int, ...] = (),
         schedule_factor: float = defaults.SCHEDULE_FACTOR,
         probe_memory: bool = defaults.PROBE_MEMORY,
@@ -233,6 +237,7 @@ class DynamicBatchSize(Callback):
             max_batch=max_batch,
             multiple=multiple,
             hysteresis=hysteresis,
+            max_lr_scale=max_lr_scale,
         )
         self.ema = NoiseScaleEMA(ema_decay, half_life_share=noise_window or None)
         self.adjust_every = adjust_every

@@ -193,6 +193,11 @@ def _train_arguments(parser: argparse.ArgumentParser, resumable: bool = True) ->
         help=f"goodput: only batches of at least this statistical efficiency (default {d.MIN_EFFICIENCY})",
     )
     optim.add_argument(
+        "--max-lr-scale",
+        type=float,
+        help=f"cap of the lr rule's multiplier of --lr (default {d.MAX_LR_SCALE})",
+    )
+    optim.add_argument(
         "--hysteresis",
         type=float,
         help=f"resize only for a predicted gain above this (default {d.HYSTERESIS})",

@@ -178,6 +178,8 @@ class RunConfig:
     """The ``goodput`` policy times ``B × explore_factor`` once, to fit its throughput model (> 1)."""
     min_efficiency: float = defaults.MIN_EFFICIENCY
     """``goodput`` keeps to batches whose statistical efficiency is at least this, in [0, 1) (0: no bound)."""
+    max_lr_scale: float = defaults.MAX_LR_SCALE
+    """The lr rule's multiplier of ``lr`` is at most this (>= 1)."""
     milestones: list[int] = field(default_factory=list)
     """Epochs where the ``schedule`` policy multiplies the batch size by ``schedule_factor``."""
     schedule_factor: float = defaults.SCHEDULE_FACTOR
@@ -370,6 +372,7 @@ class RunConfig:
             raise UserError(
                 f"--noise-window must be at most 10, got {self.noise_window}; e.g. --noise-window 0.25"
             )
+        _finite(self.max_lr_scale, "--max-lr-scale", "--max-lr-scale 10", minimum=1.0)
         _finite(self.min_efficiency, "--min-efficiency", "--min-efficiency 0.5", minimum=0.0)
         if self.min_efficiency >= 1:
             raise UserError(

@@ -26,6 +26,7 @@ import subprocess
 import time
 from collections import defaultdict
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -125,11 +126,15 @@ def git_commit() -> str | None:
 
 
 class BufferedMLFlowLogger(MLFlowLogger):
-    """``MLFlowLogger`` that batches metric writes and remembers every value for plots.
+    """``MLFlowLogger`` that batches metric writes, writes them off the training thread, and
+    remembers every value for plots.
 
-    Values are written with ``log_batch`` when :data:`FLUSH_EVERY` are waiting, when
-    :data:`FLUSH_SECONDS` have passed, at :meth:`save` and at :meth:`finalize` — so a step costs
-    a dict append, not a database round trip.
+    Values are handed to a writer thread with ``log_batch`` when :data:`FLUSH_EVERY` are waiting or
+    :data:`FLUSH_SECONDS` have passed, so a step costs a dict append: a sqlite commit takes tens of
+    milliseconds (an fsync), which in the training thread came to ~20% of a small tabular step at
+    B=32 (``benchmarks/overhead.py``). One writer keeps the batches in order. :meth:`flush` (at
+    :meth:`save`, i.e. with every checkpoint, and at :meth:`finalize`) waits until everything
+    handed over is written and raises what a write raised, so nothing logged is lost silently.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -137,6 +142,8 @@ class BufferedMLFlowLogger(MLFlowLogger):
         super().__init__(*args, **kwargs)
         self._pending: list[tuple[str, float, int, int]] = []  # (key, value, timestamp ms, step)
         self._last_flush = time.monotonic()
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: list[Future[None]] = []
         #: name -> [(step, value)], everything logged by this process.
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
 
@@ -149,11 +156,10 @@ class BufferedMLFlowLogger(MLFlowLogger):
             self.history[key].append((step, value))
             self._pending.append((key, value, timestamp, step))
         if len(self._pending) >= FLUSH_EVERY or time.monotonic() - self._last_flush > FLUSH_SECONDS:
-            self.flush()
+            self._hand_over()
 
-    @rank_zero_only
-    def flush(self) -> None:
-        """Write every buffered metric now."""
+    def _hand_over(self) -> None:
+        """Give the buffered values to the writer thread (without waiting for the write)."""
         self._last_flush = time.monotonic()
         if not self._pending:
             return
@@ -161,8 +167,24 @@ class BufferedMLFlowLogger(MLFlowLogger):
 
         pending, self._pending = self._pending, []
         rows = [Metric(key=k, value=v, timestamp=t, step=s) for k, v, t, s in pending]
-        for start in range(0, len(rows), FLUSH_EVERY):
-            self.experiment.log_batch(run_id=self.run_id, metrics=rows[start : start + FLUSH_EVERY])
+        experiment, run_id = self.experiment, self.run_id  # resolved here, in the training thread
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics")
+
+        def write() -> None:
+            for start in range(0, len(rows), FLUSH_EVERY):
+                experiment.log_batch(run_id=run_id, metrics=rows[start : start + FLUSH_EVERY])
+
+        self._writes = [w for w in self._writes if not w.done() or w.exception() is not None]
+        self._writes.append(self._writer.submit(write))
+
+    @rank_zero_only
+    def flush(self) -> None:
+        """Write every buffered metric now, and wait until everything handed over is written."""
+        self._hand_over()
+        writes, self._writes = self._writes, []
+        for write in writes:
+            write.result()  # re-raises a failed write here, in the training thread
 
     @rank_zero_only
     def set_tag(self, key: str, value: str) -> None:
@@ -178,7 +200,12 @@ class BufferedMLFlowLogger(MLFlowLogger):
     def finalize(self, status: str = "success") -> None:
         if not self._initialized:
             return
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
         super().finalize(status)
 
     def last(self, key: str) -> float | None:

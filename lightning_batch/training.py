@@ -187,6 +187,7 @@ def build_resizer(cfg: RunConfig) -> DynamicBatchSize:
         noise_k=cfg.noise_k,
         explore_factor=cfg.explore_factor,
         min_efficiency=cfg.min_efficiency,
+        max_lr_scale=cfg.max_lr_scale,
         milestones=tuple(cfg.milestones),
         schedule_factor=cfg.schedule_factor,
         probe_memory=cfg.probe_memory,

@@ -238,7 +238,7 @@ def test_the_efficiency_floor_stops_a_fixed_cost_dominated_model_from_leaving_th
     flat = fitted_model(alpha=0.004, beta=1e-8)
     ctx = PolicyContext(batch_size=128, base_batch=32, noise_scale=30.0, ceiling=512, throughput=flat)
     assert GoodputPolicy(min_efficiency=0.0).propose(ctx) == 512
-    bounded = GoodputPolicy().propose(ctx)
+    bounded = GoodputPolicy(min_efficiency=0.5).propose(ctx)
     assert bounded == 94 and efficiency(bounded, 32, 30.0) >= 0.5 > efficiency(bounded + 1, 32, 30.0)
 
 

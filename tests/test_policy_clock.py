@@ -186,3 +186,30 @@ def test_a_goodput_fit_starts_from_the_probe_and_never_explores():
     assert reasons and not any("exploring" in r for r in reasons), reasons
     assert resize.decisions[0]["step"] <= 15, "decided in the warm-up"
     assert resize.ema.num_updates >= EARLY_MEASUREMENTS
+
+
+def test_the_lr_multiplier_stops_at_max_lr_scale():
+    """Near the optimum (|G|² ~ 0) AdaScale's gain is the scale S itself: x64 at B=2048 from B0=32.
+    Reference: adascale_gain computed directly; the controller caps it at 10 unless told otherwise."""
+    from lightning_batch.policy import BatchSizeController, PolicyContext, adascale_gain
+
+    ctx = PolicyContext(batch_size=2048, base_batch=32, grad_sqr=1e-9, trace_sigma=10.0, ceiling=4096)
+    gain = adascale_gain(2048, 32, 1e-9, 10.0)
+    assert gain == pytest.approx(64.0, rel=1e-3)
+    capped = BatchSizeController("fixed", lr_rule="adascale", multiple=1)
+    uncapped = BatchSizeController("fixed", lr_rule="adascale", multiple=1, max_lr_scale=None)
+    fixed_ctx = PolicyContext(batch_size=2048, base_batch=2048, grad_sqr=1e-9, trace_sigma=10.0)
+    assert capped.decide(fixed_ctx).lr_scale == pytest.approx(1.0)  # S = 1 at B0: nothing to cap
+    noise = BatchSizeController("noise", lr_rule="adascale", multiple=1, max_step_factor=None)
+    assert noise.decide(replace_batch(ctx, 32)).lr_scale == 10.0
+    uncapped_noise = BatchSizeController(
+        "noise", lr_rule="adascale", multiple=1, max_step_factor=None, max_lr_scale=None
+    )
+    assert uncapped_noise.decide(replace_batch(ctx, 32)).lr_scale > 10.0
+    assert uncapped.max_lr_scale is None
+
+
+def replace_batch(ctx, base):
+    from dataclasses import replace
+
+    return replace(ctx, base_batch=base)
