@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 BLOCK_AND_RUN = """
@@ -22,6 +24,7 @@ assert not loaded, loaded
 """
 
 
+@pytest.mark.slow  # the whole GPU check's CPU path in a fresh process: ~45 s; CI runs the slow suite after `make test`
 def test_gpu_check_runs_without_mlflow_optuna_or_psutil(tmp_path: Path):
     out = tmp_path / "gpu_check.json"
     done = subprocess.run(

@@ -212,6 +212,7 @@ def test_a_study_resumes_by_name_and_train_plus_val_refit(workdir: Path, trackin
     assert int(refit.data.params["n_train"]) == int(refit.data.params["n_val"]) + 1400
 
 
+@pytest.mark.slow  # a full grid study: ~30 s; CI runs the slow suite after `make test`
 def test_grid_sampler_walks_the_grid(workdir: Path, tracking_uri: str):
     storage = f"sqlite:///{workdir}/mlruns/optuna.db"
     base = RunConfig(**{**SMALL, "epochs": 1}, tracking_uri=tracking_uri)
