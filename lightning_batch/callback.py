@@ -285,6 +285,9 @@ class DynamicBatchSize(Callback):
         #: The last all-ranks mean ``(|G|², tr(Σ))`` fed to the EMAs (None: that step was not measured).
         self.last_measurement: tuple[float, float] | None = None
         self._step_started = 0.0
+        #: Unmeasured steps' (rows, seconds) not yet in the throughput model: fed in only when read
+        #: (a measured step, a decision), so an ordinary step costs a list append.
+        self._step_times: list[tuple[int, float]] = []
         self._fit_started = time.perf_counter()
         self._measured_this_step = False
         self._cycle_is_clean = False
@@ -499,7 +502,7 @@ class DynamicBatchSize(Callback):
                 cost += seconds - plain
             self.measurement.record(cost)
         elif self._cycle_is_clean:
-            self.controller.observe_step(rows, seconds)
+            self._step_times.append((rows, seconds))
         step = trainer.global_step
         epoch_rows = self._sampler.num_samples if self._sampler is not None else 0
         if self.cadence.step_done(rows, epoch_rows) or self._over_ceiling(trainer):
@@ -527,6 +530,7 @@ class DynamicBatchSize(Callback):
 
     def _plain_step_seconds(self, rows: int) -> float | None:
         """An unmeasured step's seconds at ``rows``: the median of those timed, else the model's."""
+        self._feed_throughput()
         model = self.controller.throughput
         times = model.times_at(rows)
         if times:
@@ -559,9 +563,15 @@ class DynamicBatchSize(Callback):
         ceiling = self._effective_ceiling(trainer)
         return ceiling is not None and self.batch_size is not None and self.batch_size > ceiling
 
+    def _feed_throughput(self) -> None:
+        for rows, seconds in self._step_times:
+            self.controller.observe_step(rows, seconds)
+        self._step_times.clear()
+
     def _context(self, trainer: pl.Trainer) -> PolicyContext:
-        # Step times go into the controller's throughput model as they come (the measurement budget
-        # reads it every measured step), not through the context.
+        # Step times go into the controller's throughput model here and at measured steps (the
+        # measurement budget reads it there), not through the context.
+        self._feed_throughput()
         gns = self.ema.gns
         grad_sqr = self.ema.grad_sqr
         trace = self.ema.grad_var

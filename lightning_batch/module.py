@@ -257,11 +257,7 @@ class TaskModule(pl.LightningModule):
             except Exception as exc:  # noqa: BLE001 -- only out-of-memory is handled, the rest re-raised
                 if not is_out_of_memory(exc):
                     raise
-                optimizer.zero_grad()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                self.max_rows_per_pass = max(1, rows // 2)
-                self.oom_recoveries += 1
+                self._halve_after_oom(optimizer, rows)
         strategy = self.trainer.strategy
         distributed = self._world_size > 1
         while True:
@@ -292,16 +288,20 @@ class TaskModule(pl.LightningModule):
                 assert total is not None
                 self._step["passes"] = len(starts)
                 return total
-            optimizer.zero_grad()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if per_pass <= 1:
-                raise MemoryError(
-                    "out of memory even with 1 row per pass; free memory, use a smaller model, or lower "
-                    "--memory-budget so the batch-size probe plans for less"
-                )
-            self.max_rows_per_pass = per_pass // 2
-            self.oom_recoveries += 1
+            self._halve_after_oom(optimizer, per_pass)
+
+    def _halve_after_oom(self, optimizer: Any, per_pass: int) -> None:
+        """A pass of ``per_pass`` rows ran out of memory: drop its gradients, halve the pass."""
+        optimizer.zero_grad()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if per_pass <= 1:
+            raise MemoryError(
+                "out of memory even with 1 row per pass; free memory, use a smaller model, or lower "
+                "--memory-budget so the batch-size probe plans for less"
+            )
+        self.max_rows_per_pass = per_pass // 2
+        self.oom_recoveries += 1
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         # Lightning calls this inside optimizer.step(), after a float16 GradScaler unscaled the
