@@ -861,10 +861,17 @@ class TabularDataModule(pl.LightningDataModule):
         return trainer.global_rank, trainer.world_size
 
     # -- loaders ---------------------------------------------------------------------------------
+    def _index_device(self, dataset: TensorTableDataset) -> torch.device | None:
+        # Tables on the accelerator: the batches' indices are made there too (see the sampler's
+        # index_device), so a step copies nothing from the host.
+        return dataset.device if self.data_placement == "device" else None
+
     def train_dataloader(self) -> DataLoader:
+        sampler = self.train_batch_sampler
+        sampler.index_device = self._index_device(self.train_set)
         return DataLoader(
             self.train_set,
-            batch_sampler=self.train_batch_sampler,
+            batch_sampler=sampler,
             collate_fn=keep_batch,
             pin_memory=self.data_placement == "pinned",
         )
@@ -872,6 +879,7 @@ class TabularDataModule(pl.LightningDataModule):
     def _eval_loader(self, dataset: TensorTableDataset) -> DataLoader:
         # Every rank evaluates the whole split: the numbers agree across ranks without a sampler.
         sampler = ResizableBatchSampler(len(dataset), min(self.eval_batch_size, len(dataset)), shuffle=False)
+        sampler.index_device = self._index_device(dataset)
         return DataLoader(
             dataset, batch_sampler=sampler, collate_fn=keep_batch, pin_memory=self.data_placement == "pinned"
         )

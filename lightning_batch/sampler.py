@@ -69,6 +69,11 @@ class ResizableBatchSampler(BatchSampler):
             ``drop_last``), instead of training them as a shorter last batch.
         index_lists: yield each batch as a list of ints (for datasets indexed row by row, which
             may not accept a tensor index) rather than one ``LongTensor``.
+
+    :attr:`index_device` (None: the CPU) is where the yielded index tensors live. A dataset whose
+    tables sit on an accelerator sets it to that device: the epoch's permutation crosses over once
+    and each batch's index is a slice of it there, instead of a host tensor copied every step (a
+    copy from pageable host memory makes the host wait for the device's queued work each step).
     """
 
     def __init__(
@@ -95,6 +100,7 @@ class ResizableBatchSampler(BatchSampler):
         self.rank = rank
         self.world_size = world_size
         self.index_lists = index_lists
+        self.index_device: torch.device | None = None
         #: Who reports trained batches (:meth:`batch_trained`); a DynamicBatchSize claims it, and
         #: TabularDataModule then leaves the reporting to it.
         self.position_owner: object | None = None
@@ -183,6 +189,12 @@ class ResizableBatchSampler(BatchSampler):
             # The previous pass ran to the end without a set_epoch (plain PyTorch use): next epoch.
             self.set_epoch(self.epoch + 1)
         order = self.permutation()
+        if self.index_device is not None and not self.index_lists:
+            # Once an epoch; each batch is then a slice there. Pinned first on CUDA, so that even
+            # this copy does not wait for the device's queued work.
+            if self.index_device.type == "cuda":
+                order = order.pin_memory()
+            order = order.to(self.index_device, non_blocking=True)
         while self.cursor < self.num_samples:
             take = self._next_take(self.num_samples - self.cursor)
             if take == 0:  # drop_last: the rows left make no full batch; the epoch is over

@@ -270,3 +270,21 @@ def test_index_lists_yield_plain_ints_and_nobody_owns_the_position_at_first():
     assert batches == [[0, 1], [2, 3], [4]] and all(type(i) is int for b in batches for i in b)
     assert all(isinstance(b, torch.Tensor) for b in ResizableBatchSampler(5, 2))
     assert ResizableBatchSampler(5, 2).position_owner is None
+
+
+def test_an_index_device_gets_the_same_batches_made_there():
+    # The meta device stands in for an accelerator: it records where each index tensor was made
+    # and its shape, which is all the sampler changes; the order itself is checked on the CPU.
+    plain = ResizableBatchSampler(50, batch_size=8, seed=3, rank=1, world_size=2)
+    placed = ResizableBatchSampler(50, batch_size=8, seed=3, rank=1, world_size=2)
+    placed.index_device = torch.device("meta")
+    expected, got = _drain(plain, [8, 8, 12]), _drain(placed, [8, 8, 12])
+    assert [b.device.type for b in got] == ["meta"] * len(expected)
+    assert [b.shape for b in got] == [b.shape for b in expected]
+    assert placed.state_dict() == plain.state_dict()
+    back_on_cpu = ResizableBatchSampler(50, batch_size=8, seed=3, rank=1, world_size=2)
+    back_on_cpu.index_device = torch.device("cpu")
+    assert all(torch.equal(a, b) for a, b in zip(_drain(back_on_cpu, [8, 8, 12]), expected, strict=True))
+    lists = ResizableBatchSampler(5, batch_size=2, shuffle=False, index_lists=True)
+    lists.index_device = torch.device("meta")
+    assert list(lists) == [[0, 1], [2, 3], [4]], "index lists stay plain ints for row-by-row datasets"
