@@ -16,7 +16,8 @@ b. ``oom``: a real OOM forced mid-training (the allocator's limit lowered below 
 c. ``time_to_target``: 10-class classification, ~1M training rows, MLP 512-512, SGD: ``auto``
    (goodput from B=1024) against a grid of fixed (B, lr) and Lightning's ``BatchSizeFinder``;
    seconds and samples to a validation loss within 5% of the best any run reached, steps/s.
-d. ``data_placement``: steps/s with the tables on the GPU (a batch is an index there) against
+d. ``data_placement``: steps/s with the tables on the GPU (a batch is an index there, made there;
+   and, as a control, the same tables with each batch's index copied from the host) against
    tables in pinned host memory copied every step.
 
 Without a GPU (or with ``--smoke``) a and b are skipped and c and d run small on the CPU: that
@@ -386,6 +387,20 @@ def _fit_for_time(
         "max_batch": max([int(dm.batch_size), *(d["to"] for d in (resizer.decisions if resizer else []))]),
         "ceiling": resizer.ceiling if resizer else None,
         "data_placement": dm.data_placement,
+        **(_measurement_figures(resizer, seconds) if resizer else {}),
+    }
+
+
+def _measurement_figures(resizer: DynamicBatchSize, seconds: float) -> dict[str, Any]:
+    """What the noise measurements cost against the 2% budget, and the probe's timed cost a row
+    (the throughput model's starting slope)."""
+    probe = resizer.probe
+    return {
+        "noise_measurements": resizer.ema.num_updates,
+        "measurement_seconds": round(resizer.measurement.spent, 4),
+        "measurement_share": resizer.measurement.spent / seconds if seconds > 0 else None,
+        "probe_seconds_per_row": probe.seconds_per_row() if probe is not None else None,
+        "decisions": [(d["step"], d["from"], d["to"], d["reason"]) for d in resizer.decisions],
     }
 
 
@@ -425,36 +440,56 @@ def section_time_to_target(
     )
     free_cuda()
     best = min(p[2] for r in runs.values() for p in r["points"])
-    target = best * 1.05
+    best_fixed = min(
+        (p[2] for name, r in runs.items() if name.startswith("fixed") for p in r["points"]), default=math.inf
+    )
     summary = []
     for name, run in runs.items():
-        reach = _first_reach(run["points"], target)
         summary.append(
             {
                 "method": name,
-                "seconds_to_target": reach[0] if reach else None,
-                "samples_to_target": reach[1] if reach else None,
                 "best_val_loss": min((p[2] for p in run["points"]), default=None),
                 "steps_per_s": run["steps_per_s"],
                 "final_batch": run["final_batch"],
                 "max_batch": run["max_batch"],
                 "ceiling": run["ceiling"],
+                "measurement_share": run.get("measurement_share"),
+                "noise_measurements": run.get("noise_measurements"),
             }
         )
-    fixed = [s for s in summary if s["method"].startswith("fixed") and s["seconds_to_target"] is not None]
-    oracle = min(fixed, key=lambda s: s["seconds_to_target"]) if fixed else None
-    for s in summary:
-        if oracle and s["seconds_to_target"] is not None:
-            s["x_best_fixed"] = s["seconds_to_target"] / oracle["seconds_to_target"]
     return {
         "train_rows": len(prepared.train),
-        "target_val_loss": target,
         "best_val_loss": best,
+        "best_fixed_val_loss": best_fixed,
         "budget_s": budget_s,
-        "best_fixed": oracle["method"] if oracle else None,
+        # Two targets: 5% above the best loss any run reached (favours whoever reached it), and 5%
+        # above the best a fixed configuration reached (what a user tuning by hand could have had).
+        "targets": {
+            label: _race(runs, summary, target)
+            for label, target in (("best_any_x1.05", best * 1.05), ("best_fixed_x1.05", best_fixed * 1.05))
+        },
         "summary": summary,
-        "curves": {name: run["points"][:: max(1, len(run["points"]) // 60)] for name, run in runs.items()},
+        "curves": {name: run["points"] for name, run in runs.items()},
     }
+
+
+def _race(runs: dict[str, dict[str, Any]], summary: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    """Seconds and samples each run took to reach ``target``, and each against the fastest fixed run."""
+    reached = {name: _first_reach(run["points"], target) for name, run in runs.items()}
+    fixed = {name: r for name, r in reached.items() if name.startswith("fixed") and r is not None}
+    oracle = min(fixed, key=lambda name: fixed[name][0]) if fixed else None
+    rows = []
+    for entry in summary:
+        reach = reached[entry["method"]]
+        rows.append(
+            {
+                "method": entry["method"],
+                "seconds_to_target": reach[0] if reach else None,
+                "samples_to_target": reach[1] if reach else None,
+                "x_best_fixed": reach[0] / fixed[oracle][0] if reach and oracle else None,
+            }
+        )
+    return {"target_val_loss": target, "best_fixed": oracle, "runs": rows}
 
 
 class StepRate(Callback):
@@ -496,28 +531,47 @@ def section_data_placement(
 def _data_placement(
     device: torch.device, prepared: Any, batch: int, steps: int, repeats: int
 ) -> dict[str, Any]:
-    rates: dict[str, Any] = {}
-    for label, budget in (("on_device", 0.5), ("host_copied", 0.0)):
-        results = []
-        for _ in range(repeats):
+    # The three placements take turns, round after round, so that a drift of the machine's clocks
+    # over the section (a GPU ramping up, a neighbour's load) falls on all of them alike.
+    labels = {"on_device": 0.5, "on_device_host_index": 0.5, "host_copied": 0.0}
+    results: dict[str, list[float | None]] = {label: [] for label in labels}
+    placements: dict[str, str] = {}
+    for _ in range(repeats):
+        for label, budget in labels.items():
             local = copy.copy(prepared)  # the tables move; the others' copies stay where they are
             local.train, local.val, local.test = (
                 copy.copy(t) for t in (prepared.train, prepared.val, prepared.test)
             )
-            dm = TabularDataModule(
+            module_class = HostIndexDataModule if label == "on_device_host_index" else TabularDataModule
+            dm = module_class(
                 data="synthetic-classification", batch_size=batch, seed=0, device_data_budget=budget
             )
             dm.prepared = local
             module = mlp_module(prepared, lr=0.05, log_every=50)
             rate = StepRate(warmup=20)
             trainer(device, max_steps=steps, callbacks=[rate]).fit(module, datamodule=dm)
-            results.append(rate.steps / rate.seconds if rate.seconds else None)
-            placement = rate.placement
+            results[label].append(rate.steps / rate.seconds if rate.seconds else None)
+            placements[label] = rate.placement
             free_cuda()
-        clean = sorted(r for r in results if r)
-        rates[label] = {"placement": placement, "steps_per_s": results, "median": clean[len(clean) // 2]}
+    rates: dict[str, Any] = {}
+    for label, values in results.items():
+        clean = sorted(r for r in values if r)
+        rates[label] = {
+            "placement": placements[label],
+            "steps_per_s": values,
+            "median": clean[len(clean) // 2],
+        }
     rates["speedup"] = rates["on_device"]["median"] / rates["host_copied"]["median"]
+    rates["speedup_of_device_index"] = rates["on_device"]["median"] / rates["on_device_host_index"]["median"]
     return rates
+
+
+class HostIndexDataModule(TabularDataModule):
+    """Tables on the device but each batch's index made on the host and copied per step (how the
+    data path worked before the sampler's index_device): the control for the index's own copy."""
+
+    def _index_device(self, dataset):
+        return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -584,7 +638,10 @@ def main(argv: list[str] | None = None) -> int:
                 device, prepared, (1024, 8192, 65536), (0.1, 0.4), args.budget, 100_000, 50_000
             ),
         )
-        run("data_placement", lambda: section_data_placement(device, prepared, (4096, 65536), steps=200))
+        run(
+            "data_placement",
+            lambda: section_data_placement(device, prepared, (4096, 65536), steps=300, repeats=5),
+        )
     else:
         run(
             "time_to_target",

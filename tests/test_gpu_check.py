@@ -41,6 +41,22 @@ def test_gpu_check_runs_without_mlflow_optuna_or_psutil(tmp_path: Path):
         m.startswith("BatchSizeFinder") for m in methods
     )
     assert all(row["steps_per_s"] > 0 for row in ttt["summary"])
+    assert set(ttt["targets"]) == {"best_any_x1.05", "best_fixed_x1.05"}
+    for race in ttt["targets"].values():
+        assert [row["method"] for row in race["runs"]] == methods
+        for row in race["runs"]:  # a run that reached the target did so at a loss at or under it
+            if row["seconds_to_target"] is not None:
+                curve = ttt["curves"][row["method"]]
+                assert any(
+                    s == row["seconds_to_target"] and loss <= race["target_val_loss"] for s, _, loss in curve
+                )
+        if race["best_fixed"] is not None:
+            oracle = next(row for row in race["runs"] if row["method"] == race["best_fixed"])
+            assert oracle["x_best_fixed"] == 1.0
+    assert ttt["targets"]["best_fixed_x1.05"]["best_fixed"] is not None, (
+        "the best fixed run reaches 1.05x its own best"
+    )
     placement = report["data_placement"]
     assert "error" not in placement, placement
     assert placement["B=64"]["on_device"]["placement"] == "host"  # no accelerator: the tables stay put
+    assert {"on_device", "on_device_host_index", "host_copied"} <= set(placement["B=64"])
