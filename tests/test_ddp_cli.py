@@ -8,7 +8,8 @@ metric's steps logged once, one set of artifacts, one summary printed. Then the 
 resumed, a failing rank that still ends the run FAILED, and ``ddp_spawn`` refused in one line.
 
 Each DDP run costs two cold Python starts (torch, Lightning, MLflow) on this 2-core machine,
-about 30 s; the kill-and-resume and the failure tests are marked slow.
+about 20-30 s; the two-process and two-node runs are in the default suite, the kill-and-resume and
+the failure tests are marked slow.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def _check_written_once(client: MlflowClient, run) -> None:
     assert len(client.get_metric_history(run_id, "train_loss")) >= 3
 
 
-@pytest.mark.slow  # two processes start torch and Lightning: ~20 s
+# In the default suite although it costs ~20 s (two processes start torch and Lightning): it is
+# what the DDP-from-the-CLI promise rests on.
 def test_run_py_train_with_two_ddp_processes_makes_one_finished_run(tmp_path: Path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     done = _run(
@@ -113,7 +115,7 @@ def test_run_py_train_with_two_ddp_processes_makes_one_finished_run(tmp_path: Pa
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
-@pytest.mark.slow  # two processes start torch and Lightning: ~20 s
+# In the default suite too (~20 s): the README's multi-machine commands, run over 127.0.0.1.
 def test_two_nodes_of_one_process_over_localhost_make_one_run(tmp_path: Path):
     """Lightning's own multi-node environment, started as the README's 'Several machines' says.
 
