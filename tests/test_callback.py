@@ -225,7 +225,10 @@ def test_a_step_that_cannot_fit_one_row_fails_clearly():
 
 def test_resume_from_a_checkpoint_restores_the_controller_state(tmp_path: Path):
     dm, _, module = _setup(rows=2000, batch_size=16)
-    resize = DynamicBatchSize(policy="noise", lr_rule="sqrt", probe_memory=False, adjust_every=10)
+    # A fixed measurement spacing: the default time budget spaces measurements by the clock, and on
+    # a loaded machine too few of them came before the first decisions for the batch to move.
+    noise = dict(policy="noise", lr_rule="sqrt", probe_memory=False, adjust_every=10, measure_every=2)
+    resize = DynamicBatchSize(**noise)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     quiet_trainer(1, [resize, checkpoint], enable_checkpointing=True).fit(module, datamodule=dm)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
@@ -233,7 +236,7 @@ def test_resume_from_a_checkpoint_restores_the_controller_state(tmp_path: Path):
     assert state["batch_size"] != 16, "the first epoch should have moved the batch size"
 
     dm2, _, module2 = _setup(rows=2000, batch_size=16)
-    resumed = DynamicBatchSize(policy="noise", lr_rule="sqrt", probe_memory=False, adjust_every=10)
+    resumed = DynamicBatchSize(**noise)
     seen = {}
 
     class Peek(Callback):
