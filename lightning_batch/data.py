@@ -720,6 +720,11 @@ def _merge_column_fits(fits: list[Preprocessor], dropped: list[str]) -> Preproce
     )
 
 
+def _nothing_trained(sampler_state: dict[str, Any]) -> bool:
+    """Whether a saved sampler position is the start of training (epoch 0, no batch trained)."""
+    return int(sampler_state["epoch"]) == 0 and int(sampler_state["cursor"]) == 0
+
+
 class TabularDataModule(pl.LightningDataModule):
     """Tabular data for a Lightning fit, with a training batch size that may change between steps.
 
@@ -910,10 +915,10 @@ class TabularDataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         sampler_state = state_dict.get("train_sampler")
-        if sampler_state is None:
+        if sampler_state is None or _nothing_trained(sampler_state):
             # A checkpoint from before the first training batch (Lightning's BatchSizeFinder saves
             # one, runs trial steps, then restores it): training restarts at the first row of
-            # epoch 0, at the batch size chosen meanwhile.
+            # epoch 0, at the batch size chosen meanwhile (the finder's), not the one saved.
             self._pending_sampler_state = None
             if self._train_sampler is not None:
                 self._train_sampler.rewind()

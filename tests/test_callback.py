@@ -386,11 +386,20 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tracking_uri: str):
         train(RunConfig(tracking_uri=tracking_uri), resume_run_id="0123456789abcdef")
 
 
-def test_lightnings_own_batch_size_finder_runs_with_the_task_module(tmp_path: Path):
-    """BatchSizeFinder trains steps before the module's on_fit_start: the module must be ready."""
+@pytest.mark.parametrize("sampler_made_before_the_fit", [False, True])
+def test_lightnings_own_batch_size_finder_runs_with_the_task_module(
+    tmp_path: Path, sampler_made_before_the_fit
+):
+    """BatchSizeFinder trains steps before the module's on_fit_start: the module must be ready.
+
+    Its search saves a checkpoint, tries sizes, and restores the checkpoint; the size it found must
+    survive that restore also when the data module's sampler (and so its saved state) already
+    existed, as it does once user code set ``dm.batch_size`` before the fit."""
     from lightning.pytorch.callbacks import BatchSizeFinder
 
     dm, _, module = _setup(rows=2000, batch_size=16)
+    if sampler_made_before_the_fit:
+        dm.batch_size = 16
     finder = BatchSizeFinder(mode="power", init_val=16, max_trials=3, steps_per_trial=2)
     quiet_trainer(1, [finder], limit_val_batches=0, default_root_dir=tmp_path).fit(module, datamodule=dm)
     assert finder.optimal_batch_size == 64 and dm.batch_size == 64  # 16, 32, 64: three trials
