@@ -44,6 +44,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+from lightning_batch.errors import UserError
+
 OWNER_HOST_TAG = "lightning_batch.owner.host"
 OWNER_PID_TAG = "lightning_batch.owner.pid"
 OWNER_STARTED_TAG = "lightning_batch.owner.started"
@@ -208,6 +210,27 @@ def lost_owner(run: Any) -> Owner | None:
     if run.info.status != "RUNNING" or owner is None or owner.state() != "gone":
         return None
     return owner
+
+
+def refuse_a_live_owners_run(tracking_uri: str, run_id: str) -> None:
+    """Raise :class:`UserError` when ``run_id`` is RUNNING under a process of this host that is still
+    alive: a resume would have two processes train and write one run. An owner on another host
+    cannot be checked from here and is not refused (its machine may be gone for good)."""
+    try:
+        from mlflow import MlflowClient
+
+        run = MlflowClient(tracking_uri).get_run(run_id)
+    except Exception:  # noqa: BLE001 -- an unknown run fails the run's own calls with MLflow's message
+        return
+    owner = Owner.from_tags(run.data.tags)
+    if run.info.status != "RUNNING" or owner is None or owner.state() != "alive":
+        return
+    if owner == Owner.of_this_process():
+        return
+    raise UserError(
+        f"run {run_id!r} is still being trained by {owner} (status RUNNING); stop that process "
+        "(or let it finish) before --resume, or start a new run"
+    )
 
 
 def resume_hint(run: Any) -> str:

@@ -47,7 +47,7 @@ from lightning_batch.hardware import Placement, resolve_placement
 from lightning_batch.models import build_model
 from lightning_batch.module import TaskModule
 from lightning_batch.progress import BatchProgressBar
-from lightning_batch.run_owners import claim_run, owner_tags, reap_quietly
+from lightning_batch.run_owners import claim_run, owner_tags, reap_quietly, refuse_a_live_owners_run
 from lightning_batch.tracking import (
     BufferedMLFlowLogger,
     ensure_store,
@@ -338,6 +338,8 @@ def train(
     if rank == 0:
         ensure_store(uri)
         reap_quietly(uri)  # runs whose process died end FAILED ("process lost") before this one starts
+        if resume_run_id is not None:
+            refuse_a_live_owners_run(uri, resume_run_id)  # two processes must not write one run
         experiment_id = get_or_create_experiment(uri, cfg.experiment)
         tags = {
             "task": dm.task,

@@ -242,3 +242,36 @@ def test_runs_on_a_store_that_does_not_exist_creates_nothing(workdir: Path, caps
     assert main(["runs"]) == 2
     assert capsys.readouterr().err.startswith("error: no runs yet: 'mlruns/mlflow.db' does not exist")
     assert not (workdir / "mlruns").exists()
+
+
+def test_resuming_a_run_whose_owner_is_alive_is_refused_in_one_line(
+    store: str, workdir: Path, capsys: pytest.CaptureFixture
+):
+    """Two processes must not train and write one run: ``--resume`` of a RUNNING run whose owner (a
+    real process, here ``sleep``) is alive is exit 2 with one line, and the run is left as it was."""
+    client = MlflowClient(store)
+    experiment_id = get_or_create_experiment(store, "Default")
+    owner_process = subprocess.Popen(["sleep", "60"])
+    try:
+        owner = Owner(socket.gethostname(), owner_process.pid, process_start(owner_process.pid))
+        run_id = _run(client, experiment_id, "live", owner.tags())
+        # What a run that reached its first checkpoint leaves beside the store.
+        folder = workdir / "mlruns" / "checkpoints" / run_id
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text("data: synthetic-regression\nrows: 300\nfeatures: 3\nepochs: 1\n")
+        (folder / "last.ckpt").write_bytes(b"not read: the owner check comes first")
+
+        assert main(["train", "--resume", run_id, "--tracking-uri", store]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ")
+        assert f"pid {owner_process.pid}" in err and "still being trained" in err
+        after = client.get_run(run_id)
+        assert after.info.status == "RUNNING" and Owner.from_tags(after.data.tags) == owner
+        assert "resumed" not in after.data.tags
+        assert len(client.search_runs([experiment_id])) == 1, "no other run was made"
+    finally:
+        owner_process.kill()
+        owner_process.wait(timeout=10)
+    # The owner gone, the same resume gets past the check (and fails later on the fake checkpoint).
+    assert owner.state() == "gone"
+    run_owners.refuse_a_live_owners_run(store, run_id)  # does not raise
