@@ -19,6 +19,8 @@ c. ``time_to_target``: 10-class classification, ~1M training rows, MLP 512-512, 
 d. ``data_placement``: steps/s with the tables on the GPU (a batch is an index there, made there;
    and, as a control, the same tables with each batch's index copied from the host) against
    tables in pinned host memory copied every step.
+e. ``main_path``: a fit with validation and a test, tables on the device and in pinned host
+   memory: the same rows in the same order, so equal losses (the eval loaders' indices included).
 
 Without a GPU (or with ``--smoke``) a and b are skipped and c and d run small on the CPU: that
 is what ``tests/test_gpu_check.py`` runs, with MLflow and Optuna made unimportable.
@@ -575,6 +577,57 @@ class HostIndexDataModule(TabularDataModule):
 
 
 # ------------------------------------------------------------------------------------------------
+# e. the main path's data on the device: validation and test too
+
+
+class PlacementSeen(Callback):
+    """Where the tables were while training (the fit's teardown moves them back to the host)."""
+
+    placement = ""
+
+    def on_train_start(self, trainer, pl_module):
+        self.placement = trainer.datamodule.data_placement
+
+
+def section_main_path(device: torch.device, prepared: Any, epochs: int = 2) -> dict[str, Any]:
+    """A fit with validation after each epoch and a test, once with the tables on the device (every
+    loader's indices made there) and once in pinned host memory: the same rows in the same order,
+    so the losses must agree to float rounding."""
+    runs: dict[str, dict[str, Any]] = {}
+    for label, budget in (("on_device", 0.5), ("host_copied", 0.0)):
+        local = copy.copy(prepared)
+        local.train, local.val, local.test = (
+            copy.copy(t) for t in (prepared.train, prepared.val, prepared.test)
+        )
+        dm = TabularDataModule(
+            data="synthetic-classification", batch_size=4096, seed=0, device_data_budget=budget
+        )
+        dm.prepared = local
+        module = mlp_module(prepared, lr=0.05, log_every=50)
+        seen = PlacementSeen()
+        fit = trainer(device, max_epochs=epochs, limit_val_batches=1.0, callbacks=[seen])
+        fit.fit(module, datamodule=dm)
+        val_loss = float(fit.callback_metrics["val_loss"])
+        index_device = str(dm.train_batch_sampler.index_device)
+        (tested,) = fit.test(module, datamodule=dm, verbose=False)
+        runs[label] = {
+            "placement": seen.placement,
+            "index_device": index_device,
+            "val_loss": val_loss,
+            "test_loss": float(tested["test_loss"]),
+            "samples_seen": int(module.samples_seen),
+        }
+        free_cuda()
+    a, b = runs["on_device"], runs["host_copied"]
+    rel = max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in ("val_loss", "test_loss"))
+    return {
+        **runs,
+        "max_rel_diff": rel,
+        "equal": rel <= 1e-4 and a["samples_seen"] == b["samples_seen"] == epochs * len(prepared.train),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -587,7 +640,9 @@ def main(argv: list[str] | None = None) -> int:
         "--budget", type=float, default=6.0, help="seconds of training per time-to-target run"
     )
     parser.add_argument("--rows", type=int, default=1_500_000, help="rows of the classification task")
-    parser.add_argument("--only", nargs="+", choices=["probe", "oom", "time_to_target", "data_placement"])
+    parser.add_argument(
+        "--only", nargs="+", choices=["probe", "oom", "time_to_target", "data_placement", "main_path"]
+    )
     args = parser.parse_args(argv)
 
     gpu = torch.cuda.is_available() and not args.smoke
@@ -595,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = args.rows if not args.smoke else 6_000
     report = Report(args.out)
     report.put("environment", environment(device))
-    wanted = set(args.only or ["probe", "oom", "time_to_target", "data_placement"])
+    wanted = set(args.only or ["probe", "oom", "time_to_target", "data_placement", "main_path"])
     started = time.perf_counter()
 
     def run(name: str, fn: Callable[[], Any]) -> None:
@@ -650,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
         )
         run("data_placement", lambda: section_data_placement(device, prepared, (64,), steps=30, repeats=1))
+    run("main_path", lambda: section_main_path(device, prepared, epochs=2 if gpu else 1))
     report.put("total_seconds", round(time.perf_counter() - started, 1))
     return 0
 

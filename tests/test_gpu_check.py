@@ -60,3 +60,6 @@ def test_gpu_check_runs_without_mlflow_optuna_or_psutil(tmp_path: Path):
     assert "error" not in placement, placement
     assert placement["B=64"]["on_device"]["placement"] == "host"  # no accelerator: the tables stay put
     assert {"on_device", "on_device_host_index", "host_copied"} <= set(placement["B=64"])
+    main_path = report["main_path"]
+    assert main_path["equal"] is True, main_path
+    assert main_path["on_device"]["placement"] == "host" and main_path["on_device"]["index_device"] == "None"
