@@ -306,11 +306,13 @@ class RunConfig:
         if self.devices != "auto":
             _positive_int(self.devices, "--devices", "--devices 2 (or auto)")
         _positive_int(self.num_nodes, "--num-nodes", "--num-nodes 2")
-        _finite(self.device_data_budget, "--device-data-budget", "--device-data-budget 0.25", minimum=0.0)
-        if self.device_data_budget > 1:
-            raise UserError(
-                f"--device-data-budget is a fraction of free accelerator memory in [0, 1], got {self.device_data_budget}"
-            )
+        _fraction(
+            self.device_data_budget,
+            "--device-data-budget",
+            "a fraction of free accelerator memory",
+            "--device-data-budget 0.25",
+            zero_allowed=True,
+        )
 
     @property
     def dynamic(self) -> bool:
@@ -341,11 +343,7 @@ class RunConfig:
                 raise UserError(
                     f"--max-batch {self.max_batch} is below --min-batch {self.min_batch}; raise it"
                 )
-        _finite(self.memory_budget, "--memory-budget", "--memory-budget 0.5", minimum=0.0)
-        if not 0 < self.memory_budget <= 1:
-            raise UserError(
-                f"--memory-budget is a fraction of free memory in (0, 1], got {self.memory_budget}"
-            )
+        _fraction(self.memory_budget, "--memory-budget", "a fraction of free memory", "--memory-budget 0.5")
         _positive_int(self.adjust_every, "--adjust-every", "--adjust-every 20")
         _positive_int(self.min_timed_steps, "--min-timed-steps", "--min-timed-steps 20")
         if not isinstance(self.probe_memory, bool):
@@ -361,12 +359,13 @@ class RunConfig:
                 f"--measure-every must be a whole number of steps >= 0 (0: by time budget), "
                 f"got {self.measure_every!r}; e.g. --measure-every 20"
             )
-        _finite(self.measure_budget, "--measure-budget", "--measure-budget 0.02", minimum=0.0)
-        if not 0 < self.measure_budget <= 0.5:
-            raise UserError(
-                f"--measure-budget is a share of the fit's time in (0, 0.5], got {self.measure_budget}; "
-                "e.g. --measure-budget 0.02"
-            )
+        _fraction(
+            self.measure_budget,
+            "--measure-budget",
+            "a share of the fit's time",
+            "--measure-budget 0.02",
+            high=0.5,
+        )
         _finite(self.noise_window, "--noise-window", "--noise-window 0.25", minimum=0.0)
         if self.noise_window > 10:
             raise UserError(
@@ -472,11 +471,12 @@ class RunConfig:
                 raise UserError(
                     f"--data-cache {self.data_cache!r} is a file; give a folder (created if missing)"
                 )
-        _finite(self.data_memory_budget, "--data-memory-budget", "--data-memory-budget 0.25", minimum=0.0)
-        if not 0 < self.data_memory_budget <= 1:
-            raise UserError(
-                f"--data-memory-budget is a fraction of available memory in (0, 1], got {self.data_memory_budget}"
-            )
+        _fraction(
+            self.data_memory_budget,
+            "--data-memory-budget",
+            "a fraction of available memory",
+            "--data-memory-budget 0.25",
+        )
 
     def _validate_model(self) -> None:
         if self.model is None:
@@ -604,6 +604,16 @@ def _finite(value: Any, flag: str, example: str, minimum: float | None = None) -
         raise UserError(f"{flag} must be a finite number, got {value!r}; e.g. {example}")
     if minimum is not None and value < minimum:
         raise UserError(f"{flag} must be at least {minimum}, got {value}; e.g. {example}")
+
+
+def _fraction(
+    value: Any, flag: str, what: str, example: str, *, high: float = 1.0, zero_allowed: bool = False
+) -> None:
+    """A finite number in (0, high], or [0, high] with ``zero_allowed``: one line naming the range."""
+    _finite(value, flag, example, minimum=0.0)
+    if value > high or (value == 0 and not zero_allowed):
+        low = "[0" if zero_allowed else "(0"
+        raise UserError(f"{flag} is {what} in {low}, {high:g}], got {value}; e.g. {example}")
 
 
 def _positive_int_list(value: Any, flag: str, what: str, example: str) -> list[int]:
