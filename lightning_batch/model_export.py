@@ -170,11 +170,18 @@ def network_weights(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     }
 
 
+#: The signature declares numbers at their widest: MLflow's schema check upcasts a float32 column to
+#: ``double`` and an int32 one to ``long``, but refuses the other way (float64 to ``float``). A model
+#: trained on a float32 Parquet file must still take the float64 columns of a CSV, or JSON numbers.
+WIDEST_TYPE = {"float": "double", "integer": "long"}
+
+
 def raw_column_specs(frame: pd.DataFrame | None, dataset_schema: str | None) -> list[dict[str, Any]]:
     """Name and MLflow type of every raw column, the target included, as the source was read.
 
     From the frame itself when the run read it (typed by dtype, as the run's dataset input is), else
     from the schema the data cache kept of the source (a run that trained from prepared tables).
+    Narrow numeric types are widened (:data:`WIDEST_TYPE`).
     """
     if frame is not None:
         from lightning_batch.tracking import _column_type  # the dataset input's own typing
@@ -184,11 +191,12 @@ def raw_column_specs(frame: pd.DataFrame | None, dataset_schema: str | None) -> 
             column = frame[name]
             kind = _column_type(column, bool(column.isna().any()))
             specs.append({"name": str(name), "type": _type_name(kind)})
-        return specs
-    if dataset_schema:
+    elif dataset_schema:
         columns = json.loads(dataset_schema).get("mlflow_colspec", [])
-        return [{"name": str(c["name"]), "type": str(c.get("type", "any"))} for c in columns]
-    return []
+        specs = [{"name": str(c["name"]), "type": str(c.get("type", "any"))} for c in columns]
+    else:
+        return []
+    return [{**spec, "type": WIDEST_TYPE.get(spec["type"], spec["type"])} for spec in specs]
 
 
 def _type_name(kind: Any) -> str:

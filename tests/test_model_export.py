@@ -203,6 +203,40 @@ def test_the_signature_is_the_raw_columns_and_the_example_real_rows(regression: 
     assert {"config.yaml", "preprocessing.json", "checkpoints"} <= names
 
 
+@pytest.mark.parametrize("cache", [False, True], ids=["read", "from-the-data-cache"])
+def test_a_float32_parquet_file_logs_a_model_that_takes_any_number_width(tmp_path: Path, cache: bool):
+    """Parquet files are often float32 (and int32): the run must end FINISHED with its model, and the
+    model must take the same rows as float64/int64 (a CSV, JSON numbers) as well as in the file's
+    own widths. MLflow's schema check refuses float64 for a column declared ``float``."""
+    import mlflow.pyfunc
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({f"x{i}": rng.normal(size=400).astype(np.float32) for i in range(3)})
+    frame["n"] = rng.integers(0, 5, 400).astype(np.int32)
+    frame["y"] = (frame["x0"] + 0.5 * frame["n"]).astype(np.float32)
+    data = tmp_path / "table.parquet"
+    frame.to_parquet(data)
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    options = {"data_cache": str(tmp_path / "cache")} if cache else {}
+    cfg = RunConfig(data=str(data), target="y", epochs=1, batch_size=64, tracking_uri=uri, **options)
+    result = train(cfg)
+    run = MlflowClient(uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED" and result.model_uri
+    assert (tmp_path / "cache").is_dir() == cache, "the cached variant trained from the data cache"
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model(result.model_uri)
+        rows = frame.drop(columns="y").head(20)
+        narrow = model.predict(rows)["prediction"].to_numpy()
+        wide = model.predict(rows.astype({f"x{i}": np.float64 for i in range(3)} | {"n": np.int64}))
+    finally:
+        mlflow.set_tracking_uri(previous)
+    np.testing.assert_array_equal(narrow, wide["prediction"].to_numpy())
+    assert np.isfinite(narrow).all()
+
+
 # -- run.py predict --------------------------------------------------------------------------------
 
 
