@@ -384,8 +384,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         rows, table, marker="s", linestyle="--", label=f"float32 table (slope {slope(rows, table):.2f})"
     )
     above = [r - constant for r in rss]
-    if all(a > 0 for a in above[1:]):
-        k_above = slope(rows[1:], above[1:])
+    k_above = slope(rows[1:], above[1:]) if all(a > 0 for a in above[1:]) else None
+    if k_above is not None:  # two sizes or more past the smallest
         right.loglog(rows[1:], above[1:], marker="^", label=f"peak RSS - constant (slope {k_above:.2f})")
     limit = [3 * t + constant for t in table]
     right.loglog(rows, limit, linestyle=":", color="grey", label="goal: 3 x table + constant")

@@ -188,7 +188,10 @@ def run_memmap_benchmark(
     keep: bool = False,
 ) -> dict[str, Any]:
     """Generate the table, train it past memory twice and once small; the figures as a dict."""
-    base = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="scale-memmap-", dir="."))
+    # Absolute: each measurement runs in a child process whose working directory is this folder.
+    base = (
+        Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="scale-memmap-", dir="."))
+    ).resolve()
     base.mkdir(parents=True, exist_ok=True)
     try:
         data = base / f"table-{rows}x{features}.parquet"
