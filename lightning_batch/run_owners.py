@@ -5,6 +5,8 @@ or on a machine that lost power leaves it RUNNING for ever. So the process that 
 that created it, or the one that resumed it; rank 0 under DDP) records itself in three run tags:
 
 - ``lightning_batch.owner.host``: the machine's host name;
+- ``lightning_batch.owner.machine``: its ``/etc/machine-id`` where it has one, so that two machines
+  given the same host name (cloned images, default names) do not take each other's runs for theirs;
 - ``lightning_batch.owner.pid``: the process id;
 - ``lightning_batch.owner.started``: when that process started, so that a pid the kernel has since
   handed to another process is not mistaken for the owner. On Linux ``BOOT_ID/TICKS`` (the boot's id
@@ -30,6 +32,8 @@ Example:
     'gone'
     >>> Owner("some-other-machine", 1, None).state()
     'elsewhere'
+    >>> Owner(owner.host, 1, None, machine="another-machine-id").state() if owner.machine else 'elsewhere'
+    'elsewhere'
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from lightning_batch.errors import UserError
 OWNER_HOST_TAG = "lightning_batch.owner.host"
 OWNER_PID_TAG = "lightning_batch.owner.pid"
 OWNER_STARTED_TAG = "lightning_batch.owner.started"
+OWNER_MACHINE_TAG = "lightning_batch.owner.machine"
 #: Set when a run is reaped: ``pid P on HOST; noticed by pid Q at ISO-TIME``. Kept after a resume.
 PROCESS_LOST_TAG = "lightning_batch.process_lost"
 #: The tag a FAILED run carries its reason in (as ``training.mark_run_failed`` writes it).
@@ -56,6 +61,16 @@ ERROR_TAG = "error"
 PROCESS_LOST = "process lost"
 
 Liveness = Literal["alive", "gone", "elsewhere"]
+
+
+def machine_id() -> str | None:
+    """This machine's systemd/D-Bus machine id (stable across reboots, distinct per installation)."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        with contextlib.suppress(OSError):
+            value = Path(path).read_text().strip()
+            if value:
+                return value
+    return None
 
 
 def _boot_id() -> str | None:
@@ -111,10 +126,11 @@ class Owner:
     host: str
     pid: int
     started: str | None
+    machine: str | None = None
 
     @classmethod
     def of_this_process(cls) -> Owner:
-        return cls(socket.gethostname(), os.getpid(), process_start(os.getpid()))
+        return cls(socket.gethostname(), os.getpid(), process_start(os.getpid()), machine_id())
 
     @classmethod
     def from_tags(cls, tags: dict[str, str]) -> Owner | None:
@@ -122,19 +138,24 @@ class Owner:
         host, pid = tags.get(OWNER_HOST_TAG), tags.get(OWNER_PID_TAG)
         if not host or not pid or not pid.isdigit():
             return None
-        return cls(host, int(pid), tags.get(OWNER_STARTED_TAG) or None)
+        return cls(host, int(pid), tags.get(OWNER_STARTED_TAG) or None, tags.get(OWNER_MACHINE_TAG) or None)
 
     def tags(self) -> dict[str, str]:
         """The run tags that record this owner."""
         tags = {OWNER_HOST_TAG: self.host, OWNER_PID_TAG: str(self.pid)}
         if self.started:
             tags[OWNER_STARTED_TAG] = self.started
+        if self.machine:
+            tags[OWNER_MACHINE_TAG] = self.machine
         return tags
 
     def state(self) -> Liveness:
         """``alive``, ``gone`` (this host, and no process of that pid and start), or ``elsewhere``."""
         if self.host != socket.gethostname():
             return "elsewhere"
+        here = machine_id()
+        if self.machine and here and self.machine != here:
+            return "elsewhere"  # another machine with the same host name
         now = process_start(self.pid)
         if now is None:
             return "gone"

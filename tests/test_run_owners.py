@@ -25,6 +25,7 @@ from lightning_batch.cli import main
 from lightning_batch.run_owners import (
     ERROR_TAG,
     OWNER_HOST_TAG,
+    OWNER_MACHINE_TAG,
     OWNER_PID_TAG,
     OWNER_STARTED_TAG,
     PROCESS_LOST_TAG,
@@ -82,7 +83,12 @@ def _runs_cli(capsys: pytest.CaptureFixture, *argv: str) -> str:
     return captured.out
 
 
-def test_runs_reap_ends_only_this_hosts_lost_runs_failed(store: str, capsys: pytest.CaptureFixture):
+def test_runs_reap_ends_only_this_hosts_lost_runs_failed(
+    store: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    # This machine's id, fixed: a machine without /etc/machine-id would make the other-machine case
+    # indistinguishable (and is documented as relying on host names alone).
+    monkeypatch.setattr(run_owners, "machine_id", lambda: "this-machine")
     client = MlflowClient(store)
     lost_exp = get_or_create_experiment(store, "lost")
     other_exp = get_or_create_experiment(store, "other")
@@ -96,6 +102,10 @@ def test_runs_reap_ends_only_this_hosts_lost_runs_failed(store: str, capsys: pyt
         "pid-reused": _run(client, lost_exp, "pid-reused", {**me.tags(), OWNER_STARTED_TAG: "0/0"}),
         "other-host": _run(
             client, lost_exp, "other-host", {**dead.tags(), OWNER_HOST_TAG: "another-machine"}
+        ),
+        # This host's name on another machine (a cloned image): its pid means nothing here.
+        "same-name-other-machine": _run(
+            client, lost_exp, "same-name", {**dead.tags(), OWNER_MACHINE_TAG: "another-machine-id"}
         ),
         "no-owner": _run(client, lost_exp, "no-owner", {}),
     }
@@ -119,6 +129,7 @@ def test_runs_reap_ends_only_this_hosts_lost_runs_failed(store: str, capsys: pyt
     out = _runs_cli(capsys, "--reap", "--tracking-uri", store)
     assert status("killed") == status("pid-reused") == "FAILED"
     assert status("alive") == status("other-host") == status("no-owner") == "RUNNING"
+    assert status("same-name-other-machine") == "RUNNING"
     assert client.get_run(finished).info.status == "FINISHED"
     killed = client.get_run(runs["killed"])
     assert killed.data.tags[ERROR_TAG].startswith(f"process lost: pid {dead.pid} on {dead.host} is gone")
