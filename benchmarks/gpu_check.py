@@ -21,6 +21,8 @@ d. ``data_placement``: steps/s with the tables on the GPU (a batch is an index t
    tables in pinned host memory copied every step.
 e. ``main_path``: a fit with validation and a test, tables on the device and in pinned host
    memory: the same rows in the same order, so equal losses (the eval loaders' indices included).
+f. ``sync``: the calls that make the host wait for the GPU (PyTorch's sync debug mode) over 84
+   steps of TaskModule on device-resident tables, an epoch's end included, and where they are.
 
 Without a GPU (or with ``--smoke``) a and b are skipped and c and d run small on the CPU: that
 is what ``tests/test_gpu_check.py`` runs, with MLflow and Optuna made unimportable.
@@ -40,6 +42,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -628,6 +631,73 @@ def section_main_path(device: torch.device, prepared: Any, epochs: int = 2) -> d
 
 
 # ------------------------------------------------------------------------------------------------
+# f. synchronising calls on the device path
+
+
+class SyncWatch(Callback):
+    """Counts the CUDA calls that make the host wait for the device between two steps (PyTorch's
+    sync debug mode warns at each), by where they come from: the innermost frame of this project
+    or, failing that, of Lightning."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first, self.last = first, last
+        self.sites: dict[str, int] = {}
+        self._context: Any = None
+
+    def _count(self, message, category, filename, lineno, file=None, line=None) -> None:
+        # The warning's own location is PyTorch's C++; its Python caller is on the stack.
+        import traceback
+
+        frames = traceback.extract_stack()[:-1]
+        ours = [f for f in frames if "lightning_batch" in f.filename or "lightning/pytorch" in f.filename]
+        where = f"{Path(ours[-1].filename).name}:{ours[-1].lineno}" if ours else "?"
+        key = where if "synchroniz" in str(message) else f"other warning at {where}"
+        self.sites[key] = self.sites.get(key, 0) + 1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.first:
+            self._context = warnings.catch_warnings()
+            self._context.__enter__()
+            warnings.simplefilter("always")  # every call, not once per C++ location
+            warnings.showwarning = self._count
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.last:
+            self._stop()
+
+    def on_train_end(self, trainer, pl_module):
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._context is not None:
+            torch.cuda.set_sync_debug_mode(0)
+            self._context.__exit__(None, None, None)  # puts the filters and showwarning back
+            self._context = None
+
+
+def section_sync(device: torch.device, prepared: Any, batch: int = 16384, steps: int = 90) -> dict[str, Any]:
+    """Synchronising calls in a fit of TaskModule on device-resident tables, over steps that cross
+    an epoch's end (the permutation's copy): the data path itself should add none."""
+    dm = TabularDataModule(data="synthetic-classification", batch_size=batch, seed=0, device_data_budget=0.5)
+    local = copy.copy(prepared)
+    local.train, local.val, local.test = (copy.copy(t) for t in (prepared.train, prepared.val, prepared.test))
+    dm.prepared = local
+    module = mlp_module(prepared, lr=0.05, log_every=50)
+    watch = SyncWatch(first=5, last=steps - 1)
+    seen = PlacementSeen()
+    trainer(device, max_steps=steps, callbacks=[watch, seen]).fit(module, datamodule=dm)
+    free_cuda()
+    return {
+        "placement": seen.placement,
+        "steps_watched": steps - 1 - 5,
+        "epoch_steps": math.ceil(len(prepared.train) / batch),
+        "synchronising_calls": sum(n for site, n in watch.sites.items() if not site.startswith("other")),
+        "sites": watch.sites,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -641,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rows", type=int, default=1_500_000, help="rows of the classification task")
     parser.add_argument(
-        "--only", nargs="+", choices=["probe", "oom", "time_to_target", "data_placement", "main_path"]
+        "--only", nargs="+", choices=["probe", "oom", "time_to_target", "data_placement", "main_path", "sync"]
     )
     args = parser.parse_args(argv)
 
@@ -650,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = args.rows if not args.smoke else 6_000
     report = Report(args.out)
     report.put("environment", environment(device))
-    wanted = set(args.only or ["probe", "oom", "time_to_target", "data_placement", "main_path"])
+    wanted = set(args.only or ["probe", "oom", "time_to_target", "data_placement", "main_path", "sync"])
     started = time.perf_counter()
 
     def run(name: str, fn: Callable[[], Any]) -> None:
@@ -706,6 +776,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         run("data_placement", lambda: section_data_placement(device, prepared, (64,), steps=30, repeats=1))
     run("main_path", lambda: section_main_path(device, prepared, epochs=2 if gpu else 1))
+    if gpu:
+        run("sync", lambda: section_sync(device, prepared))
+    else:
+        report.put("sync", {"skipped": "no CUDA device"})
     report.put("total_seconds", round(time.perf_counter() - started, 1))
     return 0
 

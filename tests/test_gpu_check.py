@@ -34,6 +34,7 @@ def test_gpu_check_runs_without_mlflow_optuna_or_psutil(tmp_path: Path):
     report = json.loads(out.read_text())
     assert report["probe"] == {"skipped": "no CUDA device"}
     assert report["oom"] == {"skipped": "no CUDA device"}
+    assert report["sync"] == {"skipped": "no CUDA device"}
     ttt = report["time_to_target"]
     assert "error" not in ttt, ttt
     methods = [row["method"] for row in ttt["summary"]]
