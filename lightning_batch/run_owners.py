@@ -32,8 +32,6 @@ Example:
     'gone'
     >>> Owner("some-other-machine", 1, None).state()
     'elsewhere'
-    >>> Owner(owner.host, 1, None, machine="another-machine-id").state() if owner.machine else 'elsewhere'
-    'elsewhere'
 """
 
 from __future__ import annotations
