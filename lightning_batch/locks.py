@@ -23,3 +23,17 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def store_lock(tracking_uri: str, purpose: str) -> Iterator[None]:
+    """An exclusive lock beside a sqlite MLflow store, one file per ``purpose`` (``registry``,
+    ``resume``); none for a tracking server, which has no file its clients share."""
+    from lightning_batch.store_uri import sqlite_path
+
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        yield
+        return
+    with file_lock(db.with_name(f"{db.name}.{purpose}.lock")):
+        yield

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from lightning_batch.errors import UserError
@@ -143,18 +142,11 @@ def _loss(text: str | None) -> float | None:
     return None
 
 
-@contextlib.contextmanager
-def _registry_lock(tracking_uri: str) -> Iterator[None]:
+def _registry_lock(tracking_uri: str) -> contextlib.AbstractContextManager[None]:
     """An exclusive lock beside a sqlite store (no lock for a server: it has no shared file)."""
-    from lightning_batch.locks import file_lock
-    from lightning_batch.tracking import sqlite_path
+    from lightning_batch.locks import store_lock
 
-    db = sqlite_path(tracking_uri)
-    if db is None:
-        yield
-        return
-    with file_lock(db.with_name(db.name + ".registry.lock")):
-        yield
+    return store_lock(tracking_uri, "registry")
 
 
 def register_run(

@@ -20,7 +20,8 @@ but another start), with the tags ``lightning_batch.process_lost`` (who noticed,
 owner tags (made before these tags, or by other tools), are never touched: nothing here can tell
 whether their process lives. ``train`` and ``tune`` reap at start (:func:`reap_quietly`),
 ``run.py runs --reap`` on demand. A reaped run keeps its checkpoint folder, so ``--resume`` still
-continues it; resuming claims it for the new process (:func:`claim_run`) and clears the error.
+continues it; resuming claims it for the new process (:func:`claim_for_resume`; refused while a
+live owner of this host trains it) and clears the error.
 
 Example:
     >>> owner = Owner.of_this_process()
@@ -231,25 +232,35 @@ def lost_owner(run: Any) -> Owner | None:
     return owner
 
 
-def refuse_a_live_owners_run(tracking_uri: str, run_id: str) -> None:
-    """Raise :class:`UserError` when ``run_id`` is RUNNING under a process of this host that is still
-    alive: a resume would have two processes train and write one run. An owner on another host
-    cannot be checked from here and is not refused (its machine may be gone for good)."""
-    try:
-        from mlflow import MlflowClient
+def claim_for_resume(tracking_uri: str, run_id: str) -> None:
+    """Make this process the owner of ``run_id`` and set it RUNNING again, for ``--resume``; raise
+    :class:`UserError` when a live process of this host owns it RUNNING already.
 
-        run = MlflowClient(tracking_uri).get_run(run_id)
-    except Exception:  # noqa: BLE001 -- an unknown run fails the run's own calls with MLflow's message
-        return
-    owner = Owner.from_tags(run.data.tags)
-    if run.info.status != "RUNNING" or owner is None or owner.state() != "alive":
-        return
-    if owner == Owner.of_this_process():
-        return
-    raise UserError(
-        f"run {run_id!r} is still being trained by {owner} (status RUNNING); stop that process "
-        "(or let it finish) before --resume, or start a new run"
-    )
+    Both under one lock beside a sqlite store: of two resumes started together, the second finds the
+    run RUNNING under the first and is refused, instead of both training and writing one run. An
+    owner on another host cannot be checked from here and is not refused (its machine may be gone
+    for good).
+    """
+    from mlflow import MlflowClient
+
+    from lightning_batch.locks import store_lock
+
+    client = MlflowClient(tracking_uri)
+    with store_lock(tracking_uri, "resume"):
+        run = client.get_run(run_id)
+        owner = Owner.from_tags(run.data.tags)
+        if (
+            run.info.status == "RUNNING"
+            and owner is not None
+            and owner.state() == "alive"
+            and owner != Owner.of_this_process()
+        ):
+            raise UserError(
+                f"run {run_id!r} is still being trained by {owner} (status RUNNING); stop that process "
+                "(or let it finish) before --resume, or start a new run"
+            )
+        claim_run(client, run_id)  # first: a reaper must not see it RUNNING under its dead owner
+        client.update_run(run_id, status="RUNNING")
 
 
 def resume_hint(run: Any) -> str:

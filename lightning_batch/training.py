@@ -47,7 +47,7 @@ from lightning_batch.hardware import Placement, resolve_placement
 from lightning_batch.models import build_model
 from lightning_batch.module import TaskModule
 from lightning_batch.progress import BatchProgressBar
-from lightning_batch.run_owners import claim_run, owner_tags, reap_quietly, refuse_a_live_owners_run
+from lightning_batch.run_owners import claim_for_resume, owner_tags, reap_quietly
 from lightning_batch.tracking import (
     BufferedMLFlowLogger,
     ensure_store,
@@ -339,7 +339,7 @@ def train(
         ensure_store(uri)
         reap_quietly(uri)  # runs whose process died end FAILED ("process lost") before this one starts
         if resume_run_id is not None:
-            refuse_a_live_owners_run(uri, resume_run_id)  # two processes must not write one run
+            claim_for_resume(uri, resume_run_id)  # refused if a live process trains it: one writer a run
         experiment_id = get_or_create_experiment(uri, cfg.experiment)
         tags = {
             "task": dm.task,
@@ -378,9 +378,7 @@ def train(
             if on_run_created is not None:
                 on_run_created(run_id)
             if resume_run_id is not None:
-                claim_run(client, run_id)  # first: a reaper must not see it RUNNING under its dead owner
-                client.update_run(run_id, status="RUNNING")
-                client.set_tag(run_id, "resumed", "true")
+                client.set_tag(run_id, "resumed", "true")  # claimed and set RUNNING above
             else:
                 checkpoint_dir.mkdir(parents=True, exist_ok=True)
                 (checkpoint_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -283,6 +283,11 @@ def test_resuming_a_run_whose_owner_is_alive_is_refused_in_one_line(
     finally:
         owner_process.kill()
         owner_process.wait(timeout=10)
-    # The owner gone, the same resume gets past the check (and fails later on the fake checkpoint).
+    # The owner gone, a resume claims the run: this process owns it, RUNNING again (the resume
+    # itself would then fail on the fake checkpoint).
     assert owner.state() == "gone"
-    run_owners.refuse_a_live_owners_run(store, run_id)  # does not raise
+    run_owners.claim_for_resume(store, run_id)
+    claimed = client.get_run(run_id)
+    assert Owner.from_tags(claimed.data.tags) == Owner.of_this_process()
+    assert claimed.info.status == "RUNNING"
+    run_owners.claim_for_resume(store, run_id)  # its own run: not refused
