@@ -527,6 +527,20 @@ class StepRate(Callback):
             self.seconds = time.perf_counter() - self.started
 
 
+def datamodule_over(
+    prepared: Any, batch: int, device_data_budget: float, module_class: type = TabularDataModule
+) -> TabularDataModule:
+    """A data module over ``prepared``'s tables, with table objects of its own: placing them on a
+    device moves its copies, and the other runs' stay where they are."""
+    local = copy.copy(prepared)
+    local.train, local.val, local.test = (copy.copy(t) for t in (prepared.train, prepared.val, prepared.test))
+    dm = module_class(
+        data="synthetic-classification", batch_size=batch, seed=0, device_data_budget=device_data_budget
+    )
+    dm.prepared = local
+    return dm
+
+
 def section_data_placement(
     device: torch.device, prepared: Any, batches: tuple[int, ...], steps: int, repeats: int = 3
 ) -> dict[str, Any]:
@@ -543,15 +557,8 @@ def _data_placement(
     placements: dict[str, str] = {}
     for _ in range(repeats):
         for label, budget in labels.items():
-            local = copy.copy(prepared)  # the tables move; the others' copies stay where they are
-            local.train, local.val, local.test = (
-                copy.copy(t) for t in (prepared.train, prepared.val, prepared.test)
-            )
             module_class = HostIndexDataModule if label == "on_device_host_index" else TabularDataModule
-            dm = module_class(
-                data="synthetic-classification", batch_size=batch, seed=0, device_data_budget=budget
-            )
-            dm.prepared = local
+            dm = datamodule_over(prepared, batch, budget, module_class)
             module = mlp_module(prepared, lr=0.05, log_every=50)
             rate = StepRate(warmup=20)
             trainer(device, max_steps=steps, callbacks=[rate]).fit(module, datamodule=dm)
@@ -598,14 +605,7 @@ def section_main_path(device: torch.device, prepared: Any, epochs: int = 2) -> d
     so the losses must agree to float rounding."""
     runs: dict[str, dict[str, Any]] = {}
     for label, budget in (("on_device", 0.5), ("host_copied", 0.0)):
-        local = copy.copy(prepared)
-        local.train, local.val, local.test = (
-            copy.copy(t) for t in (prepared.train, prepared.val, prepared.test)
-        )
-        dm = TabularDataModule(
-            data="synthetic-classification", batch_size=4096, seed=0, device_data_budget=budget
-        )
-        dm.prepared = local
+        dm = datamodule_over(prepared, 4096, budget)
         module = mlp_module(prepared, lr=0.05, log_every=50)
         seen = PlacementSeen()
         fit = trainer(device, max_epochs=epochs, limit_val_batches=1.0, callbacks=[seen])
@@ -679,10 +679,7 @@ class SyncWatch(Callback):
 def section_sync(device: torch.device, prepared: Any, batch: int = 16384, steps: int = 90) -> dict[str, Any]:
     """Synchronising calls in a fit of TaskModule on device-resident tables, over steps that cross
     an epoch's end (the permutation's copy): the data path itself should add none."""
-    dm = TabularDataModule(data="synthetic-classification", batch_size=batch, seed=0, device_data_budget=0.5)
-    local = copy.copy(prepared)
-    local.train, local.val, local.test = (copy.copy(t) for t in (prepared.train, prepared.val, prepared.test))
-    dm.prepared = local
+    dm = datamodule_over(prepared, batch, 0.5)
     module = mlp_module(prepared, lr=0.05, log_every=50)
     watch = SyncWatch(first=5, last=steps - 1)
     seen = PlacementSeen()
