@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 from lightning_batch.errors import UserError
+from lightning_batch.locks import store_lock
 
 CHAMPION = "champion"
 METRIC = "val_loss"
@@ -104,7 +105,7 @@ def register_model(
         **(tags or {}),
     }
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
-    with _registry_lock(tracking_uri):
+    with store_lock(tracking_uri, "registry"):  # the compare-and-move of the champion alias
         try:
             client.create_registered_model(
                 name, description="Registered by lightning-batch (run.py --register)."
@@ -140,13 +141,6 @@ def _loss(text: str | None) -> float | None:
         value = float(text)  # type: ignore[arg-type]
         return value if math.isfinite(value) else None
     return None
-
-
-def _registry_lock(tracking_uri: str) -> contextlib.AbstractContextManager[None]:
-    """An exclusive lock beside a sqlite store (no lock for a server: it has no shared file)."""
-    from lightning_batch.locks import store_lock
-
-    return store_lock(tracking_uri, "registry")
 
 
 def register_run(
