@@ -40,6 +40,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the config imports this module's defaults and must not pull in torch
@@ -217,7 +218,7 @@ class MeasurementBudget:
         self.interval = 2
         self.steps_since = 1  # the first step is measured
         self.spent = 0.0
-        self._costs: list[float] = []
+        self._costs: deque[float] = deque(maxlen=16)  # the latest measurements' costs
 
     def step_begins(self) -> bool:
         """Count a step; True when it is to be measured."""
@@ -231,7 +232,7 @@ class MeasurementBudget:
         """One measurement cost ``seconds`` (beyond the step it rode on)."""
         seconds = max(0.0, float(seconds))
         self.spent += seconds
-        self._costs = [*self._costs[-15:], seconds]
+        self._costs.append(seconds)
 
     def plan(self, elapsed_seconds: float, step_seconds: float | None, measurements: int) -> int:
         """The steps between measurements from now on (also kept as :attr:`interval`)."""
@@ -262,4 +263,4 @@ class MeasurementBudget:
         self.interval = int(state["interval"])
         self.steps_since = int(state["steps_since"])
         self.spent = float(state["spent"])
-        self._costs = [float(c) for c in state["costs"]]
+        self._costs = deque((float(c) for c in state["costs"]), maxlen=16)
