@@ -445,7 +445,7 @@ def _print_tune_summary(result: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from lightning_batch.tuning import redact
+    from lightning_batch.store_uri import redact
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title=f"study {result.study}")
@@ -791,8 +791,9 @@ def run_runs(args: argparse.Namespace) -> int:
 
 
 def run_dashboard(args: argparse.Namespace) -> int:
+    from lightning_batch.store_uri import redact
     from lightning_batch.tracking import resolve_tracking_uri
-    from lightning_batch.tuning import redact, resolve_storage
+    from lightning_batch.tuning import resolve_storage
 
     storage = resolve_storage(args.storage, resolve_tracking_uri(args.tracking_uri))
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():

@@ -29,6 +29,7 @@ from typing import Any
 
 from lightning_batch._extras import extra_imports
 from lightning_batch.errors import UserError
+from lightning_batch.store_uri import redact
 
 with extra_imports("data", "run.py predict"):
     import numpy as np
@@ -78,18 +79,13 @@ def resolve_model_uri(target: str, tracking_uri: str) -> str:
         run = client.get_run(target)
     except MlflowException:
         raise UserError(
-            f"no run {target!r} in the tracking store {_redact(tracking_uri)}; check the id, or pass "
+            f"no run {target!r} in the tracking store {redact(tracking_uri)}; check the id, or pass "
             "--tracking-uri of the store it was recorded in"
         ) from None
     model_id = run_model_id(client, run)
     if model_id is None:
         raise UserError(f"run {target!r} has no MLflow model: {_why_no_model(run)}")
     return f"models:/{model_id}"
-
-
-def _redact(uri: str) -> str:
-    """A store URI without the password a database URL may carry."""
-    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", uri)
 
 
 def _why_no_model(run: Any) -> str:

@@ -25,3 +25,17 @@ def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (relative to the working directory), else None."""
     prefix = "sqlite:///"
     return Path(uri[len(prefix) :]) if uri.startswith(prefix) else None
+
+
+def redact(url: str) -> str:
+    """A store or storage URL without its password, fit for logs, tags and error lines.
+
+    >>> redact("postgresql://me:secret@db:5432/optuna"), redact("sqlite:///mlruns/mlflow.db")
+    ('postgresql://me:***@db:5432/optuna', 'sqlite:///mlruns/mlflow.db')
+    """
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url

@@ -57,6 +57,7 @@ from lightning_batch.config import RunConfig
 from lightning_batch.errors import UserError
 from lightning_batch.run_owners import claim_run, owner_tags, reap_quietly
 from lightning_batch.search_space import ParamSpec, TuneConfig, apply_params, parse_space
+from lightning_batch.store_uri import redact
 from lightning_batch.tracking import (
     ensure_store,
     get_or_create_experiment,
@@ -110,16 +111,6 @@ def resolve_storage(storage: str | None, tracking_uri: str) -> str:
     db = sqlite_path(tracking_uri)
     folder = db.parent if db is not None else Path("mlruns")
     return f"sqlite:///{folder / 'optuna.db'}"
-
-
-def redact(url: str) -> str:
-    """A storage URL without its password, fit for logs and tags."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
 
 
 class StaleTrialRetry(RetryHeartbeatStaleTrialCallback):
