@@ -15,6 +15,7 @@ the failure tests are marked slow.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -167,7 +168,7 @@ def test_a_killed_ddp_run_resumes_on_the_same_run(tmp_path: Path):
         [*DATA, "--batch-size", "32", "--checkpoint-every", "25", "--accelerator", "cpu"]
         + ["--devices", "2", "--strategy", "ddp", "--tracking-uri", uri],
         tmp_path,
-        script=ROOT / "tests" / "ddp_cli.py",
+        script=ROOT / "tests" / "run_py_with_faults.py",
         LB_KILL_AT_STEP="50",
     )
     assert killed.returncode == -9, killed.stderr[-3000:]
@@ -197,7 +198,7 @@ def test_a_rank_that_fails_alone_still_ends_the_run_failed(tmp_path: Path):
         [*DATA, "--batch-size", "32", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
         + ["--tracking-uri", uri],
         tmp_path,
-        script=ROOT / "tests" / "ddp_cli.py",
+        script=ROOT / "tests" / "run_py_with_faults.py",
         LB_FAIL_AT_STEP="20",
         LB_FAIL_RANK="1",
     )
@@ -205,7 +206,8 @@ def test_a_rank_that_fails_alone_still_ends_the_run_failed(tmp_path: Path):
     assert "injected failure on rank 1 at step 20" in done.stderr
     run = _only_run(MlflowClient(uri))
     assert run.info.status == "FAILED"
-    assert "Connection closed by peer" in run.data.tags["error"]
+    # gloo words it "closed" when rank 1's socket shut cleanly, "reset" when the close raced a send.
+    assert re.search(r"Connection (closed|reset) by peer", run.data.tags["error"]), run.data.tags["error"]
     assert SUMMARY_TITLE not in done.stdout
 
 

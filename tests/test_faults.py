@@ -27,7 +27,7 @@ from lightning_batch.models import LinearRegression
 from lightning_batch.module import MAX_CONSECUTIVE_NAN_SKIPS, NonFiniteLossError, TaskModule
 from lightning_batch.training import train
 
-from .conftest import RUN_PY, quiet_trainer, subprocess_env
+from .conftest import ROOT, RUN_PY, quiet_trainer, subprocess_env
 
 #: Deterministic on CPU whatever the timing: a fixed start batch, the noise policy (it reads gradient
 #: statistics, not step times) measured every 20 steps (not by a time budget), no dropout.
@@ -75,10 +75,13 @@ def _final_weights(client: MlflowClient, run_id: str, folder: Path) -> dict[str,
 def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(workdir: Path, tracking_uri: str):
     reference = train(RunConfig(**RESUMABLE, tracking_uri=tracking_uri, experiment="reference"))
 
+    # The whole fit takes about a second on an idle machine, so each step sleeps 20 ms (about 4 s in
+    # all, the run's results unchanged: nothing in RESUMABLE reads the clock) and the kill lands
+    # within the first 2 s after the first step checkpoint: mid-training, at a step nobody chose.
     process = subprocess.Popen(
         [
             sys.executable,
-            str(RUN_PY),
+            str(ROOT / "tests" / "run_py_with_faults.py"),
             "train",
             *_flags(RESUMABLE),
             "--experiment",
@@ -87,7 +90,7 @@ def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(workdi
             tracking_uri,
         ],
         cwd=workdir,
-        env=subprocess_env(),
+        env={**subprocess_env(), "LB_STEP_SLEEP_S": "0.02"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -95,7 +98,7 @@ def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(workdi
     deadline = time.monotonic() + 120
     while not list(checkpoints.glob("*/last.ckpt")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(random.Random().uniform(0.0, 1.0))  # a random step, mid-epoch as likely as not
+    time.sleep(random.Random().uniform(0.0, 2.0))
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL, "the run must still be training when killed"
