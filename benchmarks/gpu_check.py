@@ -59,7 +59,7 @@ from lightning.pytorch.callbacks import BatchSizeFinder, Callback  # noqa: E402
 from lightning_batch.callback import DynamicBatchSize  # noqa: E402
 from lightning_batch.config import RunConfig  # noqa: E402
 from lightning_batch.data import TabularDataModule  # noqa: E402
-from lightning_batch.memory import probe_training_ceiling  # noqa: E402
+from lightning_batch.memory import CudaMemoryMeter, probe_training_ceiling  # noqa: E402
 from lightning_batch.models import build_model  # noqa: E402
 from lightning_batch.module import TaskModule  # noqa: E402
 
@@ -169,6 +169,42 @@ def true_largest_batch(run_step: Callable[[int], None], start: int) -> tuple[int
     return lo, trials
 
 
+@contextlib.contextmanager
+def reserved_peaks_recorded(into: list[tuple[int, int]]):
+    """Each trial step's peak *reserved* memory, beside the peak allocated memory the probe reads.
+
+    The per-process limit caps what the caching allocator reserves, so allocated peaks understate
+    what a step needs by the allocator's rounding and fragmentation: on the CNN about 7-9% at the
+    limit (issue 14's GPU runs). These figures say whether reserved peaks would fit the truth better.
+    """
+    measure = CudaMemoryMeter.measure
+
+    def recording(self: CudaMemoryMeter, run_step: Callable[[int], None], batch_size: int) -> int:
+        peak = measure(self, run_step, batch_size)  # raises on an OOM: nothing to record then
+        into.append((batch_size, int(torch.cuda.max_memory_reserved(self.device))))
+        return peak
+
+    CudaMemoryMeter.measure = recording
+    try:
+        yield into
+    finally:
+        CudaMemoryMeter.measure = measure
+
+
+def peaks_at(run_step: Callable[[int], None], batch: int) -> dict[str, int] | str:
+    """Peak allocated and reserved bytes of one step at ``batch``, from an empty cache."""
+    free_cuda()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        run_step(batch)
+        torch.cuda.synchronize()
+    except torch.cuda.OutOfMemoryError:
+        return "oom"  # the bisection's largest batch is at the edge: a rerun may not fit
+    finally:
+        free_cuda()
+    return {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()}
+
+
 def _probe_case(kind: str, precision: str, device: torch.device) -> dict[str, Any]:
     free_cuda()
     net, features = _network(kind, device)
@@ -189,10 +225,12 @@ def _probe_case(kind: str, precision: str, device: torch.device) -> dict[str, An
         loss.backward()
         net.zero_grad(set_to_none=True)
 
+    reserved: list[tuple[int, int]] = []
     started = time.perf_counter()
-    probe = probe_training_ceiling(
-        net, torch.nn.functional.cross_entropy, sample_batch, 10**9, device, 1.0, forward_context=context
-    )
+    with reserved_peaks_recorded(reserved):
+        probe = probe_training_ceiling(
+            net, torch.nn.functional.cross_entropy, sample_batch, 10**9, device, 1.0, forward_context=context
+        )
     probe_s = time.perf_counter() - started
     free_cuda()
     truth, truth_trials = true_largest_batch(run_step, probe.ceiling)
@@ -205,6 +243,9 @@ def _probe_case(kind: str, precision: str, device: torch.device) -> dict[str, An
         "within_10pct": bool(truth and abs(probe.ceiling / truth - 1) <= 0.10),
         "probe_trial_steps": len(probe.steps),
         "probe_steps": probe.steps,
+        "probe_steps_reserved": reserved,
+        "peaks_at_true_largest": peaks_at(run_step, truth) if truth else None,
+        "budget_bytes": probe.budget_bytes,
         "probe_seconds": round(probe_s, 3),
         "bisection_trial_steps": truth_trials,
         "bytes_per_row": probe.bytes_per_sample,
