@@ -9,8 +9,9 @@ with MLflow's own ``Model.log`` (what ``mlflow.pyfunc.log_model`` calls):
 - ``artifacts/weights.pt``: the best validation checkpoint's network weights, a plain state dict
   (loaded with ``weights_only=True``: nothing is unpickled but tensors);
 - a signature whose inputs are the *raw* feature columns, named and typed as the training file was
-  read (MLflow's own types: ``long``, ``double``, ``string``, ...), and an input example of real raw
-  rows, so MLflow's schema check and ``mlflow models serve`` know what to expect;
+  read (MLflow's own types: ``double``, ``string``, ...; integer columns as ``any``, see
+  :func:`build_signature`), and an input example of real raw rows, so MLflow's schema check and
+  ``mlflow models serve`` know what to expect;
 - ``code/pyfunc_model.py``: MLflow's "models from code" entry point, three lines that build a
   :class:`TabularPyfuncModel` (nothing is pickled): loading needs this package installed, never
   the training data.
@@ -55,6 +56,7 @@ from lightning_batch._extras import extra_imports
 
 with extra_imports("tracking", "MLflow models"):
     import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
 with extra_imports("data", "MLflow models"):
     import pandas as pd
 
@@ -141,6 +143,53 @@ def predict_frame(network: torch.nn.Module, spec: ModelSpec, frame: pd.DataFrame
     return out
 
 
+class NotNumbersError(ValueError):
+    """A numeric input column holds cells that are not numbers (text other than empty)."""
+
+    def __init__(self, name: Any, kind: str, count: int, example: Any) -> None:
+        self.name, self.kind, self.count, self.example = name, kind, count, str(example)[:30]
+        super().__init__(self.message())
+
+    def message(self, source: str | None = None) -> str:
+        """One line saying what is wrong and what to do; ``source`` names the file it came from."""
+        where = f"column {self.name!r}" + (f" of {source!r}" if source else "")
+        return (
+            f"{where} must hold numbers (the model was trained on {self.kind} values), but {self.count} "
+            f"cell(s) such as {self.example!r} are not; fix them or leave them empty (empty cells are imputed)"
+        )
+
+
+def numbers_of(column: pd.Series, kind: str) -> pd.Series:
+    """A numeric input column as float64, NaN where empty; :class:`NotNumbersError` where a cell
+    holds something else (e.g. text in a column the model was trained on as numbers).
+
+    >>> numbers_of(pd.Series([1, None, "2.5"], dtype=object), "long").tolist()
+    [1.0, nan, 2.5]
+    >>> numbers_of(pd.Series(["1", "one"], name="rooms"), "long")
+    Traceback (most recent call last):
+    ...
+    lightning_batch.model_export.NotNumbersError: column 'rooms' must hold numbers (the model was trained on long values), but 1 cell(s) such as 'one' are not; fix them or leave them empty (empty cells are imputed)
+    """
+    numbers = pd.to_numeric(column, errors="coerce").astype(np.float64)
+    bad = numbers.isna() & column.notna()
+    if bad.any():
+        raise NotNumbersError(column.name, kind, int(bad.sum()), column[bad].iloc[0])
+    return numbers
+
+
+def numeric_inputs_as_numbers(frame: pd.DataFrame, inputs: list[dict[str, Any]]) -> pd.DataFrame:
+    """``frame`` with each numeric input column as float64 (NaN where empty), checked by
+    :func:`numbers_of`; other columns as they are. A copy only when a column had to change."""
+    changed = {
+        spec["name"]: numbers_of(frame[spec["name"]], spec["type"])
+        for spec in inputs
+        if spec["type"] in NUMERIC_TYPES
+        and spec["name"] in frame.columns
+        and frame[spec["name"]].dtype != np.float64
+    }
+    return frame.assign(**changed) if changed else frame
+
+
 class TabularPyfuncModel(mlflow.pyfunc.PythonModel):
     """The pyfunc of a lightning-batch run: reads its spec and weights from the model's artifacts."""
 
@@ -155,6 +204,12 @@ class TabularPyfuncModel(mlflow.pyfunc.PythonModel):
         # A DataFrame hint is one MLflow 3 infers no schema from: the signature stays the raw
         # columns the run was trained on (MLflow's schema check has run before this is called).
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        try:
+            # Integer columns are `any` in the signature (so an empty cell passes MLflow's check):
+            # this is where a cell that is not a number is refused, with what to do.
+            frame = numeric_inputs_as_numbers(frame, self.spec.inputs)
+        except NotNumbersError as exc:
+            raise MlflowException.invalid_parameter_value(str(exc)) from None
         return predict_frame(self.network, self.spec, frame)
 
 
@@ -286,12 +341,35 @@ def example_rows(data: Any, cfg: Any, rows: int = EXAMPLE_ROWS) -> pd.DataFrame 
     return None
 
 
+def _signature_type(kind: str) -> Any:
+    """The MLflow type a raw input column is declared with in the signature.
+
+    An integer column is declared ``any``, not ``long``: pandas holds an integer column with an
+    empty cell as float64, and MLflow's check refuses float64 for ``long`` ("Can not safely
+    convert"), in ``load_model(...).predict`` and in ``mlflow models serve`` alike (a JSON null).
+    The model imputes empty cells, as training did, so it takes such rows; it refuses a cell that
+    is not a number itself (:meth:`TabularPyfuncModel.predict`). The column's own type stays in
+    ``model_spec.json``. ``double`` takes int64 input after the server's parse, but not in
+    ``load_model(...).predict`` of a frame read from a file of integers, so it is no alternative.
+    """
+    if kind in ("long", "integer"):
+        from mlflow.types.schema import AnyType
+
+        return AnyType()
+    return kind
+
+
 def build_signature(spec: ModelSpec) -> Any:
     """MLflow's signature: the raw input columns in, the prediction (and probabilities) out."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
-    inputs = Schema([ColSpec(type=c["type"], name=c["name"], required=c["required"]) for c in spec.inputs])
+    inputs = Schema(
+        [
+            ColSpec(type=_signature_type(c["type"]), name=c["name"], required=c["required"])
+            for c in spec.inputs
+        ]
+    )
     if spec.task == "regression":
         outputs = [ColSpec("double", PREDICTION)]
     else:

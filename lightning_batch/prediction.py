@@ -165,7 +165,7 @@ def conform(
     are cast as the input example was (:func:`~lightning_batch.model_export.cast_to_inputs`): numbers
     as float64 (NaN where empty), text as Python strings (None where empty).
     """
-    from lightning_batch.model_export import NUMERIC_TYPES, cast_to_inputs
+    from lightning_batch.model_export import NUMERIC_TYPES, NotNumbersError, cast_to_inputs, numbers_of
 
     missing = [spec["name"] for spec in inputs if spec["required"] and spec["name"] not in frame.columns]
     if missing:
@@ -185,14 +185,10 @@ def conform(
         if kind not in NUMERIC_TYPES:
             empty += int(column.isna().sum())
             continue
-        numbers = pd.to_numeric(column, errors="coerce").astype(np.float64)
-        bad = numbers.isna() & column.notna()
-        if bad.any():
-            raise UserError(
-                f"column {name!r} of {source!r} must hold numbers (the model was trained on {kind} values), "
-                f"but {int(bad.sum())} cell(s) such as {str(column[bad].iloc[0])[:30]!r} are not; fix them or "
-                "leave them empty (empty cells are imputed)"
-            )
+        try:
+            numbers = numbers_of(column, kind)
+        except NotNumbersError as exc:
+            raise UserError(exc.message(source)) from None
         empty += int((~np.isfinite(numbers.to_numpy())).sum())
     names = {spec["name"] for spec in inputs}
     ignored = [name for name in frame.columns if name not in names]

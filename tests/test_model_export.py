@@ -183,7 +183,7 @@ def test_the_signature_is_the_raw_columns_and_the_example_real_rows(regression: 
     example = info.load_input_example(folder)
     inputs = info.signature.inputs.to_dict()
     assert inputs == [
-        {"type": "long", "name": "rooms", "required": True},
+        {"type": "any", "name": "rooms", "required": True},  # integers: `any` lets a cell be empty
         {"type": "double", "name": "area", "required": True},
         {"type": "string", "name": "city", "required": True},
     ]
@@ -268,16 +268,38 @@ def test_predict_matches_the_task_module_imputes_and_names_ignored_columns_once(
     np.testing.assert_allclose(
         predictions["prediction"], _reference(regression, frame)[:, 0], rtol=0, atol=1e-6
     )
-    # Rows MLflow's own schema check accepts (no empty integer cells): the same numbers as the pyfunc.
-    complete = frame.drop(index=[1, 5]).astype({"rooms": np.int64})
-    pyfunc = _pyfunc(regression, complete.drop(columns=["price", "notes"]))
+    # MLflow's own loader, behind its schema check, gives the same numbers: on the rows as read back
+    # from the file (empty integer cells included), and on the complete rows typed as integers.
+    raw = pd.read_csv(data).drop(columns=["price", "notes"])
+    assert raw["rooms"].dtype == np.float64 and raw["rooms"].isna().sum() == 2
     np.testing.assert_allclose(
-        predictions.drop(index=[1, 5])["prediction"], pyfunc["prediction"], rtol=0, atol=1e-12
+        predictions["prediction"], _pyfunc(regression, raw)["prediction"], rtol=0, atol=1e-12
+    )
+    complete = raw.drop(index=[1, 5]).astype({"rooms": np.int64})
+    np.testing.assert_allclose(
+        predictions.drop(index=[1, 5])["prediction"],
+        _pyfunc(regression, complete)["prediction"],
+        rtol=0,
+        atol=1e-12,
     )
     summary = " ".join(said.out.split())
     assert "ignored (not model inputs) │ 2: price, notes" in summary
     assert summary.count("notes") == 1 and "columns used │ 3: rooms, area, city" in summary
     assert f"output │ {output}" in summary.replace("│ │", "")
+
+
+def test_mlflow_s_loader_refuses_text_in_an_integer_column_in_one_line(regression: Trained):
+    """The signature lets an integer column through as `any` (for its empty cells); the model itself
+    refuses a cell that is not a number, saying which column and what to do."""
+    from mlflow.exceptions import MlflowException
+
+    frame = _regression_frame(6, seed=5).drop(columns="price").astype({"rooms": object})
+    frame.loc[2, "rooms"] = "three"
+    with pytest.raises(MlflowException) as raised:
+        _pyfunc(regression, frame)
+    message = raised.value.message
+    assert message.startswith("column 'rooms' must hold numbers (the model was trained on long values)")
+    assert "1 cell(s) such as 'three'" in message and "\n" not in message
 
 
 def test_predict_to_stdout_gives_labels_in_the_training_vocabulary(
@@ -438,11 +460,15 @@ def test_mlflow_models_serve_answers_as_predict_does(regression: Trained, tmp_pa
     """`mlflow models serve` (the README's command) on 127.0.0.1: real rows with empty cells, POSTed as
     JSON dataframe_split, come back with `run.py predict`'s numbers."""
     import json as json_module
+    import urllib.error
     import urllib.request
 
     from .conftest import free_port, stop_process_tree, wait_for
 
     frame = _regression_frame(30, seed=9).drop(columns="price")
+    frame.loc[[2, 7], "rooms"] = (
+        np.nan
+    )  # an integer column's empty cells: JSON nulls the signature must let in
     data, expected = tmp_path / "rows.csv", tmp_path / "expected.csv"
     frame.to_csv(data, index=False)
     argv = ["predict", regression.result.run_id, "--data", str(data), "--output", str(expected)]
@@ -464,17 +490,27 @@ def test_mlflow_models_serve_answers_as_predict_does(regression: Trained, tmp_pa
     try:
         wait_for(f"http://127.0.0.1:{port}/ping", 180)
         rows = pd.read_csv(data)  # as a client would send them: empty cells become JSON nulls
-        payload = {"dataframe_split": json_module.loads(rows.to_json(orient="split", index=False))}
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json_module.dumps(payload).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
+
+        def invocation(frame: pd.DataFrame) -> urllib.request.Request:
+            payload = {"dataframe_split": json_module.loads(frame.to_json(orient="split", index=False))}
+            return urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations",
+                data=json_module.dumps(payload).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+
+        with urllib.request.urlopen(invocation(rows), timeout=60) as response:
             answer = json_module.loads(response.read())
+        # Text where the model was trained on integers: a 400 that says which column and what to do.
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(
+                invocation(rows.astype({"rooms": object}).assign(rooms="three")), timeout=60
+            )
+        assert refused.value.code == 400
+        assert "column 'rooms' must hold numbers" in json_module.loads(refused.value.read())["message"]
     finally:
         stop_process_tree(server)
         log.close()
     served = pd.DataFrame(answer["predictions"])
     np.testing.assert_allclose(served["prediction"], pd.read_csv(expected)["prediction"], rtol=0, atol=1e-9)
-    assert rows["area"].isna().any() and rows["city"].isna().any(), "the rows had empty cells"
+    assert rows[["rooms", "area", "city"]].isna().any().all(), "the rows had empty cells in every column"
