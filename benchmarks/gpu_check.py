@@ -306,8 +306,7 @@ class LowerTheLimitAt(Callback):
 def _fit_fixed(
     device: torch.device, prepared: Any, batch: int, steps: int, callbacks: list[Callback]
 ) -> tuple[TaskModule, dict[str, torch.Tensor], float]:
-    dm = TabularDataModule(data="synthetic-classification", batch_size=batch, seed=0, device_data_budget=0.5)
-    dm.prepared = prepared
+    dm = datamodule_over(prepared, batch, 0.5)
     module = mlp_module(prepared, lr=0.1, momentum=0.9)
     trainer(device, max_steps=steps, callbacks=callbacks).fit(module, datamodule=dm)
     weights = {k: v.detach().double().cpu() for k, v in module.model.state_dict().items()}
@@ -738,6 +737,10 @@ def section_sync(device: torch.device, prepared: Any, batch: int = 16384, steps:
 # ------------------------------------------------------------------------------------------------
 
 
+#: The sections a to f, in the order they run (``--only`` picks some).
+SECTIONS = ("probe", "oom", "time_to_target", "data_placement", "main_path", "sync")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_out = Path(os.environ.get("OUT", "benchmarks")) / "gpu_check.json"
@@ -748,9 +751,7 @@ def main(argv: list[str] | None = None) -> int:
         "--budget", type=float, default=6.0, help="seconds of training per time-to-target run"
     )
     parser.add_argument("--rows", type=int, default=1_500_000, help="rows of the classification task")
-    parser.add_argument(
-        "--only", nargs="+", choices=["probe", "oom", "time_to_target", "data_placement", "main_path", "sync"]
-    )
+    parser.add_argument("--only", nargs="+", choices=SECTIONS)
     args = parser.parse_args(argv)
 
     gpu = torch.cuda.is_available() and not args.smoke
@@ -758,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = args.rows if not args.smoke else 6_000
     report = Report(args.out)
     report.put("environment", environment(device))
-    wanted = set(args.only or ["probe", "oom", "time_to_target", "data_placement", "main_path", "sync"])
+    wanted = set(args.only or SECTIONS)
     started = time.perf_counter()
 
     def run(name: str, fn: Callable[[], Any]) -> None:

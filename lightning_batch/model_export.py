@@ -352,7 +352,7 @@ def _signature_type(kind: str) -> Any:
     ``model_spec.json``. ``double`` takes int64 input after the server's parse, but not in
     ``load_model(...).predict`` of a frame read from a file of integers, so it is no alternative.
     """
-    if kind in ("long", "integer"):
+    if kind == "long":  # raw_column_specs has widened `integer` to `long` already
         from mlflow.types.schema import AnyType
 
         return AnyType()

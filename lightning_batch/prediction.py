@@ -165,7 +165,12 @@ def conform(
     are cast as the input example was (:func:`~lightning_batch.model_export.cast_to_inputs`): numbers
     as float64 (NaN where empty), text as Python strings (None where empty).
     """
-    from lightning_batch.model_export import NUMERIC_TYPES, NotNumbersError, cast_to_inputs, numbers_of
+    from lightning_batch.model_export import (
+        NUMERIC_TYPES,
+        NotNumbersError,
+        cast_to_inputs,
+        numeric_inputs_as_numbers,
+    )
 
     missing = [spec["name"] for spec in inputs if spec["required"] and spec["name"] not in frame.columns]
     if missing:
@@ -176,23 +181,21 @@ def conform(
             f"{source!r} lacks the model's input column(s) {shown}; add them (their cells may be empty: "
             "empty cells are imputed as in training)"
         )
+    try:
+        checked = numeric_inputs_as_numbers(frame, inputs)  # numeric inputs as float64; text refused
+    except NotNumbersError as exc:
+        raise UserError(exc.message(source)) from None
     empty = 0
     for spec in inputs:
-        name, kind = spec["name"], spec["type"]
-        if name not in frame.columns:
+        if spec["name"] not in checked.columns:
             continue
-        column = frame[name]
-        if kind not in NUMERIC_TYPES:
-            empty += int(column.isna().sum())
-            continue
-        try:
-            numbers = numbers_of(column, kind)
-        except NotNumbersError as exc:
-            raise UserError(exc.message(source)) from None
-        empty += int((~np.isfinite(numbers.to_numpy())).sum())
+        column = checked[spec["name"]]
+        # ±inf is imputed in a numeric column, as in training: it counts as empty.
+        numeric = spec["type"] in NUMERIC_TYPES
+        empty += int((~np.isfinite(column.to_numpy())).sum() if numeric else column.isna().sum())
     names = {spec["name"] for spec in inputs}
     ignored = [name for name in frame.columns if name not in names]
-    return cast_to_inputs(frame, inputs), ignored, empty
+    return cast_to_inputs(checked, inputs), ignored, empty
 
 
 def predict_file(target: str, data: str, tracking_uri: str) -> Prediction:

@@ -466,9 +466,8 @@ def test_mlflow_models_serve_answers_as_predict_does(regression: Trained, tmp_pa
     from .conftest import free_port, stop_process_tree, wait_for
 
     frame = _regression_frame(30, seed=9).drop(columns="price")
-    frame.loc[[2, 7], "rooms"] = (
-        np.nan
-    )  # an integer column's empty cells: JSON nulls the signature must let in
+    # An integer column's empty cells: JSON nulls the signature must let in.
+    frame.loc[[2, 7], "rooms"] = np.nan
     data, expected = tmp_path / "rows.csv", tmp_path / "expected.csv"
     frame.to_csv(data, index=False)
     argv = ["predict", regression.result.run_id, "--data", str(data), "--output", str(expected)]
