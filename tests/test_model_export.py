@@ -273,14 +273,15 @@ def test_predict_matches_the_task_module_imputes_and_names_ignored_columns_once(
     raw = pd.read_csv(data).drop(columns=["price", "notes"])
     assert raw["rooms"].dtype == np.float64 and raw["rooms"].isna().sum() == 2
     np.testing.assert_allclose(
-        predictions["prediction"], _pyfunc(regression, raw)["prediction"], rtol=0, atol=1e-12
+        predictions["prediction"], _pyfunc(regression, raw)["prediction"], rtol=1e-6, atol=0
     )
     complete = raw.drop(index=[1, 5]).astype({"rooms": np.int64})
     np.testing.assert_allclose(
         predictions.drop(index=[1, 5])["prediction"],
         _pyfunc(regression, complete)["prediction"],
-        rtol=0,
-        atol=1e-12,
+        # float32 networks: rows batched differently may round differently in the last bits
+        rtol=1e-6,
+        atol=0,
     )
     summary = " ".join(said.out.split())
     assert "ignored (not model inputs) │ 2: price, notes" in summary
