@@ -56,12 +56,12 @@ import torch  # noqa: E402
 from _common import training_only_trainer  # noqa: E402
 from lightning.pytorch.callbacks import BatchSizeFinder, Callback  # noqa: E402
 
-from lightning_batch.callback import DynamicBatchSize  # noqa: E402
 from lightning_batch.config import RunConfig  # noqa: E402
-from lightning_batch.data import TabularDataModule  # noqa: E402
-from lightning_batch.memory import CudaMemoryMeter, probe_training_ceiling  # noqa: E402
-from lightning_batch.models import build_model  # noqa: E402
-from lightning_batch.module import TaskModule  # noqa: E402
+from lightning_batch.plugin.callback import DynamicBatchSize  # noqa: E402
+from lightning_batch.plugin.memory import CudaMemoryMeter, probe_training_ceiling  # noqa: E402
+from lightning_batch.tabular.datamodule import TabularDataModule  # noqa: E402
+from lightning_batch.tabular.networks import build_model  # noqa: E402
+from lightning_batch.tabular.task_module import TaskModule  # noqa: E402
 
 
 class Report:

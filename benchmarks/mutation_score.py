@@ -285,7 +285,7 @@ STATUSES = ("killed", "timeout", "survived", "no tests")
 
 
 def _function_of(mutant: str) -> str:
-    """``lightning_batch.policy.xǁBatchGridǁround__mutmut_3`` -> ``BatchGrid.round``."""
+    """``lightning_batch.plugin.policy.xǁBatchGridǁround__mutmut_3`` -> ``BatchGrid.round``."""
     tail = mutant.rpartition(".")[2].partition("__mutmut_")[0]
     if tail.startswith("x\u01c1"):
         return ".".join(part for part in tail[2:].split("\u01c1") if part)

@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import training_only_trainer  # noqa: E402
 
-import lightning_batch.callback as callback_module  # noqa: E402
-from lightning_batch.callback import DynamicBatchSize  # noqa: E402
+import lightning_batch.plugin.callback as callback_module  # noqa: E402
 from lightning_batch.config import RunConfig  # noqa: E402
-from lightning_batch.data import TabularDataModule  # noqa: E402
-from lightning_batch.noise import microbatch_grad_stats  # noqa: E402
+from lightning_batch.plugin.callback import DynamicBatchSize  # noqa: E402
+from lightning_batch.plugin.noise import microbatch_grad_stats  # noqa: E402
+from lightning_batch.tabular.datamodule import TabularDataModule  # noqa: E402
 from lightning_batch.training import build_module, quiet_lightning  # noqa: E402
 
 

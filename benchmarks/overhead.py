@@ -43,8 +43,9 @@ from torch import nn  # noqa: E402
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset  # noqa: E402
 
 from lightning_batch.config import RunConfig  # noqa: E402
-from lightning_batch.data import TabularDataModule  # noqa: E402
-from lightning_batch.tracking import BufferedMLFlowLogger, ensure_store  # noqa: E402
+from lightning_batch.tabular.datamodule import TabularDataModule  # noqa: E402
+from lightning_batch.tracking.logger import BufferedMLFlowLogger
+from lightning_batch.tracking.store import ensure_store  # noqa: E402
 from lightning_batch.training import build_module, quiet_lightning  # noqa: E402
 
 

@@ -5,12 +5,12 @@ For each size, a Parquet file of ``rows`` x ``features`` float32 columns and a f
 (``--cache-dir``, default ``$TMPDIR/lightning-batch-scale``; never the repository), then one fresh
 process per size runs the tabular path's phases in order and times each:
 
-1. **read**: :func:`lightning_batch.data.load_frame` (pyarrow, a block per column);
-2. **clean**: :func:`lightning_batch.data.clean_frame` (target checks, dropped rows);
-3. **split_scale**: :func:`~lightning_batch.data.split_indices`, then the train-only preprocessing
-   fit and each split's float32 matrix (:class:`~lightning_batch.data.Preprocessor`), as
-   :func:`~lightning_batch.data.prepare_data` does in memory;
-4. **record_input**: :func:`lightning_batch.tracking.log_dataset_input` into a throw-away sqlite
+1. **read**: :func:`lightning_batch.tabular.sources.load_frame` (pyarrow, a block per column);
+2. **clean**: :func:`lightning_batch.tabular.cleaning.clean_frame` (target checks, dropped rows);
+3. **split_scale**: :func:`~lightning_batch.tabular.splitting.split_indices`, then the train-only preprocessing
+   fit and each split's float32 matrix (:class:`~lightning_batch.tabular.preprocessing.Preprocessor`), as
+   :func:`~lightning_batch.tabular.prepare.prepare_data` does in memory;
+4. **record_input**: :func:`lightning_batch.tracking.datasets.log_dataset_input` into a throw-away sqlite
    MLflow store (creating the store and the run is not timed);
 5. **fit**: one training epoch of the linear model at batch 1024 (``TaskModule`` +
    ``TabularDataModule`` + a plain ``Trainer``: no logger, checkpoints or validation);
@@ -129,16 +129,14 @@ def measure_size(data: str, batch_size: int, workdir: Path, threads: int) -> dic
     from mlflow import MlflowClient
 
     from lightning_batch.config import RunConfig
-    from lightning_batch.data import (
-        PreparedData,
-        Preprocessor,
-        TabularDataModule,
-        TensorTableDataset,
-        clean_frame,
-        load_frame,
-        split_indices,
-    )
-    from lightning_batch.tracking import ensure_store, get_or_create_experiment, log_dataset_input
+    from lightning_batch.tabular.cleaning import clean_frame
+    from lightning_batch.tabular.datamodule import TabularDataModule
+    from lightning_batch.tabular.preprocessing import Preprocessor
+    from lightning_batch.tabular.sources import load_frame
+    from lightning_batch.tabular.splitting import split_indices
+    from lightning_batch.tabular.tables import PreparedData, TensorTableDataset
+    from lightning_batch.tracking.datasets import log_dataset_input
+    from lightning_batch.tracking.store import ensure_store, get_or_create_experiment
     from lightning_batch.training import build_module, quiet_lightning
 
     quiet_lightning()
@@ -422,7 +420,7 @@ def table_markdown(result: dict[str, Any]) -> str:
 def run_memmap(rows: int, budget_gb: float) -> dict[str, Any] | None:
     """--memmap: the memory-mapped path past memory (benchmarks/scale_memmap.py), when it exists."""
     try:
-        import lightning_batch.data_cache  # noqa: F401
+        import lightning_batch.tabular.cache  # noqa: F401
         from benchmarks.scale_memmap import run_memmap_benchmark
     except ImportError:
         print("--memmap: the memory-mapped path is not available yet")
@@ -440,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=None, help="where the Parquet files are kept")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "scale.png")
-    # Hook for the memory-mapped path (lightning_batch/data_cache.py, benchmarks/scale_memmap.py):
+    # Hook for the memory-mapped path (lightning_batch/tabular/cache.py, benchmarks/scale_memmap.py):
     # a table of ROWS rows trained with the in-memory budget set below its size.
     parser.add_argument(
         "--memmap", type=int, metavar="ROWS", help="also run the memory-mapped path at ROWS rows"

@@ -119,8 +119,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     sampler = MemorySampler().start()
     sampler.enter("imports")
     from lightning_batch.config import RunConfig
-    from lightning_batch.data import TabularDataModule
-    from lightning_batch.data_cache import available_memory
+    from lightning_batch.tabular.cache import available_memory
+    from lightning_batch.tabular.datamodule import TabularDataModule
     from lightning_batch.training import train
 
     available = available_memory()

@@ -103,10 +103,11 @@ from _common import Point, TargetClock, plain_loop, training_only_trainer  # noq
 from lightning.pytorch.callbacks import BatchSizeFinder, Callback  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lightning_batch.callback import DynamicBatchSize  # noqa: E402
 from lightning_batch.config import RunConfig  # noqa: E402
-from lightning_batch.data import PreparedData, TabularDataModule  # noqa: E402
-from lightning_batch.module import NonFiniteLossError  # noqa: E402
+from lightning_batch.plugin.callback import DynamicBatchSize  # noqa: E402
+from lightning_batch.tabular.datamodule import TabularDataModule  # noqa: E402
+from lightning_batch.tabular.tables import PreparedData
+from lightning_batch.tabular.task_module import NonFiniteLossError  # noqa: E402
 from lightning_batch.training import build_module, build_resizer, quiet_lightning  # noqa: E402
 
 TASKS: dict[str, dict[str, Any]] = {

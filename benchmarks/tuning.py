@@ -1,6 +1,6 @@
 """TPE + median pruning vs a full grid over the same lr × batch-size space, on the seed's regression.
 
-Both searches run through ``lightning_batch.tuning.tune`` (real Optuna storage, real MLflow runs, in a
+Both searches run through ``lightning_batch.tune.study.tune`` (real Optuna storage, real MLflow runs, in a
 throw-away folder) on the same data and model:
 
 - ``grid``: every point of an 8 (lr, log-spaced over [1e-4, 1]) × 6 (batch 16 … 512) grid, each
@@ -28,8 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lightning_batch.config import RunConfig  # noqa: E402
-from lightning_batch.search_space import TuneConfig, parse_space  # noqa: E402
-from lightning_batch.tuning import tune  # noqa: E402
+from lightning_batch.tune.space import TuneConfig, parse_space  # noqa: E402
+from lightning_batch.tune.study import tune  # noqa: E402
 
 TASK = dict(data="synthetic-regression", rows=20_000, features=16, noise=0.5, correlation=0.5, model="linear")
 LR_RANGE = {"low": 1e-4, "high": 1.0, "log": True}

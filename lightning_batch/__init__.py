@@ -21,14 +21,14 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "RunConfig": "lightning_batch.config",
     "UserError": "lightning_batch.errors",
-    "TabularDataModule": "lightning_batch.data",
-    "ResizableBatchSampler": "lightning_batch.sampler",
-    "TaskModule": "lightning_batch.module",
-    "DynamicBatchSize": "lightning_batch.callback",
-    "build_model": "lightning_batch.models",
+    "TabularDataModule": "lightning_batch.tabular.datamodule",
+    "ResizableBatchSampler": "lightning_batch.plugin.sampler",
+    "TaskModule": "lightning_batch.tabular.task_module",
+    "DynamicBatchSize": "lightning_batch.plugin.callback",
+    "build_model": "lightning_batch.tabular.networks",
     "train": "lightning_batch.training",
-    "TuneConfig": "lightning_batch.search_space",
-    "tune": "lightning_batch.tuning",
+    "TuneConfig": "lightning_batch.tune.space",
+    "tune": "lightning_batch.tune.study",
     "MissingExtraError": "lightning_batch._extras",
 }
 

@@ -44,7 +44,7 @@ from lightning_batch.config import (
     load_yaml_config,
 )
 from lightning_batch.errors import UserError
-from lightning_batch.search_space import PRUNERS, RETRAIN_MODES, SAMPLERS, TuneConfig, parse_space
+from lightning_batch.tune.space import PRUNERS, RETRAIN_MODES, SAMPLERS, TuneConfig, parse_space
 
 EXIT_BAD_INPUT = 2
 
@@ -86,7 +86,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _train_arguments(parser: argparse.ArgumentParser, resumable: bool = True) -> None:
     """The run options; every default comes from RunConfig (so YAML can sit under the flags)."""
-    from lightning_batch import defaults as d  # the defaults the help texts quote
+    from lightning_batch.plugin import defaults as d  # the defaults the help texts quote
 
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _runs_arguments(parser: argparse.ArgumentParser) -> None:
-    from lightning_batch.run_owners import RUN_STATES
+    from lightning_batch.tracking.run_owners import RUN_STATES
 
     parser.add_argument(
         "--experiment",
@@ -618,7 +618,7 @@ def run_train(args: argparse.Namespace) -> int:
     if result.rank == 0:  # under DDP every rank returns here; the run is rank 0's to report
         _print_summary([result])
         if register:
-            from lightning_batch.registry import register_run
+            from lightning_batch.tracking.model_registry import register_run
 
             print(register_run(result.tracking_uri, register, result.run_id).describe(), flush=True)
     return 0
@@ -629,13 +629,13 @@ def _register_name(args: argparse.Namespace) -> str | None:
     name = getattr(args, "register", None)
     if name is None:
         return None
-    from lightning_batch.registry import check_model_name
+    from lightning_batch.tracking.model_registry import check_model_name
 
     return check_model_name(name)
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from lightning_batch.tuning import tune
+    from lightning_batch.tune.study import tune
 
     cfg = config_from_args(args)
     options = tune_config_from_args(args)
@@ -650,7 +650,7 @@ def run_tune(args: argparse.Namespace) -> int:
         if not result.retrain_run_id:
             print(f"nothing registered as {register!r}: no trial completed, so nothing was refit", flush=True)
             return 0
-        from lightning_batch.registry import register_run
+        from lightning_batch.tracking.model_registry import register_run
 
         # A refit on train+val has seen the validation rows: the best trial's held-out loss judges it.
         held_out = options.retrain == "train+val" and result.best_value is not None
@@ -676,8 +676,8 @@ def run_predict(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from lightning_batch.prediction import check_output_path, predict_file, write_predictions
     from lightning_batch.store_uri import resolve_tracking_uri  # not tracking: no Lightning import
+    from lightning_batch.tracking.prediction import check_output_path, predict_file, write_predictions
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     check_output_path(args.output)
@@ -707,9 +707,9 @@ def run_report(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from lightning_batch.report import make_report
-    from lightning_batch.tracking import resolve_tracking_uri
-    from lightning_batch.tuning import resolve_storage
+    from lightning_batch.store_uri import resolve_tracking_uri
+    from lightning_batch.tracking.report import make_report
+    from lightning_batch.tune.study import resolve_storage
 
     uri = resolve_tracking_uri(args.tracking_uri)
     title, rows, logged_to = make_report(args.target, uri, resolve_storage(args.storage, uri))
@@ -730,8 +730,8 @@ def run_runs(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from lightning_batch import run_owners
     from lightning_batch.store_uri import resolve_tracking_uri, sqlite_path  # not tracking: no Lightning
+    from lightning_batch.tracking import run_owners
 
     if args.limit < 1:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
@@ -791,9 +791,8 @@ def run_runs(args: argparse.Namespace) -> int:
 
 
 def run_dashboard(args: argparse.Namespace) -> int:
-    from lightning_batch.store_uri import redact
-    from lightning_batch.tracking import resolve_tracking_uri
-    from lightning_batch.tuning import resolve_storage
+    from lightning_batch.store_uri import redact, resolve_tracking_uri
+    from lightning_batch.tune.study import resolve_storage
 
     storage = resolve_storage(args.storage, resolve_tracking_uri(args.tracking_uri))
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
@@ -821,7 +820,8 @@ def run_dashboard(args: argparse.Namespace) -> int:
 
 
 def run_ui(args: argparse.Namespace) -> int:
-    from lightning_batch.tracking import ensure_store, resolve_tracking_uri
+    from lightning_batch.store_uri import resolve_tracking_uri
+    from lightning_batch.tracking.store import ensure_store
 
     uri = resolve_tracking_uri(args.tracking_uri)
     ensure_store(uri)

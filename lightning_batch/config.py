@@ -16,8 +16,8 @@ Example:
     ...
     lightning_batch.errors.UserError: --lr must be a positive number, got -1; try --lr 0.01
 
-The defaults of the batch-size options come from :mod:`lightning_batch.defaults` (the callback's
-own), the policy and lr-rule names from :mod:`lightning_batch.policy`'s registries.
+The defaults of the batch-size options come from :mod:`lightning_batch.plugin.defaults` (the callback's
+own), the policy and lr-rule names from :mod:`lightning_batch.plugin.policy`'s registries.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import Any
 
 import yaml
 
-from lightning_batch import defaults
-from lightning_batch import policy as _policy
 from lightning_batch.errors import UserError
+from lightning_batch.plugin import defaults
+from lightning_batch.plugin import policy as _policy
 
 #: scikit-learn's bundled datasets (they ship with the package: nothing is downloaded).
 SKLEARN_DATASETS = {
@@ -57,7 +57,7 @@ ACTIVATIONS = ("relu", "gelu", "tanh")
 DEFAULT_LR = {"cnn": 0.1}
 INITS = ("default", "xavier", "kaiming")
 BATCH_MODES = ("full", "auto")
-#: The batch policies and lr rules, named as :mod:`lightning_batch.policy` registers them.
+#: The batch policies and lr rules, named as :mod:`lightning_batch.plugin.policy` registers them.
 POLICIES = tuple(_policy.POLICIES)
 LR_RULES = ("auto", *_policy.LR_RULES)
 ON_NAN = ("fail", "skip")
@@ -204,7 +204,7 @@ class RunConfig:
     """Warn when the first/last layer gradient-norm ratio stays outside [1/limit, limit] (vanishing or
     exploding gradients) for 3 log intervals."""
     augment: list[str] = field(default_factory=list)
-    """Training-batch augmentations: ``noise:S``, ``mixup:A``, ``shift:K`` (see lightning_batch.augment)."""
+    """Training-batch augmentations: ``noise:S``, ``mixup:A``, ``shift:K`` (see lightning_batch.tabular.augment)."""
     on_nan: str = "fail"
     """A NaN/inf training loss: ``fail`` the run (the step in a tag) or ``skip`` the step and halve the lr."""
     epochs: int = 10
@@ -281,7 +281,7 @@ class RunConfig:
         _positive_int(self.log_every, "--log-every", "--log-every 10")
         if isinstance(self.augment, str):
             self.augment = [self.augment]
-        from lightning_batch.augment import Augmenter  # torch: imported only when validating
+        from lightning_batch.tabular.augment import Augmenter  # torch: imported only when validating
 
         Augmenter.parse(self.augment)
         if self.on_nan not in ON_NAN:
@@ -544,7 +544,7 @@ def check_model_for_task(model: str | None, task: str) -> None:
 
 def check_model_for_data(model: str | None, n_features: int) -> None:
     """Raise :class:`UserError` when the data cannot feed ``model`` (the CNN needs square images)."""
-    from lightning_batch.models import image_side  # torch: imported only once data is known
+    from lightning_batch.tabular.networks import image_side  # torch: imported only once data is known
 
     if model == "cnn" and image_side(n_features) is None:
         raise UserError(

@@ -38,28 +38,21 @@ import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from lightning_batch._extras import check
-from lightning_batch.augment import Augmenter
-from lightning_batch.callback import DynamicBatchSize
-from lightning_batch.checkpoint_io import AtomicCheckpointIO
 from lightning_batch.config import RunConfig, UserError, check_model_for_data, check_model_for_task
-from lightning_batch.data import TabularDataModule
-from lightning_batch.hardware import Placement, resolve_placement
-from lightning_batch.models import build_model
-from lightning_batch.module import TaskModule
-from lightning_batch.progress import BatchProgressBar
-from lightning_batch.run_owners import claim_for_resume, owner_tags, reap_quietly
-from lightning_batch.tracking import (
-    BufferedMLFlowLogger,
-    ensure_store,
-    get_or_create_experiment,
-    git_commit,
-    log_dataset_fields,
-    log_dataset_input,
-    plot_batch_dynamics,
-    plot_loss_curves,
-    resolve_tracking_uri,
-    sqlite_path,
-)
+from lightning_batch.placement import Placement, resolve_placement
+from lightning_batch.plugin.callback import DynamicBatchSize
+from lightning_batch.plugin.checkpoint_io import AtomicCheckpointIO
+from lightning_batch.plugin.progress import BatchProgressBar
+from lightning_batch.store_uri import resolve_tracking_uri, sqlite_path
+from lightning_batch.tabular.augment import Augmenter
+from lightning_batch.tabular.datamodule import TabularDataModule
+from lightning_batch.tabular.networks import build_model
+from lightning_batch.tabular.task_module import TaskModule
+from lightning_batch.tracking.datasets import log_dataset_fields, log_dataset_input
+from lightning_batch.tracking.logger import BufferedMLFlowLogger
+from lightning_batch.tracking.plots import plot_batch_dynamics, plot_loss_curves
+from lightning_batch.tracking.run_owners import claim_for_resume, owner_tags, reap_quietly
+from lightning_batch.tracking.store import ensure_store, get_or_create_experiment, git_commit
 
 # Every run is recorded in MLflow and ends with plots: say so now, not after the fit (no import cost).
 check(("mlflow", "matplotlib"), "tracking", "the tabular training path (it records runs in MLflow)")
@@ -310,7 +303,7 @@ def train(
     ends FINISHED with a ``stopped`` tag instead of FAILED, and the exception propagates.
     ``on_run_created`` is told the MLflow run id as soon as the run exists (a tuner records it).
     ``log_model`` logs the best checkpoint with its preprocessing as the run's MLflow Model (a pyfunc,
-    :mod:`lightning_batch.model_export`); a tuning trial skips it, the study's refit does not.
+    :mod:`lightning_batch.tracking.run_model`); a tuning trial skips it, the study's refit does not.
 
     Under DDP every rank calls this (Lightning's launcher re-runs the command once per device):
     only global rank 0 creates, writes and ends the MLflow run and its artifacts; the other ranks
@@ -597,7 +590,7 @@ def _log_run_model(
 ) -> str:
     """Log the run's MLflow Model from the best validation checkpoint (the final weights when no
     validation ran), the weights ``test_*`` were measured with; its ``models:/`` URI."""
-    from lightning_batch.model_export import log_run_model, network_weights
+    from lightning_batch.tracking.run_model import log_run_model, network_weights
 
     state = final
     if checkpoint.best_model_path and Path(checkpoint.best_model_path).is_file():

@@ -16,9 +16,9 @@ warnings.filterwarnings("ignore")
 
 import lightning.pytorch as pl  # noqa: E402
 
-from lightning_batch.callback import DynamicBatchSize  # noqa: E402
 from lightning_batch.config import RunConfig  # noqa: E402
-from lightning_batch.data import TabularDataModule  # noqa: E402
+from lightning_batch.plugin.callback import DynamicBatchSize  # noqa: E402
+from lightning_batch.tabular.datamodule import TabularDataModule  # noqa: E402
 from lightning_batch.training import build_module, quiet_lightning  # noqa: E402
 from tests.kill_at_step import TrainedRows  # noqa: E402
 

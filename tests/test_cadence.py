@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_batch.cadence import DecisionCadence, effective_ceiling, epoch_steps
-from lightning_batch.sampler import ResizableBatchSampler
+from lightning_batch.plugin.cadence import DecisionCadence, effective_ceiling, epoch_steps
+from lightning_batch.plugin.sampler import ResizableBatchSampler
 
 
 def _decision_steps(cadence: DecisionCadence, rows: list[int], epoch_rows: int) -> list[int]:

@@ -15,11 +15,12 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from mlflow import MlflowClient
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_batch.callback import DynamicBatchSize, sync_epoch_length
 from lightning_batch.config import RunConfig
-from lightning_batch.data import TabularDataModule, TensorTableDataset
-from lightning_batch.models import LinearRegression
-from lightning_batch.module import TaskModule
+from lightning_batch.plugin.callback import DynamicBatchSize, sync_epoch_length
+from lightning_batch.tabular.datamodule import TabularDataModule
+from lightning_batch.tabular.networks import LinearRegression
+from lightning_batch.tabular.tables import TensorTableDataset
+from lightning_batch.tabular.task_module import TaskModule
 from lightning_batch.training import build_module, train
 
 from .conftest import ROOT, quiet_trainer, subprocess_env
@@ -455,7 +456,7 @@ class _DecisionSpy(Callback):
 )
 def test_decisions_fall_at_the_documented_steps(policy, options, min_steps, caplog):
     dm, dataset, module = _setup(rows=3000, batch_size=16)
-    with caplog.at_level("WARNING", logger="lightning_batch.callback"):
+    with caplog.at_level("WARNING", logger="lightning_batch.plugin.callback"):
         resize = DynamicBatchSize(policy=policy, probe_memory=False, **options)
     warnings = [r.getMessage() for r in caplog.records if "decides every" in r.getMessage()]
     if options["adjust_every"] < min_steps:

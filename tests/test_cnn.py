@@ -16,10 +16,10 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from lightning_batch.callback import DynamicBatchSize
 from lightning_batch.config import RunConfig
-from lightning_batch.data import TabularDataModule
-from lightning_batch.models import CNN, build_model
+from lightning_batch.plugin.callback import DynamicBatchSize
+from lightning_batch.tabular.datamodule import TabularDataModule
+from lightning_batch.tabular.networks import CNN, build_model
 from lightning_batch.training import build_module
 
 from .conftest import quiet_trainer

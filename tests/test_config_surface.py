@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from lightning_batch import config, defaults, errors, policy
-from lightning_batch.callback import DynamicBatchSize
+from lightning_batch import config, errors
 from lightning_batch.cli import build_parser, config_from_args
 from lightning_batch.config import RunConfig
 from lightning_batch.errors import UserError
-from lightning_batch.search_space import TuneConfig, apply_params, parse_space
+from lightning_batch.plugin import defaults, policy
+from lightning_batch.plugin.callback import DynamicBatchSize
 from lightning_batch.training import build_resizer
+from lightning_batch.tune.space import TuneConfig, apply_params, parse_space
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lightning_batch"
 
@@ -269,7 +270,7 @@ def test_no_import_cycles_in_the_package():
 
 def test_config_defaults_errors_and_policy_import_without_torch():
     code = (
-        "import sys; import lightning_batch.config, lightning_batch.defaults, lightning_batch.errors; "
+        "import sys; import lightning_batch.config, lightning_batch.plugin.defaults, lightning_batch.errors; "
         "print(sorted(m for m in ('torch', 'lightning', 'numpy') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

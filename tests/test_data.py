@@ -16,14 +16,12 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from lightning_batch.config import RunConfig, UserError
-from lightning_batch.data import (
-    Preprocessor,
-    TabularDataModule,
-    TensorTableDataset,
-    _read_csv_columnar,
-    prepare_data,
-    split_indices,
-)
+from lightning_batch.tabular.datamodule import TabularDataModule
+from lightning_batch.tabular.prepare import prepare_data
+from lightning_batch.tabular.preprocessing import Preprocessor
+from lightning_batch.tabular.sources import _read_csv_columnar
+from lightning_batch.tabular.splitting import split_indices
+from lightning_batch.tabular.tables import TensorTableDataset
 
 
 def _cfg(**options) -> RunConfig:

@@ -14,11 +14,12 @@ import pandas as pd
 import pytest
 import torch
 
-from lightning_batch import data as data_module
-from lightning_batch import data_cache
 from lightning_batch.config import RunConfig
-from lightning_batch.data import TabularDataModule, prepare_data, prepare_in_memory
 from lightning_batch.errors import UserError
+from lightning_batch.tabular import cache as data_cache
+from lightning_batch.tabular import prepare as data_module
+from lightning_batch.tabular.datamodule import TabularDataModule
+from lightning_batch.tabular.prepare import prepare_data, prepare_in_memory
 
 from .conftest import RUN_PY, subprocess_env
 
@@ -239,9 +240,9 @@ def test_a_killed_writer_leaves_nothing_that_is_trusted(tmp_path, preparations):
     # A process killed (os._exit: no cleanup, no finally) after writing two of the six arrays.
     script = (
         "import os, sys\n"
-        "from lightning_batch import data_cache\n"
+        "from lightning_batch.tabular import cache as data_cache\n"
         "from lightning_batch.config import RunConfig\n"
-        "from lightning_batch.data import prepare_data\n"
+        "from lightning_batch.tabular.prepare import prepare_data\n"
         "real = data_cache.CacheWriter.save\n"
         "def save(self, name, array):\n"
         "    real(self, name, array)\n"
@@ -298,8 +299,8 @@ def test_bad_data_cache_options_are_one_line_errors(tmp_path):
 def test_a_study_prepares_its_data_once_for_all_its_trials(workdir, tracking_uri, preparations):
     from mlflow import MlflowClient
 
-    from lightning_batch.search_space import TuneConfig
-    from lightning_batch.tuning import tune
+    from lightning_batch.tune.space import TuneConfig
+    from lightning_batch.tune.study import tune
 
     base = RunConfig(data="wine", epochs=1, tracking_uri=tracking_uri)
     options = TuneConfig(

@@ -25,8 +25,8 @@ from mlflow import MlflowClient
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.entities import DatasetInput, InputTag
 
-from lightning_batch import tracking
-from lightning_batch.tracking import dataset_entity, frame_digest, log_dataset_input
+from lightning_batch.tracking import store as tracking
+from lightning_batch.tracking.datasets import dataset_entity, frame_digest, log_dataset_input
 
 ROWS = 100_000
 

@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from lightning_batch.cli import main
 from lightning_batch.config import RunConfig
 from lightning_batch.errors import UserError
-from lightning_batch.hardware import resolve_placement
+from lightning_batch.placement import resolve_placement
 from lightning_batch.training import process_rank, train
 
 from .conftest import ROOT, RUN_PY, free_port, subprocess_env

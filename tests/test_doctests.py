@@ -12,7 +12,7 @@ import lightning_batch
 
 MODULES = sorted(
     name
-    for _, name, _ in pkgutil.iter_modules(lightning_batch.__path__, "lightning_batch.")
+    for _, name, _ in pkgutil.walk_packages(lightning_batch.__path__, "lightning_batch.")
     if name != "lightning_batch.cli"
 )
 

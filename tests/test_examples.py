@@ -14,7 +14,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from lightning_batch.sampler import ResizableBatchSampler
+from lightning_batch.plugin.sampler import ResizableBatchSampler
 
 from .conftest import ROOT
 

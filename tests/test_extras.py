@@ -210,7 +210,7 @@ PLUGIN_FIT = textwrap.dedent(
         except ImportError as exc:
             errors[name] = [type(exc).__name__, str(exc)]
     try:
-        from lightning_batch.tracking import BufferedMLFlowLogger
+        from lightning_batch.tracking.logger import BufferedMLFlowLogger
         BufferedMLFlowLogger(tracking_uri="sqlite:///x.db")
     except ImportError as exc:
         errors["BufferedMLFlowLogger"] = [type(exc).__name__, str(exc)]

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_batch.cli import main
 from lightning_batch.config import RunConfig
-from lightning_batch.models import LinearRegression
-from lightning_batch.module import MAX_CONSECUTIVE_NAN_SKIPS, NonFiniteLossError, TaskModule
+from lightning_batch.tabular.networks import LinearRegression
+from lightning_batch.tabular.task_module import MAX_CONSECUTIVE_NAN_SKIPS, NonFiniteLossError, TaskModule
 from lightning_batch.training import train
 
 from .conftest import ROOT, RUN_PY, quiet_trainer, subprocess_env
@@ -277,7 +277,7 @@ def _other_filesystem() -> Path | None:
 def test_the_checkpoint_writer_stages_beside_the_target_and_renames(tmp_path: Path, monkeypatch):
     """Whatever $TMPDIR is, the temporary file lives in the checkpoint's folder and an atomic rename
     puts it in place (a move across filesystems would be a copy, torn by a kill)."""
-    from lightning_batch.checkpoint_io import AtomicCheckpointIO
+    from lightning_batch.plugin.checkpoint_io import AtomicCheckpointIO
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -453,8 +453,8 @@ def test_in_a_study_a_nan_validation_loss_is_a_failed_trial_not_a_pruned_one(
     from epoch 1) would call a NaN PRUNED; StopOnNonFiniteLoss fails the trial at epoch 0 first."""
     import optuna
 
-    from lightning_batch.search_space import TuneConfig
-    from lightning_batch.tuning import tune
+    from lightning_batch.tune.space import TuneConfig
+    from lightning_batch.tune.study import tune
 
     _nan_validation(monkeypatch, when=lambda module: module.hparams.lr == 0.0123)
     storage = f"sqlite:///{workdir}/mlruns/optuna.db"

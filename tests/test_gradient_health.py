@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_batch.config import RunConfig
-from lightning_batch.data import TabularDataModule
-from lightning_batch.gradient_health import GradientRatioAlarm, LayerGradNorms
+from lightning_batch.tabular.datamodule import TabularDataModule
+from lightning_batch.tabular.gradient_health import GradientRatioAlarm, LayerGradNorms
 from lightning_batch.training import build_module, train
 
 

@@ -17,11 +17,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from lightning_batch import hardware
+from lightning_batch import placement as hardware
 from lightning_batch.cli import main
 from lightning_batch.config import RunConfig
 from lightning_batch.errors import UserError
-from lightning_batch.hardware import Placement, resolve_placement
+from lightning_batch.placement import Placement, resolve_placement
 
 from .conftest import RUN_PY, subprocess_env
 

@@ -3,7 +3,7 @@
 The reference runs each micro-batch through its own copy of the model in train mode -- one ordinary
 forward and ``loss.backward()``, so BatchNorm normalises with that micro-batch's own statistics -- and
 derives (|G|², tr Σ) from the ``n`` micro-batch gradients with the sample mean and the Bessel-corrected
-sample variance, without any of ``lightning_batch.noise``'s arithmetic.
+sample variance, without any of ``lightning_batch.plugin.noise``'s arithmetic.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_batch.noise import microbatch_grad_stats
+from lightning_batch.plugin.noise import microbatch_grad_stats
 
 
 def _bn_net() -> nn.Module:

@@ -21,7 +21,9 @@ def test_a_model_logged_before_the_move_loads_and_predicts_as_it_did():
     now = model.predict(pd.read_csv(FIXTURES / "model_inputs.csv"))
     assert list(now.columns) == list(said_then.columns)
     assert now["prediction"].tolist() == said_then["prediction"].tolist()
-    np.testing.assert_allclose(now[["high", "low"]].to_numpy(), said_then[["high", "low"]].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        now[["high", "low"]].to_numpy(), said_then[["high", "low"]].to_numpy(), atol=1e-6
+    )
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -1,4 +1,4 @@
-"""Tests for lightning_batch.memory. The probe logic runs against simulated devices (recorded figures, a
+"""Tests for lightning_batch.plugin.memory. The probe logic runs against simulated devices (recorded figures, a
 patched torch.cuda) so it needs no GPU; the CPU meter runs a real tiny torch model. True largest batches are
 found by exhaustive search over the simulated curve, independently of the probe's arithmetic."""
 
@@ -17,8 +17,8 @@ import psutil
 import pytest
 import torch
 
-from lightning_batch import memory
-from lightning_batch.memory import (
+from lightning_batch.plugin import memory
+from lightning_batch.plugin.memory import (
     CUDA_START_BATCH,
     BatchOutOfMemoryError,
     CpuMemoryMeter,
@@ -551,7 +551,7 @@ def test_the_cpu_meter_reads_a_short_steps_peak_exactly_after_a_larger_one():
     """A step whose peak is brief and below an earlier, larger step's: the process's lifetime
     high-water mark says nothing about it and polling can miss it; the kernel's per-step peak
     (reset before the step) must see the whole allocation."""
-    from lightning_batch.memory import _peak_rss, _reset_peak_rss
+    from lightning_batch.plugin.memory import _peak_rss, _reset_peak_rss
 
     if not _reset_peak_rss():
         pytest.skip("no resettable peak-RSS counter (/proc/self/clear_refs) on this system")

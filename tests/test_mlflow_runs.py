@@ -12,8 +12,9 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
 
-from lightning_batch import tracking
+from lightning_batch import store_uri as tracking
 from lightning_batch.config import RunConfig
+from lightning_batch.tracking import logger
 from lightning_batch.training import train
 
 from .conftest import RUN_PY, subprocess_env
@@ -145,7 +146,7 @@ def test_metrics_are_written_in_batches_not_per_step(tracking_uri: str):
     steps = result.samples_seen // 8
     metric_calls = [n for n in calls if n]
     assert sum(metric_calls) >= 4 * steps  # every per-step value got written ...
-    assert len(metric_calls) <= 4 * steps // tracking.FLUSH_EVERY + 10  # ... in a handful of writes
+    assert len(metric_calls) <= 4 * steps // logger.FLUSH_EVERY + 10  # ... in a handful of writes
 
 
 def test_explicit_tracking_uri_and_env_override(workdir: Path, monkeypatch: pytest.MonkeyPatch):

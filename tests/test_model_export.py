@@ -23,8 +23,8 @@ from mlflow import MlflowClient
 
 from lightning_batch.cli import main
 from lightning_batch.config import RunConfig
-from lightning_batch.models import build_model
-from lightning_batch.module import TaskModule
+from lightning_batch.tabular.networks import build_model
+from lightning_batch.tabular.task_module import TaskModule
 from lightning_batch.training import RunResult, train
 
 from .conftest import subprocess_env

@@ -1,9 +1,9 @@
-"""Tests for gaps that `make mutate` found in lightning_batch/cadence.py (tests/test_cadence.py is
+"""Tests for gaps that `make mutate` found in lightning_batch/plugin/cadence.py (tests/test_cadence.py is
 another engineer's file; these complement it)."""
 
 from __future__ import annotations
 
-from lightning_batch.cadence import DecisionCadence
+from lightning_batch.plugin.cadence import DecisionCadence
 
 
 def test_rows_count_from_zero_towards_the_quarter_epoch() -> None:

@@ -1,4 +1,4 @@
-"""Tests for lightning_batch.noise (gradient noise scale).
+"""Tests for lightning_batch.plugin.noise (gradient noise scale).
 
 References are computed independently of the code under test: per-sample gradients from
 ``torch.func.vmap(grad(...))`` or a plain Python loop of ``torch.autograd.grad`` over single examples,
@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-import lightning_batch.noise as noise_module
-from lightning_batch import defaults
-from lightning_batch.noise import (
+import lightning_batch.plugin.noise as noise_module
+from lightning_batch.plugin import defaults
+from lightning_batch.plugin.noise import (
     GradNoiseStats,
     NoiseMeter,
     NoiseScaleEMA,

@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, WeightedRandomSampler
 
 from lightning_batch import DynamicBatchSize
-from lightning_batch.resizable_loader import UnsupportedLoaderError
-from lightning_batch.sampler import ResizableBatchSampler
+from lightning_batch.plugin.loader import UnsupportedLoaderError
+from lightning_batch.plugin.sampler import ResizableBatchSampler
 
 from .conftest import ROOT, quiet_trainer, subprocess_env
 from .plain_project import PlainRegressor, RowDataset, RowsTrained, fit
@@ -243,7 +243,7 @@ def test_without_a_loss_method_what_is_not_measured_is_said_once_and_tagged(tmp_
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     logger = MLFlowLogger(experiment_name="plugin", tracking_uri=uri)
-    with caplog.at_level("WARNING", logger="lightning_batch.callback"):
+    with caplog.at_level("WARNING", logger="lightning_batch.plugin.callback"):
         fit(
             dict(resize=NOISE, root=str(tmp_path), trainer=dict(logger=logger)), [], module=_NoLossRegressor()
         )
@@ -255,7 +255,7 @@ def test_without_a_loss_method_what_is_not_measured_is_said_once_and_tagged(tmp_
 
 def test_with_a_loss_method_a_per_row_dataset_is_probed_and_fully_measured(tmp_path, caplog):
     rows = RowsTrained()
-    with caplog.at_level("WARNING", logger="lightning_batch.callback"):
+    with caplog.at_level("WARNING", logger="lightning_batch.plugin.callback"):
         trainer, _ = fit(dict(resize={**NOISE, "probe_memory": True}, root=str(tmp_path)), [rows])
     resize = next(c for c in trainer.callbacks if isinstance(c, DynamicBatchSize))
     assert resize.probe is not None and resize.ceiling is not None and resize.ceiling >= 1
@@ -264,7 +264,7 @@ def test_with_a_loss_method_a_per_row_dataset_is_probed_and_fully_measured(tmp_p
 
 
 def test_a_policy_of_ones_own_drives_the_batch_size(tmp_path):
-    from lightning_batch.policy import BatchPolicy
+    from lightning_batch.plugin.policy import BatchPolicy
 
     class Alternate(BatchPolicy):
         """16 and 24 in turn, at every decision."""

@@ -1,4 +1,4 @@
-"""Tests for lightning_batch.policy: every expected value is computed independently of the code under test
+"""Tests for lightning_batch.plugin.policy: every expected value is computed independently of the code under test
 (brute force, hand algebra, or the papers' formulas written out again)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_batch import policy
-from lightning_batch.policy import (
+from lightning_batch.plugin import policy
+from lightning_batch.plugin.policy import (
     LR_RULES,
     POLICIES,
     AdaScaleLrRule,

@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_batch.cadence import EARLY_MEASUREMENTS, MeasurementBudget
-from lightning_batch.callback import DynamicBatchSize
 from lightning_batch.config import RunConfig
-from lightning_batch.data import TabularDataModule
-from lightning_batch.memory import MemoryProbeResult
-from lightning_batch.noise import NoiseScaleEMA
-from lightning_batch.policy import ThroughputModel
+from lightning_batch.plugin.cadence import EARLY_MEASUREMENTS, MeasurementBudget
+from lightning_batch.plugin.callback import DynamicBatchSize
+from lightning_batch.plugin.memory import MemoryProbeResult
+from lightning_batch.plugin.noise import NoiseScaleEMA
+from lightning_batch.plugin.policy import ThroughputModel
+from lightning_batch.tabular.datamodule import TabularDataModule
 from lightning_batch.training import build_module
 
 from .conftest import quiet_trainer
@@ -191,7 +191,7 @@ def test_a_goodput_fit_starts_from_the_probe_and_never_explores():
 def test_the_lr_multiplier_stops_at_max_lr_scale():
     """Near the optimum (|G|² ~ 0) AdaScale's gain is the scale S itself: x64 at B=2048 from B0=32.
     Reference: adascale_gain computed directly; the controller caps it at 10 unless told otherwise."""
-    from lightning_batch.policy import BatchSizeController, PolicyContext, adascale_gain
+    from lightning_batch.plugin.policy import BatchSizeController, PolicyContext, adascale_gain
 
     ctx = PolicyContext(batch_size=2048, base_batch=32, grad_sqr=1e-9, trace_sigma=10.0, ceiling=4096)
     gain = adascale_gain(2048, 32, 1e-9, 10.0)

@@ -42,7 +42,7 @@ def test_the_readme_states_how_many_named_bad_inputs_are_tested(tmp_path):
 
 
 def test_the_readme_states_the_nan_skip_limit():
-    from lightning_batch.module import MAX_CONSECUTIVE_NAN_SKIPS as limit
+    from lightning_batch.tabular.task_module import MAX_CONSECUTIVE_NAN_SKIPS as limit
 
     prose = _prose((ROOT / "README.md").read_text())
     assert f"up to {limit} NaN steps in a row are skipped, the {limit + 1}" in prose

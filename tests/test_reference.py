@@ -8,7 +8,7 @@ import torch
 from torch import nn, optim
 
 from lightning_batch.config import RunConfig
-from lightning_batch.data import TabularDataModule
+from lightning_batch.tabular.datamodule import TabularDataModule
 from lightning_batch.training import build_module
 
 from .conftest import quiet_trainer

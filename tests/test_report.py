@@ -10,9 +10,9 @@ from mlflow import MlflowClient
 
 from lightning_batch.cli import main
 from lightning_batch.config import RunConfig
-from lightning_batch.search_space import TuneConfig
 from lightning_batch.training import train
-from lightning_batch.tuning import tune
+from lightning_batch.tune.space import TuneConfig
+from lightning_batch.tune.study import tune
 
 
 def test_report_of_an_auto_run_prints_and_logs_its_measurements(tracking_uri: str, workdir: Path, capsys):

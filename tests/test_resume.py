@@ -23,11 +23,12 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from mlflow import MlflowClient
 from torch.utils.data import DataLoader
 
-from lightning_batch.callback import sync_epoch_length
 from lightning_batch.config import RunConfig
-from lightning_batch.data import TabularDataModule, keep_batch
-from lightning_batch.module import TaskModule
-from lightning_batch.run_owners import ERROR_TAG, PROCESS_LOST_TAG, Owner
+from lightning_batch.plugin.callback import sync_epoch_length
+from lightning_batch.tabular.datamodule import TabularDataModule
+from lightning_batch.tabular.tables import keep_batch
+from lightning_batch.tabular.task_module import TaskModule
+from lightning_batch.tracking.run_owners import ERROR_TAG, PROCESS_LOST_TAG, Owner
 from lightning_batch.training import build_module, train
 
 from .conftest import ROOT, quiet_trainer, subprocess_env

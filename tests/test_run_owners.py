@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from lightning_batch import run_owners
 from lightning_batch.cli import main
-from lightning_batch.run_owners import (
+from lightning_batch.tracking import run_owners
+from lightning_batch.tracking.run_owners import (
     ERROR_TAG,
     OWNER_HOST_TAG,
     OWNER_MACHINE_TAG,
@@ -32,7 +32,7 @@ from lightning_batch.run_owners import (
     Owner,
     process_start,
 )
-from lightning_batch.tracking import (
+from lightning_batch.tracking.store import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
     ensure_store,
@@ -187,8 +187,8 @@ def test_a_lost_study_run_is_reaped_and_claimed_by_the_next_tune(workdir: Path, 
     """A tune killed mid-study leaves its parent run RUNNING; the next tune of that study reaps it and
     owns it again (the study goes on in the same parent run)."""
     from lightning_batch.config import RunConfig
-    from lightning_batch.search_space import TuneConfig
-    from lightning_batch.tuning import ensure_parent_run, open_study
+    from lightning_batch.tune.space import TuneConfig
+    from lightning_batch.tune.study import ensure_parent_run, open_study
 
     base = RunConfig(data="iris", epochs=1, tracking_uri=store)
     options = TuneConfig(study="owned", trials=1, storage=f"sqlite:///{workdir}/optuna.db").validate()

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_batch.sampler import ResizableBatchSampler
+from lightning_batch.plugin.sampler import ResizableBatchSampler
 
 
 def _drain(sampler: ResizableBatchSampler, sizes: list[int]) -> list[torch.Tensor]:

@@ -21,8 +21,8 @@ from mlflow import MlflowClient
 
 from lightning_batch.config import RunConfig
 from lightning_batch.errors import UserError
-from lightning_batch.search_space import DEFAULT_SPACE, TuneConfig, apply_params, parse_space
-from lightning_batch.tuning import PARENT_ATTR, RUN_ID_ATTR, _quota, redact, resolve_storage, tune
+from lightning_batch.tune.space import DEFAULT_SPACE, TuneConfig, apply_params, parse_space
+from lightning_batch.tune.study import PARENT_ATTR, RUN_ID_ATTR, _quota, redact, resolve_storage, tune
 
 from .conftest import RUN_PY, free_port, subprocess_env, wait_for
 
@@ -453,7 +453,7 @@ def test_a_study_recorded_through_an_mlflow_tracking_server(workdir: Path):
 
 
 def test_sampler_and_pruner_choices_build_optunas_own():
-    from lightning_batch.tuning import make_pruner, make_sampler
+    from lightning_batch.tune.study import make_pruner, make_sampler
 
     space = parse_space(None)
     kinds = {
@@ -488,7 +488,7 @@ def _suggestions(sampler: optuna.samplers.BaseSampler, trials: int) -> list[tupl
 def test_tpe_sampler_is_seeded_and_uses_the_configured_startup_trials():
     """Same seed, same proposals; the first ``startup_trials`` are the seeded random sampler's own points and
     TPE's model takes over right after them; another seed proposes other points."""
-    from lightning_batch.tuning import make_sampler
+    from lightning_batch.tune.study import make_sampler
 
     space = parse_space(None)
     options = TuneConfig(sampler="tpe", seed=3, startup_trials=4)
@@ -526,7 +526,7 @@ def _prunes(pruner: optuna.pruners.BasePruner, finished: int, curve: list[float]
 def test_median_pruner_waits_for_its_startup_trials_and_the_first_epoch():
     """``startup_trials`` complete trials before it judges anything, and never at step 0 (epoch 0): a trial
     worse than the median is pruned from step 1 on, a trial better than it is not."""
-    from lightning_batch.tuning import make_pruner
+    from lightning_batch.tune.study import make_pruner
 
     pruner = make_pruner(TuneConfig(pruner="median", startup_trials=3), epochs=4)
     bad, good = [5.0, 5.0, 5.0, 5.0], [0.5, 0.5, 0.5, 0.5]
@@ -545,7 +545,7 @@ def test_median_pruner_waits_for_its_startup_trials_and_the_first_epoch():
 def test_hyperband_pruner_spans_the_epochs_and_none_never_prunes():
     """Hyperband's resources run from 1 epoch to the run's epochs in steps of 3 (9 epochs: 3 brackets, a
     bad trial is stopped at a rung, never at step 0); ``none`` lets even a terrible trial run to the end."""
-    from lightning_batch.tuning import make_pruner
+    from lightning_batch.tune.study import make_pruner
 
     hyperband = make_pruner(TuneConfig(pruner="hyperband"), epochs=9)
     optuna.logging.set_verbosity(optuna.logging.WARNING)

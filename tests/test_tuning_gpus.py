@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from lightning_batch import hardware
+from lightning_batch import placement as hardware
 from lightning_batch.config import RunConfig
 from lightning_batch.errors import UserError
-from lightning_batch.search_space import TuneConfig
-from lightning_batch.tuning import (
+from lightning_batch.tune.space import TuneConfig
+from lightning_batch.tune.study import (
     WORKER_GPUS_ENV,
     WORKER_GPUS_TAG,
     tune,
@@ -99,7 +99,7 @@ def test_threads_and_pythonpath(fake_gpus):
     assert env["OMP_NUM_THREADS"] == env["LIGHTNING_BATCH_THREADS"] == "1"  # never 0
     assert env["KEEP"] == "1"
     root, rest = env["PYTHONPATH"].split(":", 1)
-    assert Path(root, "lightning_batch", "tuning.py").is_file() and rest == "elsewhere"
+    assert Path(root, "lightning_batch", "tune", "study.py").is_file() and rest == "elsewhere"
 
 
 class _Recorded:
@@ -116,7 +116,7 @@ class _Recorded:
 
 
 def test_the_worker_processes_are_started_with_these_environments(fake_gpus, monkeypatch, workdir: Path):
-    from lightning_batch import tuning
+    from lightning_batch.tune import study as tuning
 
     fake_gpus(2)
     monkeypatch.setattr(tuning.subprocess, "Popen", _Recorded)

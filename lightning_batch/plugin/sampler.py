@@ -17,7 +17,7 @@ with :meth:`batch_trained`; :meth:`state_dict` then saves the *trained* position
 from a mid-epoch checkpoint goes on with exactly the rows not yet trained.
 
 Batches are yielded as one ``LongTensor`` of row indices: a tabular dataset answers with one
-tensor index (see :class:`lightning_batch.data.TensorTableDataset`), never a per-row collate.
+tensor index (see :class:`lightning_batch.tabular.tables.TensorTableDataset`), never a per-row collate.
 
 Example:
     >>> sampler = ResizableBatchSampler(10, batch_size=4, shuffle=False)
@@ -178,7 +178,7 @@ class ResizableBatchSampler(BatchSampler):
         """Steps in the current epoch: those already taken plus those left at the current size.
 
         Honest at every moment; after a resize the Trainer must be told (see
-        :func:`lightning_batch.callback.sync_epoch_length`).
+        :func:`lightning_batch.plugin.callback.sync_epoch_length`).
         """
         if self.cursor >= self.num_samples:  # finished: the next iteration is a fresh epoch
             return self._steps_for(self.num_samples)

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lightning_batch import defaults
+from lightning_batch.plugin import defaults
 
 __all__ = [
     "LR_RULES",

@@ -2,14 +2,14 @@
 
 It is glue between the Trainer and three pieces of plain math:
 
-- :mod:`lightning_batch.memory` finds the largest batch that fits (once, when training starts);
-- :mod:`lightning_batch.noise` measures the gradient noise scale, as often as a share of the fit's
+- :mod:`lightning_batch.plugin.memory` finds the largest batch that fits (once, when training starts);
+- :mod:`lightning_batch.plugin.noise` measures the gradient noise scale, as often as a share of the fit's
   time allows (``measure_budget``, 2%) or every ``measure_every`` steps;
-- :mod:`lightning_batch.policy` decides, every ``adjust_every`` steps, the batch size and the lr
+- :mod:`lightning_batch.plugin.policy` decides, every ``adjust_every`` steps, the batch size and the lr
   multiplier that go with it.
 
 It then writes the decision where the training reads it: the batch size into the
-:class:`~lightning_batch.sampler.ResizableBatchSampler` (mid-epoch; the Trainer is told the
+:class:`~lightning_batch.plugin.sampler.ResizableBatchSampler` (mid-epoch; the Trainer is told the
 epoch's new length, see :func:`sync_epoch_length`), the lr into the optimizer's param groups and
 the schedulers' base lrs.
 
@@ -46,30 +46,30 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_batch import defaults
-from lightning_batch._lightning_compat import (
+from lightning_batch.plugin import defaults
+from lightning_batch.plugin._lightning_compat import (
     replace_train_dataloader,
     restart_train_iterator,
     scale_scheduler_lrs,
     sync_epoch_length,
 )
-from lightning_batch.cadence import (
+from lightning_batch.plugin.cadence import (
     WARMUP_DECISIONS,
     DecisionCadence,
     MeasurementBudget,
     effective_ceiling,
 )
-from lightning_batch.memory import MemoryProbeResult, probe_training_ceiling, resident_bytes
-from lightning_batch.noise import NoiseMeter, NoiseScaleEMA
-from lightning_batch.policy import (
+from lightning_batch.plugin.loader import UnsupportedLoaderError, make_resizable
+from lightning_batch.plugin.memory import MemoryProbeResult, probe_training_ceiling, resident_bytes
+from lightning_batch.plugin.noise import NoiseMeter, NoiseScaleEMA
+from lightning_batch.plugin.policy import (
     BatchPolicy,
     BatchSizeController,
     Decision,
     PolicyContext,
     make_policy,
 )
-from lightning_batch.resizable_loader import UnsupportedLoaderError, make_resizable
-from lightning_batch.sampler import ResizableBatchSampler
+from lightning_batch.plugin.sampler import ResizableBatchSampler
 
 __all__ = ["DynamicBatchSize", "sync_epoch_length"]
 
@@ -106,13 +106,13 @@ class DynamicBatchSize(Callback):
     Args:
         policy: ``fixed``, ``memory`` (largest that fits), ``noise`` (``k × B_noise``), ``goodput``
             (Pollux: throughput × statistical efficiency) or ``schedule`` (grow at milestones); or a
-            :class:`~lightning_batch.policy.BatchPolicy` object of your own (give it ``times_steps =
+            :class:`~lightning_batch.plugin.policy.BatchPolicy` object of your own (give it ``times_steps =
             True`` if it reads the throughput model, so it gets ``min_timed_steps`` timed steps a size).
         lr_rule: how lr follows the batch: ``none``, ``linear``, ``sqrt`` or ``adascale``.
         min_batch, max_batch: bounds of the batch size (global, all ranks together).
         multiple: round batch sizes to a multiple of this (sizes below it stay allowed).
         adjust_every: decide every N optimizer steps (sooner when a quarter epoch of rows went by);
-            see :mod:`lightning_batch.cadence` for the exact steps.
+            see :mod:`lightning_batch.plugin.cadence` for the exact steps.
         min_timed_steps: the ``goodput`` policy's steps timed at a batch size before it decides
             again (its throughput model fits step times; fewer make it noisier). Decisions then come
             every ``max(adjust_every, min_timed_steps)`` steps, said once in a warning when that is
@@ -131,13 +131,13 @@ class DynamicBatchSize(Callback):
         ema_decay: decay per measurement of the EMAs of ``|G|²`` and ``tr(Σ)`` (their ratio is the
             noise scale), with ``noise_window=0``.
         noise_window: the EMAs' half-life as a share of the samples seen so far (see
-            :class:`~lightning_batch.noise.NoiseScaleEMA`), at least 8 start batches.
+            :class:`~lightning_batch.plugin.noise.NoiseScaleEMA`), at least 8 start batches.
         noise_k: the ``noise`` policy's multiple of ``B_noise``.
         explore_factor: ``goodput`` tries ``B × explore_factor`` once, to time a second size (only
             without the memory probe: the probe's timed trial steps give the throughput model its
             slope, so the first decision can already jump).
         min_efficiency: ``goodput`` keeps to batches whose statistical efficiency is at least
-            this (see :class:`~lightning_batch.policy.GoodputPolicy`); 0: no bound.
+            this (see :class:`~lightning_batch.plugin.policy.GoodputPolicy`); 0: no bound.
         max_lr_scale: the lr rule's multiplier is capped at this (near the optimum AdaScale
             scales the lr linearly with the batch, the noise floor stops falling and the loss
             can diverge; capped, a larger batch lowers the floor instead).
@@ -147,7 +147,7 @@ class DynamicBatchSize(Callback):
         accumulate: a batch a policy wants beyond the memory ceiling runs as accumulated
             micro-batches of at most the ceiling's rows (as AdaptDL does), one optimizer step on
             the whole batch, instead of being capped at the ceiling. Needs a module that splits
-            its step into passes of ``max_rows_per_pass`` rows (:class:`~lightning_batch.module.TaskModule`
+            its step into passes of ``max_rows_per_pass`` rows (:class:`~lightning_batch.tabular.task_module.TaskModule`
             does; the callback sets the attribute); other modules, and the ``memory`` policy (the
             largest batch that fits), are capped at the ceiling.
         memory_budget: share of memory the probe may plan for (of free device memory on CUDA, of
@@ -311,7 +311,7 @@ class DynamicBatchSize(Callback):
 
     def _adopt_train_loader(self, trainer: pl.Trainer) -> ResizableBatchSampler:
         """The training loader's resizable sampler: the one it has (TabularDataModule's, or the user's
-        own), else the loader rebuilt on one (see :mod:`lightning_batch.resizable_loader`). From
+        own), else the loader rebuilt on one (see :mod:`lightning_batch.plugin.loader`). From
         here on this callback reports the trained batches, so the sampler's saved position is right
         whatever the loader fetches ahead."""
         loader = trainer.train_dataloader

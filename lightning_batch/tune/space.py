@@ -17,7 +17,7 @@ dynamic policy starts (B0, where ``lr`` applies). So a study with the default sp
 sizing the batch during training beats the best fixed size, on one lr × batch-size plane.
 
 Each bound and each choice is checked as the option itself would be (``policy`` names come from
-:mod:`lightning_batch.policy`), so a space that cannot run fails before the first trial.
+:mod:`lightning_batch.plugin.policy`), so a space that cannot run fails before the first trial.
 
 Example:
     >>> space = parse_space({"lr": {"low": 0.001, "high": 0.1, "log": True}, "policy": ["fixed", "goodput"]})
@@ -227,7 +227,7 @@ class TuneConfig:
     sampler: str = "tpe"
     pruner: str = "median"
     space: dict[str, Any] | None = None
-    """The search space mapping (see :mod:`lightning_batch.search_space`); None: the default."""
+    """The search space mapping (see :mod:`lightning_batch.tune.space`); None: the default."""
     retrain: str = "as-is"
     """After the search, refit the best configuration ``as-is`` (train split) or on ``train+val``, and
     test it once; ``none`` skips it."""

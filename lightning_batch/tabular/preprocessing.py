@@ -1,7 +1,7 @@
 """The fitted preprocessing of the tabular path: median imputation, one-hot encoding, scaling.
 
 Fit on the training split only (:meth:`Preprocessor.fit`) and applied to every split and, later, to
-new rows by the logged MLflow model (:mod:`lightning_batch.model_export`). It needs NumPy and pandas
+new rows by the logged MLflow model (:mod:`lightning_batch.tracking.run_model`). It needs NumPy and pandas
 only, not Lightning, so a process that only predicts imports it in a fraction of the time the
 training path takes.
 
@@ -60,7 +60,7 @@ class Preprocessor:
         level_stats: list[np.ndarray] = []
         for name in train.columns:
             column = train[name]
-            if _is_numeric_column(column):
+            if is_numeric_column(column):
                 values = _numbers(column, rows)  # float64, NaN where missing or ±inf
                 missing = np.isnan(values)
                 if missing.all():
@@ -199,5 +199,5 @@ def _scale_into(out: np.ndarray, values: np.ndarray, mean: np.ndarray, scale: np
     out[...] = values
 
 
-def _is_numeric_column(column: pd.Series) -> bool:
+def is_numeric_column(column: pd.Series) -> bool:
     return pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)

@@ -4,7 +4,7 @@
 URI (``models:/NAME@champion``, ``models:/NAME/3``, ``models:/m-...``, ``runs:/RUN_ID/model``) or a
 local folder holding an ``MLmodel``. The model is loaded with ``mlflow.pyfunc.load_model``, the file
 read as training read it (pandas' CSV parser, or Parquet), checked against the model's raw input
-columns and predicted by the model's own code (:func:`~lightning_batch.model_export.predict_frame`),
+columns and predicted by the model's own code (:func:`~lightning_batch.tracking.run_model.predict_frame`),
 so the numbers are those of ``load_model(uri).predict(frame)`` and of ``mlflow models serve``.
 
 Bad input is one :class:`~lightning_batch.errors.UserError` line, raised before anything is
@@ -72,7 +72,7 @@ def resolve_model_uri(target: str, tracking_uri: str) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from lightning_batch.model_export import run_model_id
+    from lightning_batch.tracking.run_model import run_model_id
 
     client = MlflowClient(tracking_uri)
     try:
@@ -112,7 +112,7 @@ def load_model(model_uri: str, tracking_uri: str) -> tuple[Any, Any]:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    from lightning_batch.model_export import TabularPyfuncModel, quiet_mlflow
+    from lightning_batch.tracking.run_model import TabularPyfuncModel, quiet_mlflow
 
     with tempfile.TemporaryDirectory() as tmp, quiet_mlflow(), _use_tracking_uri(tracking_uri):
         try:
@@ -162,10 +162,10 @@ def conform(
     count of empty cells (to be imputed).
 
     A required column that is missing, or a numeric one holding text, is a UserError. Then the columns
-    are cast as the input example was (:func:`~lightning_batch.model_export.cast_to_inputs`): numbers
+    are cast as the input example was (:func:`~lightning_batch.tracking.run_model.cast_to_inputs`): numbers
     as float64 (NaN where empty), text as Python strings (None where empty).
     """
-    from lightning_batch.model_export import (
+    from lightning_batch.tracking.run_model import (
         NUMERIC_TYPES,
         NotNumbersError,
         cast_to_inputs,

@@ -1,7 +1,7 @@
 """The terminal's view of a fit: Lightning's TQDM bar with the batch size, lr and noise scale.
 
 The values are read when the bar refreshes (every ``refresh_rate`` steps), from state the module
-and :class:`~lightning_batch.callback.DynamicBatchSize` keep anyway: no extra ``self.log`` per
+and :class:`~lightning_batch.plugin.callback.DynamicBatchSize` keep anyway: no extra ``self.log`` per
 step and no host sync.
 
 Example:
@@ -18,7 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from lightning_batch.callback import DynamicBatchSize
+from lightning_batch.plugin.callback import DynamicBatchSize
 
 
 class BatchProgressBar(TQDMProgressBar):

@@ -3,7 +3,7 @@
 A table whose prepared matrix would not fit a share of the available memory
 (``--data-memory-budget``, default 0.25 of it), or any table with ``--data-cache DIR``, is prepared
 once, written here, and trained from these files: ``np.load(mmap_mode="c")`` → ``torch.from_numpy``
-→ the same :class:`~lightning_batch.data.TensorTableDataset` and resizable sampler. A batch is
+→ the same :class:`~lightning_batch.tabular.tables.TensorTableDataset` and resizable sampler. A batch is
 gathered from the page cache, so a table larger than RAM trains with the anonymous memory of a
 batch, not of the table (the file-backed pages are the OS's to drop under pressure).
 
@@ -27,7 +27,7 @@ once its process is gone). A file found short or damaged on load is moved aside 
 Processes preparing the same key at once (Optuna workers, DDP ranks) queue on a lock file: one
 prepares, the others read what it wrote.
 
-This module knows files and arrays only; :func:`lightning_batch.data.prepare_data` decides what
+This module knows files and arrays only; :func:`lightning_batch.tabular.prepare.prepare_data` decides what
 goes in and turns the arrays back into datasets.
 """
 
@@ -71,7 +71,7 @@ _TMP_PREFIX = ".tmp-"
 def default_cache_dir(tracking_uri: str | None) -> Path:
     """``data-cache/`` beside the MLflow sqlite database (``mlruns/data-cache`` by default); for
     another store (a server, PostgreSQL) ``mlruns/data-cache`` under the working directory."""
-    from lightning_batch.tracking import resolve_tracking_uri, sqlite_path
+    from lightning_batch.store_uri import resolve_tracking_uri, sqlite_path
 
     db = sqlite_path(resolve_tracking_uri(tracking_uri))
     return (db.parent if db is not None else Path("mlruns")) / CACHE_FOLDER
@@ -79,7 +79,7 @@ def default_cache_dir(tracking_uri: str | None) -> Path:
 
 def available_memory() -> int:
     """Bytes of RAM available to new allocations now (MemAvailable)."""
-    from lightning_batch.memory import _available_memory
+    from lightning_batch.plugin.memory import _available_memory
 
     return _available_memory()
 
@@ -128,6 +128,17 @@ def cache_for(cfg: RunConfig) -> TableCache | None:
     return TableCache(folder, cache_key(cfg), over_budget=over, budget=budget)
 
 
+#: The modules whose code makes the prepared tables: a change to any of them makes new tables.
+PREPARATION_CODE = (
+    "sources.py",
+    "cleaning.py",
+    "splitting.py",
+    "preprocessing.py",
+    "prepare.py",
+    "streaming.py",
+    "tables.py",
+)
+
 # -- the key --------------------------------------------------------------------------------------------
 
 
@@ -159,10 +170,9 @@ def source_identity(cfg: RunConfig) -> dict[str, Any]:
 
 def cache_key(cfg: RunConfig) -> dict[str, Any]:
     """Everything the prepared tables depend on (hashed into the folder name, kept in meta.json)."""
-    # The preparation lives in two files (the fitted preprocessing in its own, Lightning-free one).
     code = {
         name: hashlib.sha256(Path(__file__).with_name(name).read_bytes()).hexdigest()[:16]
-        for name in ("data.py", "preprocessing.py")
+        for name in PREPARATION_CODE
     }
     return {
         "format": FORMAT,
@@ -361,7 +371,7 @@ class TableCache:
 
 
 def _release_heap() -> None:
-    from lightning_batch.memory import _release_free_memory
+    from lightning_batch.plugin.memory import _release_free_memory
 
     _release_free_memory()
     if "pyarrow" in sys.modules:

@@ -497,13 +497,13 @@ class MemoryProbeResult:
 
     def seconds_per_row(self) -> float | None:
         """The slope of the trial steps' time against their rows (least squares on relative errors,
-        through :class:`~lightning_batch.policy.ThroughputModel`), or None with fewer than two sizes.
+        through :class:`~lightning_batch.plugin.policy.ThroughputModel`), or None with fewer than two sizes.
 
         >>> r = MemoryProbeResult(64, step_seconds=[(8, 0.0108), (64, 0.0164), (512, 0.0612)])
         >>> round(r.seconds_per_row() * 1e4, 3)  # 0.1 ms a row
         1.0
         """
-        from lightning_batch.policy import ThroughputModel  # plain Python, no import cycle
+        from lightning_batch.plugin.policy import ThroughputModel  # plain Python, no import cycle
 
         model = ThroughputModel(max_sizes=max(2, len(self.step_seconds)))
         for batch, seconds in self.step_seconds:

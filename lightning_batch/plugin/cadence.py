@@ -1,4 +1,4 @@
-"""When :class:`~lightning_batch.callback.DynamicBatchSize` decides, and the numbers a resize writes.
+"""When :class:`~lightning_batch.plugin.callback.DynamicBatchSize` decides, and the numbers a resize writes.
 
 The callback is glue between the Trainer and the policy; the arithmetic of that glue lives here,
 free of Lightning, so it can be tested (and mutation-tested) without a Trainer:
@@ -7,7 +7,7 @@ free of Lightning, so it can be tested (and mutation-tested) without a Trainer:
 - :func:`effective_ceiling`: the largest batch a decision may choose, from the memory probe, the
   out-of-memory recoveries and the size of the data;
 - :func:`epoch_steps`: how many steps the current epoch has after a mid-epoch resize, which the
-  Trainer must be told (see :func:`lightning_batch.callback.sync_epoch_length`).
+  Trainer must be told (see :func:`lightning_batch.plugin.callback.sync_epoch_length`).
 
 The documented cadence: a decision falls at the end of the step where at least ``adjust_every``
 steps went by since the previous decision, or sooner, once a quarter of an epoch's rows went by
@@ -16,7 +16,7 @@ steps went by since the previous decision, or sooner, once a quarter of an epoch
 policies need no timings and use ``min_steps=1``). With ``warmup=W``, the first ``W`` decisions
 come sooner: the k-th (from 0) after ``adjust_every`` and ``min_steps`` divided by ``2**(W - k)``
 (at least 1): the first few dozen steps carry the most information per second, and a batch that
-should grow is worth growing early. :class:`~lightning_batch.callback.DynamicBatchSize` uses
+should grow is worth growing early. :class:`~lightning_batch.plugin.callback.DynamicBatchSize` uses
 ``warmup=2`` (:data:`WARMUP_DECISIONS`): with the defaults, decisions after 5, 10, then every 20 steps.
 
 Example:
@@ -44,7 +44,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the config imports this module's defaults and must not pull in torch
-    from lightning_batch.sampler import ResizableBatchSampler
+    from lightning_batch.plugin.sampler import ResizableBatchSampler
 
 #: Steps the ``goodput`` policy times at a batch size before it decides again (its default).
 GOODPUT_MIN_TIMED_STEPS = 20
@@ -157,7 +157,7 @@ def epoch_steps(sampler: ResizableBatchSampler, limit_train_batches: int | float
     already drawn has exactly the steps it took. ``limit_train_batches`` is the Trainer's option:
     an int caps the steps, a fraction below 1 takes that share (at least one step).
 
-    >>> from lightning_batch.sampler import ResizableBatchSampler
+    >>> from lightning_batch.plugin.sampler import ResizableBatchSampler
     >>> sampler = ResizableBatchSampler(100, batch_size=10, shuffle=False)
     >>> batches = iter(sampler)
     >>> _ = [next(batches) for _ in range(3)]  # 30 rows taken in 3 steps

@@ -31,7 +31,7 @@ from lightning_batch.config import UserError
 
 # MLflow draws a download bar per artifact; a report reads two small files.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-from lightning_batch.policy import BatchGrid, ThroughputModel, goodput_argmax
+from lightning_batch.plugin.policy import BatchGrid, ThroughputModel, goodput_argmax
 
 
 @dataclass

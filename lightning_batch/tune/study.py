@@ -14,7 +14,7 @@ Why each piece:
 - RDB storages get a heartbeat: a worker that dies (SIGKILL, lost machine) leaves a trial whose
   heartbeat goes stale; the next worker to start a trial marks it FAIL, ends its MLflow run FAILED and
   queues a retry with the same parameters (:class:`StaleTrialRetry`);
-- workers on one machine are separate processes (``python -m lightning_batch.tuning``), so a crash
+- workers on one machine are separate processes (``python -m lightning_batch.tune.study``), so a crash
   in one cannot take the others down, and each is given its share of the CPU threads and, when the
   trials would train on GPUs, its own GPU: worker i of K sees GPU i mod n of the n visible
   (``CUDA_VISIBLE_DEVICES``, see :func:`worker_environment`).
@@ -51,19 +51,15 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from lightning_batch import data_cache, hardware
+from lightning_batch import placement as hardware
 from lightning_batch._extras import check, extra_imports
 from lightning_batch.config import RunConfig
 from lightning_batch.errors import UserError
-from lightning_batch.run_owners import claim_run, owner_tags, reap_quietly
-from lightning_batch.search_space import ParamSpec, TuneConfig, apply_params, parse_space
-from lightning_batch.store_uri import redact
-from lightning_batch.tracking import (
-    ensure_store,
-    get_or_create_experiment,
-    resolve_tracking_uri,
-    sqlite_path,
-)
+from lightning_batch.store_uri import redact, resolve_tracking_uri, sqlite_path
+from lightning_batch.tabular import cache as data_cache
+from lightning_batch.tracking.run_owners import claim_run, owner_tags, reap_quietly
+from lightning_batch.tracking.store import ensure_store, get_or_create_experiment
+from lightning_batch.tune.space import ParamSpec, TuneConfig, apply_params, parse_space
 
 with extra_imports("tune", "Optuna tuning"):
     import optuna
@@ -427,7 +423,7 @@ def run_worker(base: RunConfig, options: TuneConfig, worker: int, quota: int, ec
 
 
 def _worker_command(spec_path: Path, worker: int, quota: int) -> list[str]:
-    return [sys.executable, "-m", "lightning_batch.tuning", str(spec_path), str(worker), str(quota)]
+    return [sys.executable, "-m", "lightning_batch.tune.study", str(spec_path), str(worker), str(quota)]
 
 
 def worker_environment(
@@ -442,7 +438,7 @@ def worker_environment(
     """The environment worker ``worker`` (0-based) of ``workers`` is started with.
 
     Each gets ``cpus // workers`` threads (at least one). Given ``gpus`` (``CUDA_VISIBLE_DEVICES``
-    entries, :func:`lightning_batch.hardware.visible_gpus`), worker i sees ``gpus_per_worker`` of
+    entries, :func:`lightning_batch.placement.visible_gpus`), worker i sees ``gpus_per_worker`` of
     them starting at entry ``i * gpus_per_worker`` mod n: with one device per trial, worker i gets
     GPU i mod n, and more workers than GPUs share them round-robin. Without ``gpus`` the parent's
     ``CUDA_VISIBLE_DEVICES`` (set or not) passes through unchanged.
@@ -455,7 +451,7 @@ def worker_environment(
     """
     threads = max(1, cpus // workers)
     env = {**parent, "OMP_NUM_THREADS": str(threads), "LIGHTNING_BATCH_THREADS": str(threads)}
-    package_root = str(Path(__file__).resolve().parent.parent)
+    package_root = str(Path(__file__).resolve().parents[2])  # the folder holding lightning_batch/
     env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop(WORKER_GPUS_ENV, None)
     if gpus:
@@ -683,7 +679,7 @@ def tune(base: RunConfig, options: TuneConfig, echo: Echo = print) -> TuneResult
     """Run (or resume) a study: trials as child runs, then the summary and the best config's refit."""
     from mlflow import MlflowClient
 
-    from lightning_batch.data import TabularDataModule
+    from lightning_batch.tabular.datamodule import TabularDataModule
     from lightning_batch.training import quiet_lightning
 
     started = time.perf_counter()
@@ -765,7 +761,7 @@ def tune(base: RunConfig, options: TuneConfig, echo: Echo = print) -> TuneResult
 
 
 def _worker_main(argv: list[str]) -> int:
-    """``python -m lightning_batch.tuning SPEC.json WORKER QUOTA``: one worker process."""
+    """``python -m lightning_batch.tune.study SPEC.json WORKER QUOTA``: one worker process."""
     spec_path, worker, quota = argv[0], int(argv[1]), int(argv[2])
     spec = json.loads(Path(spec_path).read_text())
     threads = os.environ.get("LIGHTNING_BATCH_THREADS")

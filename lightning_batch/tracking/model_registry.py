@@ -154,7 +154,7 @@ def register_run(
     """Register run ``run_id``'s logged model; its ``best_val_loss`` unless ``val_loss`` is given."""
     from mlflow import MlflowClient
 
-    from lightning_batch.model_export import run_model_id
+    from lightning_batch.tracking.run_model import run_model_id
 
     client = MlflowClient(tracking_uri)
     run = client.get_run(run_id)

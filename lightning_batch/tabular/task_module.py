@@ -1,8 +1,8 @@
 """``TaskModule``: one LightningModule for regression (MSE) and classification (cross-entropy).
 
-It wraps any plain model from :mod:`lightning_batch.models` (or your own ``nn.Module``), owns the
+It wraps any plain model from :mod:`lightning_batch.tabular.networks` (or your own ``nn.Module``), owns the
 loss, the metrics and the optimizer, and keeps the learning rate in the optimizer's param groups,
-where a callback such as :class:`~lightning_batch.callback.DynamicBatchSize` can change it.
+where a callback such as :class:`~lightning_batch.plugin.callback.DynamicBatchSize` can change it.
 
 A training step reads top to bottom: zero the gradients, forward, loss, backward, clip, step.
 Optimization is *manual* (``automatic_optimization = False``) for two reasons: Lightning's
@@ -13,7 +13,7 @@ numbers go to the logger's buffer every ``log_every`` steps, not through ``self.
 Example:
     >>> import torch, lightning.pytorch as pl
     >>> from torch.utils.data import DataLoader, TensorDataset
-    >>> from lightning_batch.models import LinearRegression
+    >>> from lightning_batch.tabular.networks import LinearRegression
     >>> module = TaskModule(LinearRegression(3), task="regression", lr=0.1)
     >>> x = torch.randn(1280, 3); y = x.sum(1, keepdim=True)
     >>> loader = DataLoader(TensorDataset(x, y), batch_size=64)
@@ -38,8 +38,8 @@ import torchmetrics
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_batch.augment import Augmenter
-from lightning_batch.gradient_health import GradientRatioAlarm, LayerGradNorms
+from lightning_batch.tabular.augment import Augmenter
+from lightning_batch.tabular.gradient_health import GradientRatioAlarm, LayerGradNorms
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class TaskModule(pl.LightningModule):
             is for automatic optimization only).
         grad_ratio_limit: warn (once, in the terminal and as the run's ``gradient_warning`` tag)
             when the first/last layer gradient-norm ratio stays outside ``[1/limit, limit]`` for 3
-            log intervals: vanishing or exploding gradients (see :mod:`lightning_batch.gradient_health`).
+            log intervals: vanishing or exploding gradients (see :mod:`lightning_batch.tabular.gradient_health`).
         on_nan: a non-finite training loss ``fail``s the run (:class:`NonFiniteLossError`, with the
             step), or ``skip``s the step and halves the lr (counted in ``nan_skips``; at most
             :data:`MAX_CONSECUTIVE_NAN_SKIPS` in a row are skipped, the next one fails the run).

@@ -67,7 +67,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_batch import defaults
+from lightning_batch.plugin import defaults
 
 __all__ = [
     "GradNoiseStats",

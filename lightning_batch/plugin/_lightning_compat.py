@@ -15,8 +15,8 @@ from lightning.fabric.utilities.data import _reinstantiate_wrapped_cls, _replace
 from lightning.pytorch.utilities.data import _get_dataloader_init_args_and_kwargs
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
-from lightning_batch.cadence import epoch_steps
-from lightning_batch.sampler import ResizableBatchSampler
+from lightning_batch.plugin.cadence import epoch_steps
+from lightning_batch.plugin.sampler import ResizableBatchSampler
 
 
 def sync_epoch_length(trainer: pl.Trainer, sampler: ResizableBatchSampler) -> None:

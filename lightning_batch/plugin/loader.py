@@ -1,7 +1,7 @@
 """Turn a user's map-style ``DataLoader`` into one whose batch size can change mid-epoch.
 
 ``DynamicBatchSize`` calls :func:`make_resizable` when a fit starts on a loader that does not
-already use a :class:`~lightning_batch.sampler.ResizableBatchSampler`. What the user's loader
+already use a :class:`~lightning_batch.plugin.sampler.ResizableBatchSampler`. What the user's loader
 says is kept: its order (``shuffle=True`` gives a new seeded permutation each epoch,
 ``shuffle=False`` the dataset's order), its batch size (per device, as in Lightning: the global
 batch is that times the number of ranks), ``drop_last``, and, through Lightning's own
@@ -30,8 +30,8 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
-from lightning_batch._lightning_compat import with_batch_sampler
-from lightning_batch.sampler import ResizableBatchSampler
+from lightning_batch.plugin._lightning_compat import with_batch_sampler
+from lightning_batch.plugin.sampler import ResizableBatchSampler
 
 SUPPORTED = (
     "a map-style dataset with DataLoader(batch_size=N, shuffle=True|False), optionally drop_last, "
