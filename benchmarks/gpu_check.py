@@ -58,7 +58,8 @@ from lightning.pytorch.callbacks import BatchSizeFinder, Callback  # noqa: E402
 
 from lightning_batch.config import RunConfig  # noqa: E402
 from lightning_batch.plugin.callback import DynamicBatchSize  # noqa: E402
-from lightning_batch.plugin.memory import CudaMemoryMeter, probe_training_ceiling  # noqa: E402
+from lightning_batch.plugin.memory import CudaMemoryMeter  # noqa: E402
+from lightning_batch.plugin.probe import probe_training_ceiling  # noqa: E402
 from lightning_batch.tabular.datamodule import TabularDataModule  # noqa: E402
 from lightning_batch.tabular.networks import build_model  # noqa: E402
 from lightning_batch.tabular.task_module import TaskModule  # noqa: E402

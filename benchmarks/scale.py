@@ -206,7 +206,7 @@ def measure_size(data: str, batch_size: int, workdir: Path, threads: int) -> dic
     def fit() -> None:
         dm = TabularDataModule(cfg)
         dm.prepared = state["prepared"]  # setup() keeps what is there
-        dm.config.task = dm.prepared.task
+        dm.config = dm.config.replace(task=dm.prepared.task)
         module = build_module(cfg, dm)
         trainer = pl.Trainer(
             max_epochs=1,

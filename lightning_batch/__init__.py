@@ -25,6 +25,7 @@ _EXPORTS = {
     "ResizableBatchSampler": "lightning_batch.plugin.sampler",
     "TaskModule": "lightning_batch.tabular.task_module",
     "DynamicBatchSize": "lightning_batch.plugin.callback",
+    "BatchSizeOptions": "lightning_batch.plugin.options",
     "build_model": "lightning_batch.tabular.networks",
     "train": "lightning_batch.training",
     "TuneConfig": "lightning_batch.tune.space",

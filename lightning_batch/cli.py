@@ -16,6 +16,7 @@ imports this module.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shlex
@@ -27,24 +28,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lightning_batch._extras import MissingExtraError, check
-from lightning_batch.config import (
-    ACCELERATORS,
-    ACTIVATIONS,
-    INITS,
-    LR_RULES,
-    LR_SCHEDULES,
-    MODELS,
-    ON_NAN,
-    OPTIMIZERS,
-    POLICIES,
-    PRECISIONS,
-    STRATEGIES,
-    TASKS,
-    RunConfig,
-    load_yaml_config,
-)
+from lightning_batch.config import RunConfig, load_yaml_config
 from lightning_batch.errors import UserError
-from lightning_batch.tune.space import PRUNERS, RETRAIN_MODES, SAMPLERS, TuneConfig, parse_space
+from lightning_batch.plugin.checks import FLAG
+from lightning_batch.plugin.options import OptionInfo, default_of, option_fields
+from lightning_batch.tune.space import TuneConfig, parse_space
 
 EXIT_BAD_INPUT = 2
 
@@ -84,217 +72,56 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
+#: The order of the help's sections.
+HELP_GROUPS = ("data", "model", "optimisation", "batch size", "hardware", "tracking", "study")
+#: Python's annotation -> how argparse reads the flag (the options' own checks do the rest).
+_NUMBER_TYPES = {"int": int, "float": float}
+
+
+def _argparse_kwargs(f: dataclasses.Field[Any], info: OptionInfo) -> dict[str, Any]:
+    """How argparse reads the flag of a declared option, from its annotation, default and help."""
+    annotation = str(f.type).replace(" ", "")
+    kinds = [part for part in annotation.split("|") if part != "None"]
+    kwargs: dict[str, Any] = {"dest": f.name}
+    if kinds == ["bool"]:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif annotation.startswith(("list[", "tuple[")):
+        kwargs["nargs"] = "+"
+        item = annotation.split("[", 1)[1].split(",")[0].rstrip("]")
+        if item in _NUMBER_TYPES:
+            kwargs["type"] = _NUMBER_TYPES[item]
+    elif len(kinds) == 1 and kinds[0] in _NUMBER_TYPES:
+        kwargs["type"] = _NUMBER_TYPES[kinds[0]]
+    names = info.names()
+    if names:
+        kwargs["metavar"] = "|".join(names)
+    default = default_of(f)
+    shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+    kwargs["help"] = info.help.replace("%", "%%") + (
+        f" (default {shown})" if shown not in (None, "", ()) and kinds != ["bool"] else ""
+    )
+    return kwargs
+
+
+def add_option_flags(parser: argparse.ArgumentParser, options: Any) -> None:
+    """One flag per declared option of dataclass ``options`` (``--adjust-every``), in its help group."""
+    declared = [(f, info) for f, info in option_fields(options) if info.cli]
+    order = [g for g in HELP_GROUPS if any(info.group == g for _, info in declared)]
+    groups = {name: parser.add_argument_group(name) for name in order}
+    for f, info in declared:
+        group = groups.get(info.group) or groups.setdefault(info.group, parser.add_argument_group(info.group))
+        group.add_argument(info.flag or FLAG.name(f.name), **_argparse_kwargs(f, info))
+
+
 def _train_arguments(parser: argparse.ArgumentParser, resumable: bool = True) -> None:
-    """The run options; every default comes from RunConfig (so YAML can sit under the flags)."""
-    from lightning_batch.plugin import defaults as d  # the defaults the help texts quote
-
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--data",
-        help="bundled (diabetes, digits, breast_cancer, wine, iris), "
-        "synthetic-regression, synthetic-classification, or a .csv/.parquet path",
-    )
-    data.add_argument("--target", help="target column of a CSV/Parquet file")
-    data.add_argument("--task", metavar="|".join(TASKS), help="inferred from the data when omitted")
-    data.add_argument("--rows", type=int, help="rows of synthetic data")
-    data.add_argument("--features", type=int, help="features of synthetic data")
-    data.add_argument("--noise", type=float, help="label noise of synthetic-regression")
-    data.add_argument("--correlation", type=float, help="AR(1) correlation of synthetic features")
-    data.add_argument("--classes", type=int, help="classes of synthetic-classification")
-    data.add_argument("--val-fraction", type=float)
-    data.add_argument("--test-fraction", type=float)
-    data.add_argument(
-        "--max-categories", type=int, help="most levels a text feature may have to be one-hot encoded"
-    )
-    data.add_argument(
-        "--no-shuffle", dest="shuffle", action="store_false", help="train in the file's row order"
-    )
-    data.add_argument(
-        "--data-cache",
-        metavar="DIR",
-        help="prepare the tables once into memory-mapped files in DIR, reused by later runs and trials "
-        "(default: only for tables over --data-memory-budget, beside the MLflow store)",
-    )
-    data.add_argument(
-        "--data-memory-budget",
-        type=float,
-        help="share of available RAM the prepared tables may take in memory "
-        f"(default {RunConfig.data_memory_budget}); "
-        "larger ones train from the data cache",
-    )
-
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", metavar="|".join(MODELS))
-    model.add_argument("--hidden", type=int, nargs="+", help="MLP hidden widths, e.g. --hidden 64 64")
-    model.add_argument(
-        "--channels", type=int, nargs="+", help="CNN conv-block channels, e.g. --channels 16 32"
-    )
-    model.add_argument("--activation", metavar="|".join(ACTIVATIONS))
-    model.add_argument("--dropout", type=float)
-    model.add_argument("--init", metavar="|".join(INITS))
-
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--batch-size", help="N (mini-batch), 1 (SGD), full (full-batch GD) or auto (adapts)")
-    optim.add_argument(
-        "--policy", metavar="|".join(POLICIES), help="how the batch size moves (auto: goodput)"
-    )
-    optim.add_argument("--lr-rule", metavar="|".join(LR_RULES), help="how lr follows the batch size")
-    optim.add_argument("--base-batch", type=int, help="where --batch-size auto starts")
-    optim.add_argument(
-        "--min-batch", type=int, help=f"smallest batch a policy may choose (default {d.MIN_BATCH})"
-    )
-    optim.add_argument("--max-batch", type=int)
-    optim.add_argument(
-        "--multiple", type=int, help=f"round batch sizes to a multiple of N (default {d.MULTIPLE}; 1: off)"
-    )
-    optim.add_argument(
-        "--memory-budget",
-        type=float,
-        help=f"share of free memory the batch may use (0-1], default {d.MEMORY_BUDGET}",
-    )
-    optim.add_argument(
-        "--no-probe-memory",
-        dest="probe_memory",
-        action="store_false",
-        help="skip the memory probe at the start (only --max-batch bounds the batch)",
-    )
-    optim.add_argument(
-        "--no-accumulate",
-        dest="accumulate",
-        action="store_false",
-        help="cap the batch at the memory ceiling instead of training a larger one in micro-batches",
-    )
-    optim.add_argument(
-        "--adjust-every", type=int, help=f"reconsider the batch size every N steps (default {d.ADJUST_EVERY})"
-    )
-    optim.add_argument(
-        "--min-timed-steps",
-        type=int,
-        help=f"goodput: steps timed at a batch size before it decides again (default {d.MIN_TIMED_STEPS})",
-    )
-    optim.add_argument(
-        "--measure-every",
-        type=int,
-        help="measure the gradient noise scale every N steps (default 0: as often as --measure-budget allows)",
-    )
-    optim.add_argument(
-        "--measure-budget",
-        type=float,
-        help=f"share of the fit's time noise measurements may take (default {d.MEASURE_BUDGET})",
-    )
-    optim.add_argument(
-        "--noise-window",
-        type=float,
-        help=f"noise EMAs' half-life as a share of the samples seen (default {d.NOISE_WINDOW}; 0: --ema-decay)",
-    )
-    optim.add_argument(
-        "--min-efficiency",
-        type=float,
-        help=f"goodput: only batches of at least this statistical efficiency (default {d.MIN_EFFICIENCY})",
-    )
-    optim.add_argument(
-        "--max-lr-scale",
-        type=float,
-        help=f"cap of the lr rule's multiplier of --lr (default {d.MAX_LR_SCALE})",
-    )
-    optim.add_argument(
-        "--hysteresis",
-        type=float,
-        help=f"resize only for a predicted gain above this (default {d.HYSTERESIS})",
-    )
-    optim.add_argument(
-        "--ema-decay", type=float, help=f"decay of the noise-scale EMAs, in [0, 1) (default {d.EMA_DECAY})"
-    )
-    optim.add_argument("--noise-k", type=float, help=f"noise: train at K x B_noise (default {d.NOISE_K})")
-    optim.add_argument(
-        "--explore-factor",
-        type=float,
-        help=f"goodput: time B x F once to fit its throughput model (default {d.EXPLORE_FACTOR})",
-    )
-    optim.add_argument(
-        "--milestones", type=int, nargs="+", help="epochs where --policy schedule grows the batch"
-    )
-    optim.add_argument(
-        "--schedule-factor",
-        type=float,
-        help=f"schedule: batch growth at each milestone (default {d.SCHEDULE_FACTOR})",
-    )
-    optim.add_argument(
-        "--fallback-microbatches",
-        type=int,
-        help=f"micro-batches measuring layers the per-example hooks miss (default {d.FALLBACK_MICROBATCHES})",
-    )
-    optim.add_argument(
-        "--fallback-every",
-        type=int,
-        help=f"measure those micro-batches every N steps (default {d.FALLBACK_EVERY})",
-    )
-    optim.add_argument(
-        "--lr", type=float, help="learning rate at the start batch (default 0.01; 0.1 for cnn)"
-    )
-    optim.add_argument("--optimizer", metavar="|".join(OPTIMIZERS))
-    optim.add_argument("--momentum", type=float)
-    optim.add_argument("--weight-decay", type=float)
-    optim.add_argument("--lr-schedule", metavar="|".join(LR_SCHEDULES))
-    optim.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
-    optim.add_argument(
-        "--grad-ratio-limit",
-        type=float,
-        help="warn when the first/last layer gradient-norm ratio leaves [1/X, X] (default 20)",
-    )
-    optim.add_argument(
-        "--augment",
-        nargs="+",
-        metavar="KIND:VALUE",
-        help="training-batch augmentation: noise:0.05 (Gaussian), mixup:0.2, shift:1 (images)",
-    )
-    optim.add_argument(
-        "--on-nan",
-        metavar="|".join(ON_NAN),
-        help="a NaN loss fails the run (default) or skips the step, halving lr",
-    )
-    optim.add_argument("--epochs", type=int)
-    optim.add_argument("--patience", type=int, help="early stopping on val_loss after N stalled validations")
-    optim.add_argument("--val-every", type=int, help="validate every N epochs")
-    optim.add_argument("--seed", type=int)
-
-    hardware = parser.add_argument_group("hardware")
-    hardware.add_argument(
-        "--accelerator", metavar="|".join(ACCELERATORS), help="default auto: a GPU when torch sees one"
-    )
-    hardware.add_argument(
-        "--devices", metavar="N|auto", help="devices (or CPU processes) per node (default 1)"
-    )
-    hardware.add_argument(
-        "--strategy", metavar="|".join(STRATEGIES), help="default auto: ddp when more than one process"
-    )
-    hardware.add_argument(
-        "--num-nodes", type=int, help="machines (each with NODE_RANK, MASTER_ADDR, MASTER_PORT)"
-    )
-    hardware.add_argument("--precision", metavar="|".join(PRECISIONS), help="default 32-true")
-    hardware.add_argument(
-        "--device-data-budget",
-        type=float,
-        help=f"share of free accelerator memory the data may take (default {d.DEVICE_DATA_BUDGET}; 0: host)",
-    )
-
-    track = parser.add_argument_group("tracking")
-    track.add_argument("--experiment", help="MLflow experiment name")
-    track.add_argument("--run-name")
-    track.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
-    track.add_argument(
-        "--log-every", type=int, help=f"log per-step metrics every N steps (default {d.LOG_EVERY})"
-    )
-    track.add_argument(
-        "--checkpoint-every", type=int, help="save the resumable checkpoint every N steps (default 200)"
-    )
-    track.add_argument(
+    """The run options (from their declarations, defaults from RunConfig) and the command's own flags."""
+    add_option_flags(parser, RunConfig)
+    parser.add_argument(
         "--register",
         metavar="NAME",
         help="register the run's model (tune: the refit's) as a version of NAME in MLflow's Model Registry; "
         "alias champion moves to it when its val loss beats the holder's",
     )
-
     parser.add_argument("--config", dest="config_file", metavar="FILE.yaml", help="options from a YAML file")
     if resumable:
         parser.add_argument(
@@ -321,29 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         "tune", help="Optuna study over lr and batch size", argument_default=argparse.SUPPRESS
     )
     _train_arguments(tune, resumable=False)
-    study = tune.add_argument_group("study")
-    study.add_argument(
-        "--trials", type=int, help="trials this invocation runs (default 20), split over --workers"
-    )
-    study.add_argument("--timeout", type=float, help="stop starting trials after S seconds")
-    study.add_argument("--workers", type=int, help="worker processes on this machine (default 1)")
-    study.add_argument(
-        "--storage",
-        help="Optuna RDB URL (default sqlite:///mlruns/optuna.db; postgresql://... for many machines)",
-    )
-    study.add_argument("--study", help="study name (also the MLflow experiment); an existing one is resumed")
-    study.add_argument("--sampler", metavar="|".join(SAMPLERS), help="default tpe")
-    study.add_argument("--pruner", metavar="|".join(PRUNERS), help="default median")
-    study.add_argument("--space", metavar="FILE.yaml", help="search space (default: lr, batch_size, policy)")
-    study.add_argument(
-        "--retrain",
-        metavar="|".join(RETRAIN_MODES),
-        help="refit the best config as-is (default) or on train+val",
-    )
-    study.add_argument("--study-seed", type=int, help="sampler seed (default 0)")
-    study.add_argument(
-        "--heartbeat-interval", type=int, help="seconds between worker heartbeats (default 10)"
-    )
+    add_option_flags(tune, TuneConfig)
+    tune.add_argument("--space", metavar="FILE.yaml", help="search space (default: lr, batch_size, policy)")
     report = commands.add_parser("report", help="batch-size report of a run (id) or a study (name)")
     report.add_argument("target", metavar="RUN_ID_OR_STUDY")
     report.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
@@ -415,25 +221,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_mapping(values, origin="flags").validate()
 
 
-#: ``tune`` flags that are study options, not run options (argparse dest -> TuneConfig field).
-TUNE_FLAGS = {
-    "trials": "trials",
-    "timeout": "timeout",
-    "workers": "workers",
-    "storage": "storage",
-    "study": "study",
-    "sampler": "sampler",
-    "pruner": "pruner",
-    "retrain": "retrain",
-    "study_seed": "seed",
-    "heartbeat_interval": "heartbeat_interval",
-    "space": "space",
-}
+#: ``tune`` flags that are study options, not run options.
+TUNE_FLAGS = {f.name for f, info in option_fields(TuneConfig) if info.cli} | {"space"}
 
 
 def tune_config_from_args(args: argparse.Namespace) -> TuneConfig:
     """Study options from the flags; ``--space`` is read from its YAML file (a ``space:`` key or the mapping)."""
-    values = {field: getattr(args, flag) for flag, field in TUNE_FLAGS.items() if hasattr(args, flag)}
+    values = {name: getattr(args, name) for name in TUNE_FLAGS if hasattr(args, name)}
     if "space" in values:
         raw = load_yaml_config(values["space"])
         values["space"] = raw.get("space", raw) if isinstance(raw, dict) else raw

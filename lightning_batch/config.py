@@ -1,39 +1,57 @@
-"""Every option of a run, validated once, with messages that say what to pass instead.
+"""Every option of a run, declared once and validated once, with messages that say what to pass instead.
 
-A :class:`RunConfig` is flat on purpose: the same names are the CLI flags (``--batch-size``),
-the YAML keys (``batch_size:``) and the MLflow params, so a run in the UI reads like the
-command that made it.
+A :class:`RunConfig` is a :class:`~lightning_batch.plugin.options.BatchSizeOptions` (the callback's
+options) with the run's own added: data, model, optimisation, hardware, tracking. Each field is
+declared once with :func:`~lightning_batch.plugin.options.option` (type, default, one-line help,
+check); from those declarations come the YAML keys (the field names), the ``run.py`` flags
+(:mod:`lightning_batch.cli`), the MLflow params, the search space's checks
+(:mod:`lightning_batch.tune.space`) and the data cache's key (:mod:`lightning_batch.tabular.cache`,
+from the options marked ``prepares_data``). It is flat on purpose, so a run in the UI reads like
+the command that made it.
 
-Bad input stops here, before any data is read or any MLflow run exists, as a :class:`UserError`
-whose message is one line. The CLI turns it into ``error: ...`` and exit status 2.
+Bad input stops here, before any data is read or any MLflow run exists, as a one-line
+:class:`~lightning_batch.errors.UserError`; the CLI prints it as ``error: ...`` with exit status 2.
+A config is frozen: :meth:`RunConfig.validate` returns a checked copy with the defaults that depend
+on other options filled in.
 
 Example:
-    >>> cfg = RunConfig(data="diabetes", batch_size="full", lr=0.1)
-    >>> cfg.validate().task
-    'regression'
+    >>> cfg = RunConfig(data="diabetes", batch_size="full", lr=0.1).validate()
+    >>> cfg.task, cfg.model
+    ('regression', 'linear')
     >>> RunConfig(lr=-1).validate()
     Traceback (most recent call last):
     ...
-    lightning_batch.errors.UserError: --lr must be a positive number, got -1; try --lr 0.01
-
-The defaults of the batch-size options come from :mod:`lightning_batch.plugin.defaults` (the callback's
-own), the policy and lr-rule names from :mod:`lightning_batch.plugin.policy`'s registries.
+    lightning_batch.errors.UserError: --lr must be above 0, got -1; e.g. --lr 0.01
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lightning_batch.errors import UserError
-from lightning_batch.plugin import defaults
-from lightning_batch.plugin import policy as _policy
+from lightning_batch.plugin.checks import (
+    FLAG,
+    CheckFailed,
+    boolean,
+    count,
+    fraction,
+    integer,
+    number,
+    optional,
+    positive_int,
+    positive_ints,
+    text,
+)
+from lightning_batch.plugin.options import BatchSizeOptions, check_options, option, option_fields
+
+__all__ = ["RunConfig", "declared_options", "load_yaml_config", "parse_augment", "parse_batch_size"]
 
 #: scikit-learn's bundled datasets (they ship with the package: nothing is downloaded).
 SKLEARN_DATASETS = {
@@ -44,214 +62,405 @@ SKLEARN_DATASETS = {
     "iris": "classification",
 }
 #: Generated datasets: the seed's y = w·x + b + noise, and a multi-class problem.
-SYNTHETIC_DATASETS = {
-    "synthetic-regression": "regression",
-    "synthetic-classification": "classification",
-}
+SYNTHETIC_DATASETS = {"synthetic-regression": "regression", "synthetic-classification": "classification"}
 TASKS = ("regression", "classification")
 MODELS = ("linear", "softmax", "mlp", "cnn")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("none", "cosine", "step", "plateau")
 ACTIVATIONS = ("relu", "gelu", "tanh")
-#: The learning rate a model gets when none is given (others: 0.01); measured on digits, 4 seeds.
-DEFAULT_LR = {"cnn": 0.1}
 INITS = ("default", "xavier", "kaiming")
-BATCH_MODES = ("full", "auto")
-#: The batch policies and lr rules, named as :mod:`lightning_batch.plugin.policy` registers them.
-POLICIES = tuple(_policy.POLICIES)
-LR_RULES = ("auto", *_policy.LR_RULES)
 ON_NAN = ("fail", "skip")
 ACCELERATORS = ("auto", "cpu", "gpu", "mps")
 STRATEGIES = ("auto", "ddp", "ddp_spawn")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
-#: Options whose value is one of a few names (the CLI's metavars, the search space's check).
-NAMED_CHOICES: dict[str, tuple[str, ...]] = {
-    "task": TASKS,
-    "model": MODELS,
-    "activation": ACTIVATIONS,
-    "init": INITS,
-    "optimizer": OPTIMIZERS,
-    "lr_schedule": LR_SCHEDULES,
-    "policy": POLICIES,
-    "lr_rule": LR_RULES,
-    "on_nan": ON_NAN,
-    "accelerator": ACCELERATORS,
-    "strategy": STRATEGIES,
-    "precision": PRECISIONS,
-}
+#: ``batch_size`` takes a number or one of these.
+BATCH_MODES = ("full", "auto")
+#: The kinds of ``--augment`` (see :mod:`lightning_batch.tabular.augment`).
+AUGMENT_KINDS = ("noise", "mixup", "shift")
+#: The learning rate a model gets when none is given (others: 0.01); measured on digits, 4 seeds.
+DEFAULT_LR = {"cnn": 0.1}
 
 
-def _choices(values: tuple[str, ...] | dict[str, str]) -> str:
-    return "|".join(values)
+def parse_batch_size(value: Any) -> int | str:
+    """``full`` and ``auto`` stay modes; anything else must be a positive integer.
+
+    >>> parse_batch_size("64"), parse_batch_size("full"), parse_batch_size("AUTO")
+    (64, 'full', 'auto')
+    """
+    if isinstance(value, str):
+        words = value.strip().lower()
+        if words in BATCH_MODES:
+            return words
+        try:
+            value = int(words)
+        except ValueError:
+            raise CheckFailed("must be a positive integer, full or auto") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CheckFailed("must be a positive integer, full or auto")
+    return value
 
 
-@dataclass
-class RunConfig:
+def parse_augment(specs: Any) -> tuple[tuple[str, float], ...]:
+    """``["noise:0.05", "shift:1"]`` -> ``(("noise", 0.05), ("shift", 1.0))``; a bad spec is one line.
+
+    >>> parse_augment(["mixup:0.2"])
+    (('mixup', 0.2),)
+    """
+    steps = []
+    for spec in [specs] if isinstance(specs, str) else list(specs or []):
+        name, _, raw = str(spec).partition(":")
+        if name not in AUGMENT_KINDS or not raw:
+            raise UserError(f"unknown augmentation {spec!r}; use noise:0.05, mixup:0.2 or shift:1")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise UserError(f"--augment {spec}: {raw!r} is not a number; e.g. {name}:0.1") from None
+        if not math.isfinite(value) or value <= 0:
+            raise UserError(f"--augment {spec}: the value must be a positive number")
+        if name == "shift" and value != int(value):
+            raise UserError(f"--augment {spec}: shift takes whole pixels, e.g. shift:1")
+        steps.append((name, value))
+    return tuple(steps)
+
+
+def _augment(value: Any) -> list[str]:
+    parse_augment(value)
+    return [value] if isinstance(value, str) else [str(v) for v in value or []]
+
+
+def _devices(value: Any) -> int | str:
+    """A positive number of devices, or ``auto`` (every GPU torch sees)."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    try:
+        return positive_int(value)
+    except CheckFailed:
+        raise CheckFailed("must be a positive integer or auto") from None
+
+
+def _folder(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise CheckFailed("must be a folder path")
+    return value
+
+
+def _int_list(value: Any) -> list[int]:
+    return list(positive_ints(value))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig(BatchSizeOptions):
     """Options of one training run (CLI flags, YAML keys and MLflow params share these names)."""
 
     # --- data -----------------------------------------------------------------------------------
-    data: str = "synthetic-regression"
-    """A bundled dataset name, a synthetic generator, or a path to a .csv/.parquet file."""
-    target: str | None = None
-    """Target column of a CSV/Parquet file (bundled and synthetic data know their own)."""
-    task: str | None = None
-    """``regression`` or ``classification``; inferred from the dataset when omitted."""
-    rows: int = 10_000
-    """Rows generated by the synthetic sources."""
-    features: int = 8
-    """Features generated by the synthetic sources."""
-    noise: float = 0.5
-    """Standard deviation of the label noise of ``synthetic-regression``."""
-    correlation: float = 0.0
-    """AR(1) correlation between neighbouring synthetic features (0 = independent)."""
-    classes: int = 3
-    """Classes of ``synthetic-classification``."""
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    max_categories: int = 20
-    """A text feature column with at most this many levels is one-hot encoded; more is an error."""
-    shuffle: bool = True
-    """Shuffle the training rows each epoch (seeded); off gives the seed's sequential order."""
-    train_on_val: bool = False
-    """Train on train+val (scaling fit on both); for the final fit of a tuned configuration. The
-    val metrics are then on rows the model has seen."""
-    data_cache: str | None = None
-    """A folder for the prepared tables as memory-mapped float32 files, named by a digest of the source
-    and of the options that change preparation: written once, then reused by later runs and by every
-    trial of a study. Unset: used (under the MLflow store's folder) only when the tables would exceed
-    ``data_memory_budget``."""
-    data_memory_budget: float = 0.25
-    """Share of the available RAM the prepared tables may take in memory; a larger table is prepared
-    into the data cache (a Parquet file streamed column by column, then in row chunks) and trained
-    from memory-mapped files. 0.25: in-memory preparation peaks at a few times the table."""
+    data: str = option(
+        "synthetic-regression",
+        "a bundled dataset (diabetes, digits, breast_cancer, wine, iris), synthetic-regression, "
+        "synthetic-classification, or a .csv/.parquet path",
+        check=text,
+        example="diabetes",
+        group="data",
+        searchable=False,
+    )
+    target: str | None = option(
+        None,
+        "the target column of a CSV/Parquet file (bundled and generated data know their own)",
+        check=optional(text),
+        example="price",
+        group="data",
+        searchable=False,
+        prepares_data=True,
+    )
+    task: str | None = option(
+        None,
+        "regression or classification; inferred from the data when omitted",
+        check=optional(lambda v: _one(v, TASKS)),
+        example="classification",
+        group="data",
+        choices=TASKS,
+        searchable=False,
+        prepares_data=True,
+    )
+    rows: int = option(
+        10_000,
+        "rows generated by the synthetic sources",
+        check=positive_int,
+        group="data",
+        prepares_data=True,
+    )
+    features: int = option(
+        8, "features generated by the synthetic sources", check=positive_int, group="data", prepares_data=True
+    )
+    noise: float = option(
+        0.5,
+        "label noise (standard deviation) of synthetic-regression",
+        check=number(minimum=0.0),
+        group="data",
+        prepares_data=True,
+    )
+    correlation: float = option(
+        0.0,
+        "AR(1) correlation between neighbouring synthetic features (0: independent)",
+        check=number(minimum=0.0, below=1.0),
+        example=0.5,
+        group="data",
+        prepares_data=True,
+    )
+    classes: int = option(
+        3, "classes of synthetic-classification", check=integer(minimum=2), group="data", prepares_data=True
+    )
+    val_fraction: float = option(
+        0.15,
+        "share of the rows held out for validation",
+        check=number(above=0.0, below=1.0),
+        group="data",
+        searchable=False,
+        prepares_data=True,
+    )
+    test_fraction: float = option(
+        0.15,
+        "share of the rows held out for the final test",
+        check=number(above=0.0, below=1.0),
+        group="data",
+        searchable=False,
+        prepares_data=True,
+    )
+    max_categories: int = option(
+        20,
+        "a text feature with at most this many levels is one-hot encoded; more is an error",
+        check=positive_int,
+        group="data",
+        prepares_data=True,
+    )
+    shuffle: bool = option(
+        True,
+        "shuffle the training rows each epoch (seeded); off: the file's row order",
+        check=boolean,
+        example=False,
+        group="data",
+    )
+    train_on_val: bool = option(
+        False,
+        "train on train+val (the scaling fit on both): a tuned configuration's final fit",
+        check=boolean,
+        group="data",
+        cli=False,
+        searchable=False,
+        prepares_data=True,
+    )
+    data_cache: str | None = option(
+        None,
+        "a folder for the prepared tables as memory-mapped files, written once and reused by later runs and "
+        "trials (default: only for tables over data_memory_budget, beside the MLflow store)",
+        check=optional(_folder),
+        example="cache/",
+        group="data",
+        searchable=False,
+    )
+    data_memory_budget: float = option(
+        0.25,
+        "share of the available RAM the prepared tables may take; larger ones train from the data cache",
+        check=fraction(),
+        group="data",
+        searchable=False,
+    )
 
     # --- model ----------------------------------------------------------------------------------
-    model: str | None = None
-    """``linear`` (y = wx + b), ``softmax`` (softmax regression), ``mlp`` or ``cnn`` (square images,
-    like digits' 8×8); default by task."""
-    hidden: list[int] = field(default_factory=lambda: [64, 64])
-    """The MLP's hidden layer widths."""
-    channels: list[int] = field(default_factory=lambda: [32, 64])
-    """The CNN's conv blocks: output channels of each 3×3 convolution (each followed by a 2×2 pool)."""
-    activation: str = "relu"
-    dropout: float = 0.0
-    init: str = "default"
+    model: str | None = option(
+        None,
+        "linear (y = wx + b), softmax (softmax regression), mlp or cnn (square images like digits' 8x8); "
+        "default: linear for regression, softmax for classification",
+        check=optional(lambda v: _one(v, MODELS)),
+        example="mlp",
+        group="model",
+        choices=MODELS,
+    )
+    hidden: list[int] = option([64, 64], "the MLP's hidden layer widths", check=_int_list, group="model")
+    channels: list[int] = option(
+        [32, 64],
+        "the CNN's conv blocks: output channels of each 3x3 convolution (each followed by a 2x2 pool)",
+        check=_int_list,
+        group="model",
+    )
+    activation: str = option("relu", "the MLP's and CNN's activation", group="model", choices=ACTIVATIONS)
+    dropout: float = option(
+        0.0,
+        "dropout after each hidden layer, in [0, 1)",
+        check=number(minimum=0.0, below=1.0),
+        example=0.1,
+        group="model",
+    )
+    init: str = option("default", "weight initialisation", group="model", choices=INITS)
 
     # --- optimisation ---------------------------------------------------------------------------
-    batch_size: int | str = 32
-    """Samples per optimizer step: N (mini-batch), 1 (SGD), ``full`` (full-batch GD) or ``auto``
-    (start at ``base_batch``, then let the ``policy`` move it during training)."""
-    policy: str | None = None
-    """How the batch size moves: fixed, memory, noise, goodput, schedule (``auto`` defaults to goodput)."""
-    lr_rule: str = "auto"
-    """How lr follows the batch: none, linear, sqrt, adascale; ``auto``: adascale for SGD, sqrt for Adam(W)."""
-    base_batch: int = 32
-    """The batch ``auto`` starts from (where ``lr`` applies)."""
-    min_batch: int = defaults.MIN_BATCH
-    """The smallest batch a policy may choose (global, all ranks together)."""
-    max_batch: int | None = None
-    multiple: int = defaults.MULTIPLE
-    """Round chosen batch sizes to a multiple of this (sizes below it stay allowed); 1: no rounding."""
-    memory_budget: float = defaults.MEMORY_BUDGET
-    """Share of free memory the batch-size probe may plan for (available RAM on CPU, device memory on CUDA)."""
-    probe_memory: bool = defaults.PROBE_MEMORY
-    """Find the largest batch that fits when training starts (off: only ``max_batch`` bounds it)."""
-    adjust_every: int = defaults.ADJUST_EVERY
-    """Reconsider the batch size every N optimizer steps (or each quarter epoch, if sooner)."""
-    min_timed_steps: int = defaults.MIN_TIMED_STEPS
-    """The ``goodput`` policy's timed steps at a batch size before it decides again (its throughput
-    model needs them); decisions then come every ``max(adjust_every, min_timed_steps)`` steps."""
-    measure_every: int = defaults.MEASURE_EVERY
-    """Measure the gradient noise scale every N optimizer steps; 0: as often as ``measure_budget`` allows."""
-    measure_budget: float = defaults.MEASURE_BUDGET
-    """With ``measure_every`` 0, the share of the fit's time the noise measurements may take (0.02 = 2%)."""
-    hysteresis: float = defaults.HYSTERESIS
-    """Resize only when the predicted gain exceeds this (0.05 = 5%)."""
-    ema_decay: float = defaults.EMA_DECAY
-    """Decay per measurement of the EMAs of ``|G|²`` and ``tr(Σ)`` (the noise scale is their ratio),
-    in [0, 1); used when ``noise_window`` is 0."""
-    noise_window: float = defaults.NOISE_WINDOW
-    """The noise EMAs' half-life as a share of the samples seen so far (0: ``ema_decay`` per measurement)."""
-    noise_k: float = defaults.NOISE_K
-    """The ``noise`` policy trains at ``noise_k × B_noise``."""
-    explore_factor: float = defaults.EXPLORE_FACTOR
-    """The ``goodput`` policy times ``B × explore_factor`` once, to fit its throughput model (> 1)."""
-    min_efficiency: float = defaults.MIN_EFFICIENCY
-    """``goodput`` keeps to batches whose statistical efficiency is at least this, in [0, 1) (0: no bound)."""
-    max_lr_scale: float = defaults.MAX_LR_SCALE
-    """The lr rule's multiplier of ``lr`` is at most this (>= 1)."""
-    milestones: list[int] = field(default_factory=list)
-    """Epochs where the ``schedule`` policy multiplies the batch size by ``schedule_factor``."""
-    schedule_factor: float = defaults.SCHEDULE_FACTOR
-    """The ``schedule`` policy's growth factor at each milestone."""
-    fallback_microbatches: int = defaults.FALLBACK_MICROBATCHES
-    """Micro-batches for the noise statistics of layers the per-example hooks miss (convolutions)."""
-    fallback_every: int = defaults.FALLBACK_EVERY
-    """Measure those micro-batch statistics every N steps (in step with ``measure_every``)."""
-    accumulate: bool = True
-    """A batch beyond the memory ceiling trains as accumulated micro-batches that fit (one optimizer
-    step on the whole batch; ``micro_batches`` is logged); off: the ceiling caps the batch."""
-    lr: float | None = None
-    """The learning rate at ``base_batch``; unset: 0.1 for ``cnn`` (SGD on conv nets wants the
-    larger step), else 0.01."""
-    optimizer: str = "sgd"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    lr_schedule: str = "none"
-    grad_clip: float | None = None
-    """Clip the global gradient norm to this value; the norm before/after and clipped_fraction are logged."""
-    grad_ratio_limit: float = 20.0
-    """Warn when the first/last layer gradient-norm ratio stays outside [1/limit, limit] (vanishing or
-    exploding gradients) for 3 log intervals."""
-    augment: list[str] = field(default_factory=list)
-    """Training-batch augmentations: ``noise:S``, ``mixup:A``, ``shift:K`` (see lightning_batch.tabular.augment)."""
-    on_nan: str = "fail"
-    """A NaN/inf training loss: ``fail`` the run (the step in a tag) or ``skip`` the step and halve the lr."""
-    epochs: int = 10
-    patience: int | None = None
-    """Stop early when val_loss has not improved for this many validations (off when unset)."""
-    val_every: int = 1
-    """Validate every N epochs."""
-    seed: int = 0
+    batch_size: int | str = option(
+        32,
+        "samples per optimizer step: N (mini-batch), 1 (SGD), full (full-batch GD) or auto (start at "
+        "base_batch, then let the policy move it)",
+        check=parse_batch_size,
+        group="optimisation",
+    )
+    base_batch: int = option(
+        32, "the batch auto starts from (where lr applies)", check=positive_int, group="optimisation"
+    )
+    lr: float | None = option(
+        None,
+        "the learning rate at the starting batch; default 0.1 for cnn, else 0.01",
+        check=optional(number(above=0.0)),
+        example=0.01,
+        group="optimisation",
+    )
+    optimizer: str = option("sgd", "the optimizer", group="optimisation", choices=OPTIMIZERS)
+    momentum: float = option(
+        0.0,
+        "SGD's momentum, in [0, 1)",
+        check=number(minimum=0.0, below=1.0),
+        example=0.9,
+        group="optimisation",
+    )
+    weight_decay: float = option(
+        0.0, "weight decay", check=number(minimum=0.0), example=1e-4, group="optimisation"
+    )
+    lr_schedule: str = option(
+        "none", "the lr schedule over epochs", group="optimisation", choices=LR_SCHEDULES
+    )
+    grad_clip: float | None = option(
+        None,
+        "clip the global gradient norm to this (the norms and the clipped share are logged)",
+        check=optional(number(above=0.0)),
+        example=1.0,
+        group="optimisation",
+    )
+    grad_ratio_limit: float = option(
+        20.0,
+        "warn when the first/last layer gradient-norm ratio stays outside [1/X, X] (vanishing or exploding)",
+        check=number(above=1.0),
+        group="optimisation",
+    )
+    augment: list[str] = option(
+        [],
+        "training-batch augmentations: noise:S (Gaussian), mixup:A, shift:K (images)",
+        check=_augment,
+        example=["noise:0.05"],
+        group="optimisation",
+    )
+    on_nan: str = option(
+        "fail",
+        "a NaN/inf training loss fails the run (the step in a tag) or skips the step and halves the lr",
+        group="optimisation",
+        choices=ON_NAN,
+    )
+    epochs: int = option(10, "training epochs", check=positive_int, group="optimisation")
+    patience: int | None = option(
+        None,
+        "stop early when val_loss has not improved for this many validations (off when unset)",
+        check=optional(positive_int),
+        example=5,
+        group="optimisation",
+    )
+    val_every: int = option(1, "validate every N epochs", check=positive_int, group="optimisation")
+    seed: int = option(
+        0,
+        "the seed of the split, the initial weights and the row order",
+        check=count,
+        group="optimisation",
+        searchable=False,
+        prepares_data=True,
+    )
 
     # --- hardware -------------------------------------------------------------------------------
-    accelerator: str = "auto"
-    """``cpu``, ``gpu`` (CUDA), ``mps`` or ``auto`` (a GPU when torch sees one, else the CPU)."""
-    devices: int | str = 1
-    """Devices (GPUs, or CPU processes) per node; ``auto``: every GPU torch sees. Above 1 trains with DDP."""
-    strategy: str = "auto"
-    """``ddp`` (one process per device, started by Lightning), ``ddp_spawn``, or ``auto`` (ddp when
-    more than one process)."""
-    num_nodes: int = 1
-    """Machines; each is started with NODE_RANK, MASTER_ADDR and MASTER_PORT set (see the README)."""
-    precision: str = "32-true"
-    """``32-true``, ``16-mixed`` (CUDA, with a gradient scaler) or ``bf16-mixed``; the memory probe
-    measures under it."""
-    device_data_budget: float = defaults.DEVICE_DATA_BUDGET
-    """Share of the accelerator's free memory the data tables may take: when they fit, they move there
-    once and a batch is an index on the device; else they stay in host memory and each batch is copied
-    from pinned memory. 0 keeps them on the host."""
+    accelerator: str = option(
+        "auto",
+        "cpu, gpu (CUDA), mps, or auto (a GPU when torch sees one)",
+        group="hardware",
+        choices=ACCELERATORS,
+        searchable=False,
+    )
+    devices: int | str = option(
+        1,
+        "devices (GPUs, or CPU processes) per node; auto: every GPU torch sees; above 1 trains with DDP",
+        check=_devices,
+        example=2,
+        group="hardware",
+        searchable=False,
+    )
+    strategy: str = option(
+        "auto",
+        "ddp (one process per device), ddp_spawn, or auto (ddp when more than one process)",
+        group="hardware",
+        choices=STRATEGIES,
+        searchable=False,
+    )
+    num_nodes: int = option(
+        1,
+        "machines; each is started with NODE_RANK, MASTER_ADDR and MASTER_PORT set",
+        check=positive_int,
+        example=2,
+        group="hardware",
+        searchable=False,
+    )
+    precision: str = option(
+        "32-true",
+        "32-true, 16-mixed (CUDA, with a gradient scaler) or bf16-mixed; the memory probe measures under it",
+        group="hardware",
+        choices=PRECISIONS,
+    )
+    device_data_budget: float = option(
+        0.25,
+        "share of the accelerator's free memory the data tables may take (then a batch is an index on the device); "
+        "0 keeps them on the host",
+        check=fraction(zero=True),
+        group="hardware",
+        searchable=False,
+    )
 
     # --- tracking -------------------------------------------------------------------------------
-    experiment: str = "lightning-batch"
-    run_name: str | None = None
-    tracking_uri: str | None = None
-    """MLflow tracking URI; default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlruns/mlflow.db``."""
-    log_every: int = defaults.LOG_EVERY
-    """Log per-step metrics every N optimizer steps (train_loss averaged over them). Buffered, one
-    database write per ~1000 values; still ~0.16 ms a value in MLflow's SQL store, so 1 is for short runs."""
-    checkpoint_every: int = 200
-    """Save the resumable ``last.ckpt`` every N optimizer steps (and at each epoch end); a killed run
-    loses at most this many steps (``--resume RUN_ID``)."""
+    experiment: str = option(
+        "lightning-batch",
+        "the MLflow experiment",
+        check=text,
+        example="my-study",
+        group="tracking",
+        searchable=False,
+    )
+    run_name: str | None = option(
+        None,
+        "the MLflow run's name (default: data-model-batch-xxxx)",
+        check=optional(text),
+        example="baseline",
+        group="tracking",
+        searchable=False,
+    )
+    tracking_uri: str | None = option(
+        None,
+        "the MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)",
+        check=optional(text),
+        example="sqlite:///mlruns/mlflow.db",
+        group="tracking",
+        searchable=False,
+    )
+    checkpoint_every: int = option(
+        200,
+        "save the resumable last.ckpt every N optimizer steps (and at each epoch end)",
+        check=positive_int,
+        group="tracking",
+        searchable=False,
+    )
 
-    # --- derived by validate() --------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        # Built leniently (a YAML file, flags, a trial's parameters are merged first); checked by validate().
+        pass
+
+    # -- building --------------------------------------------------------------------------------
 
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_mapping(cls, values: dict[str, Any], origin: str = "config") -> RunConfig:
+    def from_mapping(cls, values: Mapping[str, Any], origin: str = "config") -> RunConfig:
         """Build from a dict (YAML keys may use ``-`` or ``_``); unknown keys are an error."""
         known = set(cls.field_names())
         clean: dict[str, Any] = {}
@@ -265,63 +474,30 @@ class RunConfig:
         return cls(**clean)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values (lists, not tuples), as YAML and MLflow params take them."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with ``changes`` (not yet validated)."""
+        return dataclasses.replace(self, **changes)
+
+    # -- what the options resolve to -------------------------------------------------------------
 
     @property
     def is_file_source(self) -> bool:
         return self.data not in SKLEARN_DATASETS and self.data not in SYNTHETIC_DATASETS
 
-    def validate(self) -> RunConfig:
-        """Check every option; fill in the task and model defaults. Returns ``self``."""
-        self._validate_data()
-        self._validate_model()
-        self._validate_optimisation()
-        if not isinstance(self.experiment, str) or not self.experiment.strip():
-            raise UserError("--experiment must be a non-empty name, e.g. --experiment my-study")
-        _positive_int(self.log_every, "--log-every", "--log-every 10")
-        if isinstance(self.augment, str):
-            self.augment = [self.augment]
-        from lightning_batch.tabular.augment import Augmenter  # torch: imported only when validating
-
-        Augmenter.parse(self.augment)
-        if self.on_nan not in ON_NAN:
-            raise UserError(f"--on-nan must be fail or skip, got {self.on_nan!r}")
-        _positive_int(self.checkpoint_every, "--checkpoint-every", "--checkpoint-every 200")
-        self._validate_batch_policy()
-        self._validate_hardware()
-        return self
-
-    def _validate_hardware(self) -> None:
-        """The names and numbers; what this machine has is checked by ``hardware.resolve_placement``."""
-        for name, flag in (
-            ("accelerator", "--accelerator"),
-            ("strategy", "--strategy"),
-            ("precision", "--precision"),
-        ):
-            value, choices = getattr(self, name), NAMED_CHOICES[name]
-            if value not in choices:
-                raise UserError(f"unknown {name} {value!r}; use {flag} {_choices(choices)}")
-        if isinstance(self.devices, str) and self.devices.strip().isdigit():
-            self.devices = int(self.devices)
-        if self.devices != "auto":
-            _positive_int(self.devices, "--devices", "--devices 2 (or auto)")
-        _positive_int(self.num_nodes, "--num-nodes", "--num-nodes 2")
-        _fraction(
-            self.device_data_budget,
-            "--device-data-budget",
-            "a fraction of free accelerator memory",
-            "--device-data-budget 0.25",
-            zero_allowed=True,
-        )
-
     @property
     def dynamic(self) -> bool:
         """Whether a DynamicBatchSize callback moves the batch size during training."""
-        return self.batch_size == "auto" or self.policy not in (None, "fixed")
+        return self.batch_size == "auto" or self.policy not in ("auto", "fixed")
 
     @property
     def resolved_policy(self) -> str:
-        return self.policy or (defaults.POLICY if self.batch_size == "auto" else "fixed")
+        """``auto`` is goodput for ``--batch-size auto``; a run given a number keeps it fixed."""
+        if self.policy == "auto":
+            return "goodput" if self.batch_size == "auto" else "fixed"
+        return str(self.policy)
 
     @property
     def resolved_lr_rule(self) -> str:
@@ -329,100 +505,51 @@ class RunConfig:
             return self.lr_rule
         return "adascale" if self.optimizer == "sgd" else "sqrt"
 
-    def _validate_batch_policy(self) -> None:
-        if self.policy is not None and self.policy not in POLICIES:
-            raise UserError(f"unknown policy {self.policy!r}; use --policy {_choices(POLICIES)}")
-        if self.lr_rule not in LR_RULES:
-            raise UserError(f"unknown lr rule {self.lr_rule!r}; use --lr-rule {_choices(LR_RULES)}")
-        _positive_int(self.base_batch, "--base-batch", "--base-batch 32")
-        _positive_int(self.min_batch, "--min-batch", "--min-batch 8")
-        _positive_int(self.multiple, "--multiple", "--multiple 8")
-        if self.max_batch is not None:
-            _positive_int(self.max_batch, "--max-batch", "--max-batch 4096")
-            if self.max_batch < self.min_batch:
-                raise UserError(
-                    f"--max-batch {self.max_batch} is below --min-batch {self.min_batch}; raise it"
-                )
-        _fraction(self.memory_budget, "--memory-budget", "a fraction of free memory", "--memory-budget 0.5")
-        _positive_int(self.adjust_every, "--adjust-every", "--adjust-every 20")
-        _positive_int(self.min_timed_steps, "--min-timed-steps", "--min-timed-steps 20")
-        if not isinstance(self.probe_memory, bool):
-            raise UserError(f"probe_memory must be true or false, got {self.probe_memory!r}")
-        if not isinstance(self.accumulate, bool):
-            raise UserError(f"accumulate must be true or false, got {self.accumulate!r}")
-        if (
-            isinstance(self.measure_every, bool)
-            or not isinstance(self.measure_every, int)
-            or self.measure_every < 0
-        ):
+    def batch_size_options(self) -> dict[str, Any]:
+        """The callback's keyword arguments for this run, its policy and lr rule resolved."""
+        return {
+            **super().batch_size_options(),
+            "policy": self.resolved_policy,
+            "lr_rule": self.resolved_lr_rule,
+        }
+
+    # -- validation ------------------------------------------------------------------------------
+
+    def validate(self) -> RunConfig:
+        """Check every option; fill in the task, model and lr defaults. Returns a checked copy."""
+        kept = check_options(self, FLAG)
+        resolved = dataclasses.replace(self, **kept)
+        resolved.check_together(FLAG)
+        changes = resolved._check_data()
+        task = changes.get("task", resolved.task)
+        model = resolved.model or {"regression": "linear", "classification": "softmax", None: None}[task]
+        if task is not None:
+            check_model_for_task(model, task)
+        lr = resolved.lr if resolved.lr is not None else DEFAULT_LR.get(model or "", 0.01)
+        if resolved.val_fraction + resolved.test_fraction >= 0.9:
             raise UserError(
-                f"--measure-every must be a whole number of steps >= 0 (0: by time budget), "
-                f"got {self.measure_every!r}; e.g. --measure-every 20"
+                "--val-fraction plus --test-fraction leaves under 10% of the rows to train on; lower them"
             )
-        _fraction(
-            self.measure_budget,
-            "--measure-budget",
-            "a share of the fit's time",
-            "--measure-budget 0.02",
-            high=0.5,
-        )
-        _finite(self.noise_window, "--noise-window", "--noise-window 0.25", minimum=0.0)
-        if self.noise_window > 10:
+        if resolved.policy != "auto" and not isinstance(resolved.policy, str):
             raise UserError(
-                f"--noise-window must be at most 10, got {self.noise_window}; e.g. --noise-window 0.25"
+                "a RunConfig takes a policy name; pass a BatchPolicy object to DynamicBatchSize itself"
             )
-        _finite(self.max_lr_scale, "--max-lr-scale", "--max-lr-scale 10", minimum=1.0)
-        _finite(self.min_efficiency, "--min-efficiency", "--min-efficiency 0.5", minimum=0.0)
-        if self.min_efficiency >= 1:
-            raise UserError(
-                f"--min-efficiency must be below 1, got {self.min_efficiency}; e.g. --min-efficiency 0.5"
-            )
-        _finite(self.hysteresis, "--hysteresis", "--hysteresis 0.05", minimum=0.0)
-        _finite(self.ema_decay, "--ema-decay", "--ema-decay 0.9", minimum=0.0)
-        if self.ema_decay >= 1:
-            raise UserError(f"--ema-decay must be below 1, got {self.ema_decay}; e.g. --ema-decay 0.9")
-        _finite(self.noise_k, "--noise-k", "--noise-k 1.0", minimum=0.0)
-        if self.noise_k == 0:
-            raise UserError("--noise-k must be positive (a multiple of B_noise); e.g. --noise-k 1.0")
-        _finite(self.explore_factor, "--explore-factor", "--explore-factor 4", minimum=0.0)
-        if self.explore_factor <= 1:
-            raise UserError(
-                f"--explore-factor must be above 1, got {self.explore_factor}; e.g. --explore-factor 4"
-            )
-        _finite(self.schedule_factor, "--schedule-factor", "--schedule-factor 2", minimum=0.0)
-        if self.schedule_factor == 0:
-            raise UserError("--schedule-factor must be positive; e.g. --schedule-factor 2")
-        _positive_int(self.fallback_microbatches, "--fallback-microbatches", "--fallback-microbatches 8")
-        _positive_int(self.fallback_every, "--fallback-every", "--fallback-every 10")
-        if isinstance(self.milestones, int):
-            self.milestones = [self.milestones]
-        if not isinstance(self.milestones, list) or not all(
-            isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in self.milestones
-        ):
-            raise UserError(
-                f"--milestones must be positive epoch numbers, got {self.milestones!r}; e.g. --milestones 3 6"
-            )
-        if any(b <= a for a, b in itertools.pairwise(self.milestones)):
-            raise UserError(
-                f"--milestones must be increasing, got {self.milestones!r}; e.g. --milestones 3 6"
-            )
-        if self.resolved_policy == "schedule" and not self.milestones:
+        if resolved.resolved_policy == "schedule" and not resolved.milestones:
             raise UserError(
                 "--policy schedule needs --milestones (epochs where the batch doubles), e.g. --milestones 3 6"
             )
+        return dataclasses.replace(resolved, **changes, model=model, lr=float(lr))
 
-    def _validate_data(self) -> None:
-        if not isinstance(self.data, str) or not self.data:
-            raise UserError(
-                "--data is empty; pass a dataset name (diabetes, iris, ...) or a .csv/.parquet path"
-            )
+    def _check_data(self) -> dict[str, Any]:
+        """The data source: a known name or a readable .csv/.parquet file with its target. Returns the
+        task when the source knows it."""
+        known = {**SKLEARN_DATASETS, **SYNTHETIC_DATASETS}
         if self.is_file_source:
             path = Path(self.data)
             if path.suffix.lower() not in (".csv", ".parquet", ".pq"):
                 if not path.exists():
-                    names = _choices({**SKLEARN_DATASETS, **SYNTHETIC_DATASETS})
                     raise UserError(
-                        f"unknown dataset {self.data!r}; use one of {names} or a path to a .csv/.parquet file"
+                        f"unknown dataset {self.data!r}; use one of {'|'.join(known)} or a path to a .csv/.parquet file"
                     )
                 raise UserError(f"{self.data!r}: unsupported file type; give a .csv or .parquet file")
             if not path.is_file():
@@ -435,103 +562,24 @@ class RunConfig:
                 )
         elif self.target:
             raise UserError(f"--target is only for CSV/Parquet files; {self.data} knows its own target")
-        if self.task is None:
-            if self.is_file_source:
-                self.task = None  # decided from the target column when the file is read
-            else:
-                self.task = {**SKLEARN_DATASETS, **SYNTHETIC_DATASETS}[self.data]
-        elif self.task not in TASKS:
-            raise UserError(f"unknown task {self.task!r}; use --task regression or --task classification")
-        elif not self.is_file_source:
-            natural = {**SKLEARN_DATASETS, **SYNTHETIC_DATASETS}[self.data]
-            if natural != self.task:
-                raise UserError(f"{self.data} is a {natural} dataset; drop --task or pass --task {natural}")
-        _positive_int(self.rows, "--rows", "--rows 10000")
-        _positive_int(self.features, "--features", "--features 8")
-        _finite(self.noise, "--noise", "--noise 0.5", minimum=0.0)
-        _finite(self.correlation, "--correlation", "--correlation 0.5", minimum=0.0)
-        if self.correlation >= 1:
-            raise UserError(f"--correlation must be below 1, got {self.correlation}; try --correlation 0.5")
-        _positive_int(self.classes, "--classes", "--classes 3")
-        if self.classes < 2:
-            raise UserError(f"--classes must be at least 2, got {self.classes}")
-        for name, value in (("--val-fraction", self.val_fraction), ("--test-fraction", self.test_fraction)):
-            _finite(value, name, f"{name} 0.15", minimum=0.0)
-            if not 0 < value < 1:
-                raise UserError(f"{name} must be between 0 and 1 (exclusive), got {value}; try {name} 0.15")
-        if self.val_fraction + self.test_fraction >= 0.9:
-            raise UserError(
-                "--val-fraction plus --test-fraction leaves under 10% of the rows to train on; lower them"
-            )
-        _positive_int(self.max_categories, "--max-categories", "--max-categories 20")
-        if self.data_cache is not None:
-            if not isinstance(self.data_cache, str) or not self.data_cache.strip():
-                raise UserError("--data-cache must be a folder path, e.g. --data-cache cache/")
-            if Path(self.data_cache).exists() and not Path(self.data_cache).is_dir():
-                raise UserError(
-                    f"--data-cache {self.data_cache!r} is a file; give a folder (created if missing)"
-                )
-        _fraction(
-            self.data_memory_budget,
-            "--data-memory-budget",
-            "a fraction of available memory",
-            "--data-memory-budget 0.25",
-        )
+        if (
+            self.data_cache is not None
+            and Path(self.data_cache).exists()
+            and not Path(self.data_cache).is_dir()
+        ):
+            raise UserError(f"--data-cache {self.data_cache!r} is a file; give a folder (created if missing)")
+        if self.is_file_source:
+            return {}  # a file's task is decided from its target column when it is read
+        natural = known[self.data]
+        if self.task is not None and self.task != natural:
+            raise UserError(f"{self.data} is a {natural} dataset; drop --task or pass --task {natural}")
+        return {"task": natural}
 
-    def _validate_model(self) -> None:
-        if self.model is None:
-            self.model = {"regression": "linear", "classification": "softmax", None: None}[self.task]
-        if self.model is not None and self.model not in MODELS:
-            raise UserError(f"unknown model {self.model!r}; use --model {_choices(MODELS)}")
-        if self.task is not None:
-            check_model_for_task(self.model, self.task)
-        self.hidden = _positive_int_list(self.hidden, "--hidden", "positive layer widths", "--hidden 64 64")
-        self.channels = _positive_int_list(
-            self.channels, "--channels", "positive channel counts", "--channels 32 64"
-        )
-        if self.activation not in ACTIVATIONS:
-            raise UserError(
-                f"unknown activation {self.activation!r}; use --activation {_choices(ACTIVATIONS)}"
-            )
-        if self.init not in INITS:
-            raise UserError(f"unknown init {self.init!r}; use --init {_choices(INITS)}")
-        _finite(self.dropout, "--dropout", "--dropout 0.1", minimum=0.0)
-        if self.dropout >= 1:
-            raise UserError(f"--dropout must be below 1, got {self.dropout}; try --dropout 0.1")
 
-    def _validate_optimisation(self) -> None:
-        self.batch_size = parse_batch_size(self.batch_size)
-        _finite(self.grad_ratio_limit, "--grad-ratio-limit", "--grad-ratio-limit 20", minimum=0.0)
-        if self.grad_ratio_limit <= 1:
-            raise UserError(
-                f"--grad-ratio-limit must be above 1 (a ratio and its inverse are the bounds), got "
-                f"{self.grad_ratio_limit}; try --grad-ratio-limit 20"
-            )
-        if self.lr is None:
-            self.lr = DEFAULT_LR.get(self.model or "", 0.01)
-        if not _is_number(self.lr) or not math.isfinite(float(self.lr)) or float(self.lr) <= 0:
-            raise UserError(f"--lr must be a positive number, got {self.lr!r}; try --lr 0.01")
-        self.lr = float(self.lr)
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer {self.optimizer!r}; use --optimizer {_choices(OPTIMIZERS)}")
-        _finite(self.momentum, "--momentum", "--momentum 0.9", minimum=0.0)
-        if self.momentum >= 1:
-            raise UserError(f"--momentum must be below 1, got {self.momentum}; try --momentum 0.9")
-        _finite(self.weight_decay, "--weight-decay", "--weight-decay 1e-4", minimum=0.0)
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise UserError(
-                f"unknown lr schedule {self.lr_schedule!r}; use --lr-schedule {_choices(LR_SCHEDULES)}"
-            )
-        if self.grad_clip is not None:
-            _finite(self.grad_clip, "--grad-clip", "--grad-clip 1.0", minimum=0.0)
-            if self.grad_clip == 0:
-                raise UserError("--grad-clip must be positive; leave it out to disable clipping")
-        _positive_int(self.epochs, "--epochs", "--epochs 10")
-        if self.patience is not None:
-            _positive_int(self.patience, "--patience", "--patience 5")
-        _positive_int(self.val_every, "--val-every", "--val-every 1")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise UserError(f"--seed must be a non-negative integer, got {self.seed!r}")
+def _one(value: Any, names: tuple[str, ...]) -> str:
+    if value not in names:
+        raise CheckFailed(f"must be one of {'|'.join(names)}")
+    return str(value)
 
 
 def check_model_for_task(model: str | None, task: str) -> None:
@@ -540,40 +588,6 @@ def check_model_for_task(model: str | None, task: str) -> None:
         raise UserError("--model linear is for regression; use --model softmax (or mlp) for classification")
     if model == "softmax" and task == "regression":
         raise UserError("--model softmax is for classification; use --model linear (or mlp) for regression")
-
-
-def check_model_for_data(model: str | None, n_features: int) -> None:
-    """Raise :class:`UserError` when the data cannot feed ``model`` (the CNN needs square images)."""
-    from lightning_batch.tabular.networks import image_side  # torch: imported only once data is known
-
-    if model == "cnn" and image_side(n_features) is None:
-        raise UserError(
-            f"--model cnn needs square single-channel images (a square number of pixel features, like "
-            f"--data digits' 8×8 = 64); this data has {n_features} features; use --model mlp"
-        )
-
-
-def parse_batch_size(value: int | str) -> int | str:
-    """``"full"`` and ``"auto"`` stay modes; anything else must be a positive integer.
-
-    >>> parse_batch_size("64"), parse_batch_size("full"), parse_batch_size("AUTO")
-    (64, 'full', 'auto')
-    """
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in BATCH_MODES:
-            return text
-        try:
-            value = int(text)
-        except ValueError:
-            raise UserError(
-                f"--batch-size must be a positive integer or 'full', got {value!r}; e.g. --batch-size 32"
-            ) from None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UserError(
-            f"--batch-size must be a positive integer or 'full', got {value!r}; e.g. --batch-size 32"
-        )
-    return value
 
 
 def load_yaml_config(path: str) -> dict[str, Any]:
@@ -595,40 +609,6 @@ def load_yaml_config(path: str) -> dict[str, Any]:
     return values
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _finite(value: Any, flag: str, example: str, minimum: float | None = None) -> None:
-    if not _is_number(value) or not math.isfinite(float(value)):
-        raise UserError(f"{flag} must be a finite number, got {value!r}; e.g. {example}")
-    if minimum is not None and value < minimum:
-        raise UserError(f"{flag} must be at least {minimum}, got {value}; e.g. {example}")
-
-
-def _fraction(
-    value: Any, flag: str, what: str, example: str, *, high: float = 1.0, zero_allowed: bool = False
-) -> None:
-    """A finite number in (0, high], or [0, high] with ``zero_allowed``: one line naming the range."""
-    _finite(value, flag, example, minimum=0.0)
-    if value > high or (value == 0 and not zero_allowed):
-        low = "[0" if zero_allowed else "(0"
-        raise UserError(f"{flag} is {what} in {low}, {high:g}], got {value}; e.g. {example}")
-
-
-def _positive_int_list(value: Any, flag: str, what: str, example: str) -> list[int]:
-    """A non-empty list of positive ints (a single int becomes a one-item list)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value]
-    if (
-        not isinstance(value, list)
-        or not value
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-    ):
-        raise UserError(f"{flag} must be {what}, got {value!r}; e.g. {example}")
-    return value
-
-
-def _positive_int(value: Any, flag: str, example: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UserError(f"{flag} must be a positive integer, got {value!r}; e.g. {example}")
+def declared_options() -> list[tuple[dataclasses.Field[Any], Any]]:
+    """Every option of a run, in declaration order (the callback's first)."""
+    return option_fields(RunConfig)

@@ -16,5 +16,9 @@ from __future__ import annotations
 __all__ = ["UserError"]
 
 
-class UserError(Exception):
-    """Bad input from the user: the message is one line saying what is wrong and what to do."""
+class UserError(ValueError):
+    """Bad input from the user: the message is one line saying what is wrong and what to do.
+
+    A ``ValueError``, so that code calling the plugin with a bad argument (``DynamicBatchSize(
+    adjust_every=0)``) gets the exception Python code expects for a bad value.
+    """

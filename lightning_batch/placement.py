@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 
-from lightning_batch.config import ACCELERATORS, PRECISIONS, STRATEGIES
 from lightning_batch.errors import UserError
+from lightning_batch.plugin.checks import FLAG
+from lightning_batch.plugin.options import check_options
 
 #: Environment variables that tell a process which node it is (Lightning's own, torchelastic's, SLURM's).
 NODE_RANK_VARIABLES = ("NODE_RANK", "GROUP_RANK", "SLURM_NODEID")
@@ -117,9 +118,9 @@ def resolve_placement(cfg: Any) -> Placement:
     ``cfg`` needs ``accelerator``, ``devices``, ``strategy``, ``num_nodes`` and ``precision``
     (a :class:`~lightning_batch.config.RunConfig`).
     """
-    accelerator = cfg.accelerator
-    if accelerator not in ACCELERATORS:
-        raise UserError(f"unknown accelerator {accelerator!r}; use --accelerator {'|'.join(ACCELERATORS)}")
+    # The options' own declared checks: this is also called on configs that skipped validate().
+    given = check_options(cfg, FLAG, names=("accelerator", "devices", "strategy", "num_nodes", "precision"))
+    accelerator = given["accelerator"]
     gpus = gpu_count()
     if accelerator == "auto":
         accelerator = "gpu" if gpus else ("mps" if _mps_available() else "cpu")
@@ -132,15 +133,11 @@ def resolve_placement(cfg: Any) -> Placement:
     elif accelerator == "mps" and not _mps_available():
         raise UserError("--accelerator mps, but this machine has no Apple MPS device; use --accelerator cpu")
 
-    devices = _devices(cfg.devices, accelerator, gpus)
-    num_nodes = cfg.num_nodes
-    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
-        raise UserError(f"--num-nodes must be a positive integer, got {num_nodes!r}; e.g. --num-nodes 2")
+    devices = _devices(given["devices"], accelerator, gpus)
+    num_nodes = given["num_nodes"]
     world = devices * num_nodes
 
-    strategy = cfg.strategy
-    if strategy not in STRATEGIES:
-        raise UserError(f"unknown strategy {strategy!r}; use --strategy {'|'.join(STRATEGIES)}")
+    strategy = given["strategy"]
     if strategy in ("ddp", "ddp_spawn") and world == 1:
         raise UserError(
             f"--strategy {strategy} needs more than one process; pass --devices 2 (or more), or --strategy auto"
@@ -152,20 +149,17 @@ def resolve_placement(cfg: Any) -> Placement:
     if num_nodes > 1 and not any(os.environ.get(v) for v in NODE_RANK_VARIABLES):
         raise UserError(
             f"--num-nodes {num_nodes} needs each node started with NODE_RANK, MASTER_ADDR and MASTER_PORT "
-            "set (see the README's 'Several machines'); NODE_RANK is not set here"
+            "set (see the docs' guide 'GPUs, DDP and several machines'); NODE_RANK is not set here"
         )
 
-    precision = _precision(cfg.precision, accelerator)
+    precision = _precision(given["precision"], accelerator)
     return Placement(accelerator, devices, strategy, num_nodes, precision)
 
 
-def _devices(value: Any, accelerator: str, gpus: int) -> int:
+def _devices(value: int | str, accelerator: str, gpus: int) -> int:
     if value == "auto":
         return gpus if accelerator == "gpu" else 1
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"--devices must be a positive integer or auto, got {value!r}; e.g. --devices 2")
+    assert isinstance(value, int)
     if accelerator == "gpu" and value > gpus:
         raise UserError(
             f"--devices {value}, but torch sees {gpus} GPU{'s' if gpus != 1 else ''}; "
@@ -174,9 +168,7 @@ def _devices(value: Any, accelerator: str, gpus: int) -> int:
     return value
 
 
-def _precision(value: Any, accelerator: str) -> str:
-    if value not in PRECISIONS:
-        raise UserError(f"unknown precision {value!r}; use --precision {'|'.join(PRECISIONS)}")
+def _precision(value: str, accelerator: str) -> str:
     if value == "16-mixed" and accelerator != "gpu":
         raise UserError(
             f"--precision 16-mixed needs a CUDA GPU (float16 autocast with a gradient scaler); on {accelerator} "

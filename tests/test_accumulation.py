@@ -111,7 +111,7 @@ def test_a_policy_beyond_the_ceiling_trains_in_micro_batches_and_logs_them(monke
     probe = MemoryProbeResult(
         ceiling=48, steps=[(48, 48)], budget_bytes=48, backend="fake", bytes_per_sample=1.0
     )
-    monkeypatch.setattr("lightning_batch.plugin.callback.probe_training_ceiling", lambda *a, **k: probe)
+    monkeypatch.setattr("lightning_batch.plugin.probe.probe_training_ceiling", lambda *a, **k: probe)
     resize = DynamicBatchSize(policy="schedule", milestones=(1,), schedule_factor=4.0, lr_rule="none")
     recorder = MetricsRecorder()
     trainer = quiet_trainer(2, [resize], logger=recorder, log_every_n_steps=5)
@@ -131,7 +131,7 @@ def test_without_accumulation_the_ceiling_caps_the_batch(monkeypatch):
     probe = MemoryProbeResult(
         ceiling=48, steps=[(48, 48)], budget_bytes=48, backend="fake", bytes_per_sample=1.0
     )
-    monkeypatch.setattr("lightning_batch.plugin.callback.probe_training_ceiling", lambda *a, **k: probe)
+    monkeypatch.setattr("lightning_batch.plugin.probe.probe_training_ceiling", lambda *a, **k: probe)
     resize = DynamicBatchSize(
         policy="schedule", milestones=(1,), schedule_factor=4.0, lr_rule="none", accumulate=False
     )

@@ -7,7 +7,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
 
-from lightning_batch.config import RunConfig, UserError
+from lightning_batch.config import RunConfig
+from lightning_batch.errors import UserError
 from lightning_batch.tabular.augment import Augmenter, mixup, shift_images
 from lightning_batch.tabular.datamodule import TabularDataModule
 from lightning_batch.training import build_module, train

@@ -61,8 +61,14 @@ def _cases(folder: Path) -> dict[str, tuple[list[str], str]]:
             ["train", "--data", "diabetes", "--batch-size", "auto", "--min-timed-steps", "0"],
             "--min-timed-steps must be a positive integer",
         ),
-        "tune: unknown sampler": ([*tune, "--sampler", "bayes"], "unknown sampler"),
-        "tune: unknown pruner": ([*tune, "--pruner", "asha"], "unknown pruner"),
+        "tune: unknown sampler": (
+            [*tune, "--sampler", "bayes"],
+            "--sampler must be one of tpe|gp|random|grid, got 'bayes'",
+        ),
+        "tune: unknown pruner": (
+            [*tune, "--pruner", "asha"],
+            "--pruner must be one of median|hyperband|none, got 'asha'",
+        ),
         "tune: more workers than trials": ([*tune, "--trials", "2", "--workers", "4"], "lower --workers"),
         "tune: zero trials": ([*tune, "--trials", "0"], "--trials must be a positive integer"),
         "tune: space range upside down": (
@@ -141,8 +147,14 @@ def _cases(folder: Path) -> dict[str, tuple[list[str], str]]:
         "lr zero": (["train", "--data", "iris", "--lr", "0"], "--lr"),
         "lr negative": (["train", "--data", "iris", "--lr", "-0.1"], "--lr"),
         "lr not a number": (["train", "--data", "iris", "--lr", "fast"], "--lr"),
-        "unknown model": (["train", "--data", "iris", "--model", "transformer"], "unknown model"),
-        "unknown task": (["train", "--data", "iris", "--task", "ranking"], "unknown task"),
+        "unknown model": (
+            ["train", "--data", "iris", "--model", "transformer"],
+            "--model must be one of linear|softmax|mlp|cnn, got 'transformer'",
+        ),
+        "unknown task": (
+            ["train", "--data", "iris", "--task", "ranking"],
+            "--task must be one of regression|classification, got 'ranking'",
+        ),
         "model wrong for task": (["train", "--data", "iris", "--model", "linear"], "use --model softmax"),
         "unreadable YAML": (["train", "--config", str(folder / "bad.yaml")], "cannot read YAML"),
         "YAML not a mapping": (["train", "--config", str(folder / "list.yaml")], "mapping"),
@@ -229,9 +241,7 @@ def test_the_process_exit_status_is_2(workdir: Path):
         timeout=120,
     )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        "error: --lr must be a positive number, got -1.0; try --lr 0.01"
-    ]
+    assert done.stderr.strip().splitlines() == ["error: --lr must be above 0, got -1.0; e.g. --lr 0.01"]
 
 
 def test_the_error_line_escapes_every_character_python_breaks_lines_on():

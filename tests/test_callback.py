@@ -381,7 +381,7 @@ def test_a_stopped_run_resumes_on_the_same_mlflow_run_with_the_controller_state(
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tracking_uri: str):
-    from lightning_batch.config import UserError
+    from lightning_batch.errors import UserError
 
     with pytest.raises(UserError, match="no checkpoint to resume"):
         train(RunConfig(tracking_uri=tracking_uri), resume_run_id="0123456789abcdef")

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from lightning_batch.config import RunConfig, UserError
+from lightning_batch.config import RunConfig
+from lightning_batch.errors import UserError
 from lightning_batch.tabular.datamodule import TabularDataModule
 from lightning_batch.tabular.prepare import prepare_data
 from lightning_batch.tabular.preprocessing import Preprocessor

@@ -203,6 +203,16 @@ PLUGIN_FIT = textwrap.dedent(
     model = Plain()
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True))
 
+    import importlib, pkgutil
+    import lightning_batch.plugin
+    plugin_modules = {}
+    for info in pkgutil.iter_modules(lightning_batch.plugin.__path__, "lightning_batch.plugin."):
+        try:
+            importlib.import_module(info.name)
+            plugin_modules[info.name] = "ok"
+        except Exception as exc:
+            plugin_modules[info.name] = f"{type(exc).__name__}: {exc}"
+
     errors = {}
     for name in ("TabularDataModule", "train", "tune"):
         try:
@@ -217,7 +227,7 @@ PLUGIN_FIT = textwrap.dedent(
     loaded = sorted(m for m in sys.modules if m.partition(".")[0] in MODULES)
     sampler = model.sampler
     print(json.dumps({"present": present, "loaded": loaded, "steps": trainer.global_step,
-                      "sampler": sampler, "errors": errors}))
+                      "sampler": sampler, "errors": errors, "plugin": plugin_modules}))
     """
 )
 
@@ -232,6 +242,8 @@ def test_callback_fits_with_only_torch_and_lightning(tmp_path: Path) -> None:
     assert result["loaded"] == []
     assert result["steps"] > 0
     assert result["sampler"] == "ResizableBatchSampler"  # the callback drove the user's loader
+    # every module of the plugin imports with torch and Lightning alone
+    assert len(result["plugin"]) >= 12 and set(result["plugin"].values()) == {"ok"}, result["plugin"]
     data = "the tabular data path needs pandas: pip install 'lightning-batch[data]'"
     assert result["errors"] == {
         "TabularDataModule": ["MissingExtraError", data],

@@ -85,9 +85,9 @@ IMPOSSIBLE: dict[str, tuple[list[str], dict, str]] = {
         "--devices 4, but torch sees 2 GPUs; pass --devices 2",
     ),
     "2 devices on the one GPU auto finds": (["--devices", "2"], {"gpus": 1}, "torch sees 1 GPU;"),
-    "devices 0": (["--devices", "0"], {}, "--devices must be a positive integer, got 0"),
+    "devices 0": (["--devices", "0"], {}, "--devices must be a positive integer or auto, got '0'"),
     "devices -1": (["--devices", "-1"], {}, "--devices must be a positive integer"),
-    "devices abc": (["--devices", "abc"], {}, "--devices must be a positive integer, got 'abc'"),
+    "devices abc": (["--devices", "abc"], {}, "--devices must be a positive integer or auto, got 'abc'"),
     "devices 2.5": (["--devices", "2.5"], {}, "--devices must be a positive integer"),
     "2 nodes without NODE_RANK": (
         ["--accelerator", "cpu", "--num-nodes", "2"],
@@ -95,10 +95,26 @@ IMPOSSIBLE: dict[str, tuple[list[str], dict, str]] = {
         "--num-nodes 2 needs each node started with NODE_RANK",
     ),
     "0 nodes": (["--num-nodes", "0"], {}, "--num-nodes must be a positive integer"),
-    "unknown accelerator": (["--accelerator", "tpu"], {}, "unknown accelerator 'tpu'; use --accelerator"),
-    "unknown strategy": (["--strategy", "fsdp"], {}, "unknown strategy 'fsdp'; use --strategy"),
-    "unknown precision": (["--precision", "bf16"], {}, "unknown precision 'bf16'; use --precision"),
-    "accelerator names are exact": (["--accelerator", "GPU"], {}, "unknown accelerator 'GPU'"),
+    "unknown accelerator": (
+        ["--accelerator", "tpu"],
+        {},
+        "--accelerator must be one of auto|cpu|gpu|mps, got 'tpu'",
+    ),
+    "unknown strategy": (
+        ["--strategy", "fsdp"],
+        {},
+        "--strategy must be one of auto|ddp|ddp_spawn, got 'fsdp'",
+    ),
+    "unknown precision": (
+        ["--precision", "bf16"],
+        {},
+        "--precision must be one of 32-true|16-mixed|bf16-mixed, got 'bf16'",
+    ),
+    "accelerator names are exact": (
+        ["--accelerator", "GPU"],
+        {},
+        "--accelerator must be one of auto|cpu|gpu|mps, got 'GPU'",
+    ),
     "mps without MPS": (["--accelerator", "mps"], {}, "no Apple MPS device"),
     "mps on two devices": (
         ["--accelerator", "mps", "--devices", "2"],
@@ -114,9 +130,13 @@ IMPOSSIBLE: dict[str, tuple[list[str], dict, str]] = {
     "device data budget below 0": (
         ["--device-data-budget", "-0.1"],
         {},
-        "--device-data-budget must be at least",
+        "--device-data-budget must be in [0, 1], got -0.1",
     ),
-    "device data budget nan": (["--device-data-budget", "nan"], {}, "--device-data-budget must be a finite"),
+    "device data budget nan": (
+        ["--device-data-budget", "nan"],
+        {},
+        "--device-data-budget must be a number in [0, 1], got nan",
+    ),
 }
 
 
@@ -206,9 +226,9 @@ def test_resolve_placement_checks_even_an_unvalidated_config(machine):
         ({"devices": True}, "--devices must be a positive integer"),
         ({"num_nodes": 0}, "--num-nodes must be a positive integer"),
         ({"num_nodes": 1.0}, "--num-nodes must be a positive integer"),
-        ({"accelerator": "xla"}, "unknown accelerator"),
-        ({"strategy": "deepspeed"}, "unknown strategy"),
-        ({"precision": 16}, "unknown precision"),
+        ({"accelerator": "xla"}, "--accelerator must be one of"),
+        ({"strategy": "deepspeed"}, "--strategy must be one of"),
+        ({"precision": 16}, "--precision must be one of"),
     ]:
         with pytest.raises(UserError, match=fragment):
             resolve_placement(RunConfig(**options))
@@ -223,11 +243,11 @@ def test_resolve_placement_checks_even_an_unvalidated_config(machine):
         ({"devices": "all"}, "--devices must be a positive integer"),
         ({"num_nodes": "2"}, "--num-nodes must be a positive integer"),
         ({"num_nodes": False}, "--num-nodes must be a positive integer"),
-        ({"device_data_budget": float("inf")}, "--device-data-budget must be a finite number"),
-        ({"device_data_budget": "half"}, "--device-data-budget must be a finite number"),
+        ({"device_data_budget": float("inf")}, "--device-data-budget must be a number in [0, 1], got inf"),
+        ({"device_data_budget": "half"}, "--device-data-budget must be a number in [0, 1], got 'half'"),
         ({"device_data_budget": 1.0000001}, "in [0, 1]"),
-        ({"accelerator": None}, "unknown accelerator None"),
-        ({"precision": "16"}, "unknown precision '16'"),
+        ({"accelerator": None}, "--accelerator must be one of auto|cpu|gpu|mps, got None"),
+        ({"precision": "16"}, "--precision must be one of 32-true|16-mixed|bf16-mixed, got '16'"),
     ],
 )
 def test_yaml_values_the_cli_cannot_give_are_refused_by_validate(options, fragment):

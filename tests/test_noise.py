@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 import lightning_batch.plugin.noise as noise_module
-from lightning_batch.plugin import defaults
 from lightning_batch.plugin.noise import (
     GradNoiseStats,
     NoiseMeter,
@@ -30,6 +29,7 @@ from lightning_batch.plugin.noise import (
     per_sample_grad_stats,
     unbiased_grad_stats,
 )
+from lightning_batch.plugin.options import BatchSizeOptions
 
 DTYPE = torch.float64
 
@@ -1049,7 +1049,10 @@ def test_a_fresh_noise_meter_measures_nothing_until_told() -> None:
     model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
     meter = NoiseMeter(model)
     assert meter.measuring is False and meter.last_estimate is None and meter.hooks.enabled is False
-    assert meter.grad_from_params is True and meter.fallback_microbatches == defaults.FALLBACK_MICROBATCHES
+    assert (
+        meter.grad_from_params is True
+        and meter.fallback_microbatches == BatchSizeOptions.fallback_microbatches
+    )
     assert meter.estimate(global_rows=4) is None
     meter.remove()
 

@@ -130,7 +130,7 @@ def test_throughput_state_dict_round_trip() -> None:
     [{"batch_size": 0, "seconds": 1.0}, {"batch_size": 8, "seconds": 0.0}, {"batch_size": 8, "seconds": -1}],
 )
 def test_throughput_rejects_bad_measurements(kwargs: dict) -> None:
-    with pytest.raises(ValueError, match="Pass"):
+    with pytest.raises(ValueError, match=r"Pass|; e\.g\. "):
         ThroughputModel().observe(**kwargs)
 
 
@@ -143,7 +143,7 @@ def test_efficiency_formula() -> None:
     assert efficiency(1000, 100, 0.0) == pytest.approx(0.1)  # no noise: only B0/B of the samples count
     assert efficiency(300, 100, 100.0) == pytest.approx(200 / 400)
     assert efficiency(50, 100, 100.0) == pytest.approx(200 / 150)
-    with pytest.raises(ValueError, match="Pass"):
+    with pytest.raises(ValueError, match=r"Pass|; e\.g\. "):
         efficiency(0, 100, 1.0)
 
 
@@ -482,7 +482,7 @@ def test_schedule_milestones() -> None:
         {"milestones": [-1]},
         {"factor": 0},
     ):
-        with pytest.raises(ValueError, match="Pass"):
+        with pytest.raises(ValueError, match=r"Pass|; e\.g\. "):
             SchedulePolicy(**bad)
 
 
@@ -542,7 +542,7 @@ def test_unknown_names_list_valid_ones() -> None:
     ],
 )
 def test_context_rejects_bad_values(kwargs: dict) -> None:
-    with pytest.raises(ValueError, match="Pass"):
+    with pytest.raises(ValueError, match=r"Pass|; e\.g\. "):
         PolicyContext(**kwargs)
 
 
@@ -558,16 +558,16 @@ def test_context_rejects_bad_values(kwargs: dict) -> None:
     ],
 )
 def test_controller_rejects_bad_values(kwargs: dict) -> None:
-    with pytest.raises(ValueError, match="Pass"):
+    with pytest.raises(ValueError, match=r"Pass|; e\.g\. "):
         BatchSizeController("fixed", **kwargs)
 
 
 def test_policy_args_rejected() -> None:
-    with pytest.raises(ValueError, match="Pass"):
+    with pytest.raises(ValueError, match=r"Pass|; e\.g\. "):
         NoisePolicy(k=0)
-    with pytest.raises(ValueError, match="Pass"):
+    with pytest.raises(ValueError, match=r"Pass|; e\.g\. "):
         GoodputPolicy(explore_factor=1.0)
-    with pytest.raises(ValueError, match="Pass"):
+    with pytest.raises(ValueError, match=r"Pass|; e\.g\. "):
         ThroughputModel(max_sizes=1)
 
 

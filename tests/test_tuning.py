@@ -6,6 +6,8 @@ tracking store's runs must agree one to one (a trial number, a child run; its st
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import signal
@@ -202,8 +204,7 @@ def test_a_study_resumes_by_name_and_train_plus_val_refit(workdir: Path, trackin
     base = RunConfig(**SMALL, tracking_uri=tracking_uri)
     options = TuneConfig(study="again", trials=2, storage=storage, retrain="none", sampler="random")
     first = tune(base, options, echo=lambda line: None)
-    options.trials, options.retrain = 1, "train+val"
-    second = tune(base, options, echo=lambda line: None)
+    second = tune(base, dataclasses.replace(options, trials=1, retrain="train+val"), echo=lambda line: None)
     assert first.parent_run_id == second.parent_run_id
     _assert_trials_match_runs(storage, tracking_uri, "again", 3)
     refit = MlflowClient(tracking_uri).get_run(second.retrain_run_id)

@@ -46,8 +46,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the config imports this module's defaults and must not pull in torch
     from lightning_batch.plugin.sampler import ResizableBatchSampler
 
-#: Steps the ``goodput`` policy times at a batch size before it decides again (its default).
-GOODPUT_MIN_TIMED_STEPS = 20
 #: The share of an epoch's rows after which a decision falls even before ``adjust_every`` steps.
 EPOCH_SHARE_PER_DECISION = 0.25
 #: The decisions DynamicBatchSize takes sooner at the start of a fit (see the module docstring).

@@ -21,6 +21,10 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
@@ -30,7 +34,7 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
-from lightning_batch.plugin._lightning_compat import with_batch_sampler
+from lightning_batch.plugin._lightning_compat import replace_train_dataloader, with_batch_sampler
 from lightning_batch.plugin.sampler import ResizableBatchSampler
 
 SUPPORTED = (
@@ -104,3 +108,34 @@ def resizable_equivalent(
         # Per-row datasets get plain int indices, as from PyTorch's own samplers.
         index_lists=not callable(getattr(dataset, "__getitems__", None)),
     )
+
+
+def adopt_train_loader(trainer: pl.Trainer, owner: Any) -> tuple[ResizableBatchSampler, bool]:
+    """The fit's training sampler, made resizable, and whether the loader was rebuilt for it.
+
+    The sampler the loader has (``TabularDataModule``'s, or the user's own
+    :class:`ResizableBatchSampler`), else the loader rebuilt on one by :func:`make_resizable` and
+    put in the Trainer's place (its iterator must then restart: the caller's job). From here on
+    ``owner`` reports the trained batches (``sampler.position_owner``), so the sampler's saved
+    position is right whatever the loader fetches ahead.
+    """
+    loader = trainer.train_dataloader
+    existing = getattr(loader, "batch_sampler", None)
+    if not isinstance(existing, ResizableBatchSampler):
+        existing = getattr(getattr(trainer, "datamodule", None), "train_batch_sampler", None)
+    rebuilt = False
+    if isinstance(existing, ResizableBatchSampler):
+        sampler = existing
+    else:
+        if not isinstance(loader, DataLoader):
+            raise UnsupportedLoaderError(f"{type(loader).__name__} instead of one torch DataLoader")
+        # One seed for every rank (an unseeded RandomSampler would draw its own on each).
+        seed = int(torch.randint(2**31 - 1, ()).item())
+        seed = int(trainer.strategy.broadcast(seed, src=0))
+        loader, sampler = make_resizable(
+            loader, seed=seed, rank=trainer.global_rank, world_size=trainer.world_size
+        )
+        replace_train_dataloader(trainer, loader)
+        rebuilt = True
+    sampler.position_owner = owner
+    return sampler, rebuilt

@@ -25,8 +25,12 @@ Algorithm (:class:`MemoryProbe`):
 
 The ceiling returned is always a batch that was actually run within budget.
 
->>> meter = FakeMemoryMeter(base_bytes=8_400_000, bytes_per_sample=9_100, capacity_bytes=1_000_000_000)
->>> result = MemoryProbe(meter).run(lambda batch_size: None)
+>>> class SimulatedDevice(MemoryMeter):  # a step of B rows peaks at 8.4 MB + 9.1 kB a row
+...     def budget_bytes(self):
+...         return 900_000_000
+...     def measure(self, run_step, batch_size):
+...         return 8_400_000 + 9_100 * batch_size
+>>> result = MemoryProbe(SimulatedDevice()).run(lambda batch_size: None)
 >>> result.ceiling, len(result.steps)  # true largest: floor((0.9e9 - 8.4e6) / 9100) = 97978
 (93079, 3)
 """
@@ -39,28 +43,26 @@ import ctypes.util
 import gc
 import math
 import numbers
-import random
 import resource
 import sys
 import threading
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_batch.plugin.checks import checked, fraction, integer, positive_int
+
 __all__ = [
     "BatchOutOfMemoryError",
     "CpuMemoryMeter",
     "CudaMemoryMeter",
-    "FakeMemoryMeter",
     "MemoryMeter",
     "MemoryProbe",
     "MemoryProbeError",
     "MemoryProbeResult",
     "RunStep",
     "max_batch_that_fits",
-    "probe_max_batch",
 ]
 
 RunStep = Callable[[int], None]
@@ -73,18 +75,6 @@ class BatchOutOfMemoryError(RuntimeError):
 
 class MemoryProbeError(RuntimeError):
     """The probe could not find any batch size that fits."""
-
-
-def _check_fraction(name: str, value: Any, hint: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1], got {value!r}. {hint}")
-    return float(value)
-
-
-def _check_int(name: str, value: Any, minimum: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}. {hint}")
-    return int(value)
 
 
 def max_batch_that_fits(bytes_per_sample: float, base_bytes: float, budget: float) -> int:
@@ -142,64 +132,6 @@ class MemoryMeter(ABC):
         on OOM."""
 
 
-class FakeMemoryMeter(MemoryMeter):
-    """A simulated device for tests: a step at ``B`` takes ``base + per_sample * B + quadratic * B**2`` bytes
-    (times ``1 + noise * N(0, 1)``), and raises :class:`BatchOutOfMemoryError` above ``capacity_bytes`` or
-    above ``oom_above`` samples (an OOM the peak figures don't predict, e.g. fragmentation or a cuDNN
-    workspace). The budget is ``budget_fraction * capacity_bytes``. ``run_step`` is still called, so tests
-    can record what was tried.
-
-    >>> m = FakeMemoryMeter(base_bytes=100, bytes_per_sample=10, capacity_bytes=1000, budget_fraction=0.5)
-    >>> m.budget_bytes(), m.measure(lambda b: None, 8)
-    (500, 180)
-    """
-
-    name = "fake"
-
-    def __init__(
-        self,
-        base_bytes: float,
-        bytes_per_sample: float,
-        capacity_bytes: float,
-        *,
-        budget_fraction: float = 0.9,
-        quadratic: float = 0.0,
-        noise: float = 0.0,
-        oom_above: int | None = None,
-        seed: int = 0,
-    ) -> None:
-        if base_bytes < 0 or bytes_per_sample <= 0 or capacity_bytes <= 0 or quadratic < 0 or noise < 0:
-            raise ValueError(
-                "FakeMemoryMeter needs base_bytes >= 0, bytes_per_sample > 0, capacity_bytes > 0, "
-                f"quadratic >= 0, noise >= 0; got {base_bytes!r}, {bytes_per_sample!r}, {capacity_bytes!r}, "
-                f"{quadratic!r}, {noise!r}. Pass sizes in bytes."
-            )
-        self.base_bytes = base_bytes
-        self.bytes_per_sample = bytes_per_sample
-        self.capacity_bytes = capacity_bytes
-        self.budget_fraction = _check_fraction("budget_fraction", budget_fraction, "Pass e.g. 0.9.")
-        self.quadratic = quadratic
-        self.noise = noise
-        self.oom_above = oom_above
-        self._rng = random.Random(seed)
-        self.calls: list[int] = []
-
-    def bytes_at(self, batch_size: int) -> float:
-        """The noise-free memory curve."""
-        return self.base_bytes + self.bytes_per_sample * batch_size + self.quadratic * batch_size**2
-
-    def budget_bytes(self) -> int:
-        return int(self.budget_fraction * self.capacity_bytes)
-
-    def measure(self, run_step: RunStep, batch_size: int) -> int:
-        self.calls.append(batch_size)
-        run_step(batch_size)
-        peak = self.bytes_at(batch_size) * (1.0 + self.noise * self._rng.gauss(0.0, 1.0))
-        if peak > self.capacity_bytes or (self.oom_above is not None and batch_size > self.oom_above):
-            raise BatchOutOfMemoryError(f"fake OOM at batch {batch_size}")
-        return int(peak)
-
-
 class CudaMemoryMeter(MemoryMeter):
     """Peak ``torch.cuda.max_memory_allocated`` of a step; OOM is ``torch.cuda.OutOfMemoryError``.
 
@@ -218,9 +150,7 @@ class CudaMemoryMeter(MemoryMeter):
 
     def __init__(self, device: Any = None, budget_fraction: float = 0.9) -> None:
         self.device = device
-        self.budget_fraction = _check_fraction(
-            "budget_fraction", budget_fraction, "Pass the share of device memory training may use, e.g. 0.9."
-        )
+        self.budget_fraction = checked("budget_fraction", budget_fraction, fraction(), 0.9)
 
     def begin(self) -> None:
         import torch
@@ -264,7 +194,7 @@ class CudaMemoryMeter(MemoryMeter):
         return int(torch.cuda.max_memory_allocated(self.device))
 
 
-def _release_free_memory() -> None:
+def release_free_memory() -> None:
     """Collect garbage and hand freed heap back to the OS (glibc ``malloc_trim``), so RSS shows live memory
     rather than what the allocator kept from earlier, larger steps. No-op where ``malloc_trim`` is missing.
 
@@ -294,7 +224,7 @@ def resident_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def _available_memory() -> int:
+def available_memory() -> int:
     """RAM available to new allocations (psutil's ``available``; Linux's MemAvailable without it)."""
     try:
         import psutil
@@ -410,26 +340,24 @@ class CpuMemoryMeter(MemoryMeter):
         sample_interval_s: float = 0.0005,
         resolution_bytes: int = 256 * 1024,
     ) -> None:
-        self.budget_fraction = _check_fraction(
-            "budget_fraction", budget_fraction, "Pass the share of available RAM the batch may use, e.g. 0.5."
-        )
+        self.budget_fraction = checked("budget_fraction", budget_fraction, fraction(), 0.9)
         if budget_bytes is not None:
-            budget_bytes = _check_int("budget_bytes", budget_bytes, 1, "Pass a size in bytes, or None.")
+            budget_bytes = checked("budget_bytes", budget_bytes, positive_int, 1)
         self._fixed_budget = budget_bytes
         if not sample_interval_s > 0:
             raise ValueError(f"sample_interval_s must be > 0, got {sample_interval_s!r}. Pass e.g. 0.0005.")
         self.sample_interval_s = float(sample_interval_s)
-        self.resolution_bytes = _check_int("resolution_bytes", resolution_bytes, 1, "Pass e.g. 262144.")
+        self.resolution_bytes = checked("resolution_bytes", resolution_bytes, positive_int, 262144)
         self._baseline: int | None = None
         self._budget: int | None = None
 
     def begin(self) -> None:
-        _release_free_memory()
+        release_free_memory()
         self._baseline = resident_bytes()
         if self._fixed_budget is not None:
             self._budget = self._fixed_budget
         else:
-            self._budget = int(self.budget_fraction * _available_memory())
+            self._budget = int(self.budget_fraction * available_memory())
 
     def budget_bytes(self) -> int:
         if self._budget is None:
@@ -441,7 +369,7 @@ class CpuMemoryMeter(MemoryMeter):
         if self._baseline is None:
             self.begin()
         assert self._baseline is not None
-        _release_free_memory()
+        release_free_memory()
         exact = _reset_peak_rss()
         high_before = _maxrss()
         oom = False
@@ -592,8 +520,12 @@ class MemoryProbe:
     Run one warm-up step before probing: lazy initialisation (cuDNN/cuBLAS handles, thread pools, optimizer
     state) would otherwise be measured as part of the first trial step and distort the fit.
 
-    >>> meter = FakeMemoryMeter(base_bytes=1_000, bytes_per_sample=100, capacity_bytes=1_000_000)
-    >>> MemoryProbe(meter, upper_bound=5_000).run(lambda b: None).ceiling
+    >>> class SimulatedDevice(MemoryMeter):  # a step of B rows peaks at 1 kB + 100 B a row
+    ...     def budget_bytes(self):
+    ...         return 900_000
+    ...     def measure(self, run_step, batch_size):
+    ...         return 1_000 + 100 * batch_size
+    >>> MemoryProbe(SimulatedDevice(), upper_bound=5_000).run(lambda b: None).ceiling
     5000
     """
 
@@ -613,22 +545,16 @@ class MemoryProbe:
                 f"meter must be a MemoryMeter, got {meter!r}. Pass e.g. CudaMemoryMeter('cuda')."
             )
         self.meter = meter
-        self.start_batch = _check_int(
-            "start_batch", start_batch, 1, "Pass a small batch that surely fits, e.g. 8."
-        )
-        self.safety = _check_fraction(
-            "safety", safety, "Pass e.g. safety=0.95 to keep 5% of the headroom free."
-        )
+        self.start_batch = checked("start_batch", start_batch, positive_int, 8)
+        self.safety = checked("safety", safety, fraction(), 0.95)
         if isinstance(backoff, bool) or not isinstance(backoff, numbers.Real) or not 0.0 < backoff < 1.0:
             raise ValueError(
                 f"backoff must be in (0, 1), got {backoff!r}. Pass e.g. backoff=0.8 (or 0.5 to halve)."
             )
         self.backoff = float(backoff)
-        self.max_trials = _check_int(
-            "max_trials", max_trials, 3, "Pass e.g. max_trials=8 (3 are needed for a fit)."
-        )
+        self.max_trials = checked("max_trials", max_trials, integer(minimum=3), 8)
         if upper_bound is not None:
-            upper_bound = _check_int("upper_bound", upper_bound, 1, "Pass e.g. the dataset size, or None.")
+            upper_bound = checked("upper_bound", upper_bound, positive_int, 10_000)
         self.upper_bound = upper_bound
         if isinstance(refine_tol, bool) or not isinstance(refine_tol, numbers.Real) or refine_tol < 0:
             raise ValueError(f"refine_tol must be >= 0, got {refine_tol!r}. Pass e.g. refine_tol=0.05.")
@@ -788,97 +714,3 @@ class _ProbeRun:
             bytes_per_sample=float(b),
             upper_bound=self.cap,
         )
-
-
-def probe_max_batch(run_step: RunStep, meter: MemoryMeter, **kwargs: Any) -> MemoryProbeResult:
-    """Shortcut for ``MemoryProbe(meter, **kwargs).run(run_step)``.
-
-    >>> meter = FakeMemoryMeter(base_bytes=0, bytes_per_sample=1_000, capacity_bytes=1_000_000)
-    >>> probe_max_batch(lambda b: None, meter).ceiling  # no fixed cost: the safe jump lands on the true 900
-    900
-    """
-    return MemoryProbe(meter, **kwargs).run(run_step)
-
-
-#: The CUDA probe's first trial batch (see probe_training_ceiling).
-CUDA_START_BATCH = 1024
-
-
-def probe_training_ceiling(
-    network: Any,
-    loss_fn: Callable[[Any, Any], Any],
-    sample_batch: Callable[[Any], tuple[Any, Any]],
-    rows: int,
-    device: Any,
-    memory_budget: float,
-    *,
-    seed: int = 0,
-    forward_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-) -> MemoryProbeResult:
-    """The largest batch whose training step fits ``memory_budget`` of free memory on ``device``.
-
-    A trial step is the forward and backward of ``loss_fn(network(x), y)`` on ``sample_batch(index)``,
-    ``index`` being random rows out of ``rows``, the forward inside ``forward_context()`` (the
-    Trainer's precision plugin's, e.g. bf16 autocast). The probe leaves no trace: the network's parameters,
-    buffers (running statistics), gradients and the random state are as before. Raises
-    ``MemoryError`` with what to do when not even one row fits.
-
-    >>> import torch
-    >>> net, x, y = torch.nn.Linear(4, 1), torch.randn(64, 4), torch.randn(64, 1)
-    >>> result = probe_training_ceiling(
-    ...     net, torch.nn.functional.mse_loss, lambda i: (x[i], y[i]), 64, torch.device("cpu"), 0.5
-    ... )
-    >>> result.ceiling  # a linear model on 64 rows: all of them fit
-    64
-    """
-    import torch
-
-    meter: MemoryMeter
-    if device.type == "cuda":
-        meter = CudaMemoryMeter(device, budget_fraction=memory_budget)
-        # On a GPU the peak of a small batch is the fixed cost's (weights, their gradients, cuBLAS's
-        # workspace): measured on an H200, an MLP's bytes per row from 8 and 975 rows came out 13% low,
-        # so the jump to the ceiling overshot into an OOM. From 1,024 rows the slope is the large
-        # batches' (benchmarks/gpu_check.py). An OOM there costs a trial and halves the start.
-        start_batch = min(CUDA_START_BATCH, max(1, rows))
-    else:
-        # On a CPU an OOM kills the process: start small and grow under the conservative bound.
-        meter = CpuMemoryMeter(budget_fraction=memory_budget)
-        start_batch = min(8, max(1, rows))
-    generator = torch.Generator().manual_seed(seed)
-    timed: list[tuple[int, float]] = []
-
-    def run_step(batch: int) -> None:
-        # Timed as a training step's data and compute (the batch's rows gathered, forward, backward):
-        # the per-row cost the policy's throughput model starts from (see seconds_per_row).
-        start = time.perf_counter()
-        x, y = sample_batch(torch.randint(rows, (batch,), generator=generator))
-        with forward_context():
-            loss = loss_fn(network(x.to(device)), y.to(device))
-        loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        timed.append((batch, time.perf_counter() - start))
-        network.zero_grad(set_to_none=True)
-
-    buffers = {name: b.detach().clone() for name, b in network.named_buffers()}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        try:
-            run_step(min(8, rows))  # warm-up: lazy allocations are not per-sample cost
-            network.zero_grad(set_to_none=True)
-            timed.clear()
-            result = MemoryProbe(meter, upper_bound=max(1, rows), start_batch=start_batch).run(run_step)
-            # A trial that raised never reached the clock; one over budget did, and timed its rows.
-            result.step_seconds = list(timed)
-            return result
-        except MemoryProbeError as exc:
-            raise MemoryError(
-                f"not even the smallest batch fits the memory budget (--memory-budget {memory_budget:g} "
-                f"of free {meter.name} memory = {meter.budget_bytes() / 2**20:.1f} MiB); raise --memory-budget, "
-                f"free memory, or use a smaller model ({exc})"
-            ) from None
-        finally:
-            network.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for name, buffer in network.named_buffers():
-                    buffer.copy_(buffers[name])

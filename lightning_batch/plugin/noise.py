@@ -56,7 +56,6 @@ and take the ratio of the averages.
 from __future__ import annotations
 
 import math
-import numbers
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -67,7 +66,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_batch.plugin import defaults
+from lightning_batch.plugin.checks import checked, count, integer, positive_int
+from lightning_batch.plugin.options import BatchSizeOptions as _Declared  # the declared defaults
 
 __all__ = [
     "GradNoiseStats",
@@ -81,15 +81,6 @@ __all__ = [
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    # bool is an Integral subclass; ``n=True`` is almost certainly a bug, so reject it explicitly.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def unbiased_grad_stats(
@@ -112,8 +103,8 @@ def unbiased_grad_stats(
     >>> unbiased_grad_stats(mean_small_sqr_norm=(1 + 9) / 2, big_sqr_norm=4.0, n=2, small_batch=1)
     (3.0, 2.0)
     """
-    n = _check_int(n, "n (number of small gradients)", 2)
-    b = _check_int(small_batch, "small_batch (examples per small gradient)", 1)
+    n = checked("n (number of small gradients)", n, integer(minimum=2), 2)
+    b = checked("small_batch (examples per small gradient)", small_batch, positive_int, 1)
     s = float(mean_small_sqr_norm)
     t = float(big_sqr_norm)
     grad_sqr = (n * t - s) / (n - 1)
@@ -710,7 +701,7 @@ def per_sample_grad_stats(
         raise ValueError(f"need at least 2 examples, got {batch}")
     if int(targets.shape[0]) != batch:
         raise ValueError(f"inputs and targets disagree on the batch size: {batch} vs {targets.shape[0]}")
-    chunk = batch if chunk_size is None else _check_int(chunk_size, "chunk_size", 1)
+    chunk = batch if chunk_size is None else checked("chunk_size", chunk_size, positive_int, 1)
     params = {name: p.detach() for name, p in _select_params(model, param_names).items()}
     others = {name: p.detach() for name, p in model.named_parameters() if name not in params}
     buffers = dict(model.named_buffers())
@@ -779,7 +770,7 @@ def microbatch_grad_stats(
     >>> s.n, s.small_batch
     (4, 2)
     """
-    n = _check_int(num_microbatches, "num_microbatches", 2)
+    n = checked("num_microbatches", num_microbatches, integer(minimum=2), 2)
     batch = int(inputs.shape[0])
     if batch % n != 0:
         raise ValueError(f"batch size {batch} is not divisible by num_microbatches={n}")
@@ -893,7 +884,7 @@ class NoiseScaleEMA:
 
     def __init__(
         self,
-        decay: float = defaults.EMA_DECAY,
+        decay: float = _Declared.ema_decay,
         *,
         half_life_share: float | None = None,
         min_half_life: float = 0.0,
@@ -999,7 +990,7 @@ class NoiseScaleEMA:
         if not required <= set(state_dict) <= required | optional:
             raise KeyError(f"expected keys {sorted(required | optional)}, got {sorted(state_dict)}")
         decay = self._check_decay(float(state_dict["decay"]))
-        num_updates = _check_int(int(state_dict["num_updates"]), "num_updates", 0)
+        num_updates = checked("num_updates", int(state_dict["num_updates"]), count, 0)
         self.decay = decay
         self._ema_grad_sqr = float(state_dict["ema_grad_sqr"])
         self._ema_trace_sigma = float(state_dict["ema_trace_sigma"])
@@ -1052,7 +1043,7 @@ class NoiseMeter:
         *,
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
         grad_from_params: bool = True,
-        fallback_microbatches: int = defaults.FALLBACK_MICROBATCHES,
+        fallback_microbatches: int = _Declared.fallback_microbatches,
     ) -> None:
         self.network = network
         self.loss_fn = loss_fn

@@ -32,7 +32,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lightning_batch.plugin import defaults
+from lightning_batch.plugin.checks import checked, count, integer, number, optional, positive_int
+from lightning_batch.plugin.options import BatchSizeOptions
+from lightning_batch.plugin.options import BatchSizeOptions as _Declared  # the declared defaults
 
 __all__ = [
     "LR_RULES",
@@ -60,36 +62,6 @@ __all__ = [
     "make_lr_rule",
     "make_policy",
 ]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# argument checks
-
-
-def _check_int(name: str, value: Any, minimum: int, hint: str) -> int:
-    # bool is an Integral; True as a batch size is always a bug.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__}). {hint}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}. {hint}")
-    return int(value)
-
-
-def _check_opt_int(name: str, value: Any, minimum: int, hint: str) -> int | None:
-    return None if value is None else _check_int(name, value, minimum, hint)
-
-
-def _check_float(name: str, value: Any, minimum: float, hint: str, *, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}. {hint}")
-    if value < minimum or (strict and value == minimum):
-        op = ">" if strict else ">="
-        raise ValueError(f"{name} must be {op} {minimum}, got {value!r}. {hint}")
-    return float(value)
-
-
-def _check_opt_float(name: str, value: Any, minimum: float, hint: str) -> float | None:
-    return None if value is None else _check_float(name, value, minimum, hint)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -138,27 +110,19 @@ class ThroughputModel:
     """
 
     def __init__(self, window: int = 32, max_sizes: int = 8) -> None:
-        self.window = _check_int("window", window, 1, "Pass e.g. window=32 step times kept per batch size.")
-        self.max_sizes = _check_int(
-            "max_sizes", max_sizes, 2, "Pass e.g. max_sizes=8; a line fit needs at least 2 batch sizes."
-        )
+        self.window = checked("window", window, positive_int, 32)
+        self.max_sizes = checked("max_sizes", max_sizes, integer(minimum=2), 8)
         self._times: OrderedDict[int, deque[float]] = OrderedDict()
         self.prior_slope: float | None = None
 
     def set_prior_slope(self, beta: float | None) -> None:
         """Seconds per row measured elsewhere (the memory probe's trial steps); None forgets it."""
-        self.prior_slope = (
-            None
-            if beta is None
-            else _check_float("beta", beta, 0.0, "Pass the seconds per row of a step, e.g. 1e-6.")
-        )
+        self.prior_slope = None if beta is None else checked("beta", beta, number(minimum=0.0), 1e-6)
 
     def observe(self, batch_size: int, seconds: float) -> None:
         """Record one optimizer step of ``batch_size`` samples that took ``seconds``."""
-        batch_size = _check_int("batch_size", batch_size, 1, "Pass the global samples per optimizer step.")
-        seconds = _check_float(
-            "seconds", seconds, 0.0, "Pass the wall time of one optimizer step in seconds.", strict=True
-        )
+        batch_size = checked("batch_size", batch_size, positive_int, 1)
+        seconds = checked("seconds", seconds, number(above=0.0), 0.01)
         times = self._times.pop(batch_size, None)
         if times is None:
             times = deque(maxlen=self.window)
@@ -284,9 +248,9 @@ class BatchGrid:
     multiple: int = 1
 
     def __post_init__(self) -> None:
-        _check_int("lo", self.lo, 1, "Pass the smallest allowed batch size, e.g. lo=1.")
-        _check_opt_int("hi", self.hi, self.lo, "Pass hi >= lo, or hi=None for no upper bound.")
-        _check_int("multiple", self.multiple, 1, "Pass e.g. multiple=8, or multiple=1 for no rounding.")
+        checked("lo", self.lo, positive_int, 1)
+        checked("hi", self.hi, optional(integer(minimum=self.lo)), self.lo)
+        checked("multiple", self.multiple, positive_int, 8)
 
     @classmethod
     def from_bounds(
@@ -398,48 +362,39 @@ class PolicyContext:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise numpy scalars etc. to plain Python
-        set_(
-            self, "batch_size", _check_int("batch_size", self.batch_size, 1, "Pass the current global batch.")
-        )
+        set_(self, "batch_size", checked("batch_size", self.batch_size, positive_int, 1))
         set_(
             self,
             "base_batch",
-            _check_int("base_batch", self.base_batch, 1, "Pass the initial global batch B0."),
+            checked("base_batch", self.base_batch, positive_int, 1),
         )
         set_(
             self,
             "noise_scale",
-            _check_opt_float("noise_scale", self.noise_scale, 0.0, "Pass tr(Sigma)/|G|^2 >= 0, or None."),
+            checked("noise_scale", self.noise_scale, optional(number(minimum=0.0)), 1.0),
         )
-        set_(self, "grad_sqr", _check_opt_float("grad_sqr", self.grad_sqr, 0.0, "Pass |G|^2 >= 0, or None."))
+        set_(self, "grad_sqr", checked("grad_sqr", self.grad_sqr, optional(number(minimum=0.0)), 1.0))
         set_(
             self,
             "trace_sigma",
-            _check_opt_float("trace_sigma", self.trace_sigma, 0.0, "Pass tr(Sigma) >= 0, or None."),
+            checked("trace_sigma", self.trace_sigma, optional(number(minimum=0.0)), 1.0),
         )
         set_(
             self,
             "ceiling",
-            _check_opt_int(
-                "ceiling", self.ceiling, 1, "Pass the largest batch that fits (>= 1), or None if unknown."
-            ),
+            checked("ceiling", self.ceiling, optional(positive_int), 1),
         )
-        set_(self, "epoch", _check_int("epoch", self.epoch, 0, "Pass the 0-based epoch index."))
-        set_(self, "min_batch", _check_int("min_batch", self.min_batch, 1, "Pass e.g. min_batch=1."))
+        set_(self, "epoch", checked("epoch", self.epoch, count, 0))
+        set_(self, "min_batch", checked("min_batch", self.min_batch, positive_int, 1))
         set_(
             self,
             "max_batch",
-            _check_opt_int(
-                "max_batch",
-                self.max_batch,
-                self.min_batch,
-                "Pass max_batch >= min_batch, or None for no cap.",
-            ),
+            checked("max_batch", self.max_batch, optional(integer(minimum=self.min_batch)), self.min_batch),
         )
         set_(
             self,
             "multiple",
-            _check_int("multiple", self.multiple, 1, "Pass e.g. multiple=8 (1: no rounding)."),
+            checked("multiple", self.multiple, positive_int, 8),
         )
         set_(self, "step_times", tuple((int(b), float(t)) for b, t in self.step_times))
 
@@ -601,8 +556,8 @@ class NoisePolicy(BatchPolicy):
 
     name = "noise"
 
-    def __init__(self, k: float = defaults.NOISE_K) -> None:
-        self.k = _check_float("k", k, 0.0, "Pass a positive multiplier of B_noise, e.g. k=1.0.", strict=True)
+    def __init__(self, k: float = _Declared.noise_k) -> None:
+        self.k = checked("k", k, number(above=0.0), 1.0)
 
     def propose_with_reason(self, ctx: PolicyContext) -> tuple[int, str]:
         bn = ctx.b_noise
@@ -647,16 +602,12 @@ class GoodputPolicy(BatchPolicy):
     name = "goodput"
 
     def __init__(
-        self, explore_factor: float | None = None, min_efficiency: float = defaults.MIN_EFFICIENCY
+        self, explore_factor: float | None = None, min_efficiency: float = _Declared.min_efficiency
     ) -> None:
         if explore_factor is not None:
-            explore_factor = _check_float(
-                "explore_factor", explore_factor, 1.0, "Pass e.g. explore_factor=2.0, or None.", strict=True
-            )
+            explore_factor = checked("explore_factor", explore_factor, number(above=1.0), 4.0)
         self.explore_factor = explore_factor
-        self.min_efficiency = _check_float(
-            "min_efficiency", min_efficiency, 0.0, "Pass a fraction below 1, e.g. 0.5 (0: no bound)."
-        )
+        self.min_efficiency = checked("min_efficiency", min_efficiency, number(minimum=0.0), 0.25)
         if self.min_efficiency >= 1.0:
             raise ValueError(
                 f"min_efficiency must be below 1, got {min_efficiency!r}. Pass e.g. 0.5 (0: no bound)."
@@ -737,20 +688,15 @@ class SchedulePolicy(BatchPolicy):
     name = "schedule"
 
     def __init__(
-        self, milestones: Sequence[int] = (), factor: float | Sequence[float] = defaults.SCHEDULE_FACTOR
+        self, milestones: Sequence[int] = (), factor: float | Sequence[float] = _Declared.schedule_factor
     ) -> None:
-        ms = [
-            _check_int("milestones[i]", m, 0, "Pass epoch indices, e.g. milestones=[30, 60].")
-            for m in milestones
-        ]
+        ms = [checked("milestones[i]", m, count, 30) for m in milestones]
         if any(b <= a for a, b in itertools.pairwise(ms)):
             raise ValueError(
                 f"milestones must be strictly increasing, got {ms!r}. Pass e.g. milestones=[30, 60]."
             )
         if isinstance(factor, numbers.Real):
-            factor = _check_float(
-                "factor", factor, 0.0, "Pass a positive factor, e.g. factor=2.0.", strict=True
-            )
+            factor = checked("factor", factor, number(above=0.0), 2.0)
             factors = [factor] * len(ms)
         else:
             factors = list(factor)
@@ -759,10 +705,7 @@ class SchedulePolicy(BatchPolicy):
                     f"factor has {len(factors)} entries for {len(ms)} milestones. "
                     "Pass one factor per milestone, or a single number for all."
                 )
-        self.factors = [
-            _check_float("factor", f, 0.0, "Pass a positive factor, e.g. factor=2.0.", strict=True)
-            for f in factors
-        ]
+        self.factors = [checked("factor", f, number(above=0.0), 2.0) for f in factors]
         self.milestones = ms
 
     def propose_with_reason(self, ctx: PolicyContext) -> tuple[int, str]:
@@ -796,6 +739,25 @@ def _make(registry: dict[str, type], kind: str, name: str, kwargs: dict[str, Any
             f"Invalid arguments for {kind} {name!r}: {e}. Accepted: {', '.join(params) or '(none)'}."
         ) from None
     return cls(**kwargs)
+
+
+def policy_from_options(options: BatchSizeOptions) -> BatchPolicy:
+    """The policy ``options`` name (``auto`` is goodput), with the options it takes; or theirs as it is.
+
+    >>> policy_from_options(BatchSizeOptions(policy="schedule", milestones=[3], schedule_factor=4.0))
+    SchedulePolicy(milestones=[3], factor=[4.0])
+    """
+    if isinstance(options.policy, BatchPolicy):
+        return options.policy
+    name = options.policy_name
+    kwargs: dict[str, Any] = {}
+    if name == "noise":
+        kwargs = {"k": options.noise_k}
+    elif name == "goodput":
+        kwargs = {"explore_factor": options.explore_factor, "min_efficiency": options.min_efficiency}
+    elif name == "schedule":
+        kwargs = {"milestones": tuple(options.milestones), "factor": options.schedule_factor}
+    return make_policy(name, **kwargs)
 
 
 def make_policy(name: str, **kwargs: Any) -> BatchPolicy:
@@ -1006,13 +968,13 @@ class BatchSizeController:
         policy: BatchPolicy | str = "fixed",
         *,
         lr_rule: LrRule | str = "none",
-        min_batch: int = defaults.MIN_BATCH,
+        min_batch: int = _Declared.min_batch,
         max_batch: int | None = None,
-        multiple: int = defaults.MULTIPLE,
-        hysteresis: float = defaults.HYSTERESIS,
+        multiple: int = _Declared.multiple,
+        hysteresis: float = _Declared.hysteresis,
         throughput: ThroughputModel | None = None,
         max_step_factor: float | None = 4.0,
-        max_lr_scale: float | None = defaults.MAX_LR_SCALE,
+        max_lr_scale: float | None = _Declared.max_lr_scale,
     ) -> None:
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         if not isinstance(self.policy, BatchPolicy):
@@ -1020,30 +982,38 @@ class BatchSizeController:
         self.lr_rule = make_lr_rule(lr_rule) if isinstance(lr_rule, str) else lr_rule
         if not isinstance(self.lr_rule, LrRule):
             raise ValueError(f"lr_rule must be an LrRule or a name, got {lr_rule!r}. Pass e.g. 'sqrt'.")
-        self.min_batch = _check_int("min_batch", min_batch, 1, "Pass e.g. min_batch=1.")
-        self.max_batch = _check_opt_int(
-            "max_batch", max_batch, self.min_batch, "Pass max_batch >= min_batch, or None for no cap."
+        self.min_batch = checked("min_batch", min_batch, positive_int, 1)
+        self.max_batch = checked(
+            "max_batch", max_batch, optional(integer(minimum=self.min_batch)), self.min_batch
         )
-        self.multiple = _check_int("multiple", multiple, 1, "Pass e.g. multiple=8, or 1 for no rounding.")
-        self.hysteresis = _check_float(
-            "hysteresis", hysteresis, 0.0, "Pass a relative gain threshold, e.g. hysteresis=0.05 (5%)."
-        )
+        self.multiple = checked("multiple", multiple, positive_int, 8)
+        self.hysteresis = checked("hysteresis", hysteresis, number(minimum=0.0), 0.05)
         self.throughput = throughput if throughput is not None else ThroughputModel()
         if max_step_factor is not None:
-            max_step_factor = _check_float(
-                "max_step_factor",
-                max_step_factor,
-                1.0,
-                "Pass e.g. max_step_factor=4.0, or None.",
-                strict=True,
-            )
+            max_step_factor = checked("max_step_factor", max_step_factor, number(above=1.0), 4.0)
         self.max_step_factor = max_step_factor
         if max_lr_scale is not None:
-            max_lr_scale = _check_float(
-                "max_lr_scale", max_lr_scale, 1.0, "Pass e.g. max_lr_scale=10.0, or None for no cap."
-            )
+            max_lr_scale = checked("max_lr_scale", max_lr_scale, number(minimum=1.0), 10.0)
         self.max_lr_scale = max_lr_scale
         self.num_changes = 0
+
+    @classmethod
+    def from_options(cls, options: BatchSizeOptions, lr_rule: str | None = None) -> BatchSizeController:
+        """The controller ``DynamicBatchSize`` runs for its ``options`` (``lr_rule`` overrides theirs).
+
+        >>> ctl = BatchSizeController.from_options(BatchSizeOptions(policy="noise", noise_k=2.0, lr_rule="sqrt"))
+        >>> ctl.policy, ctl.lr_rule
+        (NoisePolicy(k=2.0), SqrtLrRule())
+        """
+        return cls(
+            policy_from_options(options),
+            lr_rule=lr_rule or options.lr_rule,
+            min_batch=options.min_batch,
+            max_batch=options.max_batch,
+            multiple=options.multiple,
+            hysteresis=options.hysteresis,
+            max_lr_scale=options.max_lr_scale,
+        )
 
     def observe_step(self, batch_size: int, seconds: float) -> None:
         """Record one measured optimizer step (alternative to ``PolicyContext.step_times``)."""

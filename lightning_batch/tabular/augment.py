@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
+from lightning_batch.config import AUGMENT_KINDS, parse_augment
 from lightning_batch.errors import UserError
 
-KINDS = ("noise", "mixup", "shift")
+KINDS = AUGMENT_KINDS
 
 
 @dataclass(frozen=True)
@@ -46,21 +47,8 @@ class Augmenter:
 
     @classmethod
     def parse(cls, specs: list[str] | tuple[str, ...] | None) -> Augmenter:
-        steps = []
-        for spec in specs or []:
-            name, _, raw = str(spec).partition(":")
-            if name not in KINDS or not raw:
-                raise UserError(f"unknown augmentation {spec!r}; use noise:0.05, mixup:0.2 or shift:1")
-            try:
-                value = float(raw)
-            except ValueError:
-                raise UserError(f"--augment {spec}: {raw!r} is not a number; e.g. {name}:0.1") from None
-            if not math.isfinite(value) or value <= 0:
-                raise UserError(f"--augment {spec}: the value must be a positive number")
-            if name == "shift" and value != int(value):
-                raise UserError(f"--augment {spec}: shift takes whole pixels, e.g. shift:1")
-            steps.append(AugmentStep(name, value))
-        return cls(steps)
+        """From ``--augment`` specs (``noise:0.05``, ...); a bad one is a one-line error."""
+        return cls([AugmentStep(name, value) for name, value in parse_augment(specs)])
 
     def check_features(self, n_features: int) -> None:
         """Refuse ``shift`` on data that is not square images."""

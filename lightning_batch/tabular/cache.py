@@ -79,9 +79,9 @@ def default_cache_dir(tracking_uri: str | None) -> Path:
 
 def available_memory() -> int:
     """Bytes of RAM available to new allocations now (MemAvailable)."""
-    from lightning_batch.plugin.memory import _available_memory
+    from lightning_batch.plugin.memory import available_memory as free_ram
 
-    return _available_memory()
+    return free_ram()
 
 
 def budget_bytes(cfg: RunConfig) -> int:
@@ -134,6 +134,7 @@ PREPARATION_CODE = (
     "cleaning.py",
     "splitting.py",
     "preprocessing.py",
+    "in_memory.py",
     "prepare.py",
     "streaming.py",
     "tables.py",
@@ -371,9 +372,9 @@ class TableCache:
 
 
 def _release_heap() -> None:
-    from lightning_batch.plugin.memory import _release_free_memory
+    from lightning_batch.plugin.memory import release_free_memory
 
-    _release_free_memory()
+    release_free_memory()
     if "pyarrow" in sys.modules:
         sys.modules["pyarrow"].default_memory_pool().release_unused()
 

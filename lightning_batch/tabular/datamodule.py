@@ -27,7 +27,7 @@ from lightning_batch.config import RunConfig
 from lightning_batch.errors import UserError
 from lightning_batch.plugin._lightning_compat import uses_distributed_sampler
 from lightning_batch.plugin.sampler import ResizableBatchSampler
-from lightning_batch.tabular.prepare import prepare_data
+from lightning_batch.tabular.prepare import SourceDescriber, prepare_data
 from lightning_batch.tabular.tables import PreparedData, TensorTableDataset, keep_batch
 
 
@@ -46,12 +46,20 @@ class TabularDataModule(pl.LightningDataModule):
     Args:
         config: a :class:`RunConfig`; keyword arguments override its fields.
         eval_batch_size: rows per validation/test batch (they never change the model).
+        describe_source: what the data cache records of the source it read (the training path
+            passes the MLflow dataset input's fields, so a run reading the cache still records it).
     """
 
     def __init__(
-        self, config: RunConfig | None = None, *, eval_batch_size: int = 4096, **options: Any
+        self,
+        config: RunConfig | None = None,
+        *,
+        eval_batch_size: int = 4096,
+        describe_source: SourceDescriber | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
+        self.describe_source = describe_source
         base = config.to_dict() if config is not None else {}
         self.config = RunConfig.from_mapping({**base, **options}, origin="TabularDataModule").validate()
         self.eval_batch_size = eval_batch_size
@@ -65,8 +73,8 @@ class TabularDataModule(pl.LightningDataModule):
     # -- data ----------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.prepared is None:  # idempotent: Lightning calls setup per stage
-            self.prepared = prepare_data(self.config)
-            self.config.task = self.prepared.task
+            self.prepared = prepare_data(self.config, self.describe_source)
+            self.config = self.config.replace(task=self.prepared.task)
         if self.trainer is not None:
             self.place_tables(self.trainer.strategy.root_device)
 

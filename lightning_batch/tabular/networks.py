@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lightning_batch.errors import UserError
+
 ACTIVATION_LAYERS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 
@@ -177,3 +179,12 @@ def build_model(
         raise ValueError(f"unknown model {name!r}; use linear, softmax, mlp or cnn")
     initialize(model, init, activation)
     return model
+
+
+def check_model_for_data(model: str | None, n_features: int) -> None:
+    """Refuse in one line a model the data cannot feed (the CNN needs square single-channel images)."""
+    if model == "cnn" and image_side(n_features) is None:
+        raise UserError(
+            f"--model cnn needs square single-channel images (a square number of pixel features, like "
+            f"--data digits' 8x8 = 64); this data has {n_features} features; use --model mlp"
+        )

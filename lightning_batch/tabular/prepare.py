@@ -1,10 +1,10 @@
 """Steps 1-4 of the tabular pipeline in one call: read, clean, split, and fit the preprocessing on train.
 
 :func:`prepare_data` is what :class:`~lightning_batch.tabular.datamodule.TabularDataModule` calls.
-Small tables are prepared in memory (:func:`prepare_in_memory`); large ones, or any run given
-``--data-cache DIR``, are prepared once into memory-mapped files (:mod:`lightning_batch.tabular.cache`)
-that later runs and every trial of a study reuse; a Parquet file too large for memory is prepared
-streaming (:mod:`lightning_batch.tabular.streaming`).
+Small tables are prepared in memory (:mod:`~lightning_batch.tabular.in_memory`); large ones, or any
+run given ``--data-cache DIR``, are prepared once into memory-mapped files
+(:mod:`~lightning_batch.tabular.cache`) that later runs and every trial of a study reuse; a Parquet
+file too large for memory is prepared streaming (:mod:`~lightning_batch.tabular.streaming`).
 
 Example:
     >>> from lightning_batch.config import RunConfig
@@ -16,25 +16,17 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
-
-from lightning_batch._extras import extra_imports
 from lightning_batch.config import RunConfig
 from lightning_batch.tabular import cache as data_cache
-from lightning_batch.tabular.cleaning import clean_frame
-from lightning_batch.tabular.preprocessing import Preprocessor
-from lightning_batch.tabular.sources import load_frame
-from lightning_batch.tabular.splitting import split_indices
-from lightning_batch.tabular.tables import PreparedData, TensorTableDataset
+from lightning_batch.tabular.in_memory import SourceDescriber, from_cache, prepare_in_memory, write_prepared
+from lightning_batch.tabular.streaming import stream_parquet
+from lightning_batch.tabular.tables import PreparedData
 
-with extra_imports("data", "the tabular data path"):
-    import pandas as pd
+__all__ = ["SourceDescriber", "prepare_data"]
 
 
-def prepare_data(cfg: RunConfig) -> PreparedData:
+def prepare_data(cfg: RunConfig, describe_source: SourceDescriber | None = None) -> PreparedData:
     """Steps 1–4 for a validated config: read, clean, split, fit the preprocessing on train.
 
     With a data cache (``--data-cache DIR``, or tables over ``--data-memory-budget`` of the available
@@ -44,125 +36,9 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
     if cache is None:
         return prepare_in_memory(cfg)
     if cache.over_budget and cfg.is_file_source and Path(cfg.data).suffix.lower() != ".csv":
-        from lightning_batch.tabular.streaming import stream_parquet  # it builds on this module
-
         tables = cache.load_or_build(lambda writer: stream_parquet(cfg, writer, cache.budget))
     else:
         tables = cache.load_or_build(
-            lambda writer: write_prepared(prepare_in_memory(cfg), writer, name=cfg.data)
+            lambda writer: write_prepared(prepare_in_memory(cfg), writer, cfg.data, describe_source)
         )
-    return _from_cache(tables)
-
-
-def prepare_in_memory(cfg: RunConfig) -> PreparedData:
-    """Steps 1–4 in memory: the whole source is read, then cleaned, split and scaled."""
-    raw = load_frame(cfg)
-    clean = clean_frame(raw, cfg.task, cfg.max_categories)
-    labels = clean.target if clean.task == "classification" else None
-    train_idx, val_idx, test_idx = split_indices(
-        len(clean.target), labels, cfg.val_fraction, cfg.test_fraction, cfg.seed
-    )
-    features = clean.features.reset_index(drop=True)
-    if cfg.train_on_val:  # a tuned configuration's final fit: every row but the test split
-        train_idx = np.concatenate([train_idx, val_idx])
-    pre = Preprocessor.fit(features, rows=train_idx)  # no copy of the train rows
-
-    def _dataset(idx: np.ndarray) -> TensorTableDataset:
-        x = torch.from_numpy(pre.transform(features, rows=idx))  # written once, as float32
-        y = torch.from_numpy(clean.target[idx])
-        if clean.task == "regression":
-            y = y.unsqueeze(1)
-        return TensorTableDataset(x, y)
-
-    return PreparedData(
-        train=_dataset(train_idx),
-        val=_dataset(val_idx),
-        test=_dataset(test_idx),
-        task=clean.task,
-        classes=clean.classes,
-        preprocessor=pre,
-        dropped_rows=clean.dropped_rows,
-        source=clean.source,
-        truth=clean.truth,
-        raw_frame=raw.frame,
-        target_column=raw.target,
-    )
-
-
-SPLITS = ("train", "val", "test")
-
-
-def cache_facts(
-    task: str,
-    classes: list[str],
-    preprocessor: Preprocessor,
-    dropped_rows: int,
-    source: str,
-    truth: dict[str, Any],
-    target_column: str,
-) -> dict[str, Any]:
-    """What meta.json keeps besides the arrays: the rest of a :class:`PreparedData`."""
-    return {
-        "task": task,
-        "classes": classes,
-        "preprocessor": preprocessor.to_dict(),
-        "dropped_rows": dropped_rows,
-        "source": source,
-        "truth": truth,
-        "target_column": target_column,
-    }
-
-
-def write_prepared(data: PreparedData, writer: data_cache.CacheWriter, name: str) -> dict[str, Any]:
-    """The in-memory preparation's tables into the cache, byte for byte."""
-    for split in SPLITS:
-        table = getattr(data, split)
-        writer.save(f"{split}_x", table.features.numpy())
-        writer.save(f"{split}_y", table.targets.numpy())
-    facts = (data.dropped_rows, data.source, data.truth, data.target_column)
-    return {
-        **cache_facts(data.task, data.classes, data.preprocessor, *facts),
-        "dataset_input": _dataset_input_fields(data.raw_frame, data.source, name),
-    }
-
-
-def _dataset_input_fields(frame: pd.DataFrame | None, source: str, name: str) -> dict[str, Any] | None:
-    """The MLflow dataset input of the source as read, kept in meta.json for the runs that read the
-    cache instead (None without MLflow: the data path runs without it, e.g. on a bare GPU box)."""
-    if frame is None:
-        return None
-    try:
-        from lightning_batch.tracking.datasets import dataset_input_fields
-    except ImportError:
-        return None
-    try:
-        return dataset_input_fields(frame, source, name)
-    except Exception:  # noqa: BLE001 -- a dataset profile is nice to have, never worth a failed cache
-        return None
-
-
-def _from_cache(tables: data_cache.CachedTables) -> PreparedData:
-    """Datasets over the memory-mapped arrays (nothing is copied into memory)."""
-    arrays, meta = tables.arrays, tables.meta
-
-    def _dataset(split: str) -> TensorTableDataset:
-        dataset = TensorTableDataset(
-            torch.from_numpy(arrays[f"{split}_x"]), torch.from_numpy(arrays[f"{split}_y"])
-        )
-        dataset.host_tables = (dataset.features, dataset.targets)
-        return dataset
-
-    return PreparedData(
-        train=_dataset("train"),
-        val=_dataset("val"),
-        test=_dataset("test"),
-        task=meta["task"],
-        classes=meta["classes"],
-        preprocessor=Preprocessor.from_dict(meta["preprocessor"]),
-        dropped_rows=meta["dropped_rows"],
-        source=meta["source"],
-        truth=meta["truth"],
-        raw_frame=None,
-        target_column=meta["target_column"],
-        dataset_input=meta.get("dataset_input"),
-    )
+    return from_cache(tables)

@@ -12,7 +12,7 @@ from lightning_batch.config import RunConfig
 from lightning_batch.errors import UserError
 from lightning_batch.tabular import cache as data_cache
 from lightning_batch.tabular.cleaning import check_feature_columns, clean_frame
-from lightning_batch.tabular.prepare import SPLITS, cache_facts, prepare_in_memory, write_prepared
+from lightning_batch.tabular.in_memory import SPLITS, cache_facts, prepare_in_memory, write_prepared
 from lightning_batch.tabular.preprocessing import Preprocessor
 from lightning_batch.tabular.sources import RawTable
 from lightning_batch.tabular.splitting import split_indices
@@ -46,7 +46,9 @@ def stream_parquet(cfg: RunConfig, writer: data_cache.CacheWriter, budget: int) 
     stored_index = (file.schema_arrow.pandas_metadata or {}).get("index_columns", [])
     names = [str(name) for name in file.schema_arrow.names if name not in stored_index]
     if len(set(names)) != len(names) or target not in names or len(names) < 2:
-        return write_prepared(prepare_in_memory(cfg), writer)  # the in-memory reader says what is wrong
+        return write_prepared(
+            prepare_in_memory(cfg), writer, cfg.data
+        )  # the in-memory reader says what is wrong
     features = [name for name in names if name != target]
 
     def column(name: str) -> pd.DataFrame:  # rows by position, as iter_batches yields them

@@ -77,7 +77,7 @@ def dataset_entity(frame: Any, source: Any, name: str | None = None) -> Any:
     """The ``mlflow.entities.Dataset`` of a pandas DataFrame (or pyarrow Table) from ``source``.
 
     The schema is MLflow's own ``{"mlflow_colspec": [...]}`` JSON, typed from each column's dtype
-    as MLflow's ``_infer_pandas_column`` types it (see :func:`_column_type`), ``required`` false
+    as MLflow's ``_infer_pandas_column`` types it (see :func:`column_type`), ``required`` false
     where a column holds a missing value (None, NaN, NA, NaT) as in MLflow's ``_infer_required``.
     Where MLflow cannot type a column at all (and then records no schema for the whole frame) this
     records that one column as ``any`` (uint64, timedelta, complex, period, interval, text mixed
@@ -95,7 +95,7 @@ def dataset_entity(frame: Any, source: Any, name: str | None = None) -> Any:
     for position in range(frame.shape[1]):
         column_name, column = frame.columns[position], frame.iloc[:, position]
         values, tag, missing = _canonical_values(column)
-        specs.append(ColSpec(type=_column_type(column, missing), name=column_name, required=not missing))
+        specs.append(ColSpec(type=column_type(column, missing), name=column_name, required=not missing))
         column_hashes.append((column_name, tag, _words_hash(values)))
     try:
         schema: str | None = json.dumps({"mlflow_colspec": Schema(specs).to_dict()})
@@ -234,7 +234,7 @@ def _row_hashes(column: Any) -> Any:
         return pd.util.hash_pandas_object(column.astype(str), index=False).to_numpy()
 
 
-def _column_type(column: Any, missing: bool) -> Any:
+def column_type(column: Any, missing: bool) -> Any:
     """The MLflow type of a column from its dtype, as MLflow's ``_infer_pandas_column`` gives it.
 
     Numbers, booleans, datetimes and Arrow numbers, strings and timestamps by dtype kind and width
@@ -317,7 +317,7 @@ def _category_type(categories: Any) -> Any:
     if kind == "O":
         import pandas as pd
 
-        return _column_type(pd.Series(categories), missing=False)
+        return column_type(pd.Series(categories), missing=False)
     return {"b": DataType.boolean, "M": DataType.datetime, "U": DataType.string}.get(kind, AnyType())
 
 

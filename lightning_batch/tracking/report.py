@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from lightning_batch._extras import extra_imports
-from lightning_batch.config import UserError
+from lightning_batch.errors import UserError
 
 # MLflow draws a download bar per artifact; a report reads two small files.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -120,7 +120,7 @@ def _history(client: Any, run_id: str, key: str) -> list[Any]:
     return sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
 
 
-def run_report(client: Any, run_id: str) -> RunReport:
+def report_of_run(client: Any, run_id: str) -> RunReport:
     """Read a run's batch-size metrics and artifacts back from MLflow."""
     run = client.get_run(run_id)
     params = run.data.params
@@ -167,7 +167,7 @@ def run_report(client: Any, run_id: str) -> RunReport:
     )
 
 
-def study_report(client: Any, study: Any) -> StudyReport:
+def report_of_study(client: Any, study: Any) -> StudyReport:
     """Compare the policies a study tried, from its trials' child runs."""
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if not complete:
@@ -239,7 +239,7 @@ def make_report(target: str, tracking_uri: str, storage: str) -> tuple[str, list
         folder = Path(tmp)
         images: list[str] = []
         if run_exists:
-            report = run_report(client, target)
+            report = report_of_run(client, target)
             rows, title, log_to = report.rows(), f"Batch-size report for run {target}", target
             if any(math.isfinite(g) for g in report.noise_scale):
                 plot_noise_scale(report, folder / "report_noise_scale.png")
@@ -258,7 +258,7 @@ def make_report(target: str, tracking_uri: str, storage: str) -> tuple[str, list
             log_to = study.user_attrs.get("mlflow_parent_run_id")
             if not log_to:
                 raise UserError(f"study {target!r} has no MLflow parent run to report on")
-            report_s = study_report(client, study)
+            report_s = report_of_study(client, study)
             rows, title = report_s.rows(), f"Batch-size report for study {target}"
         (folder / "report.md").write_text(to_markdown(title, rows, images))
         client.log_artifacts(log_to, str(folder), "report")

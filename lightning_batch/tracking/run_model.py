@@ -239,12 +239,12 @@ def raw_column_specs(frame: pd.DataFrame | None, dataset_schema: str | None) -> 
     Narrow numeric types are widened (:data:`WIDEST_TYPE`).
     """
     if frame is not None:
-        from lightning_batch.tracking.datasets import _column_type  # the dataset input's own typing
+        from lightning_batch.tracking.datasets import column_type  # the dataset input's own typing
 
         specs = []
         for name in frame.columns:
             column = frame[name]
-            kind = _column_type(column, bool(column.isna().any()))
+            kind = column_type(column, bool(column.isna().any()))
             specs.append({"name": str(name), "type": _type_name(kind)})
     elif dataset_schema:
         columns = json.loads(dataset_schema).get("mlflow_colspec", [])

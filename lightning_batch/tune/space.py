@@ -33,13 +33,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from lightning_batch.config import NAMED_CHOICES, RunConfig
+from lightning_batch.config import RunConfig
 from lightning_batch.errors import UserError
+from lightning_batch.plugin.checks import FLAG, CheckFailed, count, number, optional, positive_int, text
+from lightning_batch.plugin.options import check_options, option, option_fields
 
 #: Tuned when no space is given: the lr, the (starting) batch size, and whether it moves.
 DEFAULT_SPACE: dict[str, Any] = {
@@ -49,21 +51,11 @@ DEFAULT_SPACE: dict[str, Any] = {
 }
 #: Names a space may use beyond RunConfig's own fields.
 EXTRA_NAMES = ("hidden_width",)
-#: RunConfig fields that make no sense to search (data identity, tracking, bookkeeping).
-NOT_SEARCHABLE = (
-    "data",
-    "target",
-    "task",
-    "val_fraction",
-    "test_fraction",
-    "seed",
-    "experiment",
-    "run_name",
-    "tracking_uri",
-    "train_on_val",
-    "data_cache",
-    "data_memory_budget",
-)
+
+
+def searchable() -> set[str]:
+    """The options a space may vary: those declared searchable (not the data's identity, nor where runs are kept)."""
+    return {f.name for f, info in option_fields(RunConfig) if info.searchable} | set(EXTRA_NAMES)
 
 
 @dataclass(frozen=True)
@@ -120,7 +112,7 @@ def parse_space(raw: Mapping[str, Any] | None, origin: str = "the search space")
         raise UserError(
             f"{origin} must map parameter names to ranges, e.g. lr: {{low: 0.001, high: 0.1, log: true}}"
         )
-    allowed = (set(RunConfig.field_names()) - set(NOT_SEARCHABLE)) | set(EXTRA_NAMES)
+    allowed = searchable()
     space: dict[str, ParamSpec] = {}
     for key, spec in raw.items():
         name = str(key).replace("-", "_")
@@ -132,22 +124,16 @@ def parse_space(raw: Mapping[str, Any] | None, origin: str = "the search space")
 
 
 def _check_values(spec: ParamSpec, where: str) -> None:
-    """Each choice, or both bounds, must be a value the option accepts."""
-    values = spec.choices if spec.kind == "categorical" else (spec.low, spec.high)
-    names = NAMED_CHOICES.get(spec.name)
-    for value in values:
-        if names is not None:
-            if value not in names:
-                raise UserError(f"{where}: unknown choice {value!r}; use one of {', '.join(names)}")
-            continue
-        if spec.name == "hidden_width":
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise UserError(f"{where}: {value!r} is not a layer width; use positive integers")
-            continue
+    """Each choice, or both bounds, must be a value the option accepts: its own declared check."""
+    checks = {f.name: info.check for f, info in option_fields(RunConfig)}
+    checks["hidden_width"] = positive_int
+    check = checks.get(spec.name)
+    for value in spec.choices if spec.kind == "categorical" else (spec.low, spec.high):
         try:
-            RunConfig.from_mapping({spec.name: value}).validate()
-        except UserError as exc:
-            raise UserError(f"{where}: {value!r} is not a valid value ({exc})") from None
+            if check is not None:
+                check(value)
+        except CheckFailed as failed:
+            raise UserError(f"{where}: {value!r} is not a valid value ({spec.name} {failed})") from None
 
 
 def _parse_spec(name: str, spec: Any, origin: str) -> ParamSpec:
@@ -202,8 +188,6 @@ def apply_params(base: RunConfig, params: Mapping[str, Any]) -> RunConfig:
             values["hidden"] = [int(value)] * max(1, len(base.hidden))
         else:
             values[name] = value.item() if hasattr(value, "item") else value
-    if values.get("policy") == "fixed":
-        values["policy"] = None  # a fixed policy is a plain integer batch size
     return RunConfig.from_mapping(values, origin="trial parameters").validate()
 
 
@@ -212,36 +196,91 @@ PRUNERS = ("median", "hyperband", "none")
 RETRAIN_MODES = ("as-is", "train+val", "none")
 
 
-@dataclass
+def _storage(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith(("sqlite:///", "postgresql", "mysql")):
+        raise CheckFailed("must be an RDB URL (sqlite:///path/optuna.db or postgresql://user@host/db)")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
 class TuneConfig:
     """How to search; the training options themselves are a :class:`RunConfig`."""
 
-    study: str = "lightning-batch-study"
-    trials: int = 20
-    """Trials this invocation runs, split across ``workers``."""
-    timeout: float | None = None
-    """Stop starting new trials after this many seconds (per worker)."""
-    workers: int = 1
-    storage: str | None = None
-    """Optuna RDB URL; default ``sqlite:///`` ``optuna.db`` beside the MLflow sqlite store (or ``mlruns/``)."""
-    sampler: str = "tpe"
-    pruner: str = "median"
-    space: dict[str, Any] | None = None
-    """The search space mapping (see :mod:`lightning_batch.tune.space`); None: the default."""
-    retrain: str = "as-is"
-    """After the search, refit the best configuration ``as-is`` (train split) or on ``train+val``, and
-    test it once; ``none`` skips it."""
-    seed: int = 0
-    """Sampler seed (worker i uses seed + i, so workers do not propose the same points)."""
-    heartbeat_interval: int = 10
-    grace_period: int | None = None
-    """Seconds without a heartbeat before a running trial counts as lost; default 3 × the interval."""
-    max_retry: int = 1
-    """How many times a lost trial is re-queued with the same parameters."""
-    startup_trials: int = 5
-    """Trials the median pruner and TPE observe before they act."""
-    enqueue: list[dict[str, Any]] = field(default_factory=list)
-    """Parameter sets to try first (e.g. a known good config), as Optuna's ``enqueue_trial``."""
+    study: str = option(
+        "lightning-batch-study",
+        "study name (also the MLflow experiment); an existing one is resumed",
+        check=text,
+        example="lr-vs-batch",
+        group="study",
+    )
+    trials: int = option(
+        20, "trials this invocation runs, split over --workers", check=positive_int, group="study"
+    )
+    timeout: float | None = option(
+        None,
+        "stop starting trials after this many seconds (per worker)",
+        check=optional(number(above=0.0)),
+        example=3600,
+        group="study",
+    )
+    workers: int = option(1, "worker processes on this machine", check=positive_int, example=2, group="study")
+    storage: str | None = option(
+        None,
+        "Optuna RDB URL (default sqlite:///mlruns/optuna.db beside the MLflow store; postgresql://... for "
+        "many machines)",
+        check=optional(_storage),
+        example="sqlite:///mlruns/optuna.db",
+        group="study",
+    )
+    sampler: str = option("tpe", "the Optuna sampler", group="study", choices=SAMPLERS)
+    pruner: str = option("median", "the Optuna pruner", group="study", choices=PRUNERS)
+    space: dict[str, Any] | None = option(
+        None,
+        "the search space mapping (see lightning_batch.tune.space); unset: lr, batch_size and policy",
+        group="study",
+        cli=False,
+    )
+    retrain: str = option(
+        "as-is",
+        "after the search, refit the best configuration as-is (train split) or on train+val, and test "
+        "it once; none skips it",
+        group="study",
+        choices=RETRAIN_MODES,
+    )
+    seed: int = option(
+        0,
+        "sampler seed (worker i uses seed + i, so workers do not propose the same points)",
+        check=count,
+        group="study",
+        flag="--study-seed",
+    )
+    heartbeat_interval: int = option(
+        10, "seconds between worker heartbeats", check=positive_int, group="study"
+    )
+    grace_period: int | None = option(
+        None,
+        "seconds without a heartbeat before a running trial counts as lost; default 3 x the interval",
+        check=optional(positive_int),
+        example=30,
+        group="study",
+        cli=False,
+    )
+    max_retry: int = option(
+        1,
+        "how many times a lost trial is re-queued with the same parameters",
+        check=count,
+        group="study",
+        cli=False,
+    )
+    startup_trials: int = option(
+        5, "trials the median pruner and TPE observe before they act", check=count, group="study", cli=False
+    )
+    enqueue: list[dict[str, Any]] = option(
+        [],
+        "parameter sets to try first (e.g. a known good config), as Optuna's enqueue_trial",
+        group="study",
+        cli=False,
+    )
 
     @property
     def grace_seconds(self) -> int:
@@ -249,30 +288,11 @@ class TuneConfig:
         return self.grace_period or 3 * self.heartbeat_interval
 
     def validate(self) -> TuneConfig:
-        if not isinstance(self.study, str) or not self.study.strip():
-            raise UserError("--study must be a non-empty name, e.g. --study lr-vs-batch")
-        for name, value, example in (
-            ("--trials", self.trials, "--trials 20"),
-            ("--workers", self.workers, "--workers 2"),
-            ("--heartbeat-interval", self.heartbeat_interval, "--heartbeat-interval 10"),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"{name} must be a positive integer, got {value!r}; e.g. {example}")
-        if self.workers > self.trials:
-            raise UserError(f"--workers {self.workers} is more than --trials {self.trials}; lower --workers")
-        if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
-            raise UserError(f"--timeout must be a positive number of seconds, got {self.timeout!r}")
-        if self.sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {self.sampler!r}; use --sampler {'|'.join(SAMPLERS)}")
-        if self.pruner not in PRUNERS:
-            raise UserError(f"unknown pruner {self.pruner!r}; use --pruner {'|'.join(PRUNERS)}")
-        if self.retrain not in RETRAIN_MODES:
-            raise UserError(f"unknown retrain mode {self.retrain!r}; use --retrain {'|'.join(RETRAIN_MODES)}")
-        if self.storage is not None and not str(self.storage).startswith(
-            ("sqlite:///", "postgresql", "mysql")
-        ):
+        """Every study option checked (flag spelling), the space parsed. Returns a checked copy."""
+        checked = replace(self, **check_options(self, FLAG))
+        if checked.workers > checked.trials:
             raise UserError(
-                f"--storage must be an RDB URL (sqlite:///path/optuna.db or postgresql://user@host/db), got {self.storage!r}"
+                f"--workers {checked.workers} is more than --trials {checked.trials}; lower --workers"
             )
-        parse_space(self.space)
-        return self
+        parse_space(checked.space)
+        return checked

@@ -684,8 +684,8 @@ def tune(base: RunConfig, options: TuneConfig, echo: Echo = print) -> TuneResult
 
     started = time.perf_counter()
     quiet_lightning(False)
-    base.validate()
-    options.validate()
+    base = base.validate()
+    options = options.validate()
     placement = hardware.resolve_placement(base)  # no GPU, bf16 unsupported, ...: one error before anything
     if placement.world_size > 1:
         # Lightning's DDP launcher would re-run the whole tuner once per device.
