@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all lint mutate venv clean
+.PHONY: run test test-all lint docs mutate venv clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Mutation testing of noise.py, policy.py, sampler.py and cadence.py against their fast tests ([tool.mutmut] in
+# Mutation testing of plugin/noise.py, policy.py, sampler.py and cadence.py against their fast tests ([tool.mutmut] in
 # pyproject.toml); not part of `make test`. Starts afresh each time (mutmut would otherwise keep old
 # verdicts when only the tests changed). MUTATE_CHILDREN sets the parallel workers.
 MUTATE_CHILDREN ?= 2
@@ -36,8 +36,15 @@ mutate: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTATE_CHILDREN)
 	$(BIN)/python benchmarks/mutation_score.py
 
+# ruff, then mypy: strict on the plugin (the base install), mypy's defaults on the rest of the package.
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/mypy --strict lightning_batch/plugin
+	$(BIN)/mypy
+
+# The documentation site (mkdocs.yml, docs/) into site/, in strict mode: a broken link or reference fails.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache site

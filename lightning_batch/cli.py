@@ -688,3 +688,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: the run was marked KILLED in MLflow", file=sys.stderr)
         return 130
+
+
+def run() -> None:
+    """The ``lightning-batch`` console script (``[project.scripts]``): :func:`main`, its status the exit code."""
+    sys.exit(main())

@@ -14,7 +14,7 @@ Bad input stops here, before any data is read or any MLflow run exists, as a one
 A config is frozen: :meth:`RunConfig.validate` returns a checked copy with the defaults that depend
 on other options filled in.
 
-Example:
+Examples:
     >>> cfg = RunConfig(data="diabetes", batch_size="full", lr=0.1).validate()
     >>> cfg.task, cfg.model
     ('regression', 'linear')

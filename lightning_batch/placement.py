@@ -9,7 +9,7 @@ there are) is one :class:`UserError` line, raised before any data is read or MLf
 Lightning would find most of these too, but later (after the data is read and the run created)
 and in several lines of its own; the checks here are cheap and say what to pass instead.
 
-Example:
+Examples:
     >>> from lightning_batch.config import RunConfig
     >>> placement = resolve_placement(RunConfig(accelerator="cpu", devices=2, strategy="ddp"))
     >>> placement.trainer_options()["strategy"], placement.world_size

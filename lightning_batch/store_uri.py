@@ -1,9 +1,9 @@
 """Where the MLflow store is, without importing Lightning or MLflow.
 
 :mod:`lightning_batch.tracking` re-exports these; commands that only read the store
-(``run.py runs``) import them from here, and so skip Lightning's import (~5-10 s on a small CPU).
+(``run.py runs``) import them from here, and so skip Lightning's import (seconds on a small CPU).
 
-Example:
+Examples:
     >>> resolve_tracking_uri("sqlite:///tmp/x.db"), sqlite_path("sqlite:///mlruns/mlflow.db")
     ('sqlite:///tmp/x.db', PosixPath('mlruns/mlflow.db'))
 """

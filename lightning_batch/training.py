@@ -5,7 +5,7 @@ The order matters for bad input: the config is validated and the data read, clea
 exists, any exception ends it FAILED with the error in a tag, never left RUNNING
 (:class:`~lightning_batch.tracking.run_record.RunRecord`).
 
-Example:
+Examples:
     >>> import tempfile
     >>> from lightning_batch.config import RunConfig
     >>> store = tempfile.mkdtemp()
@@ -24,7 +24,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,7 +217,7 @@ def build_module(cfg: RunConfig, dm: TabularDataModule) -> TaskModule:
         task=dm.task,
         n_classes=dm.n_outputs if dm.task == "classification" else None,
         optimizer=cfg.optimizer,
-        lr=cfg.lr,
+        lr=float(cfg.lr or 0.01),  # validate() set it
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         lr_schedule=cfg.lr_schedule,
@@ -382,7 +382,7 @@ def evaluate(run: PreparedRun, fit: Fit, evaluate_test: bool) -> dict[str, float
     """The test split on the best validation checkpoint's weights (unless ``evaluate_test`` is off),
     and the fit's summary: best val loss and epochs."""
     trainer, best = fit.trainer, fit.checkpoint.best_model_path or None
-    test_metrics: dict[str, Any] = {}
+    test_metrics: Mapping[str, Any] = {}
     if evaluate_test:
         if trainer.world_size > 1:
             # Rank 0 reads the best checkpoint and sends its weights: another machine need not see its folder.
@@ -449,7 +449,7 @@ class _ShareRunId(Callback):
     never open the tracking store, but their RunResult names the one run)."""
 
     def __init__(self, run_id: str, experiment_id: str) -> None:
-        self.ids = (run_id, experiment_id)
+        self.ids: tuple[str, ...] = (run_id, experiment_id)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.world_size > 1:

@@ -126,3 +126,18 @@ def test_the_stable_paths_still_import():
     assert TabularPyfuncModel is Moved
     for name in ("DynamicBatchSize", "TaskModule", "TabularDataModule", "RunConfig", "train", "tune"):
         assert getattr(lightning_batch, name) is not None
+
+
+def test_the_lightning_batch_command_is_installed_and_is_run_py():
+    """``[project.scripts]``: after ``pip install``, ``lightning-batch`` runs the CLI (here: a bad flag)."""
+    import tomllib
+
+    scripts = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"lightning-batch": "lightning_batch.cli:run"}
+    command = Path(sys.executable).with_name("lightning-batch")
+    assert command.is_file(), "the project is not installed in this environment (make venv installs it)"
+    out = subprocess.run(
+        [str(command), "train", "--epochs", "0"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == ["error: --epochs must be a positive integer, got 0; e.g. --epochs 10"]

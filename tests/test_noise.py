@@ -26,10 +26,10 @@ from lightning_batch.plugin.noise import (
     PerExampleGradNorms,
     microbatch_grad_stats,
     noise_scale,
-    per_sample_grad_stats,
     unbiased_grad_stats,
 )
 from lightning_batch.plugin.options import BatchSizeOptions
+from tests.references import per_sample_grad_stats
 
 DTYPE = torch.float64
 

@@ -7,7 +7,6 @@ tracking store's runs must agree one to one (a trial number, a child run; its st
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import signal

@@ -60,7 +60,7 @@ def uses_distributed_sampler(trainer: pl.Trainer) -> bool:
     return bool(trainer._accelerator_connector.use_distributed_sampler)
 
 
-def with_batch_sampler(loader: DataLoader, batch_sampler: BatchSampler) -> DataLoader:
+def with_batch_sampler(loader: DataLoader[Any], batch_sampler: BatchSampler) -> DataLoader[Any]:
     """A copy of ``loader`` that draws its batches from ``batch_sampler``; every other argument the
     user gave (``collate_fn``, ``num_workers``, ``pin_memory``, ``worker_init_fn``, ``generator``...,
     and a ``DataLoader`` subclass's own arguments) is kept.
@@ -68,7 +68,7 @@ def with_batch_sampler(loader: DataLoader, batch_sampler: BatchSampler) -> DataL
     It uses the re-instantiation Lightning uses to inject a ``DistributedSampler``: arguments saved
     when the loader was built inside a ``*_dataloader`` hook, else its attributes.
     """
-    placeholder = SequentialSampler(loader.dataset)  # replaced below; Lightning's helper wants one
+    placeholder = SequentialSampler(range(0))  # replaced below; Lightning's helper wants a sampler
     args, kwargs = _get_dataloader_init_args_and_kwargs(loader, placeholder)
     arg_names = getattr(loader, "__pl_saved_arg_names", ())
     default_kwargs = getattr(loader, "__pl_saved_default_kwargs", {})
@@ -85,10 +85,11 @@ def with_batch_sampler(loader: DataLoader, batch_sampler: BatchSampler) -> DataL
         )
         if not replaced:
             kwargs[key] = value
-    return _reinstantiate_wrapped_cls(loader, *args, **kwargs)
+    rebuilt: DataLoader[Any] = _reinstantiate_wrapped_cls(loader, *args, **kwargs)
+    return rebuilt
 
 
-def replace_train_dataloader(trainer: pl.Trainer, loader: DataLoader) -> None:
+def replace_train_dataloader(trainer: pl.Trainer, loader: DataLoader[Any]) -> None:
     """Make ``loader`` the fit's training loader (call from ``on_train_start``, then
     :func:`restart_train_iterator`)."""
     combined = trainer.fit_loop._combined_loader

@@ -19,7 +19,7 @@ come sooner: the k-th (from 0) after ``adjust_every`` and ``min_steps`` divided 
 should grow is worth growing early. :class:`~lightning_batch.plugin.callback.DynamicBatchSize` uses
 ``warmup=2`` (:data:`WARMUP_DECISIONS`): with the defaults, decisions after 5, 10, then every 20 steps.
 
-Example:
+Examples:
     >>> def decision_steps(cadence, rows, epoch_rows=1000, steps=9):
     ...     due = []
     ...     for step in range(1, steps + 1):

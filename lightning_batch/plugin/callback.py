@@ -15,7 +15,7 @@ DDP every rank measures its own rows, the estimates are averaged with one all-re
 decides and broadcasts, so every rank switches at the same step. Its ``state_dict`` holds
 everything a decision depends on, so a fit resumed from a checkpoint goes on where it stopped.
 
-Example:
+Examples:
     >>> import lightning.pytorch as pl
     >>> from lightning_batch import TabularDataModule, TaskModule, build_model
     >>> dm = TabularDataModule(data="synthetic-regression", rows=4000, batch_size=16, seed=0)
@@ -35,6 +35,7 @@ import contextlib
 import inspect
 import logging
 import math
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
@@ -131,7 +132,7 @@ class DynamicBatchSize(Callback):
         **options: Any,
     ) -> None:
         super().__init__()
-        given = {
+        given: dict[str, Any] = {
             name: value for name, value in (("policy", policy), ("lr_rule", lr_rule)) if value is not None
         }
         #: The checked options (a frozen :class:`BatchSizeOptions`).
@@ -220,7 +221,7 @@ class DynamicBatchSize(Callback):
         # that needs .grad to hold exactly this step's gradient, so not with gradient accumulation.
         self.noise_meter = NoiseMeter(
             self._network(pl_module),
-            loss_fn=pl_module.loss if self._has_loss else None,  # type: ignore[operator]
+            loss_fn=_loss_of(pl_module),
             grad_from_params=trainer.accumulate_grad_batches == 1,
             fallback_microbatches=self.options.fallback_microbatches,
         )
@@ -250,8 +251,8 @@ class DynamicBatchSize(Callback):
         self.probe, self.ceiling = probe_fit_ceiling(
             trainer,
             self._network(pl_module),
-            pl_module.loss,
-            self.options.memory_budget,  # type: ignore[operator]
+            _loss_of(pl_module),  # type: ignore[arg-type]  # _has_loss: a loss there
+            self.options.memory_budget,
         )
         # The trial steps were timed: their per-row cost (a rank's rows) is the throughput model's
         # slope until real steps at sizes far enough apart replace it, so the first decision can jump.
@@ -267,8 +268,8 @@ class DynamicBatchSize(Callback):
         if not self.accumulates or self.ceiling is None:
             return
         per_rank = max(1, self.ceiling // trainer.world_size)
-        current = pl_module.max_rows_per_pass  # type: ignore[attr-defined]
-        pl_module.max_rows_per_pass = min(current, per_rank) if current else per_rank  # type: ignore[attr-defined]
+        current = getattr(pl_module, "max_rows_per_pass", None)
+        setattr(pl_module, "max_rows_per_pass", min(current, per_rank) if current else per_rank)  # noqa: B010
 
     def _say_what_is_not_measured(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Once per fit: what a module without ``loss()`` leaves unmeasured (warning and run tag)."""
@@ -548,13 +549,19 @@ def _set_run_tag(trainer: pl.Trainer, key: str, value: str) -> None:
         return
     for logger in trainer.loggers:
         set_tag = getattr(logger, "set_tag", None)
-        experiment = getattr(logger, "experiment", None) if set_tag is None else None
+        experiment: Any = getattr(logger, "experiment", None) if set_tag is None else None
+        run_id = getattr(logger, "run_id", None)
         if callable(set_tag):
             set_tag(key, value)
-        elif hasattr(experiment, "set_tag") and getattr(logger, "run_id", None):
-            experiment.set_tag(logger.run_id, key, value)
+        elif hasattr(experiment, "set_tag") and run_id:
+            experiment.set_tag(run_id, key, value)
         else:
             logger.log_hyperparams({key: value})
+
+
+def _loss_of(pl_module: pl.LightningModule) -> Callable[[Tensor, Tensor], Tensor] | None:
+    """The module's ``loss(prediction, target)``, if it has one (see :class:`LossModule`)."""
+    return pl_module.loss if isinstance(pl_module, LossModule) else None
 
 
 def _memory_peak(device: torch.device) -> int:

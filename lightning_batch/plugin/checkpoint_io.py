@@ -9,7 +9,7 @@ filesystem, flushes it to disk and renames it over the target, which POSIX makes
 any moment leaves either the previous checkpoint or the new one, whole. Remote URLs (``s3://``...)
 keep Lightning's own path.
 
-Example:
+Examples:
     >>> import tempfile, torch
     >>> folder = tempfile.mkdtemp()
     >>> AtomicCheckpointIO().save_checkpoint({"step": 3}, f"{folder}/last.ckpt")

@@ -26,7 +26,7 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from lightning_batch.errors import UserError
 
@@ -53,6 +53,7 @@ __all__ = [
 
 #: A check: the value as given -> the value as kept, or :class:`CheckFailed`.
 Check = Callable[[Any], Any]
+T = TypeVar("T")
 
 
 class CheckFailed(ValueError):
@@ -84,7 +85,9 @@ KEYWORD = Spelling("keyword")
 FLAG = Spelling("flag")
 
 
-def checked(option: str, value: Any, check: Check, example: Any, spelling: Spelling = KEYWORD) -> Any:
+def checked(
+    option: str, value: Any, check: Callable[[Any], T], example: Any, spelling: Spelling = KEYWORD
+) -> T:
     """``check(value)``, or a one-line :class:`~lightning_batch.errors.UserError` (a ``ValueError``)
     that names the option as the user spelled it, the value, and a value that works.
 
@@ -128,7 +131,7 @@ def positive_int(value: Any) -> int:
     return int(value)
 
 
-def integer(*, minimum: int) -> Check:
+def integer(*, minimum: int) -> Callable[[Any], int]:
     """A whole number >= ``minimum``.
 
     >>> integer(minimum=2)(1)
@@ -175,7 +178,7 @@ def number(
     above: float | None = None,
     below: float | None = None,
     maximum: float | None = None,
-) -> Check:
+) -> Callable[[Any], float]:
     """A finite number within the bounds given (``minimum`` <= x, ``above`` < x, x < ``below``, x <= ``maximum``).
 
     >>> number(above=1.0)(1)
@@ -201,7 +204,7 @@ def number(
     return check
 
 
-def fraction(*, high: float = 1.0, zero: bool = False) -> Check:
+def fraction(*, high: float = 1.0, zero: bool = False) -> Callable[[Any], float]:
     """A share: a finite number in (0, ``high``], or [0, ``high``] with ``zero``.
 
     >>> fraction(high=0.5)(0.75)
@@ -235,7 +238,7 @@ def boolean(value: Any) -> bool:
     return value
 
 
-def one_of(choices: Sequence[str] | Callable[[], Sequence[str]]) -> Check:
+def one_of(choices: Sequence[str] | Callable[[], Sequence[str]]) -> Callable[[Any], str]:
     """One of a few names; ``choices`` may be a function, read when the check runs (a registry
     that is filled later, or that would be an import cycle to read now)."""
 
@@ -248,14 +251,14 @@ def one_of(choices: Sequence[str] | Callable[[], Sequence[str]]) -> Check:
     return check
 
 
-def optional(inner: Check) -> Check:
+def optional(inner: Callable[[Any], T]) -> Callable[[Any], T | None]:
     """``None`` (unset), or what ``inner`` accepts.
 
     >>> optional(positive_int)(None) is None
     True
     """
 
-    def check(value: Any) -> Any:
+    def check(value: Any) -> T | None:
         return None if value is None else inner(value)
 
     return check

@@ -9,7 +9,7 @@ re-instantiation, every other argument and a ``DataLoader`` subclass's own. What
 promise of every row once per epoch at any batch size is refused with one line saying what is
 supported, rather than trained at a silently fixed size.
 
-Example:
+Examples:
     >>> import torch
     >>> from torch.utils.data import DataLoader, TensorDataset
     >>> loader = DataLoader(TensorDataset(torch.arange(10.0)), batch_size=4, shuffle=False)
@@ -21,7 +21,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sized
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -53,8 +54,8 @@ class UnsupportedLoaderError(ValueError):
 
 
 def make_resizable(
-    loader: DataLoader, *, seed: int, rank: int = 0, world_size: int = 1
-) -> tuple[DataLoader, ResizableBatchSampler]:
+    loader: DataLoader[Any], *, seed: int, rank: int = 0, world_size: int = 1
+) -> tuple[DataLoader[Any], ResizableBatchSampler]:
     """The loader rebuilt on a :class:`ResizableBatchSampler` equivalent to its own, and that sampler.
 
     ``seed`` seeds the shuffled order when the loader's own sampler has no generator (it must be
@@ -68,7 +69,7 @@ def make_resizable(
 
 
 def resizable_equivalent(
-    loader: DataLoader, *, seed: int, rank: int = 0, world_size: int = 1
+    loader: DataLoader[Any], *, seed: int, rank: int = 0, world_size: int = 1
 ) -> ResizableBatchSampler:
     """The :class:`ResizableBatchSampler` that walks the rows as ``loader`` would, or
     :class:`UnsupportedLoaderError` naming what stands in the way."""
@@ -98,7 +99,7 @@ def resizable_equivalent(
     else:
         raise UnsupportedLoaderError(f"a custom sampler ({type(order).__name__})")
     return ResizableBatchSampler(
-        len(dataset),
+        len(cast(Sized, dataset)),  # map-style (the iterable kind was refused above)
         batch_sampler.batch_size * world_size,
         shuffle=shuffle,
         seed=seed,

@@ -199,7 +199,7 @@ def release_free_memory() -> None:
     rather than what the allocator kept from earlier, larger steps. No-op where ``malloc_trim`` is missing.
 
     Only the young generations are collected: a step's tensors die by reference count, and a full
-    collection in a process that has imported Lightning and MLflow costs ~0.3 s, which made the probe
+    collection in a process that has imported Lightning and MLflow takes a good part of a second, which made the probe
     slower than the training it plans."""
     gc.collect(1)
     global _malloc_trim
@@ -551,14 +551,14 @@ class MemoryProbe:
             raise ValueError(
                 f"backoff must be in (0, 1), got {backoff!r}. Pass e.g. backoff=0.8 (or 0.5 to halve)."
             )
-        self.backoff = float(backoff)
-        self.max_trials = checked("max_trials", max_trials, integer(minimum=3), 8)
+        self.backoff: float = float(backoff)
+        self.max_trials: int = checked("max_trials", max_trials, integer(minimum=3), 8)
         if upper_bound is not None:
             upper_bound = checked("upper_bound", upper_bound, positive_int, 10_000)
-        self.upper_bound = upper_bound
+        self.upper_bound: int | None = upper_bound
         if isinstance(refine_tol, bool) or not isinstance(refine_tol, numbers.Real) or refine_tol < 0:
             raise ValueError(f"refine_tol must be >= 0, got {refine_tol!r}. Pass e.g. refine_tol=0.05.")
-        self.refine_tol = float(refine_tol)
+        self.refine_tol: float = float(refine_tol)
 
     def run(self, run_step: RunStep) -> MemoryProbeResult:
         """Probe with ``run_step`` and return the verified ceiling."""

@@ -41,8 +41,8 @@ one only lowers the variance).
 
 The same function :func:`unbiased_grad_stats` serves every source of "small" gradients:
 
-* per-example gradients vs the batch gradient: ``small_batch=1, n=B`` (:class:`PerExampleGradNorms`,
-  :func:`per_sample_grad_stats`);
+* per-example gradients vs the batch gradient: ``small_batch=1, n=B`` (:class:`PerExampleGradNorms`;
+  the tests check it against ``torch.func`` per-example gradients);
 * per-rank vs all-reduced gradient under DDP: ``small_batch=local batch, n=world size`` (ranks must use
   equal local batch sizes);
 * micro-batch vs accumulated gradient: ``small_batch=micro-batch size, n=number of micro-batches``
@@ -76,7 +76,6 @@ __all__ = [
     "PerExampleGradNorms",
     "microbatch_grad_stats",
     "noise_scale",
-    "per_sample_grad_stats",
     "unbiased_grad_stats",
 ]
 
@@ -201,7 +200,7 @@ _suspension = threading.local()
 
 
 @contextmanager
-def _measurements_suspended() -> Iterator[None]:
+def measurements_suspended() -> Iterator[None]:
     """Make every :class:`PerExampleGradNorms` ignore forwards run inside (used by the fall-backs below,
     whose extra forward passes must not overwrite the step's measurement)."""
     _suspension.depth = getattr(_suspension, "depth", 0) + 1
@@ -214,7 +213,7 @@ def _measurements_suspended() -> Iterator[None]:
 def _should_ignore_forward() -> bool:
     if getattr(_suspension, "depth", 0) > 0 or not torch.is_grad_enabled():
         return True
-    # Forwards inside torch.func transforms (vmap/grad, e.g. per_sample_grad_stats or a user's own
+    # Forwards inside torch.func transforms (vmap/grad: per-sample gradients of a user's own, or a test's
     # per-sample code) see one example at a time and batched tensors: they are not training steps.
     peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
     return peek is not None and peek() is not None
@@ -284,11 +283,11 @@ class PerExampleGradNorms:
     through the same graph is detected and reported (uncovered layer, or an error from
     :meth:`grad_stats`) rather than silently mis-measured.  Gradient checkpointing re-runs forwards in
     backward and makes the affected layers uncovered.  Forwards under ``no_grad``, inside ``torch.func``
-    transforms, and inside :func:`per_sample_grad_stats` / :func:`microbatch_grad_stats` are ignored,
+    transforms, and inside :func:`measurements_suspended` (:func:`microbatch_grad_stats` uses it) are ignored,
     so those fall-backs can be run on the uncovered parameters without clobbering the measurement
     (``S`` and ``T`` are sums over parameters, so the two parts add up).
 
-    Example:
+    Examples:
 
     >>> torch.manual_seed(0) and None
     >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -338,15 +337,16 @@ class PerExampleGradNorms:
                 for p in mod.parameters(recurse=False):
                     self._static_reasons[id(p)] = f"{type(mod).__name__} overrides nn.Linear.forward"
                 continue
-            shared = [p for p in (mod.weight, mod.bias) if p is not None and owners[id(p)] != {id(mod)}]
-            for p in shared:
-                self._static_reasons[id(p)] = "parameter is shared with another module"
+            own = [t for t in (mod.weight, mod.bias) if t is not None]
+            shared = [t for t in own if owners[id(t)] != {id(mod)}]
+            for t in shared:
+                self._static_reasons[id(t)] = "parameter is shared with another module"
             if len(shared) == 0:
                 self._linears.append(mod)
             else:
-                for p in (mod.weight, mod.bias):
-                    if p is not None and id(p) not in self._static_reasons:
-                        self._static_reasons[id(p)] = "another parameter of this Linear is shared"
+                for t in own:
+                    if id(t) not in self._static_reasons:
+                        self._static_reasons[id(t)] = "another parameter of this Linear is shared"
 
         self._generation = 0
         self._records: dict[nn.Module, _LayerRecord] = {}
@@ -449,7 +449,7 @@ class PerExampleGradNorms:
             # extra memory; we only need it until this layer's backward.
             rec.input = x.detach()
             rec.input_version = x._version
-        output.register_hook(partial(self._backward_hook, mod, self._generation))
+        output.register_hook(partial(self._backward_hook, mod, self._generation))  # type: ignore[no-untyped-call, unused-ignore]  # untyped in torch's stubs
 
     def _backward_hook(self, mod: nn.Module, generation: int, grad: Tensor) -> None:
         if generation != self._generation:
@@ -491,7 +491,7 @@ class PerExampleGradNorms:
             # Per example: |a_i|²|g_i|² (weight) + |g_i|² (bias) = (|a_i|² + 1)|g_i|² -- one product.
             with_batch = self.batch_grad_from_hooks
             batch_sqr = g.new_zeros(())
-            if weight_measured:
+            if weight_measured and rec.input is not None:
                 a = rec.input if rec.input.dtype == acc_dtype else rec.input.to(acc_dtype)
                 a_sqr = (a * a).sum(dim=1)
                 per_example = (a_sqr + 1.0) * g_sqr if has_bias else a_sqr * g_sqr
@@ -541,12 +541,14 @@ class PerExampleGradNorms:
                     continue
             good.append(mod)
         covered = {id(p) for m in good for p in m.parameters(recurse=False)}
-        for mod in self.module.modules():
-            if id(mod) in linear_ids:
+        for other in self.module.modules():
+            if id(other) in linear_ids:
                 continue
-            for p in mod.parameters(recurse=False):
+            for p in other.parameters(recurse=False):
                 if id(p) not in covered:
-                    reasons.setdefault(id(p), f"parameter of {type(mod).__name__} (only nn.Linear is hooked)")
+                    reasons.setdefault(
+                        id(p), f"parameter of {type(other).__name__} (only nn.Linear is hooked)"
+                    )
         return good, reasons
 
     @property
@@ -653,7 +655,7 @@ class PerExampleGradNorms:
 # --------------------------------------------------------------------------------------------------
 
 
-def _select_params(model: nn.Module, param_names: Iterable[str] | None) -> dict[str, nn.Parameter]:
+def trainable_parameters(model: nn.Module, param_names: Iterable[str] | None) -> dict[str, nn.Parameter]:
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if param_names is None:
         return params
@@ -662,71 +664,6 @@ def _select_params(model: nn.Module, param_names: Iterable[str] | None) -> dict[
     if missing:
         raise ValueError(f"unknown or frozen parameters: {missing}")
     return {name: params[name] for name in wanted}
-
-
-def per_sample_grad_stats(
-    model: nn.Module,
-    loss_fn: LossFn,
-    inputs: Tensor,
-    targets: Tensor,
-    *,
-    param_names: Iterable[str] | None = None,
-    chunk_size: int | None = None,
-    randomness: Literal["different", "same", "error"] = "different",
-) -> GradNoiseStats:
-    """Exact per-example statistics for any model using ``torch.func`` (``vmap(grad(...))``).
-
-    Each example ``inputs[i]`` is run as a batch of one: ``loss_fn(model(inputs[i:i+1]),
-    targets[i:i+1])``, so ``loss_fn`` is the ordinary (mean) batch loss.  Works for any layer type
-    (conv, normalisation over features, attention...), but not for layers that mix examples (BatchNorm in
-    training mode).  Neither ``.grad`` nor buffers are modified.
-
-    Cost: about one batch forward+backward of compute, but ``chunk_size x (number of parameters)``
-    memory for the per-example gradients (``chunk_size`` defaults to the whole batch); examples are
-    processed in chunks of ``chunk_size`` and reduced immediately.
-
-    Args:
-        param_names: restrict to these parameters (e.g. :attr:`PerExampleGradNorms.uncovered_parameter_names`);
-            default all parameters that require grad.
-        randomness: passed to ``vmap``; ``"different"`` gives each example its own dropout mask.
-
-    >>> torch.manual_seed(0) and None
-    >>> net = nn.Linear(3, 2)
-    >>> x, y = torch.randn(6, 3), torch.randn(6, 2)
-    >>> per_sample_grad_stats(net, nn.functional.mse_loss, x, y).n
-    6
-    """
-    batch = int(inputs.shape[0])
-    if batch < 2:
-        raise ValueError(f"need at least 2 examples, got {batch}")
-    if int(targets.shape[0]) != batch:
-        raise ValueError(f"inputs and targets disagree on the batch size: {batch} vs {targets.shape[0]}")
-    chunk = batch if chunk_size is None else checked("chunk_size", chunk_size, positive_int, 1)
-    params = {name: p.detach() for name, p in _select_params(model, param_names).items()}
-    others = {name: p.detach() for name, p in model.named_parameters() if name not in params}
-    buffers = dict(model.named_buffers())
-
-    def example_loss(trainable: dict[str, Tensor], x: Tensor, t: Tensor) -> Tensor:
-        out = torch.func.functional_call(model, ({**others, **trainable}, buffers), (x.unsqueeze(0),))
-        return loss_fn(out, t.unsqueeze(0))
-
-    per_example_grads = torch.func.vmap(
-        torch.func.grad(example_loss), in_dims=(None, 0, 0), randomness=randomness
-    )
-    acc_dtype = (
-        torch.promote_types(next(iter(params.values())).dtype, torch.float32) if params else torch.float32
-    )
-    sqr_sum = torch.zeros((), dtype=acc_dtype, device=inputs.device)
-    grad_sum = {name: torch.zeros_like(p, dtype=acc_dtype) for name, p in params.items()}
-    with torch.enable_grad(), _measurements_suspended():
-        for start in range(0, batch, chunk):
-            grads = per_example_grads(params, inputs[start : start + chunk], targets[start : start + chunk])
-            for name, g in grads.items():
-                g = g.detach().to(acc_dtype)
-                sqr_sum += g.flatten(1).pow(2).sum()
-                grad_sum[name] += g.sum(dim=0)
-    big = sum((v / batch).pow(2).sum() for v in grad_sum.values())
-    return GradNoiseStats.from_norms(float(sqr_sum) / batch, float(big), batch, 1)
 
 
 def microbatch_grad_stats(
@@ -751,8 +688,8 @@ def microbatch_grad_stats(
     Two ways to get the ``n`` gradients, with the same result:
 
     * ``vectorize=True``: one ``torch.func.vmap(grad(...))`` call over the ``n`` micro-batches, a
-      single batched forward+backward. On the digits CNN (2 CPU threads, n=8) it takes 6.7 ms
-      instead of the loop's 18 ms at B=32, and 16 ms instead of 24 ms at B=256.
+      single batched forward+backward: for a small model several times faster than the loop, whose
+      per-pass overhead dominates (``benchmarks/noise_overhead.py --model cnn`` measures both).
     * ``vectorize=False``: a Python loop of ``n`` forward+``torch.autograd.grad`` passes over ``b``
       examples each. It works for every module, including those that update buffers in place
       (BatchNorm's running statistics), which ``vmap`` refuses.
@@ -777,7 +714,7 @@ def microbatch_grad_stats(
     if int(targets.shape[0]) != batch:
         raise ValueError(f"inputs and targets disagree on the batch size: {batch} vs {targets.shape[0]}")
     b = batch // n
-    params = _select_params(model, param_names)
+    params = trainable_parameters(model, param_names)
     if vectorize is None:
         vectorize = next(model.buffers(), None) is None
     if vectorize and params:
@@ -790,7 +727,7 @@ def microbatch_grad_stats(
     sqr_sum = torch.zeros((), dtype=acc_dtype, device=inputs.device)
     grad_sum = [torch.zeros_like(p, dtype=acc_dtype) for p in tensors]
     try:
-        with torch.enable_grad(), _measurements_suspended():
+        with torch.enable_grad(), measurements_suspended():
             for j in range(n):
                 sl = slice(j * b, (j + 1) * b)
                 loss = loss_fn(model(inputs[sl]), targets[sl])
@@ -831,7 +768,7 @@ def _vectorized_microbatch_stats(
     per_microbatch = torch.func.vmap(
         torch.func.grad(microbatch_loss), in_dims=(None, 0, 0), randomness="different"
     )
-    with torch.enable_grad(), _measurements_suspended():
+    with torch.enable_grad(), measurements_suspended():
         grads = per_microbatch(
             params, inputs.reshape(n, b, *inputs.shape[1:]), targets.reshape(n, b, *targets.shape[1:])
         )
@@ -914,7 +851,7 @@ class NoiseScaleEMA:
         if self.half_life_share is None or samples is None:
             return self.decay
         half_life = max(self.min_half_life, self.half_life_share * (self._samples + samples), 1e-12)
-        return 0.5 ** (samples / half_life)
+        return float(0.5 ** (samples / half_life))
 
     def update(self, grad_sqr: float, trace_sigma: float, samples: float | None = None) -> None:
         """Add one measurement (floats or 0-dim tensors), taken ``samples`` samples after the
@@ -1108,7 +1045,7 @@ class NoiseMeter:
             names = self.hooks.covered_parameter_names
         except RuntimeError:
             return
-        grads = [self._params[n].grad for n in names if self._params[n].grad is not None]
+        grads = [g for g in (self._params[n].grad for n in names) if g is not None]
         if grads:
             self._grad_t = torch.stack(torch._foreach_norm(grads)).pow(2).sum()
 

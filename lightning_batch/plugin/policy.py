@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from lightning_batch.plugin.checks import checked, count, integer, number, optional, positive_int
 from lightning_batch.plugin.options import BatchSizeOptions
@@ -63,6 +63,8 @@ __all__ = [
     "make_policy",
 ]
 
+
+T = TypeVar("T")
 
 # ----------------------------------------------------------------------------------------------------------
 # throughput
@@ -680,9 +682,10 @@ class SchedulePolicy(BatchPolicy):
     (not of the current batch), so it is idempotent within an epoch and needs no state to resume.
     ``factor`` is one number for all milestones or one per milestone.
 
-    >>> p = SchedulePolicy(milestones=[30, 60], factor=2.0)
-    >>> [p.propose(PolicyContext(batch_size=64, base_batch=64, epoch=e)) for e in (0, 29, 30, 59, 60, 90)]
-    [64, 64, 128, 128, 256, 256]
+    Examples:
+        >>> p = SchedulePolicy(milestones=[30, 60], factor=2.0)
+        >>> [p.propose(PolicyContext(batch_size=64, base_batch=64, epoch=e)) for e in (0, 29, 30, 59, 60, 90)]
+        [64, 64, 128, 128, 256, 256]
     """
 
     name = "schedule"
@@ -699,7 +702,7 @@ class SchedulePolicy(BatchPolicy):
             factor = checked("factor", factor, number(above=0.0), 2.0)
             factors = [factor] * len(ms)
         else:
-            factors = list(factor)
+            factors = [float(f) for f in factor]  # type: ignore[union-attr]  # a Sequence here: not Real
             if len(factors) != len(ms):
                 raise ValueError(
                     f"factor has {len(factors)} entries for {len(ms)} milestones. "
@@ -727,7 +730,7 @@ POLICIES: dict[str, type[BatchPolicy]] = {
 }
 
 
-def _make(registry: dict[str, type], kind: str, name: str, kwargs: dict[str, Any]) -> Any:
+def _make(registry: dict[str, type[T]], kind: str, name: str, kwargs: dict[str, Any]) -> T:
     if not isinstance(name, str) or name.lower() not in registry:
         raise ValueError(f"Unknown {kind} {name!r}. Pass one of: {', '.join(sorted(registry))}.")
     cls = registry[name.lower()]

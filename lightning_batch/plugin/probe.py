@@ -139,7 +139,7 @@ def probe_fit_ceiling(
         network,
         loss_fn,
         sample_batch,
-        len(dataset) // world or 1,  # type: ignore[arg-type]
+        len(dataset) // world or 1,
         trainer.lightning_module.device,
         memory_budget,
         seed=trainer.global_rank,

@@ -4,7 +4,7 @@ The values are read when the bar refreshes (every ``refresh_rate`` steps), from 
 and :class:`~lightning_batch.plugin.callback.DynamicBatchSize` keep anyway: no extra ``self.log`` per
 step and no host sync.
 
-Example:
+Examples:
     >>> bar = BatchProgressBar()
     >>> bar.refresh_rate
     10
@@ -36,7 +36,8 @@ class BatchProgressBar(TQDMProgressBar):
         lr = getattr(pl_module, "current_lr", None)
         if isinstance(lr, float):
             metrics["lr"] = f"{lr:.3g}"
-        resizer = next((c for c in trainer.callbacks if isinstance(c, DynamicBatchSize)), None)
+        callbacks = getattr(trainer, "callbacks", [])  # set by Lightning's callback connector, undeclared
+        resizer = next((c for c in callbacks if isinstance(c, DynamicBatchSize)), None)
         gns = resizer.ema.gns if resizer is not None else None
         if gns is not None and math.isfinite(gns):
             metrics["gns"] = f"{gns:.3g}"

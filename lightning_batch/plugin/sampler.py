@@ -19,7 +19,7 @@ from a mid-epoch checkpoint goes on with exactly the rows not yet trained.
 Batches are yielded as one ``LongTensor`` of row indices: a tabular dataset answers with one
 tensor index (see :class:`lightning_batch.tabular.tables.TensorTableDataset`), never a per-row collate.
 
-Example:
+Examples:
     >>> sampler = ResizableBatchSampler(10, batch_size=4, shuffle=False)
     >>> batches = iter(sampler)
     >>> next(batches).tolist()
@@ -64,7 +64,8 @@ class ResizableBatchSampler(BatchSampler):
         batch_size: global rows per step (all ranks together); clamped to at least ``world_size``.
         shuffle: a new seeded permutation each epoch (``seed + epoch``); else sequential order.
         seed: seed of the permutations; equal on all ranks.
-        rank, world_size: this process's DDP rank and the number of ranks.
+        rank: this process's DDP rank.
+        world_size: the number of DDP ranks.
         drop_last: end the epoch when fewer rows are left than a full batch (as ``DataLoader``'s
             ``drop_last``), instead of training them as a shorter last batch.
         index_lists: yield each batch as a list of ints (for datasets indexed row by row, which
@@ -184,7 +185,8 @@ class ResizableBatchSampler(BatchSampler):
             return self._steps_for(self.num_samples)
         return self.batches_yielded + self.remaining_batches()
 
-    def __iter__(self) -> Iterator[torch.Tensor | list[int]]:
+    # A LongTensor of indices (one gather by a batched dataset), or a list where index_lists says so.
+    def __iter__(self) -> Iterator[torch.Tensor | list[int]]:  # type: ignore[override]
         if self.cursor >= self.num_samples:
             # The previous pass ran to the end without a set_epoch (plain PyTorch use): next epoch.
             self.set_epoch(self.epoch + 1)

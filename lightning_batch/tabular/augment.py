@@ -9,7 +9,7 @@ Specs are ``name:value`` strings, as ``--augment`` takes them:
 - ``shift:K``  images (a square number of features, e.g. digits' 8×8): each image moved by up to K
   pixels in each direction, zeros shifted in; one gather per batch, no per-sample Python loop.
 
-Example:
+Examples:
     >>> import torch
     >>> aug = Augmenter.parse(["noise:0.1", "mixup:0.2"])
     >>> [a.name for a in aug.steps]

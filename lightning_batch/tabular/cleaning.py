@@ -4,7 +4,7 @@ A regression target must be numbers (and small enough for float32); a classifica
 label-encoded in a stable order. A text feature with more levels than ``--max-categories`` is
 refused in one line, before any preprocessing is fitted.
 
-Example:
+Examples:
     >>> import pandas as pd
     >>> from lightning_batch.tabular.sources import RawTable
     >>> raw = RawTable(pd.DataFrame({"x": [1.0, 2.0, 3.0], "y": ["a", None, "b"]}), "y", "inline")

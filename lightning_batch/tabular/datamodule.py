@@ -5,7 +5,7 @@ clean, :mod:`~lightning_batch.tabular.splitting` split, :mod:`~lightning_batch.t
 scale on train only, :mod:`~lightning_batch.tabular.tables` serve) run once in :meth:`setup`; the
 training loader draws its batches from a :class:`~lightning_batch.plugin.sampler.ResizableBatchSampler`.
 
-Example:
+Examples:
     >>> dm = TabularDataModule(data="iris", batch_size=16, seed=0)
     >>> dm.setup()
     >>> (dm.task, dm.n_features, dm.n_outputs, len(dm.train_set))

@@ -11,7 +11,7 @@ ratio between 0.1 and 1.4; ten tanh layers with PyTorch's default init sit at 0.
 ReLU layers at 0.001, and neither learns (loss stays at ln 10); ``--init xavier`` (tanh) and
 ``--init kaiming`` (ReLU) bring them back to 0.4-5. Hence the default limit of 20.
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -76,7 +76,7 @@ class LayerGradNorms:
         if not present:
             zero = torch.zeros(len(self.layer_names))
             return zero, zero.sum()
-        grads = [self.params[i].grad for i in present]
+        grads = [g for g in (self.params[i].grad for i in present) if g is not None]  # present: not None
         squares = torch.stack(torch._foreach_norm(grads)).float().pow(2)
         owners = self._owners[present].to(squares.device)
         per_layer = torch.zeros(len(self.layer_names), device=squares.device).index_add_(0, owners, squares)

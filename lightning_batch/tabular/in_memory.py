@@ -4,7 +4,7 @@
 :func:`write_prepared` and :func:`from_cache` turn a :class:`~lightning_batch.tabular.tables.PreparedData`
 into the data cache's arrays and facts, and back (memory-mapped, nothing copied into memory).
 
-Example:
+Examples:
     >>> from lightning_batch.config import RunConfig
     >>> data = prepare_in_memory(RunConfig(data="iris").validate())
     >>> data.task, data.n_features, len(data.train) + len(data.val) + len(data.test)

@@ -1,6 +1,6 @@
 """Plain ``nn.Module`` models: no Lightning here, so they train in any loop.
 
-Example:
+Examples:
     >>> import torch
     >>> model = build_model("mlp", n_features=4, n_outputs=3, hidden=[8], activation="gelu")
     >>> model(torch.zeros(2, 4)).shape
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -146,14 +147,15 @@ def initialize(model: nn.Module, scheme: str, activation: str = "relu") -> None:
         return
     if scheme not in ("xavier", "kaiming"):
         raise ValueError(f"unknown init {scheme!r}; use default, xavier or kaiming")
-    gain_name = "tanh" if activation == "tanh" else "relu"
+    gain_name: Literal["tanh", "relu"] = "tanh" if activation == "tanh" else "relu"
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             if scheme == "xavier":
                 nn.init.xavier_uniform_(module.weight, gain=nn.init.calculate_gain(gain_name))
             else:
                 nn.init.kaiming_uniform_(module.weight, nonlinearity=gain_name)
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
 
 def build_model(

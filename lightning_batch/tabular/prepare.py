@@ -6,7 +6,7 @@ run given ``--data-cache DIR``, are prepared once into memory-mapped files
 (:mod:`~lightning_batch.tabular.cache`) that later runs and every trial of a study reuse; a Parquet
 file too large for memory is prepared streaming (:mod:`~lightning_batch.tabular.streaming`).
 
-Example:
+Examples:
     >>> from lightning_batch.config import RunConfig
     >>> data = prepare_data(RunConfig(data="iris").validate())
     >>> data.task, data.n_features, len(data.train) + len(data.val) + len(data.test)

@@ -5,7 +5,7 @@ new rows by the logged MLflow model (:mod:`lightning_batch.tracking.run_model`).
 only, not Lightning, so a process that only predicts imports it in a fraction of the time the
 training path takes.
 
-Example:
+Examples:
     >>> import pandas as pd
     >>> pre = Preprocessor.fit(pd.DataFrame({"x": [1.0, None, 3.0], "c": ["a", "b", "a"]}))
     >>> pre.output_columns, pre.medians

@@ -4,7 +4,7 @@ Every source becomes a :class:`RawTable` (the frame as read, its target column, 
 from); nothing is cleaned here. Any failure to read is one :class:`~lightning_batch.errors.UserError`
 line that names the file and what to do.
 
-Example:
+Examples:
     >>> table = make_linear_regression(100, 3, 0.1, seed=0)
     >>> table.frame.shape, table.target
     ((100, 4), 'target')

@@ -1,6 +1,6 @@
 """Step 3 of the tabular pipeline, **split**: seeded train/val/test rows, stratified for classification.
 
-Example:
+Examples:
     >>> train, val, test = split_indices(100, None, 0.15, 0.15, seed=0)
     >>> len(train), len(val), len(test)
     (70, 15, 15)

@@ -4,7 +4,7 @@
 step never collates rows one by one; :class:`PreparedData` is what steps 1-4 hand to the
 :class:`~lightning_batch.tabular.datamodule.TabularDataModule`.
 
-Example:
+Examples:
     >>> import torch
     >>> table = TensorTableDataset(torch.arange(6.0).reshape(3, 2), torch.tensor([0, 1, 0]))
     >>> x, y = table.__getitems__([2, 0])

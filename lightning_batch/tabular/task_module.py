@@ -10,7 +10,7 @@ closure machinery costs more than a small tabular step itself, and a step that o
 backward can later redo its samples in micro-batches after an out-of-memory error. Per-step
 numbers go to the logger's buffer every ``log_every`` steps, not through ``self.log``.
 
-Example:
+Examples:
     >>> import torch, lightning.pytorch as pl
     >>> from torch.utils.data import DataLoader, TensorDataset
     >>> from lightning_batch.tabular.networks import LinearRegression
@@ -98,7 +98,7 @@ class TaskModule(pl.LightningModule):
             On CPU the check is every step; on an accelerator, ``fail`` checks when a logging window
             closes (a per-step check would be a device sync per step).
         log_every: log per-step metrics every N optimizer steps (train_loss as the window's mean);
-            MLflow's SQL store costs ~0.16 ms a value, so 1 (every step) is for short runs.
+            MLflow's SQL store spends Python time on every value, so 1 (every step) is for short runs.
 
     Gradient health, logged every ``log_every`` steps: ``grad_norm`` (the global norm before
     clipping), ``grad_norm_first_layer``, ``grad_norm_last_layer`` and ``grad_norm_ratio`` (first /
@@ -162,6 +162,7 @@ class TaskModule(pl.LightningModule):
         # and LearningRateFinder run training steps before the module's on_fit_start.
         self._check_every_step = True
         self._max_eval_rows: int | None = None
+        metrics: dict[str, torchmetrics.Metric | torchmetrics.MetricCollection]
         if task == "regression":
             metrics = {
                 "rmse": torchmetrics.MeanSquaredError(squared=False),
@@ -186,7 +187,7 @@ class TaskModule(pl.LightningModule):
     # -- training --------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         self._world_size = self.trainer.world_size
-        self._check_every_step = self.hparams.on_nan == "skip" or self.device.type == "cpu"
+        self._check_every_step = self.hparams["on_nan"] == "skip" or self.device.type == "cpu"
 
     def on_train_start(self) -> None:
         # Under DDP a rank's share of an odd global batch differs by one row from another's, so
@@ -202,7 +203,7 @@ class TaskModule(pl.LightningModule):
                 self._nan_streak = 0
             return True
         step = self.trainer.global_step
-        if self.hparams.on_nan == "fail" or self._nan_streak >= MAX_CONSECUTIVE_NAN_SKIPS:
+        if self.hparams["on_nan"] == "fail" or self._nan_streak >= MAX_CONSECUTIVE_NAN_SKIPS:
             raise NonFiniteLossError(step, float(loss), skipped=self.nan_skips)
         optimizer.zero_grad()
         for group in optimizer.param_groups:
@@ -216,8 +217,9 @@ class TaskModule(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         if self.augmenter:
-            x, y = self.augmenter(x, y, self.hparams.n_classes if self.task == "classification" else None)
+            x, y = self.augmenter(x, y, self.hparams["n_classes"] if self.task == "classification" else None)
         optimizer = self.optimizers()
+        assert not isinstance(optimizer, list)  # configure_optimizers returns one
         optimizer.zero_grad()
         loss = self._forward_backward(x, y, optimizer).detach()
         if self._check_every_step and not self._finite_or_skip(loss, optimizer):
@@ -270,7 +272,7 @@ class TaskModule(pl.LightningModule):
                     xs, ys = x[start : start + per_pass], y[start : start + per_pass]
                     last = i == len(starts) - 1
                     no_sync = (
-                        strategy.block_backward_sync()
+                        strategy.block_backward_sync()  # type: ignore[attr-defined]  # distributed: a DDPStrategy
                         if distributed and not last
                         else contextlib.nullcontext()
                     )
@@ -313,9 +315,9 @@ class TaskModule(pl.LightningModule):
 
         Everything stays a device tensor, summed over the window: no host sync until it closes.
         """
-        clip = self.hparams.grad_clip
+        clip = self.hparams["grad_clip"]
         # global_step moves in optimizer.step(); the window closes when it reaches a multiple of log_every.
-        log_step = (self.trainer.global_step + 1) % self.hparams.log_every == 0
+        log_step = (self.trainer.global_step + 1) % self.hparams["log_every"] == 0
         total: torch.Tensor | None = None
         if log_step and self.layer_grad_norms:
             self._step["layer_norms"], total = self.layer_grad_norms.compute()
@@ -364,7 +366,7 @@ class TaskModule(pl.LightningModule):
         return metrics
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.trainer.global_step % self.hparams.log_every == 0:
+        if self.trainer.global_step % self.hparams["log_every"] == 0:
             self._log_step_window()
 
     def on_train_end(self) -> None:
@@ -428,7 +430,7 @@ class TaskModule(pl.LightningModule):
     def current_lr(self) -> float:
         """The first param group's learning rate, as the optimizer will use it next step."""
         if self._trainer is None or not self.trainer.optimizers:
-            return float(self.hparams.lr)
+            return float(self.hparams["lr"])
         return float(self.trainer.optimizers[0].param_groups[0]["lr"])
 
     # -- evaluation --------------------------------------------------------------------------------
@@ -467,28 +469,28 @@ class TaskModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         params = self.model.parameters()
-        if hp.optimizer == "sgd":
+        if hp["optimizer"] == "sgd":
             optimizer: torch.optim.Optimizer = torch.optim.SGD(
-                params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+                params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"]
             )
-        elif hp.optimizer == "adam":
-            optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        elif hp.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        elif hp["optimizer"] == "adam":
+            optimizer = torch.optim.Adam(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
+        elif hp["optimizer"] == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
         else:
-            raise ValueError(f"unknown optimizer {hp.optimizer!r}; use sgd, adam or adamw")
+            raise ValueError(f"unknown optimizer {hp['optimizer']!r}; use sgd, adam or adamw")
         # Schedules step per epoch: an epoch is one pass whatever the batch size did inside it.
-        if hp.lr_schedule == "none":
+        if hp["lr_schedule"] == "none":
             return optimizer
         # (Manual optimization: the interval/monitor entries document intent; on_train_epoch_end steps them.)
-        if hp.lr_schedule == "cosine":
+        if hp["lr_schedule"] == "cosine":
             scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(
-                optimizer, T_max=max(1, hp.max_epochs)
+                optimizer, T_max=max(1, hp["max_epochs"])
             )
-        elif hp.lr_schedule == "step":
-            milestones = sorted({max(1, hp.max_epochs // 2), max(1, (3 * hp.max_epochs) // 4)})
+        elif hp["lr_schedule"] == "step":
+            milestones = sorted({max(1, hp["max_epochs"] // 2), max(1, (3 * hp["max_epochs"]) // 4)})
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
-        elif hp.lr_schedule == "plateau":
+        elif hp["lr_schedule"] == "plateau":
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=2)
             return {
                 "optimizer": optimizer,
@@ -500,7 +502,7 @@ class TaskModule(pl.LightningModule):
                 },
             }
         else:
-            raise ValueError(f"unknown lr_schedule {hp.lr_schedule!r}; use none, cosine, step or plateau")
+            raise ValueError(f"unknown lr_schedule {hp['lr_schedule']!r}; use none, cosine, step or plateau")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # -- checkpoints -------------------------------------------------------------------------------

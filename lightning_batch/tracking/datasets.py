@@ -1,8 +1,8 @@
 """A run's dataset input, recorded as ``mlflow.data.from_pandas`` would, at a fraction of the cost.
 
 :func:`log_dataset_input` builds MLflow's own ``Dataset`` entity from the column dtypes and a
-vectorised digest (:func:`frame_digest`): MLflow's ``PandasDataset`` calls Python once per cell
-(55 s at 10^6 rows x 33 columns; this takes 0.05 s).
+vectorised digest (:func:`frame_digest`): MLflow's ``PandasDataset`` calls Python once per cell,
+which at millions of cells costs more than a small fit (the figures: ``benchmarks/scale.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def log_dataset_input(client: Any, run_id: str, frame: Any, source: str, target:
     """Record ``frame`` as the run's ``training`` input: what ``mlflow.data.from_pandas`` records, cheaply.
 
     MLflow's ``PandasDataset`` calls Python once per cell (its schema inference, its nullability
-    check and its digest's ``df.map(type)``): 49 s of a 70 s run at 10^6 rows x 33 columns. This
+    check and its digest's ``df.map(type)``), most of a run's time at millions of cells. This
     builds the same ``mlflow.entities.Dataset`` from the column dtypes and vectorised passes instead
     (:func:`dataset_entity`): the same name, schema JSON, profile (``num_rows``, ``num_elements``),
     source (the resolved file, or a ``CodeDatasetSource`` naming bundled or generated data) and the
@@ -87,10 +87,10 @@ def dataset_entity(frame: Any, source: Any, name: str | None = None) -> Any:
     import json
 
     from mlflow.entities import Dataset as DatasetEntity
-    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
     frame = _as_pandas(frame)
-    specs = []
+    specs: list[ColSpec | TensorSpec] = []
     column_hashes = []
     for position in range(frame.shape[1]):
         column_name, column = frame.columns[position], frame.iloc[:, position]
@@ -131,7 +131,7 @@ def frame_digest(frame: Any) -> str:
     not. MLflow's own digest (MD5 of the first 10,000 rows' text and number columns) is not
     reproduced: it needs a Python call per cell.
 
-    Example:
+    Examples:
         >>> import pandas as pd
         >>> a = pd.DataFrame({"x": [1.0, 2.0], "s": ["a", "b"]})
         >>> frame_digest(a) == frame_digest(a.copy()), len(frame_digest(a))

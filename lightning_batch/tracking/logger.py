@@ -1,9 +1,10 @@
 """``BufferedMLFlowLogger``: Lightning's ``MLFlowLogger`` that writes metrics in batches, off the training thread.
 
-A sqlite write costs ~5-10 ms and a step can cost less than 1 ms, so metrics are buffered and
-written with ``log_batch`` ~1000 at a time by one writer thread, and kept in memory for the run's
-plots. Even batched, MLflow's SQL store spends ~0.16 ms of Python per value (MLflow 3.17 on
-sqlite), which is why per-step metrics are logged every ``log_every`` steps rather than every step.
+A sqlite write is a commit (an fsync), and a small step is cheaper than that, so metrics are
+buffered and written with ``log_batch`` up to 1000 at a time by one writer thread, and kept in
+memory for the run's plots. Even batched, MLflow's SQL store spends Python time on every value,
+which is why per-step metrics are logged every ``log_every`` steps rather than every step
+(``benchmarks/overhead.py`` measures what logging every step costs).
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ class BufferedMLFlowLogger(MLFlowLogger):
     remembers every value for plots.
 
     Values are handed to a writer thread with ``log_batch`` when :data:`FLUSH_EVERY` are waiting or
-    :data:`FLUSH_SECONDS` have passed, so a step costs a dict append: a sqlite commit takes tens of
-    milliseconds (an fsync), which in the training thread came to ~20% of a small tabular step at
-    B=32 (``benchmarks/overhead.py``). One writer keeps the batches in order. :meth:`flush` (at
+    :data:`FLUSH_SECONDS` have passed, so a step costs a dict append: a sqlite commit is an fsync,
+    which in the training thread was a sizeable share of a small tabular step
+    (``benchmarks/overhead.py``). One writer keeps the batches in order. :meth:`flush` (at
     :meth:`save`, i.e. with every checkpoint, and at :meth:`finalize`) waits until everything
     handed over is written and raises what a write raised, so nothing logged is lost silently.
     """

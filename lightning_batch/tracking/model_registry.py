@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from lightning_batch.errors import UserError
 from lightning_batch.locks import store_lock
@@ -127,11 +128,11 @@ def register_model(
     return Registration(name, str(version.version), float(val_loss), better, previous, previous_loss)
 
 
-def _champion(client: object, name: str) -> object | None:
+def _champion(client: Any, name: str) -> Any:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(name, CHAMPION)  # type: ignore[attr-defined]
+        return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
 

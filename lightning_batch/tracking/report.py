@@ -7,7 +7,7 @@ study: each batch policy's best validation loss and the wall time its trials too
 common target. Printed as a table and logged back to the run (the study's parent run) as
 ``report.md`` with its charts.
 
-Example:
+Examples:
     >>> r = RunReport(run_id="abc", samples=[0, 100], noise_scale=[10.0, 40.0], batch_size=[32, 64],
     ...               ceiling=4096, alpha=1e-3, beta=1e-5, goodput_batch=64, base_batch=32)
     >>> r.rows()[0]
@@ -255,7 +255,7 @@ def make_report(target: str, tracking_uri: str, storage: str) -> tuple[str, list
                     f"{target!r} is neither a run id in {tracking_uri} nor a study in {storage}; "
                     "pass a run id from the MLflow UI or a --study name"
                 ) from exc
-            log_to = study.user_attrs.get("mlflow_parent_run_id")
+            log_to = str(study.user_attrs.get("mlflow_parent_run_id") or "")
             if not log_to:
                 raise UserError(f"study {target!r} has no MLflow parent run to report on")
             report_s = report_of_study(client, study)

@@ -57,6 +57,7 @@ from lightning_batch._extras import extra_imports
 with extra_imports("tracking", "MLflow models"):
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import PythonModel
 with extra_imports("data", "MLflow models"):
     import pandas as pd
 
@@ -190,7 +191,7 @@ def numeric_inputs_as_numbers(frame: pd.DataFrame, inputs: list[dict[str, Any]])
     return frame.assign(**changed) if changed else frame
 
 
-class TabularPyfuncModel(mlflow.pyfunc.PythonModel):
+class TabularPyfuncModel(PythonModel):
     """The pyfunc of a lightning-batch run: reads its spec and weights from the model's artifacts."""
 
     def load_context(self, context: Any) -> None:
@@ -362,7 +363,7 @@ def _signature_type(kind: str) -> Any:
 def build_signature(spec: ModelSpec) -> Any:
     """MLflow's signature: the raw input columns in, the prediction (and probabilities) out."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
     inputs = Schema(
         [
@@ -371,12 +372,13 @@ def build_signature(spec: ModelSpec) -> Any:
         ]
     )
     if spec.task == "regression":
-        outputs = [ColSpec("double", PREDICTION)]
+        outputs: list[ColSpec | TensorSpec] = [ColSpec("double", PREDICTION)]
     else:
         first = spec.labels[0] if spec.labels else ""
         label_type = {bool: "boolean", int: "long", float: "double"}.get(type(first), "string")
-        outputs = [ColSpec(label_type, PREDICTION)] + [
-            ColSpec("double", n) for n in spec.probability_columns()
+        outputs = [
+            ColSpec(label_type, PREDICTION),
+            *(ColSpec("double", n) for n in spec.probability_columns()),
         ]
     return ModelSignature(inputs=inputs, outputs=Schema(outputs))
 
@@ -411,8 +413,8 @@ def log_model(
     client of the run's own store: create the LoggedModel (with the run's params), link it to the run
     as an output, ``mlflow.pyfunc.save_model`` into a temporary folder, upload it and finalize it
     READY. Two of ``Model.log``'s steps are left out because they can cost more than the fit of a
-    small run: loading the saved model back to check the input example (2.5 s the first time in a
-    process, scanning every installed package's metadata; 0.4 s after) -- the example is checked here
+    small run: loading the saved model back to check the input example (seconds the first time in a
+    process: it scans every installed package's metadata) -- the example is checked here
     by predicting it directly instead -- and reading back the whole history of every metric to link
     its step-0 values to the model (seconds for a long run; the run keeps its metrics, the registry
     versions carry the val loss as a tag). No process-wide tracking URI is set and no fluent run is

@@ -23,7 +23,7 @@ whether their process lives. ``train`` and ``tune`` reap at start (:func:`reap_q
 continues it; resuming claims it for the new process (:func:`claim_for_resume`; refused while a
 live owner of this host trains it) and clears the error.
 
-Example:
+Examples:
     >>> owner = Owner.of_this_process()
     >>> owner.state()
     'alive'
@@ -336,7 +336,7 @@ def list_runs(
 ) -> tuple[list[Any], bool]:
     """The newest ``limit`` runs of experiments ``ids`` (of one ``status`` if given), and whether there are more."""
     query = f"attributes.status = '{status}'" if status else ""
-    runs = []
+    runs: list[Any] = []
     for run in _search(client, ids, query, ["attributes.start_time DESC"], min(limit + 1, 1000)):
         if len(runs) == limit:
             return runs, True

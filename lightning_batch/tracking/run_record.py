@@ -106,6 +106,7 @@ class RunRecord:
             tags=tags,
             run_id=resume_run_id,
         )
+        assert self.logger.run_id is not None  # the logger created (or resumed) its run just now
         self.run_id: str = self.logger.run_id
         self.client = self.logger.experiment
         self.resumed = resume_run_id is not None

@@ -8,7 +8,7 @@
 - :func:`get_or_create_experiment` makes model-training experiments, so the MLflow UI opens them
   on their runs and charts rather than in its GenAI view.
 
-Example:
+Examples:
     >>> artifact_root_for("sqlite:///mlruns/mlflow.db").endswith("/mlruns/artifacts")
     True
 """

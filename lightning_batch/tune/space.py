@@ -19,7 +19,7 @@ sizing the batch during training beats the best fixed size, on one lr × batch-s
 Each bound and each choice is checked as the option itself would be (``policy`` names come from
 :mod:`lightning_batch.plugin.policy`), so a space that cannot run fails before the first trial.
 
-Example:
+Examples:
     >>> space = parse_space({"lr": {"low": 0.001, "high": 0.1, "log": True}, "policy": ["fixed", "goodput"]})
     >>> space["lr"].kind, space["policy"].kind
     ('float', 'categorical')
@@ -74,6 +74,7 @@ class ParamSpec:
         """Ask an ``optuna.Trial`` for a value."""
         if self.kind == "categorical":
             return trial.suggest_categorical(self.name, list(self.choices))
+        assert self.low is not None and self.high is not None  # a range, not categorical
         if self.kind == "int":
             return trial.suggest_int(
                 self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log

@@ -1,0 +1,115 @@
+"""The callback's step clock, without Lightning: which steps measure, what a step and a measurement cost.
+
+A fake clock makes every figure exact: ``FakeTime`` returns the times the test sets.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lightning_batch.plugin.cadence import EARLY_MEASUREMENTS, MeasurementBudget
+from lightning_batch.plugin.clock import StepClock
+from lightning_batch.plugin.policy import ThroughputModel
+
+
+class FakeTime:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _clock(
+    measure_every: int = 0, fallback_every: int = 10, budget: float = 0.02
+) -> tuple[StepClock, FakeTime]:
+    time = FakeTime()
+    return StepClock(measure_every, fallback_every, budget, ThroughputModel(), now=time), time
+
+
+def _step(clock: StepClock, time: FakeTime, rows: int, seconds: float, reduction: float = 0.0) -> None:
+    """One training step of ``seconds`` (its measurement's reduction ``reduction`` more, if measured)."""
+    time.now += seconds
+    cycle = clock.cycle_seconds()
+    if clock.measuring:
+        started = time.now
+        time.now += reduction
+        clock.record_measurement(rows, cycle, time.now - started)
+    else:
+        clock.record_step(rows, cycle)
+    clock.next_cycle()
+
+
+def test_a_fixed_spacing_measures_every_nth_step_and_its_micro_batches_every_mth():
+    clock, _ = _clock(measure_every=3, fallback_every=6)
+    plan = [clock.begin_step(step) for step in range(13)]
+    assert [s for s, (measure, _) in enumerate(plan) if measure] == [0, 3, 6, 9, 12]
+    assert [s for s, (_, fallback) in enumerate(plan) if fallback] == [0, 6, 12]
+    assert (
+        clock.plan(batch_size=32, measurements=100) == clock.interval
+    )  # a fixed spacing is never re-planned
+
+
+def test_by_budget_the_first_measurements_come_every_other_step_micro_batches_included():
+    clock, _ = _clock()
+    plan = [clock.begin_step(step) for step in range(8)]
+    assert plan == [(True, True), (False, False)] * 4
+
+
+def test_a_plain_step_times_only_clean_cycles():
+    clock, time = _clock(measure_every=1000)
+    clock.start_fit()
+    clock.interrupt()  # the first cycle carries the epoch's set-up
+    clock.begin_step(1)
+    _step(clock, time, rows=32, seconds=5.0)  # not clean: not timed
+    for step in range(2, 6):
+        clock.begin_step(step)
+        _step(clock, time, rows=32, seconds=0.5)
+    clock.interrupt()  # a validation ran in this cycle
+    clock.begin_step(6)
+    _step(clock, time, rows=32, seconds=3.0)
+    assert clock.plain_step_seconds(32) == 0.5
+    assert clock.throughput.times_at(32) == [0.5] * 4
+
+
+def test_a_measurement_costs_its_reduction_and_its_steps_extra_time():
+    clock, time = _clock()
+    clock.start_fit()
+    clock.interrupt()
+    for step in range(1, 21):  # steps of 1 s; measured ones take 0.25 s more, and 0.05 s of reduction
+        measure, _ = clock.begin_step(step)
+        _step(clock, time, rows=64, seconds=1.25 if measure else 1.0, reduction=0.05 if measure else 0.0)
+    budget = clock.budget
+    assert budget.spent == pytest.approx(sum(budget._costs))
+    # the first measured step had no plain step to compare with: its reduction only
+    assert sorted(budget._costs)[0] == pytest.approx(0.05)
+    assert sorted(budget._costs)[-1] == pytest.approx(0.30)
+
+
+def test_the_plan_spaces_measurements_to_the_budget_once_the_early_ones_are_done():
+    clock, time = _clock(budget=0.02)
+    clock.start_fit()
+    for step in range(200):  # 10 ms steps; a measurement costs 1 ms of reduction
+        measure, _ = clock.begin_step(step)
+        _step(clock, time, rows=32, seconds=0.01, reduction=0.001 if measure else 0.0)
+    interval = clock.plan(batch_size=32, measurements=EARLY_MEASUREMENTS)
+    # 1 ms a measurement at 2% of 10 ms steps: one every 5 steps, more while repaying the early overspend
+    assert interval >= 5
+    expected = MeasurementBudget(0.02)
+    expected.spent, expected._costs = clock.budget.spent, clock.budget._costs
+    assert interval == expected.plan(clock.fit_seconds, 0.01, EARLY_MEASUREMENTS)
+    clock.interval = 7  # the spacing rank 0 broadcast
+    assert clock.budget.interval == 7
+
+
+def test_the_state_is_the_budgets_and_comes_back():
+    clock, time = _clock()
+    for step in range(10):
+        clock.begin_step(step)
+        _step(clock, time, rows=32, seconds=0.01, reduction=0.002)
+    other, _ = _clock()
+    other.load_state_dict(clock.state_dict())
+    assert other.state_dict() == clock.state_dict()
+    assert [other.begin_step(s) for s in range(6)] == [clock.begin_step(s) for s in range(6)]
