@@ -117,7 +117,7 @@ def train(
             "model": str(run.cfg.model),
             **run.placement.tags(),
         }
-        record = RunRecord(run.uri, run.cfg, {**tags, **(extra_tags or {})}, resume_run_id)
+        record = RunRecord.for_fit(run.uri, run.cfg, {**tags, **(extra_tags or {})}, resume_run_id)
     started = time.perf_counter()
     try:
         if record is not None:

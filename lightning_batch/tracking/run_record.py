@@ -78,39 +78,45 @@ def load_resumable_config(cfg: RunConfig, run_id: str) -> RunConfig:
 
 
 class RunRecord:
-    """One fit's MLflow run, written by global rank 0 (see the module docstring).
+    """One MLflow run, written by one process (global rank 0 of a fit; see the module docstring).
 
     Args:
-        uri: the tracking store.
-        cfg: the validated config of the run.
-        tags: the run's tags besides its owner and commit.
-        resume_run_id: continue this run (claimed: refused while a live process trains it).
+        uri: the tracking store (opened: created if missing, lost runs reaped).
+        experiment: its experiment (a model-training experiment, created if missing).
+        run_name: the new run's name.
+        tags: the new run's tags besides its owner and commit.
+        run_id: write this existing run instead of creating one (its owner claimed it already).
     """
 
     def __init__(
-        self, uri: str, cfg: RunConfig, tags: dict[str, str], resume_run_id: str | None = None
+        self, uri: str, experiment: str, run_name: str, tags: dict[str, str], run_id: str | None = None
     ) -> None:
         open_store(uri)
-        if resume_run_id is not None:
-            claim_for_resume(uri, resume_run_id)  # refused if a live process trains it: one writer a run
         self.uri = uri
-        self.experiment_id = get_or_create_experiment(uri, cfg.experiment)
+        self.experiment_id = get_or_create_experiment(uri, experiment)
         tags = {**tags, **owner_tags()}  # this process: a reaper ends the run FAILED if it dies
         commit = git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
         self.logger = BufferedMLFlowLogger(
-            experiment_name=cfg.experiment,
-            tracking_uri=uri,
-            run_name=cfg.run_name or default_run_name(cfg),
-            tags=tags,
-            run_id=resume_run_id,
+            experiment_name=experiment, tracking_uri=uri, run_name=run_name, tags=tags, run_id=run_id
         )
         assert self.logger.run_id is not None  # the logger created (or resumed) its run just now
         self.run_id: str = self.logger.run_id
         self.client = self.logger.experiment
-        self.resumed = resume_run_id is not None
+        self.resumed = run_id is not None
         self.checkpoints = checkpoint_dir(uri, self.run_id)
+
+    @classmethod
+    def for_fit(
+        cls, uri: str, cfg: RunConfig, tags: dict[str, str], resume_run_id: str | None = None
+    ) -> RunRecord:
+        """The run of one fit of ``cfg``: a new one, or ``resume_run_id`` claimed for this process
+        (refused while a live process trains it: one writer a run)."""
+        open_store(uri)
+        if resume_run_id is not None:
+            claim_for_resume(uri, resume_run_id)
+        return cls(uri, cfg.experiment, cfg.run_name or default_run_name(cfg), tags, resume_run_id)
 
     # -- the start ----------------------------------------------------------------------------------
 

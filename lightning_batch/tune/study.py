@@ -57,8 +57,8 @@ from lightning_batch.config import RunConfig
 from lightning_batch.errors import UserError
 from lightning_batch.store_uri import redact, resolve_tracking_uri, sqlite_path
 from lightning_batch.tabular import cache as data_cache
-from lightning_batch.tracking.run_owners import claim_run, owner_tags, reap_quietly
-from lightning_batch.tracking.store import ensure_store, get_or_create_experiment
+from lightning_batch.tracking.run_owners import claim_run
+from lightning_batch.tracking.run_record import RunRecord, open_store
 from lightning_batch.tune.space import ParamSpec, TuneConfig, apply_params, parse_space
 
 with extra_imports("tune", "Optuna tuning"):
@@ -347,41 +347,36 @@ def open_study(base: RunConfig, options: TuneConfig, worker: int = 0) -> tuple[o
     return study, url
 
 
-def ensure_parent_run(study: optuna.Study, base: RunConfig, options: TuneConfig, storage_url: str) -> str:
-    """The study's parent MLflow run: the one recorded on the study, or a new one."""
-    from mlflow import MlflowClient
-
+def ensure_parent_run(
+    study: optuna.Study, base: RunConfig, options: TuneConfig, storage_url: str
+) -> RunRecord:
+    """The study's parent MLflow run, written through a :class:`RunRecord` as a fit's is: the one
+    recorded on the study (claimed for this process), or a new one."""
     tracking_uri = resolve_tracking_uri(base.tracking_uri)
-    ensure_store(tracking_uri)
-    reap_quietly(tracking_uri)  # runs whose process died end FAILED ("process lost"), a lost parent too
-    experiment_id = get_or_create_experiment(tracking_uri, options.study)
-    client = MlflowClient(tracking_uri)
+    open_store(tracking_uri)  # runs whose process died end FAILED ("process lost"), a lost parent too
+    name = f"study-{options.study}"
     existing = study.user_attrs.get(PARENT_ATTR)
     if existing:
         with contextlib.suppress(Exception):
+            from mlflow import MlflowClient
+
+            client = MlflowClient(tracking_uri)
             claim_run(client, existing)  # this process owns the study run now
             client.update_run(existing, status="RUNNING")
-            return str(existing)
-    run = client.create_run(
-        experiment_id,
-        run_name=f"study-{options.study}",
-        tags={
-            "optuna_study": options.study,
-            "lightning_batch.role": "study",
-            "optuna_storage": redact(storage_url),
-            **owner_tags(),
-        },
-    )
-    run_id = run.info.run_id
-    study.set_user_attr(PARENT_ATTR, run_id)
+            return RunRecord(tracking_uri, options.study, name, {}, run_id=str(existing))
+    tags = {
+        "optuna_study": options.study,
+        "lightning_batch.role": "study",
+        "optuna_storage": redact(storage_url),
+    }
+    record = RunRecord(tracking_uri, options.study, name, tags)
+    study.set_user_attr(PARENT_ATTR, record.run_id)
     space = parse_space(options.space)
     search = {"space": {n: s.to_dict() for n, s in space.items()}}
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "search_space.json").write_text(json.dumps(search, indent=2))
         Path(tmp, "base_config.json").write_text(json.dumps(base.to_dict(), indent=2, default=str))
-        client.log_artifacts(run_id, tmp)
-    from mlflow.entities import Param
-
+        record.client.log_artifacts(record.run_id, tmp)
     params = {
         "sampler": options.sampler,
         "pruner": options.pruner,
@@ -391,8 +386,8 @@ def ensure_parent_run(study: optuna.Study, base: RunConfig, options: TuneConfig,
         "epochs": base.epochs,
         "space": ",".join(space),
     }
-    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-    return run_id
+    record.logger.log_hyperparams(params)
+    return record
 
 
 def _quota(trials: int, workers: int, index: int) -> int:
@@ -702,11 +697,11 @@ def tune(base: RunConfig, options: TuneConfig, echo: Echo = print) -> TuneResult
     tracking_uri = resolve_tracking_uri(base.tracking_uri)
     base = RunConfig.from_mapping({**base.to_dict(), "tracking_uri": tracking_uri})
     study, url = open_study(base, options)
-    parent = ensure_parent_run(study, base, options, url)
+    record = ensure_parent_run(study, base, options, url)
+    parent = record.run_id
     for params in options.enqueue:
         study.enqueue_trial(params, skip_if_exists=True)
     client = MlflowClient(tracking_uri)
-    status = "FAILED"
     try:
         echo(
             f"study {options.study!r} on {redact(url)}: {options.trials} trials, {options.workers} worker(s), "
@@ -750,14 +745,11 @@ def tune(base: RunConfig, options: TuneConfig, echo: Echo = print) -> TuneResult
                     metrics=[Metric(f"best_{k}", float(v), now, 0) for k, v in result.test_metrics.items()],
                 )
         result.seconds = time.perf_counter() - started
-        status = "FINISHED"
+        record.logger.finalize("success")
         return result
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except BaseException as exc:
+        record.fail(exc)  # FAILED with the error in a tag (KILLED for an interrupt)
         raise
-    finally:
-        with contextlib.suppress(Exception):
-            client.set_terminated(parent, status)
 
 
 def _worker_main(argv: list[str]) -> int:
