@@ -443,8 +443,8 @@ def _measurement_figures(resizer: DynamicBatchSize, seconds: float) -> dict[str,
     probe = resizer.probe
     return {
         "noise_measurements": resizer.ema.num_updates,
-        "measurement_seconds": round(resizer.measurement.spent, 4),
-        "measurement_share": resizer.measurement.spent / seconds if seconds > 0 else None,
+        "measurement_seconds": round(resizer.clock.budget.spent, 4),
+        "measurement_share": resizer.clock.budget.spent / seconds if seconds > 0 else None,
         "probe_seconds_per_row": probe.seconds_per_row() if probe is not None else None,
         "decisions": [(d["step"], d["from"], d["to"], d["reason"]) for d in resizer.decisions],
     }

@@ -48,14 +48,15 @@ EQUIVALENT: list[tuple[str, str, str, bool]] = [
         REASON,
         True,
     ),
-    (r".*", r"raise \w+\(|_check_(opt_)?(int|float)\(|_make\(|^\s*f?\"[^\"]*\"\s*,?\s*\)?$", MESSAGE, True),
+    (r".*", r"raise \w+\(|checked\(|_make\(|^\s*f?\"[^\"]*\"\s*,?\s*\)?$", MESSAGE, True),
     (
-        r"_check_opt_(int|float)",
-        r"_check_(int|float)\(name, .* => .*_check_(int|float)\(None, ",
-        MESSAGE,
+        # checked(name, value, check, example): the name and the example only appear in the message.
+        r".*",
+        r"^(?P<head>.*)checked\((?P<name>[^,]+), (?P<rest>.+), (?P<example>[^,]+)\)(?P<tail>.*) => "
+        r"(?P=head)checked\(([^,]+, (?P=rest), (?P=example)|(?P=name), (?P=rest), [^,]+)\)(?P=tail)$",
+        "the option name or the example a one-line error quotes (message text only)",
         False,
     ),
-    (r"_check_float", r"^op = .* =>", MESSAGE, False),
     (r"SchedulePolicy\.propose_with_reason", r"^passed .*=>|passed \+= 1 =>", REASON, False),
     (
         r"SchedulePolicy\.propose_with_reason",
@@ -82,13 +83,7 @@ EQUIVALENT: list[tuple[str, str, str, bool]] = [
         False,
     ),
     (
-        r"per_sample_grad_stats",
-        r"grad_sum\[name\] \+= g\.sum\(dim=0\) => grad_sum\[name\] -= g\.sum\(dim=0\)",
-        "sign of the accumulated sum: only its squared norm is used",
-        False,
-    ),
-    (
-        r"per_sample_grad_stats|_vectorized_microbatch_stats",
+        r"_vectorized_microbatch_stats",
         r"others = \{.* if (\w+) not in params\} => others = \{.* if \1 in params\}",
         "functional_call falls back to the module's own (equal) parameters for names missing from the dict",
         False,
@@ -107,8 +102,8 @@ EQUIVALENT: list[tuple[str, str, str, bool]] = [
     ),
     (
         r"PerExampleGradNorms\.__init__",
-        r"^self\._static_reasons\[id\(p\)\] = .* =>|^for p in mod\.parameters\(recurse=False\): =>"
-        r"|^if p is not None and id\(p\) not in self\._static_reasons: =>",
+        r"^self\._static_reasons\[id\([pt]\)\] = .* =>|^for [pt] in (mod\.parameters\(recurse=False\)|own): =>"
+        r"|^if (p is not None and )?id\([pt]\) not in self\._static_reasons: =>",
         "which reason an uncoverable parameter is given: it stays uncovered either way (text only)",
         False,
     ),
@@ -134,7 +129,7 @@ EQUIVALENT: list[tuple[str, str, str, bool]] = [
         r"PerExampleGradNorms\._compute_coverage",
         r"parameters\(recurse=False\)\S* => .*parameters\(recurse=(None|True)\)"
         r"|^covered = \{id\(p\) .* => covered = \{id\(None\)|^if id\(p\) not in covered: =>"
-        r"|^if id\(mod\) in linear_ids: => if id\(None\)|^linear_ids = \{id\(m\) .* => linear_ids = \{id\(None\)",
+        r"|^if id\((mod|other)\) in linear_ids: => if id\(None\)|^linear_ids = \{id\(m\) .* => linear_ids = \{id\(None\)",
         "bookkeeping that cannot change the result: nn.Linear has no children, and no parameter of a "
         "non-Linear module is also a covered Linear's (shared ones are excluded up front)",
         False,

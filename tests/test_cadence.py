@@ -172,3 +172,27 @@ def test_epoch_steps_respects_limit_train_batches():
     assert epoch_steps(sampler, 0.01) == 1  # at least one step
     assert epoch_steps(sampler, 1.0) == 10
     assert epoch_steps(sampler, 0.99) == 9
+
+
+class _TimingPolicy:
+    name = "mine"
+    times_steps = True
+
+
+@pytest.mark.parametrize(
+    ("policy", "every", "warned"),
+    [("goodput", 20, True), ("noise", 5, False), ("fixed", 5, False), ("mine", 20, True)],
+)
+def test_the_cadence_of_a_policy_times_steps_only_for_goodput_or_a_policy_that_says_so(
+    policy, every, warned, caplog
+):
+    from lightning_batch.plugin.policy import make_policy
+
+    chosen = _TimingPolicy() if policy == "mine" else make_policy(policy)
+    with caplog.at_level("WARNING"):
+        cadence = DecisionCadence.for_policy(chosen, adjust_every=5, min_timed_steps=20)
+    assert cadence.effective_every == every
+    assert cadence.warmup == 2
+    assert ("decides every 20 steps, not every adjust_every=5" in caplog.text) == warned
+    # with enough timed steps asked for, goodput decides as often as adjust_every
+    assert DecisionCadence.for_policy(chosen, adjust_every=30, min_timed_steps=20).effective_every == 30

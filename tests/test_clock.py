@@ -113,3 +113,45 @@ def test_the_state_is_the_budgets_and_comes_back():
     other.load_state_dict(clock.state_dict())
     assert other.state_dict() == clock.state_dict()
     assert [other.begin_step(s) for s in range(6)] == [clock.begin_step(s) for s in range(6)]
+
+
+def test_nothing_is_timed_or_measured_before_the_first_cycle_starts():
+    clock, time = _clock(measure_every=1000)
+    assert clock.measuring is False
+    time.now = 5.0
+    assert clock.fit_seconds == 5.0  # the fit's clock runs from construction until start_fit
+    clock.record_step(32, 1.0)  # no next_cycle() yet: the cycle is not a plain step
+    assert clock.plain_step_seconds(32) is None
+    clock.start_fit()
+    assert clock.fit_seconds == 0.0
+
+
+def test_an_unmeasured_steps_time_is_the_median_of_those_timed_else_the_models():
+    clock, time = _clock(measure_every=1000)
+    clock.next_cycle()
+    for seconds in (0.1, 0.9, 0.3, 0.5, 0.2):
+        clock.begin_step(1)
+        _step(clock, time, rows=16, seconds=seconds)
+    assert clock.plain_step_seconds(16) == pytest.approx(
+        0.3
+    )  # the median of five, not another order statistic
+    assert clock.plain_step_seconds(64) is None  # one size timed: no model to ask
+    for seconds in (0.7, 0.7, 0.7):
+        clock.begin_step(1)
+        _step(clock, time, rows=64, seconds=seconds)
+    assert clock.plain_step_seconds(64) == pytest.approx(0.7)
+    fitted = clock.plain_step_seconds(32)  # never timed: the fitted line t(B) = alpha + beta B
+    assert fitted == pytest.approx(clock.throughput.step_time(32))
+    assert 0.3 < fitted < 0.7
+
+
+def test_a_measured_step_in_a_cycle_that_is_not_clean_costs_its_reduction_only():
+    clock, time = _clock(measure_every=1)
+    clock.next_cycle()
+    for _ in range(3):  # time the plain step at 32 rows first
+        clock.measuring = False
+        clock.record_step(32, 1.0)
+    clock.interrupt()  # a validation ran: the measured cycle's extra time is not the measurement's
+    clock.measuring = True
+    clock.record_measurement(32, cycle_seconds=9.0, reduction_seconds=0.25)
+    assert clock.budget.spent == pytest.approx(0.25)

@@ -1079,3 +1079,15 @@ def test_noise_meter_on_a_network_the_hooks_cannot_see() -> None:
         meter.fallback_microbatches = parts
         expected = _microbatch_reference(model, model.scale, x, y, parts=parts, usable=usable)
         assert _step(meter, model, x, y) == pytest.approx(expected, rel=1e-9), parts
+
+
+def test_the_ema_row_is_nan_until_measured_then_its_estimates() -> None:
+    ema = NoiseScaleEMA(0.5)
+    assert all(math.isnan(v) for v in ema.as_row().values()) and set(ema.as_row()) == {
+        "gns",
+        "grad_sqr",
+        "grad_var",
+    }
+    ema.update(2.0, 10.0)
+    ema.update(4.0, 30.0)
+    assert ema.as_row() == {"gns": ema.gns, "grad_sqr": ema.grad_sqr, "grad_var": ema.grad_var}

@@ -814,3 +814,16 @@ def test_context_accepts_small_statistics_and_normalises_step_times() -> None:
     assert ctx.b_noise == 2.0
     assert ctx.step_times == ((32, 1.0),)
     assert all(type(b) is int and type(t) is float for b, t in ctx.step_times)
+
+
+def test_a_decision_records_its_sizes_lr_scale_statistics_and_reason() -> None:
+    ctx = PolicyContext(batch_size=32, base_batch=32, grad_sqr=2.0, trace_sigma=50.0)
+    decision = BatchSizeController("noise", multiple=1).decide(ctx)
+    assert decision.record(32, decision.batch_size, 1.5, ctx) == {
+        "from": 32,
+        "to": decision.batch_size,
+        "lr_scale": 1.5,
+        "grad_sqr": 2.0,
+        "grad_var": 50.0,
+        "reason": decision.reason,
+    }

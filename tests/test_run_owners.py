@@ -193,14 +193,14 @@ def test_a_lost_study_run_is_reaped_and_claimed_by_the_next_tune(workdir: Path, 
     base = RunConfig(data="iris", epochs=1, tracking_uri=store)
     options = TuneConfig(study="owned", trials=1, storage=f"sqlite:///{workdir}/optuna.db").validate()
     study, url = open_study(base, options)
-    parent = ensure_parent_run(study, base, options, url)
+    parent = ensure_parent_run(study, base, options, url).run_id
     client = MlflowClient(store)
     assert Owner.from_tags(client.get_run(parent).data.tags) == Owner.of_this_process()
 
     dead = _killed_owner()
     client.set_tag(parent, OWNER_PID_TAG, str(dead.pid))  # as if a tune that died had claimed it last
     client.set_tag(parent, OWNER_STARTED_TAG, dead.started)
-    assert ensure_parent_run(study, base, options, url) == parent
+    assert ensure_parent_run(study, base, options, url).run_id == parent
     run = client.get_run(parent)
     assert run.info.status == "RUNNING" and Owner.from_tags(run.data.tags) == Owner.of_this_process()
     assert run.data.tags[PROCESS_LOST_TAG].startswith(f"pid {dead.pid} ")

@@ -39,12 +39,17 @@ Examples:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from lightning_batch.plugin.checks import checked, count, fraction, positive_int
+
 if TYPE_CHECKING:  # the config imports this module's defaults and must not pull in torch
     from lightning_batch.plugin.sampler import ResizableBatchSampler
+
+log = logging.getLogger(__name__)
 
 #: The share of an epoch's rows after which a decision falls even before ``adjust_every`` steps.
 EPOCH_SHARE_PER_DECISION = 0.25
@@ -66,17 +71,40 @@ class DecisionCadence:
     """
 
     def __init__(self, adjust_every: int, min_steps: int = 1, warmup: int = 0) -> None:
-        for name, value in (("adjust_every", adjust_every), ("min_steps", min_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+        adjust_every = checked("adjust_every", adjust_every, positive_int, 20)
+        min_steps = checked("min_steps", min_steps, positive_int, 1)
+        warmup = checked("warmup", warmup, count, 2)
         self.adjust_every = adjust_every
         self.min_steps = min_steps
         self.warmup = warmup
         self.steps_since_decision = 0
         self.rows_since_decision = 0
         self.decisions = 0
+
+    @classmethod
+    def for_policy(cls, policy: Any, adjust_every: int, min_timed_steps: int) -> DecisionCadence:
+        """The cadence ``DynamicBatchSize`` runs for ``policy``: only ``goodput`` (or a policy of one's
+        own with ``times_steps = True``) times ``min_timed_steps`` steps at each size; said once, as a
+        warning, when that makes decisions rarer than ``adjust_every``.
+
+        >>> from lightning_batch.plugin.policy import NoisePolicy
+        >>> DecisionCadence.for_policy(NoisePolicy(), adjust_every=5, min_timed_steps=20).effective_every
+        5
+        """
+        times_steps = getattr(policy, "times_steps", getattr(policy, "name", "") == "goodput")
+        cadence = cls(adjust_every, min_timed_steps if times_steps else 1, warmup=WARMUP_DECISIONS)
+        if cadence.effective_every > adjust_every:
+            log.warning(
+                "DynamicBatchSize: the %s policy times %d steps at each batch size, so it decides every %d "
+                "steps, not every adjust_every=%d; pass min_timed_steps=%d to decide that often, with a "
+                "noisier throughput model",
+                policy.name,
+                min_timed_steps,
+                cadence.effective_every,
+                adjust_every,
+                adjust_every,
+            )
+        return cadence
 
     def _shortened(self, steps: int) -> int:
         """``steps`` for the current decision: divided during the warm-up, at least 1."""
@@ -210,9 +238,7 @@ class MeasurementBudget:
     """
 
     def __init__(self, budget: float) -> None:
-        if not 0.0 < budget <= 0.5:
-            raise ValueError(f"budget must be a share of the fit's time in (0, 0.5], got {budget!r}")
-        self.budget = float(budget)
+        self.budget = checked("budget", budget, fraction(high=0.5), 0.02)
         self.interval = 2
         self.steps_since = 1  # the first step is measured
         self.spent = 0.0

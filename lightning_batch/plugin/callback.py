@@ -48,7 +48,7 @@ from lightning_batch.plugin._lightning_compat import (
     scale_scheduler_lrs,
     sync_epoch_length,
 )
-from lightning_batch.plugin.cadence import WARMUP_DECISIONS, DecisionCadence, effective_ceiling
+from lightning_batch.plugin.cadence import DecisionCadence, effective_ceiling
 from lightning_batch.plugin.clock import StepClock
 from lightning_batch.plugin.loader import adopt_train_loader
 from lightning_batch.plugin.memory import MemoryProbeResult, resident_bytes
@@ -146,22 +146,7 @@ class DynamicBatchSize(Callback):
         self.policy_name = batch_policy.name
         self.lr_rule_name = opts.lr_rule
         self.ema = NoiseScaleEMA(opts.ema_decay, half_life_share=opts.noise_window or None)
-        # Only goodput reads step times (a policy of one's own says so with times_steps = True).
-        times_steps = getattr(batch_policy, "times_steps", batch_policy.name == "goodput")
-        self.cadence = DecisionCadence(
-            opts.adjust_every, opts.min_timed_steps if times_steps else 1, warmup=WARMUP_DECISIONS
-        )
-        if self.cadence.effective_every > opts.adjust_every:
-            log.warning(
-                "DynamicBatchSize: the %s policy times %d steps at each batch size, so it decides every %d steps, "
-                "not every adjust_every=%d; pass min_timed_steps=%d to decide that often, with a noisier "
-                "throughput model",
-                batch_policy.name,
-                opts.min_timed_steps,
-                self.cadence.effective_every,
-                opts.adjust_every,
-                opts.adjust_every,
-            )
+        self.cadence = DecisionCadence.for_policy(batch_policy, opts.adjust_every, opts.min_timed_steps)
         self.clock = StepClock(
             opts.measure_every, opts.fallback_every, opts.measure_budget, self.controller.throughput
         )
@@ -276,15 +261,7 @@ class DynamicBatchSize(Callback):
         if self._has_loss:
             return
         assert self.noise_meter is not None
-        left_out = list(self.noise_meter.uncovered_parameter_names)
-        lost = [
-            "the memory probe is skipped (the batch is bounded by max_batch and out-of-memory recoveries)"
-        ]
-        if left_out:
-            lost.append(
-                f"the noise scale leaves out {len(left_out)} parameters outside nn.Linear layers "
-                f"({', '.join(left_out[:4])}{', ...' if len(left_out) > 4 else ''})"
-            )
+        lost = _lost_without_loss(self.noise_meter.uncovered_parameter_names)
         if trainer.is_global_zero:
             log.warning(
                 f"DynamicBatchSize: {type(pl_module).__name__} has no loss(prediction, target) method, so "
@@ -423,21 +400,14 @@ class DynamicBatchSize(Callback):
         self.batch_size = self._sampler.batch_size
         sync_epoch_length(trainer, self._sampler)
         self._set_lr_scale(trainer, decision.lr_scale)
-        self.decisions.append(
-            {
-                "step": trainer.global_step,
-                "epoch": trainer.current_epoch,
-                "samples_seen": self._samples_seen,
-                "from": old,
-                "to": self.batch_size,
-                "lr_scale": self.lr_scale,
-                # What the decision (and the AdaScale lr) was taken from: rank 0's, the same as every
-                # rank's, since the EMAs move only with all-reduced estimates.
-                "grad_sqr": context.grad_sqr,
-                "grad_var": context.trace_sigma,
-                "reason": decision.reason,
-            }
-        )
+        # What the decision (and the AdaScale lr) was taken from is rank 0's context, the same as every
+        # rank's, since the EMAs move only with all-reduced estimates.
+        where = {
+            "step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "samples_seen": self._samples_seen,
+        }
+        self.decisions.append({**where, **decision.record(old, self.batch_size, self.lr_scale, context)})
         if trainer.logger is not None:
             trainer.logger.log_metrics(
                 {"batch_size_change": float(self.batch_size)}, step=trainer.global_step
@@ -456,17 +426,13 @@ class DynamicBatchSize(Callback):
         self.lr_scale = scale
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rows: int, seconds: float) -> None:
-        def finite_or_nan(value: float | None) -> float:
-            return float(value) if value is not None else math.nan
-
+        lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else math.nan
         row = {
             "step": float(trainer.global_step),
             "samples_seen": float(self._samples_seen),
             "batch_size": float(self.batch_size or rows),
-            "lr": float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else math.nan,
-            "gns": finite_or_nan(self.ema.gns),
-            "grad_sqr": finite_or_nan(self.ema.grad_sqr),
-            "grad_var": finite_or_nan(self.ema.grad_var),
+            "lr": lr,
+            **self.ema.as_row(),
             "throughput": rows / seconds if seconds > 0 else math.nan,
             "mem_peak": float(_memory_peak(pl_module.device)),
         }
@@ -557,6 +523,18 @@ def _set_run_tag(trainer: pl.Trainer, key: str, value: str) -> None:
             experiment.set_tag(run_id, key, value)
         else:
             logger.log_hyperparams({key: value})
+
+
+def _lost_without_loss(uncovered: tuple[str, ...]) -> list[str]:
+    """What a module without ``loss()`` goes without, in words."""
+    lost = ["the memory probe is skipped (the batch is bounded by max_batch and out-of-memory recoveries)"]
+    if uncovered:
+        more = ", ..." if len(uncovered) > 4 else ""
+        lost.append(
+            f"the noise scale leaves out {len(uncovered)} parameters outside nn.Linear layers "
+            f"({', '.join(uncovered[:4])}{more})"
+        )
+    return lost
 
 
 def _loss_of(pl_module: pl.LightningModule) -> Callable[[Tensor, Tensor], Tensor] | None:

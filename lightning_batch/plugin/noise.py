@@ -906,6 +906,11 @@ class NoiseScaleEMA:
         # The bias corrections cancel in the ratio; use the corrected values for clarity anyway.
         return noise_scale(self.grad_sqr, self.grad_var)  # type: ignore[arg-type]
 
+    def as_row(self) -> dict[str, float]:
+        """``gns``, ``grad_sqr`` and ``grad_var`` for a metrics row (NaN where not yet known)."""
+        values = {"gns": self.gns, "grad_sqr": self.grad_sqr, "grad_var": self.grad_var}
+        return {key: float(value) if value is not None else math.nan for key, value in values.items()}
+
     def state_dict(self) -> dict[str, float | int | None]:
         """Plain Python numbers only, so ``torch.load(..., weights_only=True)`` can restore it."""
         return {

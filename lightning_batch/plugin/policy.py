@@ -928,6 +928,18 @@ class Decision:
     changed: bool
     proposed: int
 
+    def record(self, old: int | None, new: int | None, lr_scale: float, ctx: PolicyContext) -> dict[str, Any]:
+        """The decision as its history keeps it: the sizes, the lr scale, the statistics it was taken
+        from, and its reason."""
+        return {
+            "from": old,
+            "to": new,
+            "lr_scale": lr_scale,
+            "grad_sqr": ctx.grad_sqr,
+            "grad_var": ctx.trace_sigma,
+            "reason": self.reason,
+        }
+
     def as_dict(self) -> dict[str, Any]:
         """Plain dict for logging."""
         return {
