@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_batch.plugin.cadence import DecisionCadence, effective_ceiling, epoch_steps
+from lightning_batch.plugin.cadence import DecisionCadence, MeasurementBudget, effective_ceiling, epoch_steps
 from lightning_batch.plugin.sampler import ResizableBatchSampler
 
 
@@ -196,3 +196,69 @@ def test_the_cadence_of_a_policy_times_steps_only_for_goodput_or_a_policy_that_s
     assert ("decides every 20 steps, not every adjust_every=5" in caplog.text) == warned
     # with enough timed steps asked for, goodput decides as often as adjust_every
     assert DecisionCadence.for_policy(chosen, adjust_every=30, min_timed_steps=20).effective_every == 30
+
+
+# -- the measurement budget's plan, at its edges ---------------------------------------------------------
+
+
+def _budget(costs: list[float], spent: float | None = None, share: float = 0.02) -> MeasurementBudget:
+    budget = MeasurementBudget(share)
+    for cost in costs:
+        budget.record(cost)
+    if spent is not None:
+        budget.spent = spent
+    return budget
+
+
+def test_the_first_measurements_come_every_other_step_whatever_they_cost():
+    for measurements in range(4):  # the guaranteed ones
+        assert _budget([1.0], spent=1e6).plan(1.0, 0.01, measurements) == 2
+    # then, until 8, only while they cost at most 5x the budget so far (here exactly 5x: still early)
+    assert _budget([0.01], spent=5 * 0.02 * 10.0).plan(10.0, 0.01, 4) == 2
+    assert _budget([0.01], spent=5 * 0.02 * 10.0 + 1e-6).plan(10.0, 0.01, 4) > 2
+
+
+def test_the_plan_spreads_the_median_cost_and_repays_or_spends_the_balance():
+    # cost 2 ms, steps of 10 ms, budget 2%: one measurement every 10 steps when spent == allowed
+    allowed = 0.02 * 100.0
+    assert _budget([0.002] * 5, spent=allowed).plan(100.0, 0.01, 10) == 10
+    assert _budget([0.002] * 5, spent=2 * allowed).plan(100.0, 0.01, 10) == 20  # repays twice the budget
+    assert (
+        _budget([0.002] * 5, spent=0.1 * allowed).plan(100.0, 0.01, 10) == 3
+    )  # at most 4x sooner: 10 x 0.25
+    assert _budget([0.002] * 5, spent=100 * allowed).plan(100.0, 0.01, 10) == 80  # at most 8x later
+    # the median of the latest 16 costs: an old outlier has left the window
+    assert _budget([9.9] + [0.002] * 16, spent=allowed).plan(100.0, 0.01, 10) == 10
+    # the median, not another order statistic: 0.001, 0.002, 0.003 -> 0.002
+    assert _budget([0.003, 0.001, 0.002], spent=allowed).plan(100.0, 0.01, 10) == 10
+    # at least every step, at most MAX_MEASURE_INTERVAL
+    assert _budget([1e-9] * 3, spent=allowed).plan(100.0, 0.01, 10) == 1
+    assert _budget([1e6] * 3, spent=allowed).plan(100.0, 0.01, 10) == 10_000
+
+
+def test_without_a_cost_or_a_step_time_the_plan_keeps_its_spacing():
+    for costs, step in (([], 0.01), ([0.002], None), ([0.002], 0.0), ([0.002], -1.0)):
+        budget = _budget(costs, spent=1.0)
+        budget.interval = 7
+        assert budget.plan(100.0, step, 10) == 7
+
+
+def test_a_policy_without_a_name_times_no_steps_and_an_equal_cadence_says_nothing(caplog):
+    class Unnamed:
+        pass
+
+    assert DecisionCadence.for_policy(Unnamed(), adjust_every=5, min_timed_steps=20).effective_every == 5
+    from lightning_batch.plugin.policy import make_policy
+
+    with caplog.at_level("WARNING"):
+        cadence = DecisionCadence.for_policy(make_policy("goodput"), adjust_every=20, min_timed_steps=20)
+    assert cadence.effective_every == 20 and not caplog.text
+    with caplog.at_level("WARNING"):
+        DecisionCadence.for_policy(make_policy("goodput"), adjust_every=5, min_timed_steps=20)
+    assert "the goodput policy times 20 steps" in caplog.text
+
+
+def test_a_cadence_saved_before_the_warmup_was_counted_resumes_past_it():
+    cadence = DecisionCadence(adjust_every=8, warmup=2)
+    cadence.load_state_dict({"steps_since_decision": 3, "rows_since_decision": 30})  # an older checkpoint
+    assert cadence.decisions == 2  # its warm-up is over: the next decision after 8 steps, not sooner

@@ -827,3 +827,35 @@ def test_a_decision_records_its_sizes_lr_scale_statistics_and_reason() -> None:
         "grad_var": 50.0,
         "reason": decision.reason,
     }
+
+
+def test_the_controller_and_policy_a_callback_runs_come_from_its_options() -> None:
+    from lightning_batch.plugin.options import BatchSizeOptions
+    from lightning_batch.plugin.policy import policy_from_options
+
+    options = BatchSizeOptions(
+        policy="goodput",
+        explore_factor=3.0,
+        min_efficiency=0.4,
+        lr_rule="linear",
+        min_batch=4,
+        max_batch=256,
+        multiple=2,
+        hysteresis=0.1,
+        max_lr_scale=3.0,
+    )
+    ctl = BatchSizeController.from_options(options)
+    assert (ctl.min_batch, ctl.max_batch, ctl.multiple, ctl.hysteresis, ctl.max_lr_scale) == (
+        4,
+        256,
+        2,
+        0.1,
+        3.0,
+    )
+    assert repr(ctl.lr_rule) == "LinearLrRule()"
+    assert (ctl.policy.explore_factor, ctl.policy.min_efficiency) == (3.0, 0.4)
+    assert repr(BatchSizeController.from_options(options, lr_rule="sqrt").lr_rule) == "SqrtLrRule()"
+    assert policy_from_options(BatchSizeOptions()).name == "goodput"  # auto
+    assert policy_from_options(BatchSizeOptions(policy="noise", noise_k=2.0)).k == 2.0
+    mine = NoisePolicy(k=3.0)
+    assert policy_from_options(BatchSizeOptions(policy=mine)) is mine

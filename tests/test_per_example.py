@@ -1,0 +1,313 @@
+"""Each per-example rule against ``torch.func`` per-example gradients, in float64.
+
+The reference takes each example alone through ``functional_call`` under ``vmap(grad(...))``: the
+per-example loss is the batch loss on a batch of one, and the batch loss is their mean, as the
+rules assume. A rule passes when the norms it computes from the step's own activations and
+output gradients equal the reference's, parameter by parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from lightning_batch.plugin.per_example import PerExampleNorms
+
+torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def teardown_module() -> None:
+    torch.set_default_dtype(torch.float32)
+
+
+def reference(model: nn.Module, loss_fn: Callable[..., Tensor], *batch: Tensor) -> dict[str, Tensor]:
+    """Each parameter's per-example squared gradient norm, from torch.func (one example at a time)."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def one(params: dict[str, Tensor], *example: Tensor) -> Tensor:
+        inputs = [t.unsqueeze(0) for t in example]
+        return loss_fn(functional_call(model, (params, buffers), tuple(inputs[:-1])), inputs[-1])
+
+    grads = vmap(grad(one), in_dims=(None, *([0] * len(batch))))(params, *batch)
+    return {n: g.flatten(1).pow(2).sum(dim=1) for n, g in grads.items()}
+
+
+def measured(model: nn.Module, loss_fn: Callable[..., Tensor], *batch: Tensor, names=None, passes: int = 1):
+    """The rules' per-example norms of ``names`` (default: each parameter alone, then all together)."""
+    named = dict(model.named_parameters())
+    groups = [[n] for n in named] + [list(named)] if names is None else [names]
+    out = {}
+    for group in groups:
+        norms = PerExampleNorms({n: named[n] for n in group}, modules=model.modules())
+        model.zero_grad()
+        rows = len(batch[0])
+        norms.start(rows)
+        for part in range(passes):  # a step as several passes over parts of the rows, as an OOM split does
+            chunk = [t.tensor_split(passes)[part] for t in batch]
+            loss = loss_fn(model(*chunk[:-1]), chunk[-1]) * len(chunk[0]) / rows
+            loss.backward()
+        result = norms.finish()
+        norms.remove()
+        out["+".join(group)] = result
+    return out
+
+
+def assert_rules_match(model, loss_fn, *batch, passes: int = 1, rtol: float = 1e-9) -> None:
+    ref = reference(model, loss_fn, *batch)
+    got = measured(model, loss_fn, *batch, passes=passes)
+    for name, expected in ref.items():
+        result = got[name]
+        assert result is not None and result.exact == (name,), (name, result and result.reasons)
+        torch.testing.assert_close(result.per_example, expected, rtol=rtol, atol=1e-12, msg=name)
+    everything = got["+".join(ref)]
+    torch.testing.assert_close(everything.per_example, sum(ref.values()), rtol=rtol, atol=1e-12)
+
+
+def mse(out: Tensor, target: Tensor) -> Tensor:
+    return nn.functional.mse_loss(out, target)
+
+
+def token_ce(logits: Tensor, target: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(logits.flatten(0, -2), target.flatten())
+
+
+# -- linear -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tokens", "d_in", "d_out"), [(1, 5, 3), (6, 4, 3), (3, 16, 16)], ids=["2-D", "materialised", "ghost"]
+)
+def test_linear_on_inputs_of_any_rank(tokens, d_in, d_out):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d_in, 8), nn.Tanh(), nn.Linear(8, d_out))
+    shape = (7, d_in) if tokens == 1 else (7, tokens, d_in)
+    x, y = torch.randn(shape), torch.randn(*shape[:-1], d_out)
+    assert_rules_match(model, mse, x, y)
+
+
+def test_a_layer_called_twice_and_a_step_in_two_passes():
+    torch.manual_seed(1)
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(self.shared(torch.tanh(self.shared(x))))
+
+    model, x, y = Twice(), torch.randn(8, 3, 4), torch.randn(8, 3, 2)
+    assert_rules_match(model, mse, x, y)
+    assert_rules_match(model, mse, x, y, passes=2)
+
+
+# -- embedding ------------------------------------------------------------------------------------------
+
+
+def test_embedding_with_repeated_ids_and_padding():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Embedding(6, 4, padding_idx=0), nn.Linear(4, 3))
+    ids = torch.randint(0, 6, (9, 5))
+    ids[:, -2:] = 0  # padding at the end of every sequence
+    ids[0] = torch.tensor([3, 3, 3, 0, 0])  # one id three times in one example
+    assert_rules_match(model, token_ce, ids, torch.randint(3, (9, 5)))
+
+
+class LearnedPositions(nn.Module):
+    """Word embeddings plus position embeddings looked up once for all examples (shape (1, T)), as in BERT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.words = nn.Embedding(10, 6)
+        self.positions = nn.Embedding(8, 6)
+        self.register_buffer("position_ids", torch.arange(8)[None])
+        self.offset = nn.Parameter(torch.randn(6) * 0.1)  # a bias-like parameter added to every token
+        self.norm = nn.LayerNorm(6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        x = self.words(ids)
+        x += self.positions(self.position_ids[:, : ids.shape[1]])
+        return self.out(self.norm(x + self.offset))
+
+
+def test_a_lookup_shared_by_every_example_is_measured_where_it_is_added():
+    torch.manual_seed(3)
+    assert_rules_match(LearnedPositions(), token_ce, torch.randint(10, (6, 5)), torch.randint(3, (6, 5)))
+
+
+# -- normalisation ---------------------------------------------------------------------------------------
+
+
+def test_layer_norm_on_tokens():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 2))
+    assert_rules_match(model, mse, torch.randn(5, 4, 5), torch.randn(5, 4, 2))
+
+
+def test_group_norm_and_batch_norm_in_eval_mode_on_images():
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 3),
+    )
+    model[4].running_mean.uniform_(-0.5, 0.5)
+    model[4].running_var.uniform_(0.5, 2.0)
+    model.eval()  # running statistics: no example's output depends on another's
+    assert_rules_match(model, mse, torch.randn(6, 2, 6, 6), torch.randn(6, 3))
+
+
+def test_batch_norm_in_training_holds_the_batch_statistics_fixed():
+    """In training a batch norm mixes the examples; the rule's per-example gradients are those with the
+    batch's mean and variance held fixed. The reference: the same model with them as constants."""
+    torch.manual_seed(6)
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    bn = nn.BatchNorm1d(3)
+    model = nn.Sequential(bn, nn.Linear(3, 2))
+    got = measured(model, mse, x, y, names=["0.weight", "0.bias"])["0.weight+0.bias"]
+    mean, var = x.mean(0), x.var(0, unbiased=False)
+
+    class Fixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight, self.bias, self.lin = bn.weight, bn.bias, model[1]
+
+        def forward(self, inp: Tensor) -> Tensor:
+            return self.lin((inp - mean) / torch.sqrt(var + bn.eps) * self.weight + self.bias)
+
+    ref = reference(Fixed(), mse, x, y)
+    torch.testing.assert_close(got.per_example, ref["weight"] + ref["bias"], rtol=1e-9, atol=1e-12)
+
+
+# -- convolution ----------------------------------------------------------------------------------------
+
+
+def test_conv1d_and_conv2d_with_stride_dilation_padding_and_groups():
+    torch.manual_seed(7)
+    image = nn.Sequential(
+        nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2),
+        nn.Tanh(),
+        nn.Conv2d(6, 2, 2, dilation=2),
+        nn.Flatten(),
+    )
+    x = torch.randn(5, 4, 9, 9)
+    out = image(x).shape[1]
+    assert_rules_match(image, mse, x, torch.randn(5, out))
+    signal = nn.Sequential(
+        nn.Conv1d(3, 4, 3, padding=2), nn.Tanh(), nn.Conv1d(4, 2, 2, stride=2), nn.Flatten()
+    )
+    x = torch.randn(5, 3, 11)
+    assert_rules_match(signal, mse, x, torch.randn(5, signal(x).shape[1]))
+
+
+# -- attention ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multi_head_attention_self_and_cross(batch_first):
+    torch.manual_seed(8)
+
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.self_attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+            self.cross = nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=5, vdim=3)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: Tensor, memory: Tensor, mem_values: Tensor) -> Tensor:
+            if not batch_first:
+                x, memory, mem_values = x.transpose(0, 1), memory.transpose(0, 1), mem_values.transpose(0, 1)
+            h, _ = self.self_attn(x, x, x)
+            h, _ = self.cross(h, memory, mem_values)
+            out = self.head(h)
+            return out if batch_first else out.transpose(0, 1)
+
+    model = Attend()
+    batch = (torch.randn(4, 5, 8), torch.randn(4, 6, 5), torch.randn(4, 6, 3), torch.randn(4, 5, 2))
+
+    def loss(out: Tensor, target: Tensor) -> Tensor:
+        return mse(out, target)
+
+    def forward_loss(params, *example):
+        return loss(functional_call(model, params, tuple(example[:-1])), example[-1])
+
+    assert_rules_match(model, loss, *batch)
+    # The measured step computes what the plain module computes.
+    norms = PerExampleNorms(dict(model.named_parameters()), modules=model.modules())
+    plain = model(*batch[:3])
+    norms.start(4)
+    watched = model(*batch[:3])
+    norms.remove()
+    torch.testing.assert_close(watched, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_a_transformer_layer_built_sequence_first():
+    torch.manual_seed(9)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=False)
+
+    class SeqFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer, self.head = layer, nn.Linear(8, 2)
+
+        def forward(
+            self, x: Tensor
+        ) -> Tensor:  # x: (batch, seq, features); the layer wants (seq, batch, features)
+            return self.head(self.layer(x.transpose(0, 1)).transpose(0, 1))
+
+    assert_rules_match(SeqFirst(), mse, torch.randn(3, 4, 8), torch.randn(3, 4, 2))
+
+
+# -- what the rules do not cover --------------------------------------------------------------------------
+
+
+def test_a_parameter_used_by_a_function_without_a_rule_is_named_and_left_out():
+    torch.manual_seed(10)
+
+    class Custom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = nn.Linear(3, 4)
+            self.matrix = nn.Parameter(torch.randn(4, 2))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return torch.tanh(self.first(x)) @ self.matrix
+
+    model = Custom()
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    result = measured(model, mse, x, y, names=["first.weight", "first.bias", "matrix"])[
+        "first.weight+first.bias+matrix"
+    ]
+    assert result.exact == ("first.bias", "first.weight")
+    assert "matrix" in result.reasons and "no per-example rule" in result.reasons["matrix"]
+    ref = reference(model, mse, x, y)
+    torch.testing.assert_close(
+        result.per_example, ref["first.weight"] + ref["first.bias"], rtol=1e-9, atol=1e-12
+    )
+
+
+def test_nothing_measured_is_none_and_unused_parameters_are_measured_as_zero():
+    torch.manual_seed(11)
+    used, unused = nn.Linear(2, 2), nn.Linear(2, 2)
+    norms = PerExampleNorms({"used.weight": used.weight, "unused.weight": unused.weight})
+    norms.start(4)
+    (torch.randn(4, 2) @ used.weight.t()).sum().backward()  # used, but not by a rule
+    assert norms.finish() is None
+    norms.start(4)
+    used(torch.randn(4, 2)).sum().backward()
+    result = norms.finish()
+    assert result is not None and result.exact == ("unused.weight", "used.weight")
+    assert math.isfinite(float(result.per_example.sum()))
