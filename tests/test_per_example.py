@@ -18,12 +18,16 @@ from torch.func import functional_call, grad, vmap
 
 from lightning_batch.plugin.per_example import PerExampleNorms
 
-torch.set_default_dtype(torch.float64)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def teardown_module() -> None:
-    torch.set_default_dtype(torch.float32)
+@pytest.fixture(autouse=True)
+def _float64():
+    """Every model and batch here in float64 (only while these tests run: other modules' need float32)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def reference(model: nn.Module, loss_fn: Callable[..., Tensor], *batch: Tensor) -> dict[str, Tensor]:
@@ -192,6 +196,37 @@ def test_batch_norm_in_training_holds_the_batch_statistics_fixed():
     torch.testing.assert_close(got.per_example, ref["weight"] + ref["bias"], rtol=1e-9, atol=1e-12)
 
 
+def test_parameters_before_a_training_batch_norm_are_left_to_the_caller():
+    """A batch norm on the batch's statistics couples the examples' gradients upstream of it: the
+    parameters used before the last one are not measured per example (COUPLED); that batch norm's own
+    affine parameters and what follows are, exactly. In eval mode nothing is coupled."""
+    from lightning_batch.plugin.per_example import COUPLED
+
+    torch.manual_seed(12)
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)
+    )
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    norms = PerExampleNorms(dict(model.named_parameters()))
+    norms.start(8)
+    mse(model(x), y).backward()
+    result = norms.finish()
+    assert result is not None
+    assert sorted(result.exact) == ["4.bias", "4.weight", "5.bias", "5.weight"]
+    assert {name for name, why in result.reasons.items() if why == COUPLED} == {
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "3.weight",
+        "3.bias",
+    }
+    model.eval()
+    norms.start(8)
+    mse(model(x), y).backward()
+    assert sorted(norms.finish().exact) == sorted(name for name, _ in model.named_parameters())
+
+
 # -- convolution ----------------------------------------------------------------------------------------
 
 
@@ -211,6 +246,18 @@ def test_conv1d_and_conv2d_with_stride_dilation_padding_and_groups():
     )
     x = torch.randn(5, 3, 11)
     assert_rules_match(signal, mse, x, torch.randn(5, signal(x).shape[1]))
+
+
+def test_convolutions_with_more_channels_than_positions_take_the_unfolded_rule():
+    """Where C_out exceeds the output positions the rule unfolds the patches (the grouped-convolution
+    form would hold a larger per-example gradient): both forms agree with torch.func."""
+    torch.manual_seed(17)
+    deep = nn.Sequential(nn.Conv2d(4, 16, 2, groups=2), nn.Tanh(), nn.Conv2d(16, 12, 2), nn.Flatten())
+    x = torch.randn(5, 4, 3, 3)  # 4 then 1 output positions, 16 and 12 channels
+    assert_rules_match(deep, mse, x, torch.randn(5, deep(x).shape[1]))
+    signal = nn.Sequential(nn.Conv1d(3, 9, 3), nn.Flatten())
+    x = torch.randn(4, 3, 5)  # 3 positions, 9 channels
+    assert_rules_match(signal, mse, x, torch.randn(4, signal(x).shape[1]))
 
 
 # -- attention ------------------------------------------------------------------------------------------

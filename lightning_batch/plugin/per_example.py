@@ -16,9 +16,13 @@ parameter, the rule of the function that used it:
   ``(1, T)``) is measured at the elementwise add that spreads it over the examples.
 - ``F.layer_norm``, ``F.group_norm``, ``F.batch_norm`` (the affine parameters): ``Σ g ⊙ x̂`` and ``Σ g``
   per example, ``x̂`` the normalised input (Gray et al. 2024 measure the noise scale of transformers
-  from these alone). A batch norm in training mode normalises with the batch's statistics; its
-  per-example gradients hold them fixed, the usual decomposition.
-- ``F.conv1d`` and ``F.conv2d``: the linear rule on unfolded patches (per group).
+  from these alone). A batch norm in training mode normalises with the batch's statistics, which
+  its per-example gradients hold fixed; but its backward couples the examples' gradients upstream,
+  so every parameter used before it in the pass is left to the caller (:data:`COUPLED`): only the
+  last such batch norm's affine parameters, and what follows it (a ResNet's head), are measured.
+- ``F.conv1d`` and ``F.conv2d``: every example's weight gradient at once from one convolution
+  backward with the examples as groups (Rochette et al. 2019) where that is no larger than the
+  unfolded patches, else the linear rule on the unfolded patches (per group).
 - ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``): its in- and out-projections run
   as separate ``F.linear`` calls on the measured step (an identity where the function would
   project), so the linear rule sees them; the output is the same up to rounding.
@@ -53,6 +57,7 @@ Examples:
 from __future__ import annotations
 
 import inspect
+import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -65,7 +70,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["PerExampleNorms", "PerExampleResult"]
+__all__ = ["COUPLED", "PerExampleNorms", "PerExampleResult", "measurements_suspended"]
 
 #: Functions whose use of a parameter has a closed-form per-example norm (see the module docstring).
 _ADD_FUNCS = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__, Tensor.add_}
@@ -110,6 +115,36 @@ class _Site:
     rows_of_examples: int = 0  # the examples this call saw (its batch dimension's size)
 
 
+#: Why a parameter used before a batch norm in training mode is not measured per example: the batch
+#: norm's backward couples the examples (each example's gradient upstream holds the batch's mean
+#: gradient), so per-example norms of those parameters misstate the noise badly (a ResNet's |G|²
+#: came out 5x low and tr(Σ) 5x high against micro-batches and the full data's gradient). Micro-batches,
+#: each normalised with its own statistics, measure them instead.
+COUPLED = "used before a batch norm in training mode, whose batch statistics couple the examples' gradients"
+
+_suspension = threading.local()
+
+
+@contextmanager
+def measurements_suspended() -> Iterator[None]:
+    """Forwards run inside are not measured by any :class:`PerExampleNorms` (the micro-batch fall-back's
+    own passes, run while a step is watched, must not be taken for the step's)."""
+    _suspension.depth = getattr(_suspension, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _suspension.depth -= 1
+
+
+def _ignored() -> bool:
+    """Not a training step's forward: suspended, or inside a ``torch.func`` transform (which sees one
+    example at a time, in batched tensors)."""
+    if getattr(_suspension, "depth", 0) > 0:
+        return True
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
 class _Recorder(TorchFunctionMode):
     """The ``TorchFunctionMode`` a measured step's forward runs under (see :class:`PerExampleNorms`)."""
 
@@ -126,7 +161,7 @@ class _Recorder(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         owner = self.owner
-        if owner._suspended or not torch.is_grad_enabled():
+        if owner._suspended or not torch.is_grad_enabled() or _ignored():
             return func(*args, **kwargs)
         handler = _HANDLERS.get(func)
         if handler is not None:
@@ -172,6 +207,8 @@ class PerExampleNorms:
             int, _Site
         ] = {}  # id(lookup output) -> its embedding site, until an add spreads it
         self._seq_first = 0  # depth of batch_first=False transformer layers being run
+        #: (pass, number of sites so far) at each batch norm that used the batch's statistics
+        self._coupling: list[tuple[int, int]] = []
         self._hooks = [
             handle
             for module in modules
@@ -183,22 +220,25 @@ class PerExampleNorms:
             )
         ]
         self._identities: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+        #: Why each parameter the last finished step did not measure exactly was not (also when
+        #: :meth:`finish` returned None).
+        self.reasons: dict[str, str] = {}
 
     # -- the step ---------------------------------------------------------------------------------
 
     def start(self, rows: int) -> None:
         """A measured step begins: ``rows`` examples (this rank's)."""
         self.stop()
-        self._sites, self._outside, self._broadcast = [], {}, {}
+        self._sites, self._outside, self._broadcast, self._coupling = [], {}, {}, []
         self._pass, self._backward_seen, self._rows = 0, False, rows
-        self._recorder.__enter__()
+        self._recorder.__enter__()  # type: ignore[no-untyped-call, unused-ignore]  # untyped in torch
         self._active = True
 
     def stop(self) -> None:
         """Stop watching (idempotent; also after an exception)."""
         if self._active:
             self._active = False
-            self._recorder.__exit__(None, None, None)
+            self._recorder.__exit__(None, None, None)  # type: ignore[no-untyped-call, unused-ignore]
 
     @property
     def active(self) -> bool:
@@ -244,6 +284,12 @@ class PerExampleNorms:
         site = _Site(kind, self._pass, weight, bias, rows_of_examples=batch_rows)
         self._sites.append(site)
         return site
+
+    def _batch_statistics_used(self) -> None:
+        """A batch norm normalised with the batch's own statistics: every site before it in the pass
+        gets a gradient that mixes the examples (see :data:`COUPLED`)."""
+        this_pass = self._pass + 1 if self._backward_seen and self._sites else self._pass
+        self._coupling.append((this_pass, len(self._sites)))
 
     def _identity(self, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """An identity matrix (cached): the projection MHA's function applies where ours already did."""
@@ -292,6 +338,11 @@ class PerExampleNorms:
         for site in self._broadcast.values():
             if site.weight is not None:
                 reasons.setdefault(site.weight, "a lookup broadcast over the batch and not added to it")
+        for index, site in enumerate(self._sites):
+            if any(p == site.pass_index and index < position for p, position in self._coupling):
+                for name in (site.weight, site.bias):
+                    if name is not None:
+                        reasons.setdefault(name, COUPLED)
         uses: dict[str, list[tuple[_Site, str]]] = defaultdict(list)
         for site in self._sites:
             for role, name in (("weight", site.weight), ("bias", site.bias)):
@@ -304,6 +355,12 @@ class PerExampleNorms:
             p: Counter(s.rows_of_examples for s in self._sites if s.pass_index == p).most_common(1)[0][0]
             for p in passes
         }
+        if passes and sum(rows.values()) != self._rows:
+            # Forwards on parts of the batch before one backward (or on more rows than it has): which
+            # call saw which examples cannot be told.
+            why = f"the step's forwards saw {sum(rows.values())} examples per pass, not the batch's {self._rows}"
+            self.reasons = {name: reasons.get(name, why) for name in self.params}
+            return None
         totals: dict[int, Tensor] = {}
         measured: list[str] = []
         for name, sites in uses.items():
@@ -324,6 +381,7 @@ class PerExampleNorms:
                 if values is not None:
                     totals[p] = values if p not in totals else totals[p] + values
             measured.append(name)
+        self.reasons = reasons
         if not measured:
             return None  # nothing this step used was measured exactly
         # Not used in this step at all: its per-example gradients are zero, measured as such.
@@ -348,15 +406,15 @@ class PerExampleNorms:
         kind = live[0][0].kind
         blocks: dict[tuple[int, int] | None, list[tuple[_Site, str]]] = defaultdict(list)
         for site, role in live:
-            block = site.rows if role == "weight" else site.bias_rows
-            blocks[None if block is None else (block.start, block.stop)].append((site, role))
-        out = torch.zeros(rows, dtype=torch.float64)
-        for block in blocks.values():  # row blocks of a packed weight hold disjoint rows: their norms add
-            roles = {role for _, role in block}
+            span = site.rows if role == "weight" else site.bias_rows
+            blocks[None if span is None else (span.start, span.stop)].append((site, role))
+        out = torch.zeros(rows, dtype=torch.float64, device=live[0][0].tensors["grad"].device)
+        for uses in blocks.values():  # row blocks of a packed weight hold disjoint rows: their norms add
+            roles = {role for _, role in uses}
             if len(roles) > 1:
                 raise _NotExact("used as a weight and as a bias in one step")
             role = roles.pop()
-            out += _RULES[kind](role, [site for site, _ in block]).to(torch.float64)
+            out += _RULES[kind](role, [site for site, _ in uses]).to(torch.float64)
         return out
 
 
@@ -382,15 +440,20 @@ def _acc(tensor: Tensor) -> Tensor:
 
 def _tokens(site: _Site, name: str) -> Tensor:
     """A site's tensor as (examples, tokens, features), the batch first."""
-    tensor = site.tensors[name]
+    tensor: Tensor = site.tensors[name]
     return tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
 
 
+def _joined(tensors: list[Tensor]) -> Tensor:
+    """Calls on the same examples, one after the other along the tokens (no copy for one call)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=1)
+
+
 def _linear_norms(role: str, sites: list[_Site]) -> Tensor:
-    grads = torch.cat([_acc(_tokens(s, "grad")) for s in sites], dim=1)  # (B, T, d_out)
+    grads = _joined([_acc(_tokens(s, "grad")) for s in sites])  # (B, T, d_out)
     if role == "bias":
         return grads.sum(dim=1).pow(2).sum(dim=1)
-    inputs = torch.cat([_acc(_tokens(s, "input")) for s in sites], dim=1)  # (B, T, d_in)
+    inputs = _joined([_acc(_tokens(s, "input")) for s in sites])  # (B, T, d_in)
     tokens, d_in, d_out = inputs.shape[1], inputs.shape[2], grads.shape[2]
     if tokens == 1:
         return inputs[:, 0].pow(2).sum(dim=1) * grads[:, 0].pow(2).sum(dim=1)
@@ -584,6 +647,8 @@ def _norm_layer(kind: str) -> Callable[..., Any]:
             ),
         }[kind]
         bound = _bind(names, args, kwargs)
+        if kind == "batch_norm" and (bound.get("training") or bound.get("running_mean") is None):
+            owner._batch_statistics_used()
         weight, bias = owner._name(bound.get("weight")), owner._name(bound.get("bias"))
         if weight is None and bias is None:
             return _PASS
@@ -611,7 +676,9 @@ def _norm_layer(kind: str) -> Callable[..., Any]:
             keep = 1
 
             def normalised() -> Tensor:
-                if training or mean is None:  # the batch's statistics, as the forward used them
+                if (
+                    training or mean is None or var is None
+                ):  # the batch's statistics, as the forward used them
                     return F.batch_norm(_acc(x_first), None, None, None, None, True, 0.0, eps)
                 return F.batch_norm(_acc(x_first), _acc(mean), _acc(var), None, None, False, 0.0, eps)
 
@@ -661,14 +728,27 @@ def _conv(spatial: int) -> Callable[..., Any]:
             cols = F.unfold(image, k, dilation=d, padding=p, stride=s)  # (B, C_in k, L)
             return cols.transpose(1, 2)  # (B, L, C_in k)
 
-        site.tensors["patches"] = patches
-        site.tensors["groups"] = groups
+        def per_example_weight_grads(grad: Tensor) -> Tensor:
+            """Every example's weight gradient at once: one convolution backward with the examples as
+            groups (Rochette et al. 2019), (B, *weight shape)."""
+            examples, channels = x_detached.shape[:2]
+            weight_grad: Tensor = _CONV_WEIGHT_GRAD[spatial](
+                _acc(x_detached).reshape(1, examples * channels, *x_detached.shape[2:]),
+                (examples * w.shape[0], *w.shape[1:]),
+                _acc(grad).reshape(1, -1, *grad.shape[2:]),
+                stride=stride,
+                padding=pad,
+                dilation=dilation,
+                groups=examples * groups,
+            )
+            return weight_grad.reshape(examples, *w.shape)
+
+        site.tensors.update(patches=patches, groups=groups, grouped=per_example_weight_grads)
 
         def keep(grad: Tensor) -> None:
             owner._backward_seen = True
-            flat = grad.detach().flatten(2).transpose(1, 2)  # (B, L, C_out)
             previous = site.tensors.get("grad")
-            site.tensors["grad"] = flat if previous is None else previous + flat
+            site.tensors["grad"] = grad.detach() if previous is None else previous + grad.detach()
             site.grad = site.tensors["grad"]
 
         if out.requires_grad:
@@ -680,13 +760,18 @@ def _conv(spatial: int) -> Callable[..., Any]:
 
 
 def _conv_norms(role: str, sites: list[_Site]) -> Tensor:
-    """The linear rule on each group's unfolded patches; groups own disjoint weight rows."""
+    """A convolution's weight: where each example's gradient is no larger than its unfolded patches,
+    all of them from one grouped convolution backward; else the linear rule on each group's patches
+    (groups own disjoint weight rows)."""
     total: Tensor | None = None
     for site in sites:
         groups = site.tensors["groups"]
-        grads = _acc(site.tensors["grad"])
+        raw: Tensor = site.tensors["grad"]  # (B, C_out, *positions)
+        grads = _acc(raw.flatten(2).transpose(1, 2))  # (B, L, C_out)
         if role == "bias":
             part = grads.sum(dim=1).pow(2).sum(dim=1)
+        elif raw.shape[1] <= grads.shape[1]:  # C_out <= L: the weight gradient is the smaller tensor
+            part = site.tensors["grouped"](raw).flatten(1).pow(2).sum(dim=1)
         else:
             cols = _acc(site.tensors["patches"]())
             part = torch.zeros(grads.shape[0], dtype=grads.dtype, device=grads.device)
@@ -701,6 +786,11 @@ def _conv_norms(role: str, sites: list[_Site]) -> Tensor:
 
 
 _RULES["conv"] = _conv_norms
+#: The weight gradient of a convolution (torch.nn.grad: a public module the package stubs leave out).
+_CONV_WEIGHT_GRAD: dict[int, Callable[..., Tensor]] = {
+    1: torch.nn.grad.conv1d_weight,  # type: ignore[attr-defined]
+    2: torch.nn.grad.conv2d_weight,  # type: ignore[attr-defined]
+}
 
 
 def _mha(
@@ -718,6 +808,7 @@ def _mha(
             owner._not_exact(name, "multi-head attention with add_bias_kv, static keys or unbatched inputs")
         return func(*args, **kwargs)
     embed = query.shape[-1]
+    weights: list[tuple[Tensor, slice | None]]
     if bound.get("use_separate_proj_weight", False):
         weights = [
             (bound["q_proj_weight"], None),
