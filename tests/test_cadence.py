@@ -226,7 +226,7 @@ def test_the_plan_spreads_the_median_cost_and_repays_or_spends_the_balance():
     assert (
         _budget([0.002] * 5, spent=0.1 * allowed).plan(100.0, 0.01, 10) == 3
     )  # at most 4x sooner: 10 x 0.25
-    assert _budget([0.002] * 5, spent=100 * allowed).plan(100.0, 0.01, 10) == 80  # at most 8x later
+    assert _budget([0.002] * 5, spent=100 * allowed).plan(100.0, 0.01, 10) == 20  # at most 2x later
     # the median of the latest 16 costs: an old outlier has left the window
     assert _budget([9.9] + [0.002] * 16, spent=allowed).plan(100.0, 0.01, 10) == 10
     # the median, not another order statistic: 0.001, 0.002, 0.003 -> 0.002
@@ -262,3 +262,12 @@ def test_a_cadence_saved_before_the_warmup_was_counted_resumes_past_it():
     cadence = DecisionCadence(adjust_every=8, warmup=2)
     cadence.load_state_dict({"steps_since_decision": 3, "rows_since_decision": 30})  # an older checkpoint
     assert cadence.decisions == 2  # its warm-up is over: the next decision after 8 steps, not sooner
+
+
+def test_until_the_noise_scale_is_known_measurements_come_every_other_step_within_the_overspend():
+    """Past the early measurements, an unknown noise scale keeps the early spacing (the decisions wait
+    for it) while the measurements cost at most EARLY_OVERSPEND times the budget; then the budget's."""
+    allowed = 0.02 * 100.0
+    assert _budget([0.002] * 5, spent=allowed).plan(100.0, 0.01, 30, known=False) == 2
+    assert _budget([0.002] * 5, spent=allowed).plan(100.0, 0.01, 30, known=True) == 10
+    assert _budget([0.002] * 5, spent=6 * allowed).plan(100.0, 0.01, 30, known=False) == 20

@@ -566,3 +566,19 @@ def test_the_cpu_meter_reads_a_short_steps_peak_exactly_after_a_larger_one():
         peak = meter.measure(brief, 24)
         assert 24 * 2**20 * 0.98 <= peak <= 24 * 2**20 + 8 * 2**20, peak / 2**20
     assert _peak_rss() is not None
+
+
+def test_a_fatal_oom_meter_proves_the_whole_data_fits_without_a_step_over_all_of_it() -> None:
+    """On a CPU (an OOM kills): when the conservative bound (a line through the origin and a verified
+    peak) already covers the cap, no trial runs at the cap; one step at 8x the start times a second size."""
+    meter = FakeMemoryMeter(1000, 10, 10**9, budget_fraction=0.5)
+    meter.oom_is_fatal = True
+    result = MemoryProbe(meter, start_batch=8, upper_bound=100_000).run(noop)
+    assert meter.calls == [8, 64]
+    assert result.ceiling == 100_000 and result.verified_bytes == meter.bytes_at(64)
+    assert result.predicted_bytes >= meter.bytes_at(100_000), "the bound is conservative"
+    # Where the bound does not cover the cap, the probe steps towards it as before.
+    tight = FakeMemoryMeter(1000, 10, 2_000_000, budget_fraction=0.5)
+    tight.oom_is_fatal = True
+    capped = MemoryProbe(tight, start_batch=8, upper_bound=100_000).run(noop)
+    assert max(tight.calls) > 64 and capped.ceiling < 100_000

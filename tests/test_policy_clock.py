@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_batch.config import RunConfig
-from lightning_batch.plugin.cadence import EARLY_MEASUREMENTS, MeasurementBudget
+from lightning_batch.plugin.cadence import EARLY_MEASUREMENTS, MAX_REPAY_FACTOR, MeasurementBudget
 from lightning_batch.plugin.callback import DynamicBatchSize
 from lightning_batch.plugin.memory import MemoryProbeResult
 from lightning_batch.plugin.noise import NoiseScaleEMA
@@ -107,25 +107,33 @@ def test_the_window_survives_a_checkpoint_and_old_checkpoints_still_load():
 @pytest.mark.parametrize(("cost", "step"), [(0.0006, 0.001), (0.03, 0.004), (0.0001, 0.02), (0.002, 0.00005)])
 def test_a_simulated_fit_measures_within_its_budget_and_keeps_measuring(cost, step):
     """A fit simulated step by step: each measured step costs ``cost`` more than the ``step`` of an
-    unmeasured one; a decision (and a plan) every 20 steps. After the early measurements are repaid,
-    the measurements' share of the fit's time stays at or below the budget, yet they keep coming."""
+    unmeasured one; a decision (and a plan) every 20 steps. The early measurements' overspend is
+    repaid (it only shrinks), the share ends at the budget, and no two measurements after the early
+    ones lie further apart than the budget's spacing with the largest repayment factor."""
     budget = MeasurementBudget(0.02)
-    elapsed, measured, spent = 0.0, 0, 0.0
-    shares = []
+    elapsed, spent, taken = 0.0, 0.0, []
+    overspend = {}
     for index in range(1, 50_001):
         elapsed += step
         if budget.step_begins():
             elapsed += cost
             spent += cost
-            measured += 1
+            taken.append(index)
             budget.record(cost)
         if index % 20 == 0:
-            budget.plan(elapsed, step, measured)
-            if index > 40_000:  # the early measurements repaid (at worst 8 x 40 steps at 2%)
-                shares.append(spent / elapsed)
-    assert measured >= EARLY_MEASUREMENTS
-    assert max(shares) <= 0.02 * 1.15, "the budget holds over the fit (within one planning window)"
-    assert measured > EARLY_MEASUREMENTS + 5, "measurements keep coming"
+            budget.plan(elapsed, step, len(taken))
+            if index % 5_000 == 0:
+                overspend[index] = spent - 0.02 * elapsed
+    assert len(taken) > EARLY_MEASUREMENTS + 5, "measurements keep coming"
+    assert spent / elapsed <= 0.02 * 1.15, "the budget holds over the fit"
+    later = [overspend[i] for i in sorted(overspend) if i >= 10_000]
+    assert all(b <= a + cost for a, b in zip(later, later[1:], strict=False)), (
+        "the overspend is repaid, not grown"
+    )
+    spacing = math.ceil(cost / (0.02 * step)) * MAX_REPAY_FACTOR
+    gaps = [b - a for a, b in zip(taken[EARLY_MEASUREMENTS:], taken[EARLY_MEASUREMENTS + 1 :], strict=False)]
+    assert max(gaps) <= spacing + 20, "a measurement is never older than the budget's spacing allows"
+    assert 50_000 - taken[-1] <= spacing + 20
     assert budget.spent == pytest.approx(spent)
 
 

@@ -208,6 +208,8 @@ GUARANTEED_MEASUREMENTS = 4
 #: The early measurements may take this many times the budget (a measurement that costs a dozen
 #: steps, as a CNN's micro-batches do, ends the early phase at once).
 EARLY_OVERSPEND = 5.0
+#: The most the spacing grows to repay measurements that cost more than the budget so far.
+MAX_REPAY_FACTOR = 2.0
 #: The longest spacing the budget plans between measurements (a sanity bound; the budget rules).
 MAX_MEASURE_INTERVAL = 10_000
 
@@ -258,12 +260,18 @@ class MeasurementBudget:
         self.spent += seconds
         self._costs.append(seconds)
 
-    def plan(self, elapsed_seconds: float, step_seconds: float | None, measurements: int) -> int:
-        """The steps between measurements from now on (also kept as :attr:`interval`)."""
+    def plan(
+        self, elapsed_seconds: float, step_seconds: float | None, measurements: int, known: bool = True
+    ) -> int:
+        """The steps between measurements from now on (also kept as :attr:`interval`).
+
+        ``known``: whether the measurements so far give a noise scale; until they do, they come as
+        the early ones do (every other step while they cost at most EARLY_OVERSPEND times the budget):
+        the decisions wait for them.
+        """
         allowed = self.budget * max(elapsed_seconds, 1e-9)
-        if measurements < GUARANTEED_MEASUREMENTS or (
-            measurements < EARLY_MEASUREMENTS and self.spent <= EARLY_OVERSPEND * allowed
-        ):
+        early = measurements < EARLY_MEASUREMENTS or not known
+        if measurements < GUARANTEED_MEASUREMENTS or (early and self.spent <= EARLY_OVERSPEND * allowed):
             self.interval = 2
             return self.interval
         if not self._costs or not step_seconds or step_seconds <= 0:
@@ -271,7 +279,9 @@ class MeasurementBudget:
         costs = sorted(self._costs)
         cost = costs[len(costs) // 2]
         spacing = cost / (self.budget * step_seconds)
-        balance = min(max(self.spent / allowed, 0.25), 8.0)
+        # Repay an overspend at most 2x slower: the first measurements are guaranteed whatever they
+        # cost, and repaying them 8x over froze a ResNet's measurements for the rest of its fit.
+        balance = min(max(self.spent / allowed, 0.25), MAX_REPAY_FACTOR)
         self.interval = int(min(max(math.ceil(spacing * balance - 1e-9), 1), MAX_MEASURE_INTERVAL))
         return self.interval
 

@@ -150,11 +150,12 @@ class StepClock:
     def interval(self, steps: int) -> None:
         self.budget.interval = steps
 
-    def plan(self, batch_size: int, measurements: int) -> int:
-        """With ``measure_every`` 0: the spacing from now on, so the budget holds over the fit so far."""
+    def plan(self, batch_size: int, measurements: int, known: bool = True) -> int:
+        """With ``measure_every`` 0: the spacing from now on, so the budget holds over the fit so far
+        (``known``: whether the measurements so far give a noise scale; see MeasurementBudget.plan)."""
         if self.measure_every:
             return self.budget.interval
-        return self.budget.plan(self.fit_seconds, self.plain_step_seconds(batch_size), measurements)
+        return self.budget.plan(self.fit_seconds, self.plain_step_seconds(batch_size), measurements, known)
 
     def state_dict(self) -> dict[str, Any]:
         return self.budget.state_dict()
