@@ -219,6 +219,11 @@ def _probe_case(kind: str, precision: str, device: torch.device) -> dict[str, An
         rows = len(index)
         return torch.randn(rows, features, device=device), torch.randint(0, 10, (rows,), device=device)
 
+    def trial_loss(index: torch.Tensor) -> torch.Tensor:
+        x, y = sample_batch(index)
+        with context():
+            return torch.nn.functional.cross_entropy(net(x), y)
+
     def run_step(batch: int) -> None:
         x, y = sample_batch(torch.empty(batch))
         with context():
@@ -229,9 +234,7 @@ def _probe_case(kind: str, precision: str, device: torch.device) -> dict[str, An
     reserved: list[tuple[int, int]] = []
     started = time.perf_counter()
     with reserved_peaks_recorded(reserved):
-        probe = probe_training_ceiling(
-            net, torch.nn.functional.cross_entropy, sample_batch, 10**9, device, 1.0, forward_context=context
-        )
+        probe = probe_training_ceiling(trial_loss, net, 10**9, device, 1.0)
     probe_s = time.perf_counter() - started
     free_cuda()
     truth, truth_trials = true_largest_batch(run_step, probe.ceiling)

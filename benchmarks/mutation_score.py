@@ -89,60 +89,8 @@ EQUIVALENT: list[tuple[str, str, str, bool]] = [
         False,
     ),
     (
-        r"PerExampleGradNorms\.(reset|__init__)",
-        r"self\._invalid(: str \| None)? = None => self\._invalid(: str \| None)? = \"\"|self\._measured = False\b.* => self\._measured = None",
-        "reset() clears _measured, and every reader checks _measured first (None is as falsy as False)",
-        False,
-    ),
-    (
-        r"PerExampleGradNorms\.__init__",
-        r"self\._(generation|version) = 0\b.* => self\._\1 = 1\b",
-        "a counter compared only for equality with itself: its starting value does not matter",
-        False,
-    ),
-    (
-        r"PerExampleGradNorms\.__init__",
-        r"^self\._static_reasons\[id\([pt]\)\] = .* =>|^for [pt] in (mod\.parameters\(recurse=False\)|own): =>"
-        r"|^if (p is not None and )?id\([pt]\) not in self\._static_reasons: =>",
-        "which reason an uncoverable parameter is given: it stays uncovered either way (text only)",
-        False,
-    ),
-    (
-        r"PerExampleGradNorms\.\w+",
-        r"self\._(generation|version) \+= 1\b.* => self\._\1 \+= 2\b",
-        "a counter compared only for equality: stepping by 2 keeps it strictly increasing",
-        False,
-    ),
-    (
-        r"PerExampleGradNorms\.(_backward_hook|_forward_hook|remove)",
-        r"rec\.input = None\b.* => rec\.input = \"\"",
-        "dropping an activation reference: the placeholder is never read again",
-        False,
-    ),
-    (
-        r"PerExampleGradNorms\.\w+",
-        r"rec\.problem = |self\._invalid = ",
-        "text of an uncovered layer's reason or of an invalid measurement's error",
-        True,
-    ),
-    (
-        r"PerExampleGradNorms\._compute_coverage",
-        r"parameters\(recurse=False\)\S* => .*parameters\(recurse=(None|True)\)"
-        r"|^covered = \{id\(p\) .* => covered = \{id\(None\)|^if id\(p\) not in covered: =>"
-        r"|^if id\((mod|other)\) in linear_ids: => if id\(None\)|^linear_ids = \{id\(m\) .* => linear_ids = \{id\(None\)",
-        "bookkeeping that cannot change the result: nn.Linear has no children, and no parameter of a "
-        "non-Linear module is also a covered Linear's (shared ones are excluded up front)",
-        False,
-    ),
-    (
-        r"PerExampleGradNorms\._coverage",
-        r"self\._coverage_cache\[0\] != key: => .*self\._coverage_cache\[1\] != key:",
-        "a cache that now always misses: same results, slower",
-        False,
-    ),
-    (
-        r"microbatch_grad_stats",
-        r"if tensors else torch\.float32 => .*\(tensors\) or True",
+        r"looped_microbatch_stats",
+        r"if params else torch\.float32 => .*\(params\) or True|if params else None => .*\(params\) or True",
         "no parameters: unreachable, torch.autograd.grad raises first (see the README's bug note)",
         False,
     ),
@@ -171,44 +119,19 @@ EQUIVALENT: list[tuple[str, str, str, bool]] = [
         False,
     ),
     (
-        r"_linear_weight_grad_sqr_norm",
-        r"^if batch \* \(d_in \+ d_out\) < d_in \* d_out: =>",
-        "which of two equal formulas (Gram or direct) computes |g^T a|^2: cost only",
-        False,
-    ),
-    (
-        r"_should_ignore_forward",
-        r"getattr\(torch\._C\._functorch, \"peek_interpreter_stack\", None\) => .*\"peek_interpreter_stack\", \)",
-        "the default of getattr guards torch versions without peek_interpreter_stack; this one has it",
-        False,
-    ),
-    (
-        r"PerExampleGradNorms\._backward_hook",
-        r"if (mean|per)_scale != 1\.0 else .* => .*(or True|!= 2\.0)",
-        "skipping a multiplication by a scale**2 only when the scale is 1",
-        False,
-    ),
-    (
-        r"PerExampleGradNorms\._backward_hook",
-        r"^rec\.input = None => rec\.input = \"\"|^if rec is None or rec\.problem is not None: =>"
-        r"|^rec\.problem = \"Linear input was modified in place after the forward\" =>",
-        "a layer already uncovered / a reference never read again / autograd itself raises on an input modified in place",
-        False,
-    ),
-    (
-        r"microbatch_grad_stats",
+        r"looped_microbatch_stats",
         r"zip\(grad_sum, grads, strict=True\): => .*zip\(grad_sum, grads, (strict=(False|None))?\)",
         "zip(strict=True) over one gradient per parameter: equal lengths by construction",
         False,
     ),
     (
-        r"microbatch_grad_stats",
+        r"looped_microbatch_stats",
         r"^acc \+= g => acc -= g$",
         "sign of the accumulated sum: only its squared norm is used",
         False,
     ),
     (
-        r"microbatch_grad_stats",
+        r"looped_microbatch_stats",
         r"if grad_sum else 0\.0 =>",
         "no parameters: unreachable, torch.autograd.grad raises first (see the README's bug note)",
         False,

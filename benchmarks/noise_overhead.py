@@ -4,10 +4,9 @@ Three fits of the same model and data, alternating over rounds (medians reported
 ``DynamicBatchSize(policy="fixed")`` with measurement off (``measure_every`` larger than the fit);
 the same with measurement every ``--measure-every`` steps. The batch size never changes (policy
 ``fixed``, no memory probe), so the difference is the measurement itself: the per-example
-gradient-norm hooks, the unbiased estimate and the EMA update. For ``--model cnn`` (digits, 8×8
-images) the convolutions are outside the hooks' reach, so a measured step also runs the micro-batch
-fallback: 8 micro-batch gradients, from one ``vmap`` call (the default for a model without buffers);
-a fourth fit times the same with the Python loop of 8 passes, which models with buffers use.
+gradient norms (every parameter of these models has a rule: the linear layers and, for
+``--model cnn`` on the digits' 8×8 images, the convolutions), the unbiased estimate and the EMA
+update. ``benchmarks/transformer_models.py overhead`` does the same for transformers.
 
     python benchmarks/noise_overhead.py [--batch 32 256] [--model linear|mlp|cnn] [--rounds 5]
 """
@@ -19,7 +18,6 @@ import json
 import statistics
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -28,21 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import training_only_trainer  # noqa: E402
 
-import lightning_batch.plugin.callback as callback_module  # noqa: E402
 from lightning_batch.config import RunConfig  # noqa: E402
 from lightning_batch.plugin.callback import DynamicBatchSize  # noqa: E402
-from lightning_batch.plugin.noise import microbatch_grad_stats  # noqa: E402
 from lightning_batch.tabular.datamodule import TabularDataModule  # noqa: E402
 from lightning_batch.training import build_module, quiet_lightning  # noqa: E402
 
 
-def steps_per_second(
-    dm: TabularDataModule, cfg: RunConfig, steps: int, measure_every: int | None, loop_fallback: bool = False
-) -> float:
-    # The callback calls microbatch_grad_stats by this module-level name: swap in the looped form.
-    callback_module.microbatch_grad_stats = (
-        partial(microbatch_grad_stats, vectorize=False) if loop_fallback else microbatch_grad_stats
-    )
+def steps_per_second(dm: TabularDataModule, cfg: RunConfig, steps: int, measure_every: int | None) -> float:
     module = build_module(cfg, dm)
     callbacks = []
     if measure_every is not None:
@@ -83,13 +73,11 @@ def main() -> None:
         dm = TabularDataModule(cfg)
         dm.setup()
         steps_per_second(dm, cfg, 50, args.measure_every)  # warm-up
-        bare, off, on, looped = [], [], [], []
+        bare, off, on = [], [], []
         for _ in range(args.rounds):
             bare.append(steps_per_second(dm, cfg, args.steps, None))
             off.append(steps_per_second(dm, cfg, args.steps, 10**9))
             on.append(steps_per_second(dm, cfg, args.steps, args.measure_every))
-            if args.model == "cnn":
-                looped.append(steps_per_second(dm, cfg, args.steps, args.measure_every, loop_fallback=True))
         measurement = [o / m - 1 for o, m in zip(off, on, strict=True)]
         callback = [b / m - 1 for b, m in zip(bare, on, strict=True)]
         results[f"{args.model} B={batch}"] = {
@@ -99,13 +87,6 @@ def main() -> None:
             "measurement_overhead": statistics.median(measurement),
             "callback_overhead": statistics.median(callback),
         }
-        if looped:
-            results[f"{args.model} B={batch}"].update(
-                steps_per_s_measuring_loop_fallback=statistics.median(looped),
-                measurement_overhead_loop_fallback=statistics.median(
-                    [o / m - 1 for o, m in zip(off, looped, strict=True)]
-                ),
-            )
     print(
         f"{'setting':<14} {'no callback':>12} {'measure off':>12} {'measuring':>10} {'measurement cost':>17} "
         f"{'whole callback':>15}"
@@ -115,12 +96,6 @@ def main() -> None:
             f"{name:<14} {r['steps_per_s_no_callback']:>12.0f} {r['steps_per_s_measurement_off']:>12.0f} "
             f"{r['steps_per_s_measuring']:>10.0f} {r['measurement_overhead']:>16.1%} {r['callback_overhead']:>15.1%}"
         )
-    for name, r in results.items():
-        if "measurement_overhead_loop_fallback" in r:
-            print(
-                f"{name:<14} with the looped fallback: {r['steps_per_s_measuring_loop_fallback']:.0f} steps/s, "
-                f"measurement cost {r['measurement_overhead_loop_fallback']:.1%}"
-            )
     print(
         f"(steps/s, medians of {args.rounds} alternating rounds; measuring every {args.measure_every} step(s))"
     )

@@ -2,10 +2,10 @@
 
 A plain Lightning project: a ``Dataset`` that returns one ``(image, label)`` per index, a
 ``DataLoader(batch_size=..., shuffle=True, num_workers=2)``, a LightningModule with convolutions.
-What to copy into your project is the callback line in ``main``, and the module's
-``loss(prediction, target)`` method: the callback measures the gradient noise of the convolution
-layers with micro-batches of that loss (``nn.Linear`` layers it measures exactly with hooks).
-The loader needs no change: when the fit starts, the callback rebuilds it on a sampler whose
+What to copy into your project is the callback line in ``main``: the callback measures every
+parameter the optimizer updates, the convolutions and the linear head, exactly per example. The
+module's ``forward`` and ``loss(prediction, target)`` are optional: they give the callback's memory
+probe a cheaper trial step than ``training_step`` (which logs). The loader needs no change: when the fit starts, the callback rebuilds it on a sampler whose
 batch size can change mid-epoch, keeping its workers, its shuffling and every row once per epoch.
 
 The digits (1,797 8×8 images) ship with scikit-learn (``pip install scikit-learn``, or the
@@ -58,12 +58,15 @@ class DigitsCNN(pl.LightningModule):
             nn.Linear(32 * 2 * 2, 10),
         )
 
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
     def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(prediction, target)
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
-        loss = self.loss(self.model(images), labels)
+        loss = self.loss(self(images), labels)
         self.log("train_loss", loss)
         return loss
 

@@ -6,8 +6,9 @@ What to copy into your project:
    attribute of the DataModule, and build the training loader from it with ``shuffle=True``.
    That size is where ``DynamicBatchSize`` starts; it rebuilds the loader when the fit starts
    so the size can change mid-epoch, every row still trained once per epoch.
-2. Give the LightningModule a ``loss(prediction, target)`` method (used by ``training_step``):
-   the callback calls it to probe the memory ceiling and to measure the gradient noise.
+2. Nothing in the LightningModule: the callback measures the parameters its optimizer updates and
+   probes the memory ceiling through ``training_step``. The ``forward`` and ``loss(prediction,
+   target)`` here are optional; with them, the probe's trial steps skip ``training_step``'s logging.
 3. Add the callback: ``pl.Trainer(callbacks=[DynamicBatchSize()])``. The default policy,
    ``goodput``, times steps at two batch sizes and picks the one that makes the most progress
    per second; the default lr rule, AdaScale, rescales the SGD learning rate to match.
@@ -66,12 +67,15 @@ class Regressor(pl.LightningModule):
         self.save_hyperparameters()
         self.model = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
     def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return nn.functional.mse_loss(prediction, target)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = self.loss(self.model(x), y)
+        loss = self.loss(self(x), y)
         self.log("train_loss", loss)
         return loss
 

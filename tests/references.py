@@ -34,7 +34,7 @@ def per_sample_grad_stats(
     processed in chunks of ``chunk_size`` and reduced immediately.
 
     Args:
-        param_names: restrict to these parameters (e.g. :attr:`PerExampleGradNorms.uncovered_parameter_names`);
+        param_names: restrict to these parameters (e.g. those a NoiseMeter could not measure exactly);
             default all parameters that require grad.
         randomness: passed to ``vmap``; ``"different"`` gives each example its own dropout mask.
 

@@ -52,13 +52,14 @@ def test_noise_statistics_of_a_step_in_passes_equal_those_of_one_pass(passes: in
     net = _mlp()
 
     def measure(split: int) -> tuple[float, float]:
-        meter = NoiseMeter(net)
+        meter = NoiseMeter(dict(net.named_parameters()), module=net)
         net.zero_grad()
-        meter.begin_step(measure=True)
+        meter.begin_step(measure=True, batch=(x, y))
         for xs, ys in zip(x.tensor_split(split), y.tensor_split(split), strict=True):
             # Each pass's mean loss weighted by its share of the rows, as TaskModule does.
             (nn.functional.cross_entropy(net(xs), ys) * (len(xs) / len(x))).backward()
             meter.after_backward()
+        meter.before_optimizer_step()
         estimate = meter.estimate(global_rows=len(x))
         meter.remove()
         assert estimate is not None
@@ -70,15 +71,19 @@ def test_noise_statistics_of_a_step_in_passes_equal_those_of_one_pass(passes: in
 
 
 def test_interleaved_forwards_are_not_taken_for_passes():
+    """Two forwards on halves of the batch before one backward: which call saw which examples cannot
+    be told, so nothing is measured exactly (and without a loss nothing at all), and the reason says so."""
     net = _mlp()
-    meter = NoiseMeter(net)
-    meter.begin_step(measure=True)
+    meter = NoiseMeter(dict(net.named_parameters()), module=net)
     x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    meter.begin_step(measure=True, batch=(x, y))
     first = nn.functional.cross_entropy(net(x[:10]), y[:10])
     second = nn.functional.cross_entropy(net(x[10:]), y[10:])
     (first + second).backward()
     meter.after_backward()
+    meter.before_optimizer_step()
     assert meter.estimate(global_rows=20) is None
+    assert meter.exact == () and "saw 10 examples" in meter.reasons["0.weight"]
     meter.remove()
 
 

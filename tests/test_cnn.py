@@ -1,8 +1,9 @@
 """The digits CNN: its image layout and its noise statistics under DynamicBatchSize.
 
-The callback measures the CNN's head (``nn.Linear``) with per-example hooks and its convolutions
-with the micro-batch fallback. The reference here is independent of both: exact per-example
-gradients from ``torch.func`` at the same parameters, grouped by hand into the same micro-batches.
+The callback measures every parameter of the CNN exactly (the convolutions by their grouped
+backward, the head by the linear rule). The reference here is independent: exact per-example
+gradients from ``torch.func`` at the same parameters, with the unbiased estimates derived by hand;
+where a part is measured by micro-batches, grouped by hand into the same micro-batches.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def _exact_reference(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor
     rows = x.shape[0]
     head_g = torch.cat([per_example[k].flatten(1) for k in params if k in head], 1).double()
     head_stats = _unbiased_from_samples(head_g, 1)
+    if all(k in head for k in params):
+        return head_stats
     usable = (rows // parts) * parts
     rest_g = torch.cat([per_example[k][:usable].flatten(1) for k in params if k not in head], 1).double()
     micro = rest_g.view(parts, usable // parts, -1).mean(1)
@@ -99,7 +102,7 @@ def test_dynamic_batch_size_measures_the_cnn_like_exact_per_example_gradients():
     callback = DynamicBatchSize(policy="fixed", measure_every=5, fallback_every=5, fallback_microbatches=6)
     seen: list[tuple[dict, torch.Tensor, torch.Tensor]] = []
     estimates: list[tuple[float, float] | None] = []
-    covered: set[str] = set()
+    exact: set[str] = set()
 
     class Record(Callback):
         """Before the step: the weights and rows it trains on; after DynamicBatchSize's batch end
@@ -113,19 +116,20 @@ def test_dynamic_batch_size_measures_the_cnn_like_exact_per_example_gradients():
             if callback.noise_meter.measuring:
                 seen.append(self.step)
                 estimates.append(callback.noise_meter.last_estimate)
-                covered.update(callback.noise_meter.hooks.covered_parameter_names)
+                exact.update(callback.noise_meter.exact)
 
     quiet_trainer(1, [callback, Record()], limit_train_batches=21, limit_val_batches=0).fit(
         module, datamodule=dm
     )
 
     assert len(seen) == len(estimates) == 5  # steps 0, 5, 10, 15, 20
-    head = {"net.7.weight", "net.7.bias"}  # conv, act, pool, conv, act, pool, flatten, then the head
-    assert covered == head  # the hooks took the head; the micro-batches the convolutions
     reference_model = build_model("cnn", 64, 10, channels=[4, 8])
+    names = {name for name, _ in reference_model.named_parameters()}
+    assert exact == {f"model.{name}" for name in names}  # the convolutions and the head, all exact
+    assert callback.measured_fraction == 1.0
     for (state, x, y), estimate in zip(seen, estimates, strict=True):
         reference_model.load_state_dict(state)
-        expected = _exact_reference(reference_model, module.loss, x, y, head, parts=6)
+        expected = _exact_reference(reference_model, module.loss, x, y, names, parts=6)
         assert estimate is not None
         assert estimate == pytest.approx(expected, rel=1e-4, abs=1e-7)
     assert callback.ema.num_updates == 5 and callback.ema.gns is not None and math.isfinite(callback.ema.gns)

@@ -23,7 +23,6 @@ from lightning_batch.plugin.noise import (
     GradNoiseStats,
     NoiseMeter,
     NoiseScaleEMA,
-    PerExampleGradNorms,
     microbatch_grad_stats,
     noise_scale,
     unbiased_grad_stats,
@@ -194,271 +193,8 @@ def test_noise_scale_helper() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# PerExampleGradNorms vs exact per-sample gradients
+# Micro-batch statistics on a CNN
 # --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("batch", [2, 3, 32])  # small batches take the Gram branch for the batch norm
-@pytest.mark.parametrize("inplace_relu", [False, True])
-def test_hooks_match_torch_func_cross_entropy(batch: int, inplace_relu: bool) -> None:
-    torch.manual_seed(0)
-    model = mlp(inplace_relu)
-    x = torch.randn(batch, 5, dtype=DTYPE)
-    y = torch.randint(0, 3, (batch,))
-    with PerExampleGradNorms(model) as hooks:
-        ce_loss(model(x), y).backward()
-        stats = hooks.grad_stats()
-        per_example = hooks.per_example_sqr_norms()
-    names = [k for k, _ in model.named_parameters()]
-    samples = flat(func_per_sample_grads(model, ce_loss, x, y), names)
-    torch.testing.assert_close(per_example, samples.pow(2).sum(1), rtol=1e-6, atol=1e-12)
-    assert_stats_close(stats, reference_stats(samples))
-    assert (stats.n, stats.small_batch) == (batch, 1)
-    assert hooks.covered_parameter_names == tuple(names)
-    assert hooks.uncovered_parameter_names == ()
-
-
-def test_hooks_match_torch_func_mse_mean_and_sum_reduction() -> None:
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(DTYPE)
-    x, y = torch.randn(24, 4, dtype=DTYPE), torch.randn(24, 2, dtype=DTYPE)
-    mse = nn.functional.mse_loss  # mean over batch and outputs: per-example loss = mean over outputs
-    names = [k for k, _ in model.named_parameters()]
-    ref = reference_stats(flat(func_per_sample_grads(model, mse, x, y), names))
-
-    with PerExampleGradNorms(model, loss_reduction="mean") as hooks:
-        mse(model(x), y).backward()
-        mean_stats = hooks.grad_stats()
-    assert_stats_close(mean_stats, ref)
-
-    model.zero_grad()
-    with PerExampleGradNorms(model, loss_reduction="sum") as hooks:
-        (model(x) - y).pow(2).mean(1).sum().backward()  # same per-example losses, summed
-        sum_stats = hooks.grad_stats()
-    assert_stats_close(sum_stats, ref)
-
-    # Using the wrong reduction must show up (guards against the scaling being silently ignored).
-    model.zero_grad()
-    with PerExampleGradNorms(model, loss_reduction="sum") as hooks:
-        mse(model(x), y).backward()
-        wrong = hooks.grad_stats()
-    assert wrong.small_sqr_norm == pytest.approx(ref["S"] / 24**2, rel=1e-6)
-
-
-def test_linear_weight_grad_norm_both_branches() -> None:
-    torch.manual_seed(2)
-    for batch, d_in, d_out in [(2, 30, 40), (50, 3, 4)]:  # Gram branch, direct branch
-        a, g = torch.randn(batch, d_in, dtype=DTYPE), torch.randn(batch, d_out, dtype=DTYPE)
-        got = noise_module._linear_weight_grad_sqr_norm(a, g)
-        explicit = sum(torch.outer(g[i], a[i]) for i in range(batch)).pow(2).sum()
-        torch.testing.assert_close(got, explicit)
-
-
-def test_hooks_do_not_change_grad() -> None:
-    torch.manual_seed(3)
-    x, y = torch.randn(16, 5, dtype=DTYPE), torch.randint(0, 3, (16,))
-    plain = mlp(inplace_relu=True)
-    hooked = mlp(inplace_relu=True)
-    hooked.load_state_dict(plain.state_dict())
-    ce_loss(plain(x), y).backward()
-    with PerExampleGradNorms(hooked):
-        ce_loss(hooked(x), y).backward()
-    for (name, p), q in zip(plain.named_parameters(), hooked.parameters(), strict=True):
-        assert torch.equal(p.grad, q.grad), name
-
-
-def test_batch_norm_equals_grad_and_ignores_accumulated_grad() -> None:
-    torch.manual_seed(4)
-    model = mlp()
-    x1, y1 = torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))
-    x2, y2 = torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))
-    with PerExampleGradNorms(model) as hooks:
-        ce_loss(model(x1), y1).backward()
-        # T must be the squared norm of the batch-mean gradient = what .grad holds after zero_grad.
-        assert hooks.batch_grad_sqr_norm() == pytest.approx(
-            sum(float(p.grad.pow(2).sum()) for p in model.parameters()), rel=1e-10
-        )
-        ce_loss(model(x2), y2).backward()  # .grad now accumulates two batches
-        accumulated = hooks.grad_stats()
-    ref = reference_stats(
-        flat(func_per_sample_grads(model, ce_loss, x2, y2), [k for k, _ in model.named_parameters()])
-    )
-    assert_stats_close(accumulated, ref)
-
-
-def test_enable_disable_without_removing_hooks() -> None:
-    torch.manual_seed(5)
-    model = mlp()
-    names = [k for k, _ in model.named_parameters()]
-    batches = [(torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))) for _ in range(3)]
-    hooks = PerExampleGradNorms(model, enabled=False)
-    ce_loss(model(batches[0][0]), batches[0][1]).backward()
-    with pytest.raises(RuntimeError, match="no measurement"):
-        hooks.grad_stats()
-
-    hooks.enabled = True
-    ce_loss(model(batches[1][0]), batches[1][1]).backward()
-    measured = hooks.per_example_sqr_norms().clone()
-
-    hooks.enabled = False  # a disabled step must leave the last measurement untouched
-    ce_loss(model(batches[2][0]), batches[2][1]).backward()
-    torch.testing.assert_close(hooks.per_example_sqr_norms(), measured, rtol=0, atol=0)
-    ref1 = flat(func_per_sample_grads(model, ce_loss, *batches[1]), names)
-    torch.testing.assert_close(measured, ref1.pow(2).sum(1))
-
-    hooks.enabled = True
-    ce_loss(model(batches[2][0]), batches[2][1]).backward()
-    assert_stats_close(
-        hooks.grad_stats(), reference_stats(flat(func_per_sample_grads(model, ce_loss, *batches[2]), names))
-    )
-
-    # Evaluation under no_grad neither starts a measurement nor breaks the stored one.
-    with torch.no_grad():
-        model(batches[0][0])
-    assert hooks.batch_size == 8
-    hooks.remove()
-
-
-def test_remove_and_context_manager() -> None:
-    torch.manual_seed(6)
-    model = mlp()
-    x, y = torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))
-    with PerExampleGradNorms(model) as hooks:
-        ce_loss(model(x), y).backward()
-        before = hooks.per_example_sqr_norms().clone()
-    for m in model.modules():
-        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
-    ce_loss(model(2 * x), y).backward()  # not measured any more
-    torch.testing.assert_close(hooks.per_example_sqr_norms(), before, rtol=0, atol=0)
-    hooks.remove()  # idempotent
-
-
-# --------------------------------------------------------------------------------------------------
-# Coverage reporting
-# --------------------------------------------------------------------------------------------------
-
-
-class Mixed(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 2, kernel_size=3)
-        self.conv1d = nn.Conv1d(2, 2, kernel_size=1)
-        self.scale = nn.Parameter(torch.ones(()))
-        self.fc = nn.Linear(2 * 3 * 3, 2)
-        self.frozen = nn.Linear(2, 2)
-        self.frozen.requires_grad_(False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.relu(self.conv(x))  # (B, 2, 3, 3)
-        h = self.conv1d(h.flatten(2)).flatten(1)
-        return self.frozen(self.fc(h) * self.scale)
-
-
-def test_coverage_reports_non_linear_parameters() -> None:
-    torch.manual_seed(7)
-    model = Mixed().to(DTYPE)
-    x, y = torch.randn(6, 1, 5, 5, dtype=DTYPE), torch.randint(0, 2, (6,))
-    hooks = PerExampleGradNorms(model)
-    expected_uncovered = {"conv.weight", "conv.bias", "conv1d.weight", "conv1d.bias", "scale"}
-    assert set(hooks.uncovered_parameter_names) == expected_uncovered  # static report before any step
-    ce_loss(model(x), y).backward()
-    assert set(hooks.covered_parameter_names) == {"fc.weight", "fc.bias"}  # frozen params are in neither
-    assert set(hooks.uncovered_parameter_names) == expected_uncovered
-    assert "Conv2d" in hooks.uncovered_reasons["conv.weight"]
-    # The statistics cover exactly the covered parameters.
-    per_sample = func_per_sample_grads(model, ce_loss, x, y)
-    assert_stats_close(hooks.grad_stats(), reference_stats(flat(per_sample, ["fc.weight", "fc.bias"])))
-    hooks.remove()
-
-
-def test_coverage_3d_input_reuse_tying_and_unused_layers() -> None:
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.seq = nn.Linear(4, 4)  # fed (B, T, F): per-example grad is a sum over positions
-            self.reused = nn.Linear(4, 4)  # called twice
-            self.emb = nn.Embedding(10, 4)
-            self.tied = nn.Linear(4, 10, bias=False)
-            self.tied.weight = self.emb.weight
-            self.unused = nn.Linear(4, 4)
-            self.head = nn.Linear(4, 2)
-
-        def forward(self, x: Tensor, tok: Tensor) -> Tensor:
-            h = self.seq(x).mean(1) + self.emb(tok)
-            h = self.reused(torch.relu(self.reused(h)))
-            return self.head(h) + self.tied(h)[:, :2]
-
-    torch.manual_seed(8)
-    net = Net()
-    hooks = PerExampleGradNorms(net)
-    assert "seq.weight" in hooks.covered_parameter_names  # unknown until an input is seen
-    net(torch.randn(5, 3, 4), torch.randint(0, 10, (5,))).sum().backward()
-    reasons = hooks.uncovered_reasons
-    assert set(reasons) == {
-        "seq.weight", "seq.bias", "reused.weight", "reused.bias", "emb.weight", "unused.weight", "unused.bias"
-    }  # fmt: skip
-    assert "3 dims" in reasons["seq.weight"]
-    assert "called more than once" in reasons["reused.weight"]
-    assert "shared" in reasons["emb.weight"]
-    assert "not called" in reasons["unused.weight"]
-    assert hooks.covered_parameter_names == ("head.weight", "head.bias")
-    hooks.remove()
-
-
-def test_two_forwards_before_one_backward_is_rejected() -> None:
-    torch.manual_seed(9)
-    model = mlp()
-    x, y = torch.randn(4, 5, dtype=DTYPE), torch.randint(0, 3, (4,))
-    with PerExampleGradNorms(model) as hooks:
-        (ce_loss(model(x), y) + ce_loss(model(x + 1), y)).backward()
-        with pytest.raises(RuntimeError, match="more than one forward"):
-            hooks.grad_stats()
-
-
-def test_per_example_validation() -> None:
-    with pytest.raises(ValueError, match="loss_reduction"):
-        PerExampleGradNorms(mlp(), loss_reduction="avg")  # type: ignore[arg-type]
-    model = mlp()
-    with PerExampleGradNorms(model) as hooks:
-        ce_loss(model(torch.randn(1, 5, dtype=DTYPE)), torch.tensor([0])).backward()
-        with pytest.raises(RuntimeError, match="at least 2"):
-            hooks.grad_stats()
-
-
-# --------------------------------------------------------------------------------------------------
-# Generic fall-backs on a CNN
-# --------------------------------------------------------------------------------------------------
-
-
-def test_per_sample_and_microbatch_stats_on_cnn() -> None:
-    torch.manual_seed(10)
-    model = SmallCNN().to(DTYPE)
-    x, y = torch.randn(12, 1, 6, 6, dtype=DTYPE), torch.randint(0, 2, (12,))
-    names = [k for k, _ in model.named_parameters()]
-    sentinel = [torch.full_like(p, 7.0) for p in model.parameters()]
-    for p, s in zip(model.parameters(), sentinel, strict=True):
-        p.grad = s.clone()
-
-    samples = flat(loop_per_sample_grads(model, ce_loss, x, y), names)  # independent reference
-    ref = reference_stats(samples)
-    assert_stats_close(per_sample_grad_stats(model, ce_loss, x, y), ref)
-    assert_stats_close(per_sample_grad_stats(model, ce_loss, x, y, chunk_size=5), ref)
-    assert_stats_close(microbatch_grad_stats(model, ce_loss, x, y, num_microbatches=12), ref)
-
-    groups = samples.view(4, 3, -1).mean(1)  # 4 micro-batches of 3 examples (contiguous split)
-    mb = microbatch_grad_stats(model, ce_loss, x, y, num_microbatches=4)
-    assert (mb.n, mb.small_batch) == (4, 3)
-    assert_stats_close(mb, reference_stats(groups, small_batch=3))
-
-    # Restricting to a subset of parameters.
-    conv_only = per_sample_grad_stats(model, ce_loss, x, y, param_names=["conv.weight", "conv.bias"])
-    assert_stats_close(
-        conv_only,
-        reference_stats(flat(loop_per_sample_grads(model, ce_loss, x, y), ["conv.weight", "conv.bias"])),
-    )
-
-    for p, s in zip(model.parameters(), sentinel, strict=True):
-        assert torch.equal(p.grad, s)  # .grad untouched by both fall-backs
 
 
 @pytest.mark.parametrize("vectorize", [True, False])
@@ -484,22 +220,6 @@ def test_a_model_with_buffers_takes_the_loop_and_gets_them_back() -> None:
     default = microbatch_grad_stats(model, nn.functional.mse_loss, x, y, num_microbatches=2)
     looped = microbatch_grad_stats(model, nn.functional.mse_loss, x, y, num_microbatches=2, vectorize=False)
     assert default == looped
-
-
-def test_microbatch_restores_buffers_and_validates() -> None:
-    torch.manual_seed(11)
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).to(DTYPE)
-    x, y = torch.randn(8, 3, dtype=DTYPE), torch.randn(8, 1, dtype=DTYPE)
-    before = {k: v.clone() for k, v in model.named_buffers()}
-    microbatch_grad_stats(model, nn.functional.mse_loss, x, y, num_microbatches=2)
-    for k, v in model.named_buffers():
-        assert torch.equal(v, before[k]), k
-    with pytest.raises(ValueError, match="divisible"):
-        microbatch_grad_stats(model, nn.functional.mse_loss, x, y, num_microbatches=3)
-    with pytest.raises(ValueError, match="num_microbatches"):
-        microbatch_grad_stats(model, nn.functional.mse_loss, x, y, num_microbatches=1)
-    with pytest.raises(ValueError, match="unknown"):
-        per_sample_grad_stats(model, nn.functional.mse_loss, x, y, param_names=["nope"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -533,21 +253,6 @@ def regression_problem():
 
     true_trace = (D + 1) * 1.0 + D * SIGMA**2
     return model, batch, loss_fn, 1.0, true_trace
-
-
-def test_closed_form_linear_regression_per_example_hooks() -> None:
-    model, batch, loss_fn, true_grad_sqr, true_trace = regression_problem()
-    ema = NoiseScaleEMA(decay=0.995)
-    with PerExampleGradNorms(model) as hooks:
-        for _ in range(600):
-            x, y = batch(128)
-            model.zero_grad()
-            loss_fn(model(x), y).backward()
-            stats = hooks.grad_stats()
-            ema.update(stats.grad_sqr, stats.trace_sigma)
-    assert ema.grad_sqr == pytest.approx(true_grad_sqr, rel=0.1)
-    assert ema.grad_var == pytest.approx(true_trace, rel=0.1)
-    assert ema.gns == pytest.approx(true_trace / true_grad_sqr, rel=0.1)
 
 
 def test_closed_form_linear_regression_microbatches() -> None:
@@ -634,53 +339,6 @@ def test_docstring_examples() -> None:
     assert result.attempted > 0 and result.failed == 0
 
 
-def test_hooks_plus_fallback_for_uncovered_params_add_up() -> None:
-    # Workflow: hooks measure the Linear params, a fall-back measures the rest; S and T are sums of
-    # squared norms over parameters, so the two parts must add up to the full-model statistics.
-    torch.manual_seed(12)
-    model = SmallCNN().to(DTYPE)
-    x, y = torch.randn(10, 1, 6, 6, dtype=DTYPE), torch.randint(0, 2, (10,))
-    with PerExampleGradNorms(model) as hooks:
-        ce_loss(model(x), y).backward()
-        linear_part = hooks.grad_stats()
-        uncovered = hooks.uncovered_parameter_names
-        assert uncovered == ("conv.weight", "conv.bias")
-        rest_vmap = per_sample_grad_stats(model, ce_loss, x, y, param_names=uncovered)
-        rest_micro = microbatch_grad_stats(model, ce_loss, x, y, num_microbatches=10, param_names=uncovered)
-        assert hooks.grad_stats() == linear_part  # the fall-backs' forwards did not start a new measurement
-    full = reference_stats(
-        flat(loop_per_sample_grads(model, ce_loss, x, y), [k for k, _ in model.named_parameters()])
-    )
-    for rest in (rest_vmap, rest_micro):
-        combined = GradNoiseStats.from_norms(
-            linear_part.small_sqr_norm + rest.small_sqr_norm,
-            linear_part.big_sqr_norm + rest.big_sqr_norm,
-            10,
-            1,
-        )
-        assert_stats_close(combined, full)
-
-
-def test_grad_stats_with_an_outside_batch_norm_equals_the_hooks_own():
-    """T read from .grad after backward (the callback's cheap path) gives the same statistics."""
-    torch.manual_seed(3)
-    net = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
-    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
-    with PerExampleGradNorms(net) as hooks:
-        nn.functional.cross_entropy(net(x), y).backward()
-        reference = hooks.grad_stats()
-    net.zero_grad()
-    cheap = PerExampleGradNorms(net, batch_grad_from_hooks=False)
-    nn.functional.cross_entropy(net(x), y).backward()
-    t = sum(float(p.grad.pow(2).sum()) for p in net.parameters())
-    stats = cheap.grad_stats_with(t, n=32)
-    assert stats.grad_sqr == pytest.approx(reference.grad_sqr, rel=1e-4)
-    assert stats.trace_sigma == pytest.approx(reference.trace_sigma, rel=1e-4)
-    with pytest.raises(RuntimeError, match="grad_stats_with"):
-        cheap.grad_stats()
-    cheap.remove()
-
-
 # --------------------------------------------------------------------------------------------------
 # Gaps found by `make mutate`
 # --------------------------------------------------------------------------------------------------
@@ -708,174 +366,12 @@ def test_ema_state_of_a_fresh_average_loads() -> None:
     assert (restored.decay, restored.num_updates, restored.gns) == (0.9, 0, None)
 
 
-def test_grad_stats_with_an_outside_t_and_n() -> None:
-    """``grad_stats_with(T, n)`` is the unbiased formula with this batch's S and any n >= max(2, B)."""
-    torch.manual_seed(11)
-    for batch in (2, 6):
-        model = mlp()
-        x, y = torch.randn(batch, 5, dtype=DTYPE), torch.randint(0, 3, (batch,))
-        with PerExampleGradNorms(model) as hooks:
-            ce_loss(model(x), y).backward()
-            t = sum(float(p.grad.pow(2).sum()) for p in model.parameters())
-            per_example = flat(
-                func_per_sample_grads(model, ce_loss, x, y), [k for k, _ in model.named_parameters()]
-            )
-            s = float(per_example.pow(2).sum(1).mean())
-            assert_stats_close(hooks.grad_stats_with(t, batch), reference_stats(per_example))
-            n = batch + 3  # e.g. the global batch under DDP
-            wide = hooks.grad_stats_with(0.5 * t, n)
-            assert (wide.n, wide.small_batch) == (n, 1)
-            assert wide.grad_sqr == pytest.approx((n * 0.5 * t - s) / (n - 1))
-            assert wide.trace_sigma == pytest.approx(n * (s - 0.5 * t) / (n - 1))
-            with pytest.raises(RuntimeError, match="at least"):
-                hooks.grad_stats_with(t, batch - 1)
-
-
-def test_reset_forgets_the_measurement_and_keeps_static_coverage() -> None:
-    torch.manual_seed(12)
-    model = mlp()
-    x, y = torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))
-    with PerExampleGradNorms(model) as hooks:
-        static = hooks.covered_parameter_names
-        ce_loss(model(x), y).backward()
-        hooks.reset()
-        with pytest.raises(RuntimeError, match="no measurement"):
-            hooks.grad_stats()
-        assert hooks.batch_size is None
-        assert hooks.covered_parameter_names == static
-        ce_loss(model(x), y).backward()  # measures again after a reset
-        assert hooks.batch_size == 8
-
-
-def test_a_graph_from_before_reset_is_not_mistaken_for_the_current_one() -> None:
-    torch.manual_seed(13)
-    model = mlp()
-    x, y = torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))
-    with PerExampleGradNorms(model) as hooks:
-        stale = ce_loss(model(x), y)
-        hooks.reset()
-        current = ce_loss(model(2 * x), y)
-        stale.backward()
-        current.backward()
-        with pytest.raises(RuntimeError, match="more than one forward"):
-            hooks.grad_stats()
-        hooks.reset()  # and leaving the block after a reset removes the hooks cleanly
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-
-
-@pytest.mark.parametrize(("batch", "chunk_size"), [(2, None), (2, 1), (7, 1), (7, 3), (7, None)])
-def test_per_sample_stats_keep_float64_precision(batch: int, chunk_size: int | None) -> None:
-    """Down to B=2 and chunks of 1, and accumulated in the parameters' float64 (not float32)."""
-    torch.manual_seed(14)
-    model = mlp()
-    x, y = torch.randn(batch, 5, dtype=DTYPE), torch.randint(0, 3, (batch,))
-    names = [k for k, _ in model.named_parameters()]
-    ref = reference_stats(flat(loop_per_sample_grads(model, ce_loss, x, y), names))
-    assert_stats_close(per_sample_grad_stats(model, ce_loss, x, y, chunk_size=chunk_size), ref, rel=1e-10)
-
-
-def test_per_sample_stats_edge_arguments() -> None:
-    torch.manual_seed(15)
-    model = mlp()
-    x, y = torch.randn(4, 5, dtype=DTYPE), torch.randint(0, 3, (4,))
-    with pytest.raises(ValueError, match="chunk_size"):
-        per_sample_grad_stats(model, ce_loss, x, y, chunk_size=0)
-    nothing = per_sample_grad_stats(model, ce_loss, x, y, param_names=[])
-    assert (nothing.small_sqr_norm, nothing.big_sqr_norm, nothing.n) == (0.0, 0.0, 4)
-
-
-def test_per_sample_stats_with_dropout_draw_a_mask_per_example() -> None:
-    torch.manual_seed(16)
-    model = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.ReLU(), nn.Linear(16, 3)).to(DTYPE).train()
-    x, y = torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))
-    stats = per_sample_grad_stats(model, ce_loss, x, y)  # default randomness="different"
-    assert stats.n == 8 and math.isfinite(stats.grad_sqr) and stats.small_sqr_norm > 0
-    with pytest.raises(RuntimeError):
-        per_sample_grad_stats(model, ce_loss, x, y, randomness="error")
-
-
-def test_looped_fallback_inside_a_measurement_does_not_start_a_new_one() -> None:
-    """The micro-batch loop runs plain forwards (no torch.func): only the suspension keeps them out."""
-    torch.manual_seed(17)
-    model = SmallCNN().to(DTYPE)
-    x, y = torch.randn(8, 1, 6, 6, dtype=DTYPE), torch.randint(0, 2, (8,))
-    with PerExampleGradNorms(model) as hooks:
-        ce_loss(model(x), y).backward()
-        before = hooks.grad_stats()
-        microbatch_grad_stats(model, ce_loss, x, y, num_microbatches=4, vectorize=False)
-        assert hooks.grad_stats() == before
-
-
-def test_a_thread_that_never_ran_a_fallback_measures() -> None:
-    import threading
-
-    torch.manual_seed(18)
-    model = mlp()
-    x, y = torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))
-    found: list[object] = []
-
-    def measure() -> None:
-        try:
-            with PerExampleGradNorms(model) as hooks:
-                ce_loss(model(x), y).backward()
-                found.append(hooks.batch_size)
-        except Exception as exc:  # reported below
-            found.append(exc)
-
-    thread = threading.Thread(target=measure)
-    thread.start()
-    thread.join()
-    assert found == [8]
-
-
 def test_vectorized_microbatches_draw_a_dropout_mask_each() -> None:
     torch.manual_seed(19)
     model = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.ReLU(), nn.Linear(16, 3)).to(DTYPE).train()
     x, y = torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))
     stats = microbatch_grad_stats(model, ce_loss, x, y, num_microbatches=4, vectorize=True)
     assert (stats.n, stats.small_batch) == (4, 2) and math.isfinite(stats.grad_sqr)
-
-
-def test_a_linear_subclass_does_not_hide_the_linears_after_it() -> None:
-    class Scaled(nn.Linear):
-        def forward(self, x: Tensor) -> Tensor:
-            return 2 * super().forward(x)
-
-    model = nn.Sequential(Scaled(5, 4), nn.ReLU(), nn.Linear(4, 3)).to(DTYPE)
-    x, y = torch.randn(6, 5, dtype=DTYPE), torch.randint(0, 3, (6,))
-    with PerExampleGradNorms(model) as hooks:
-        ce_loss(model(x), y).backward()
-        assert hooks.covered_parameter_names == ("2.weight", "2.bias")
-        assert hooks.uncovered_parameter_names == ("0.weight", "0.bias")
-        per_sample = func_per_sample_grads(model, ce_loss, x, y)
-        assert_stats_close(hooks.grad_stats(), reference_stats(flat(per_sample, ["2.weight", "2.bias"])))
-
-
-def test_removing_hooks_before_any_forward_and_a_backward_after_removal() -> None:
-    model = mlp()
-    PerExampleGradNorms(model).remove()  # nothing measured yet
-    x, y = torch.randn(4, 5, dtype=DTYPE), torch.randint(0, 3, (4,))
-    hooks = PerExampleGradNorms(model)
-    loss = ce_loss(model(x), y)
-    hooks.remove()  # the graph's tensor hooks become no-ops: the measurement never completes
-    loss.backward()
-    with pytest.raises(RuntimeError, match="did backward run"):
-        hooks.grad_stats()
-
-
-def test_a_second_backward_through_the_same_graph_uncovers_the_layers() -> None:
-    torch.manual_seed(20)
-    model = mlp()
-    x, y = torch.randn(6, 5, dtype=DTYPE), torch.randint(0, 3, (6,))
-    with PerExampleGradNorms(model) as hooks:
-        loss = ce_loss(model(x), y)
-        loss.backward(retain_graph=True)
-        assert set(hooks.covered_parameter_names) == {"0.weight", "0.bias", "2.weight", "2.bias"}
-        loss.backward()
-        assert hooks.covered_parameter_names == ()
-        assert all("more than once" in why for why in hooks.uncovered_reasons.values())
-        with pytest.raises(RuntimeError, match="no covered layer"):
-            hooks.grad_stats()
 
 
 @pytest.mark.parametrize("vectorize", [True, False])
@@ -940,39 +436,108 @@ class KeywordInput(nn.Module):
         return self.head(self.norm(self.fc(input=self.frozen(x))))
 
 
-def test_keyword_input_frozen_layers_and_a_bias_only_linear() -> None:
-    torch.manual_seed(24)
-    model = KeywordInput().to(DTYPE)
-    x, y = torch.randn(6, 5, dtype=DTYPE), torch.randint(0, 3, (6,))
-    with PerExampleGradNorms(model) as hooks:
-        ce_loss(model(x), y).backward()
-        assert hooks.covered_parameter_names == ("fc.weight", "fc.bias", "head.bias")
-        assert hooks.uncovered_parameter_names == ("norm.weight", "norm.bias")
-        per_sample = func_per_sample_grads(model, ce_loss, x, y)
-        ref = reference_stats(flat(per_sample, ["fc.weight", "fc.bias", "head.bias"]))
-        assert_stats_close(hooks.grad_stats(), ref, rel=1e-10)
+# --------------------------------------------------------------------------------------------------
+# The test reference itself (tests/references.py: per-example gradients by torch.func) and the
+# micro-batch statistics against it
+# --------------------------------------------------------------------------------------------------
+
+
+def test_per_sample_and_microbatch_stats_on_cnn() -> None:
+    torch.manual_seed(10)
+    model = SmallCNN().to(DTYPE)
+    x, y = torch.randn(12, 1, 6, 6, dtype=DTYPE), torch.randint(0, 2, (12,))
+    names = [k for k, _ in model.named_parameters()]
+    sentinel = [torch.full_like(p, 7.0) for p in model.parameters()]
+    for p, s in zip(model.parameters(), sentinel, strict=True):
+        p.grad = s.clone()
+
+    samples = flat(loop_per_sample_grads(model, ce_loss, x, y), names)  # independent reference
+    ref = reference_stats(samples)
+    assert_stats_close(per_sample_grad_stats(model, ce_loss, x, y), ref)
+    assert_stats_close(per_sample_grad_stats(model, ce_loss, x, y, chunk_size=5), ref)
+    assert_stats_close(microbatch_grad_stats(model, ce_loss, x, y, num_microbatches=12), ref)
+
+    groups = samples.view(4, 3, -1).mean(1)  # 4 micro-batches of 3 examples (contiguous split)
+    mb = microbatch_grad_stats(model, ce_loss, x, y, num_microbatches=4)
+    assert (mb.n, mb.small_batch) == (4, 3)
+    assert_stats_close(mb, reference_stats(groups, small_batch=3))
+
+    # Restricting to a subset of parameters.
+    conv_only = per_sample_grad_stats(model, ce_loss, x, y, param_names=["conv.weight", "conv.bias"])
+    assert_stats_close(
+        conv_only,
+        reference_stats(flat(loop_per_sample_grads(model, ce_loss, x, y), ["conv.weight", "conv.bias"])),
+    )
+
+    for p, s in zip(model.parameters(), sentinel, strict=True):
+        assert torch.equal(p.grad, s)  # .grad untouched by both fall-backs
+
+
+def test_microbatch_restores_buffers_and_validates() -> None:
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).to(DTYPE)
+    x, y = torch.randn(8, 3, dtype=DTYPE), torch.randn(8, 1, dtype=DTYPE)
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    microbatch_grad_stats(model, nn.functional.mse_loss, x, y, num_microbatches=2)
+    for k, v in model.named_buffers():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match="divisible"):
+        microbatch_grad_stats(model, nn.functional.mse_loss, x, y, num_microbatches=3)
+    with pytest.raises(ValueError, match="num_microbatches"):
+        microbatch_grad_stats(model, nn.functional.mse_loss, x, y, num_microbatches=1)
+    with pytest.raises(ValueError, match="unknown"):
+        per_sample_grad_stats(model, nn.functional.mse_loss, x, y, param_names=["nope"])
+
+
+@pytest.mark.parametrize(("batch", "chunk_size"), [(2, None), (2, 1), (7, 1), (7, 3), (7, None)])
+def test_per_sample_stats_keep_float64_precision(batch: int, chunk_size: int | None) -> None:
+    """Down to B=2 and chunks of 1, and accumulated in the parameters' float64 (not float32)."""
+    torch.manual_seed(14)
+    model = mlp()
+    x, y = torch.randn(batch, 5, dtype=DTYPE), torch.randint(0, 3, (batch,))
+    names = [k for k, _ in model.named_parameters()]
+    ref = reference_stats(flat(loop_per_sample_grads(model, ce_loss, x, y), names))
+    assert_stats_close(per_sample_grad_stats(model, ce_loss, x, y, chunk_size=chunk_size), ref, rel=1e-10)
+
+
+def test_per_sample_stats_edge_arguments() -> None:
+    torch.manual_seed(15)
+    model = mlp()
+    x, y = torch.randn(4, 5, dtype=DTYPE), torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match="chunk_size"):
+        per_sample_grad_stats(model, ce_loss, x, y, chunk_size=0)
+    nothing = per_sample_grad_stats(model, ce_loss, x, y, param_names=[])
+    assert (nothing.small_sqr_norm, nothing.big_sqr_norm, nothing.n) == (0.0, 0.0, 4)
+
+
+def test_per_sample_stats_with_dropout_draw_a_mask_per_example() -> None:
+    torch.manual_seed(16)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.ReLU(), nn.Linear(16, 3)).to(DTYPE).train()
+    x, y = torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))
+    stats = per_sample_grad_stats(model, ce_loss, x, y)  # default randomness="different"
+    assert stats.n == 8 and math.isfinite(stats.grad_sqr) and stats.small_sqr_norm > 0
+    with pytest.raises(RuntimeError):
+        per_sample_grad_stats(model, ce_loss, x, y, randomness="error")
 
 
 # --------------------------------------------------------------------------------------------------
 # NoiseMeter: one step's measurement, against per-example gradients from torch.func
+# --------------------------------------------------------------------------------------------------
 
 
-def _reference_stats(model: nn.Module, x: Tensor, y: Tensor, names: list[str]) -> tuple[float, float]:
+def _reference_stats(
+    model: nn.Module, x: Tensor, y: Tensor, names: list[str], loss_fn=None
+) -> tuple[float, float]:
     """Unbiased (|G|², tr Σ) of the named parameters from exact per-example gradients: tr Σ is the
     Bessel-corrected variance summed over coordinates, |G|² the squared mean minus tr Σ / B."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def one(p, xi, yi):
-        return nn.functional.mse_loss(torch.func.functional_call(model, p, (xi[None],)), yi[None])
-
-    grads = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))(params, x, y)
-    flat = torch.cat([grads[n].reshape(len(x), -1) for n in names], dim=1).double()
-    trace = float(flat.var(dim=0, unbiased=True).sum())
-    return float(flat.mean(dim=0).pow(2).sum()) - trace / len(x), trace
+    loss_fn = loss_fn or nn.functional.mse_loss
+    flat_grads = flat(func_per_sample_grads(model, loss_fn, x, y), names).double()
+    trace = float(flat_grads.var(dim=0, unbiased=True).sum())
+    return float(flat_grads.mean(dim=0).pow(2).sum()) - trace / len(x), trace
 
 
 class _Scaled(nn.Module):
-    """Two Linear layers and a parameter outside any (an output scale): the hooks miss the scale."""
+    """Two Linear layers and a parameter no rule covers (an output scale, multiplied in)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1000,55 +565,151 @@ def _microbatch_reference(
     return float(grads.mean(dim=0).pow(2).sum()) - trace / usable, trace
 
 
-def _step(meter, model, x, y, *, measure=True, fallback=True) -> tuple[float, float] | None:
+def _meter(model: nn.Module, **kwargs) -> NoiseMeter:
+    return NoiseMeter(dict(model.named_parameters()), module=model, **kwargs)
+
+
+def _step(meter, model, x, y, *, measure=True, fallback=True, loss_fn=None) -> tuple[float, float] | None:
+    """One training step as the callback drives the meter."""
+    loss_fn = loss_fn or nn.functional.mse_loss
     meter.begin_step(measure, (x, y), fallback=fallback)
     model.zero_grad(set_to_none=True)
-    nn.functional.mse_loss(model(x), y).backward()
+    loss = loss_fn(model(x), y)
+    meter.before_backward()
+    loss.backward()
     meter.after_backward()
-    return meter.estimate(global_rows=len(x))
+    meter.before_optimizer_step()
+    estimate = meter.estimate(global_rows=len(x))
+    meter.end_step()
+    return estimate
+
+
+def _mse_of_batch(model: nn.Module):
+    return lambda batch: nn.functional.mse_loss(model(batch[0]), batch[1])
+
+
+@pytest.mark.parametrize("batch", [2, 3, 32])
+@pytest.mark.parametrize("inplace_relu", [False, True])
+def test_noise_meter_matches_torch_func_with_cross_entropy(batch: int, inplace_relu: bool) -> None:
+    torch.manual_seed(0)
+    model = mlp(inplace_relu)
+    x, y = torch.randn(batch, 5, dtype=DTYPE), torch.randint(0, 3, (batch,))
+    meter = _meter(model)
+    names = [k for k, _ in model.named_parameters()]
+    estimate = _step(meter, model, x, y, loss_fn=ce_loss)
+    assert estimate == pytest.approx(_reference_stats(model, x, y, names, ce_loss), rel=1e-8)
+    assert meter.measured_fraction == 1.0 and meter.inexact == ()
 
 
 @pytest.mark.parametrize("grad_from_params", [True, False])
-def test_noise_meter_measures_linear_layers_exactly(grad_from_params: bool) -> None:
+def test_noise_meter_measures_every_parameter_exactly_and_leaves_grad_alone(grad_from_params: bool) -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)).double()
-    x, y = torch.randn(24, 5, dtype=torch.float64), torch.randn(24, 1, dtype=torch.float64)
-    meter = NoiseMeter(model, grad_from_params=grad_from_params)
+    model = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 1)).double()
+    x, y = torch.randn(24, 5, dtype=DTYPE), torch.randn(24, 1, dtype=DTYPE)
+    meter = _meter(model, grad_from_params=grad_from_params)
     estimate = _step(meter, model, x, y)
     names = [n for n, _ in model.named_parameters()]
     assert estimate == pytest.approx(_reference_stats(model, x, y, names), rel=1e-9)
     assert meter.last_estimate == estimate and meter.measuring
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    nn.functional.mse_loss(model(x), y).backward()  # the same step unwatched: the same .grad
+    for got, want in zip(plain, model.parameters(), strict=True):
+        assert torch.equal(got, want.grad)
     assert _step(meter, model, x, y, measure=False) is None and not meter.measuring
     assert meter.last_estimate is None
     meter.remove()
-    assert not any(m._forward_hooks or m._backward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_a_sum_loss_gives_the_noise_scale_of_the_mean_loss() -> None:
+    """Summing the loss over rows scales every gradient by B: |G|² and tr Σ by B², their ratio not."""
+    torch.manual_seed(1)
+    model = mlp()
+    x, y = torch.randn(16, 5, dtype=DTYPE), torch.randint(0, 3, (16,))
+    mean = _step(_meter(model), model, x, y, loss_fn=ce_loss)
+    total = _step(
+        _meter(model),
+        model,
+        x,
+        y,
+        loss_fn=lambda out, t: nn.functional.cross_entropy(out, t, reduction="sum"),
+    )
+    assert mean is not None and total is not None
+    assert total[0] == pytest.approx(16**2 * mean[0], rel=1e-9)
+    assert total[1] / total[0] == pytest.approx(mean[1] / mean[0], rel=1e-9)
+
+
+def test_closed_form_linear_regression_measured_by_the_meter() -> None:
+    model, batch, loss_fn, true_grad_sqr, true_trace = regression_problem()
+    ema = NoiseScaleEMA(decay=0.995)
+    meter = _meter(model)
+    for _ in range(600):
+        x, y = batch(128)
+        estimate = _step(meter, model, x, y, loss_fn=loss_fn)
+        assert estimate is not None
+        ema.update(*estimate)
+    assert ema.grad_sqr == pytest.approx(true_grad_sqr, rel=0.1)
+    assert ema.grad_var == pytest.approx(true_trace, rel=0.1)
+    assert ema.gns == pytest.approx(true_trace / true_grad_sqr, rel=0.1)
 
 
 def test_noise_meter_adds_the_micro_batch_part_on_fallback_steps_only() -> None:
     torch.manual_seed(1)
     model = _Scaled().double()
-    x, y = torch.randn(32, 5, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
-    meter = NoiseMeter(model, loss_fn=nn.functional.mse_loss, fallback_microbatches=4)
-    assert meter.needs_fallback and meter.uncovered_parameter_names == ("scale",)
+    x, y = torch.randn(32, 5, dtype=DTYPE), torch.randn(32, 1, dtype=DTYPE)
+    meter = _meter(model, batch_loss=_mse_of_batch(model), fallback_microbatches=4)
     linear = [n for n, _ in model.named_parameters() if n != "scale"]
     linear_part = _reference_stats(model, x, y, linear)
     micro_sqr, micro_trace = _microbatch_reference(model, model.scale, x, y, parts=4, usable=32)
     expected = (linear_part[0] + micro_sqr, linear_part[1] + micro_trace)
     assert _step(meter, model, x, y) == pytest.approx(expected, rel=1e-9)
+    assert meter.inexact == ("scale",) and "no per-example rule" in meter.reasons["scale"]
+    assert meter.measured_fraction == pytest.approx(50 / 51)
     assert _step(meter, model, x, y, fallback=False) is None, "a partial estimate would bias the EMAs"
     assert _step(meter, model, x[:1], y[:1]) is None, "one row cannot be split into micro-batches"
     meter.remove()
 
-    without_loss = NoiseMeter(model)  # no loss: the Linear layers alone, said by needs_fallback
-    assert not without_loss.needs_fallback
+    without_loss = _meter(model)  # no loss to run micro-batches: the exact part alone
+    assert not without_loss.can_fall_back
     assert _step(without_loss, model, x, y) == pytest.approx(linear_part, rel=1e-9)
     without_loss.remove()
 
 
+def test_the_micro_batches_slice_dict_batches_and_keep_what_is_shared() -> None:
+    """Any batch form: a dict batch's per-row tensors are sliced, a tensor shared by all rows is kept."""
+    torch.manual_seed(3)
+    model = _Scaled().double()
+    x, y = torch.randn(12, 5, dtype=DTYPE), torch.randn(12, 1, dtype=DTYPE)
+    shift = torch.tensor(0.25, dtype=DTYPE)
+
+    def batch_loss(batch: dict) -> Tensor:
+        return nn.functional.mse_loss(model(batch["x"]) + batch["shift"], batch["y"])
+
+    meter = _meter(model, batch_loss=batch_loss, fallback_microbatches=3)
+    meter.begin_step(True, {"x": x, "y": y, "shift": shift})
+    model.zero_grad(set_to_none=True)
+    batch_loss({"x": x, "y": y, "shift": shift}).backward()
+    meter.after_backward()
+    meter.before_optimizer_step()
+    estimate = meter.estimate(global_rows=12)
+    grads = torch.stack(
+        [
+            torch.autograd.grad(nn.functional.mse_loss(model(xs) + shift, ys), model.scale)[0].reshape(-1)
+            for xs, ys in zip(x.split(4), y.split(4), strict=True)
+        ]
+    )
+    trace = float(grads.var(dim=0, unbiased=True).sum()) * 4
+    exact = _reference_stats(model, x, y - shift, [n for n, _ in model.named_parameters() if n != "scale"])
+    expected = (exact[0] + float(grads.mean(0).pow(2).sum()) - trace / 12, exact[1] + trace)
+    assert estimate == pytest.approx(expected, rel=1e-9)
+
+
 def test_a_fresh_noise_meter_measures_nothing_until_told() -> None:
     model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
-    meter = NoiseMeter(model)
-    assert meter.measuring is False and meter.last_estimate is None and meter.hooks.enabled is False
+    meter = _meter(model)
+    assert meter.measuring is False and meter.last_estimate is None and meter.measured_fraction is None
+    assert meter.inexact == ("0.weight", "0.bias", "1.weight", "1.bias")
     assert (
         meter.grad_from_params is True
         and meter.fallback_microbatches == BatchSizeOptions.fallback_microbatches
@@ -1058,7 +719,7 @@ def test_a_fresh_noise_meter_measures_nothing_until_told() -> None:
 
 
 class _OnlyScale(nn.Module):
-    """No nn.Linear at all: every parameter is left to the micro-batches."""
+    """No parameter any rule covers: every parameter is left to the micro-batches."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1068,17 +729,60 @@ class _OnlyScale(nn.Module):
         return x[:, :1] * self.scale
 
 
-def test_noise_meter_on_a_network_the_hooks_cannot_see() -> None:
+def test_noise_meter_on_a_network_no_rule_covers() -> None:
     torch.manual_seed(2)
     model = _OnlyScale()
-    x, y = torch.randn(30, 2, dtype=torch.float64), torch.randn(30, 1, dtype=torch.float64)
-    assert _step(NoiseMeter(model), model, x, y) is None, "no loss, no Linear: nothing measurable"
-    meter = NoiseMeter(model, loss_fn=nn.functional.mse_loss, fallback_microbatches=2)
+    x, y = torch.randn(30, 2, dtype=DTYPE), torch.randn(30, 1, dtype=DTYPE)
+    alone = _meter(model)
+    assert _step(alone, model, x, y) is None, "no rule, no loss: nothing measurable"
+    assert alone.exact == () and alone.measured_fraction == 0.0
+    meter = _meter(model, batch_loss=_mse_of_batch(model), fallback_microbatches=2)
     # 2 micro-batches of 15 rows (30 divides evenly); with 4 parts the 2 leftover rows are left out
     for parts, usable in ((2, 30), (4, 28)):
         meter.fallback_microbatches = parts
         expected = _microbatch_reference(model, model.scale, x, y, parts=parts, usable=usable)
         assert _step(meter, model, x, y) == pytest.approx(expected, rel=1e-9), parts
+
+
+def test_the_fallbacks_own_forwards_inside_a_watched_step_are_not_recorded() -> None:
+    """Micro-batches run plain forwards while a step may be watched: measurements_suspended keeps them out."""
+    from lightning_batch.plugin.per_example import PerExampleNorms
+
+    torch.manual_seed(17)
+    model = SmallCNN().to(DTYPE)
+    x, y = torch.randn(8, 1, 6, 6, dtype=DTYPE), torch.randint(0, 2, (8,))
+    norms = PerExampleNorms(dict(model.named_parameters()))
+    norms.start(8)
+    loss = ce_loss(model(x), y)
+    microbatch_grad_stats(model, ce_loss, x, y, num_microbatches=4, vectorize=False)
+    microbatch_grad_stats(model, ce_loss, x, y, num_microbatches=4, vectorize=True)
+    norms.stop()
+    loss.backward()
+    result = norms.finish()
+    names = [k for k, _ in model.named_parameters()]
+    assert result is not None and sorted(result.exact) == sorted(names)
+    expected = flat(loop_per_sample_grads(model, ce_loss, x, y), names).pow(2).sum(1)
+    torch.testing.assert_close(result.per_example, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_a_thread_that_never_ran_a_fallback_measures() -> None:
+    import threading
+
+    torch.manual_seed(18)
+    model = mlp()
+    x, y = torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))
+    found: list[object] = []
+
+    def measure() -> None:
+        try:
+            found.append(_step(_meter(model), model, x, y, loss_fn=ce_loss) is not None)
+        except Exception as exc:  # reported below
+            found.append(exc)
+
+    thread = threading.Thread(target=measure)
+    thread.start()
+    thread.join()
+    assert found == [True]
 
 
 def test_the_ema_row_is_nan_until_measured_then_its_estimates() -> None:

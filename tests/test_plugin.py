@@ -191,10 +191,15 @@ class _OwnBatchSampler(BatchSampler):
         super().__init__(RandomSampler(dataset), 8, False)
 
 
-def test_a_fit_that_raises_leaves_no_hooks_on_the_model(tmp_path):
-    class Boom(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step == 5:
+def test_a_fit_that_raises_mid_measurement_leaves_nothing_watching_the_model(tmp_path):
+    """The measurement watches a step's forward through a TorchFunctionMode (and hooks on transformer
+    layers built batch_first=False): a fit that raises while it watches must leave neither behind."""
+    watching: list[int] = []
+
+    class BoomWhileWatched(pl.Callback):
+        def on_before_backward(self, trainer, pl_module, loss):
+            watching.append(torch._C._len_torch_function_stack())
+            if trainer.global_step >= 4 and watching[-1] > 0:
                 raise RuntimeError("boom")
 
     module = PlainRegressor()
@@ -209,15 +214,10 @@ def test_a_fit_that_raises_leaves_no_hooks_on_the_model(tmp_path):
             or layer._backward_pre_hooks
         ]
 
-    class HooksDuringFit(pl.Callback):
-        seen: list[str] = []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            HooksDuringFit.seen = hooked()
-
     with pytest.raises(RuntimeError, match="boom"):
-        fit(dict(resize=NOISE, root=str(tmp_path)), [HooksDuringFit(), Boom()], module=module)
-    assert HooksDuringFit.seen, "the callback measures through hooks while it trains"
+        fit(dict(resize=NOISE, root=str(tmp_path)), [BoomWhileWatched()], module=module)
+    assert max(watching) > 0, "the measured steps' forwards are watched"
+    assert torch._C._len_torch_function_stack() == 0, "a fit that raised must leave no mode watching"
     assert not hooked(), "a fit that raised must leave no hook on the user's model"
 
 
@@ -237,20 +237,32 @@ class _NoLossRegressor(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
-def test_without_a_loss_method_what_is_not_measured_is_said_once_and_tagged(tmp_path, caplog):
+def test_without_a_loss_method_the_training_step_serves_the_probe_and_the_micro_batches(tmp_path, caplog):
+    """No loss(): the probe's trial steps and the micro-batches of the one parameter without a rule (a
+    scale multiplied in) run the module's own training_step; what is not exact is said once, with its
+    share, and the exact share is a metric and a run tag."""
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     logger = MLFlowLogger(experiment_name="plugin", tracking_uri=uri)
     with caplog.at_level("WARNING", logger="lightning_batch.plugin.callback"):
-        fit(
-            dict(resize=NOISE, root=str(tmp_path), trainer=dict(logger=logger)), [], module=_NoLossRegressor()
+        trainer, _ = fit(
+            dict(resize={**NOISE, "probe_memory": True}, root=str(tmp_path), trainer=dict(logger=logger)),
+            [],
+            module=_NoLossRegressor(),
         )
-    said = [r.getMessage() for r in caplog.records if "has no loss(prediction, target)" in r.getMessage()]
-    assert len(said) == 1 and "scale" in said[0] and "memory probe is skipped" in said[0]
-    tags = MlflowClient(uri).get_run(logger.run_id).data.tags
-    assert "scale" in tags["batch_size_not_measured"]
+    resize = next(c for c in trainer.callbacks if isinstance(c, DynamicBatchSize))
+    assert resize.probe is not None and resize.ceiling is not None, "probed through training_step"
+    said = [r.getMessage() for r in caplog.records if "measured exactly" in r.getMessage()]
+    assert len(said) == 1 and "scale (0.77%)" in said[0] and "micro-batches" in said[0], said
+    assert resize.measured_fraction == pytest.approx(129 / 130)
+    assert resize.ema.num_updates > 0 and resize.ema.gns is not None
+    run = MlflowClient(uri).get_run(logger.run_id)
+    assert float(run.data.tags["gns_measured_fraction"]) == pytest.approx(129 / 130, abs=1e-4)
+    assert "scale" in run.data.tags["gns_not_exact"]
+    history = MlflowClient(uri).get_metric_history(logger.run_id, "gns_measured_fraction")
+    assert history and all(m.value == pytest.approx(129 / 130) for m in history)
 
 
 def test_with_a_loss_method_a_per_row_dataset_is_probed_and_fully_measured(tmp_path, caplog):
@@ -260,7 +272,8 @@ def test_with_a_loss_method_a_per_row_dataset_is_probed_and_fully_measured(tmp_p
     resize = next(c for c in trainer.callbacks if isinstance(c, DynamicBatchSize))
     assert resize.probe is not None and resize.ceiling is not None and resize.ceiling >= 1
     assert resize.ema.num_updates > 0 and resize.ema.gns is not None
-    assert not [r for r in caplog.records if "has no loss" in r.getMessage()]
+    assert resize.measured_fraction == 1.0
+    assert not [r for r in caplog.records if "measured exactly" in r.getMessage()]
 
 
 def test_a_policy_of_ones_own_drives_the_batch_size(tmp_path):

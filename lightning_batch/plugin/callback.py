@@ -3,7 +3,8 @@
 It is glue between the Trainer and pieces that know nothing of Lightning:
 
 - :mod:`~lightning_batch.plugin.probe` finds the largest batch that fits (once, when training starts);
-- :mod:`~lightning_batch.plugin.noise` measures the gradient noise scale, on the steps the
+- :mod:`~lightning_batch.plugin.noise` measures the gradient noise scale of the parameters the
+  optimizers update (:mod:`~lightning_batch.plugin.measured`), on the steps the
   :class:`~lightning_batch.plugin.clock.StepClock` picks (2% of the fit's time by default);
 - :mod:`~lightning_batch.plugin.policy` decides, when the :mod:`~lightning_batch.plugin.cadence`
   says so, the batch size and the lr multiplier that goes with it.
@@ -35,13 +36,11 @@ import contextlib
 import inspect
 import logging
 import math
-from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor, nn
 
 from lightning_batch.plugin._lightning_compat import (
     restart_train_iterator,
@@ -51,19 +50,24 @@ from lightning_batch.plugin._lightning_compat import (
 from lightning_batch.plugin.cadence import DecisionCadence, effective_ceiling
 from lightning_batch.plugin.clock import StepClock
 from lightning_batch.plugin.loader import adopt_train_loader
+from lightning_batch.plugin.measured import UnsupportedSetupError, not_exact_summary, optimized_parameters
 from lightning_batch.plugin.memory import MemoryProbeResult, resident_bytes
 from lightning_batch.plugin.noise import NoiseMeter, NoiseScaleEMA
 from lightning_batch.plugin.options import BatchSizeOptions, default_of, option_fields
 from lightning_batch.plugin.policy import (
     BatchSizeController,
     Decision,
+    FixedPolicy,
+    MemoryPolicy,
     PolicyContext,
+    SchedulePolicy,
     make_lr_rule,
 )
 from lightning_batch.plugin.probe import probe_fit_ceiling
 from lightning_batch.plugin.sampler import ResizableBatchSampler
+from lightning_batch.plugin.step_loss import LossModule, StepLoss
 
-__all__ = ["DynamicBatchSize", "LossModule", "resolve_lr_rule"]
+__all__ = ["DynamicBatchSize", "LossModule", "UnsupportedSetupError", "resolve_lr_rule"]
 
 log = logging.getLogger(__name__)
 
@@ -72,31 +76,16 @@ log = logging.getLogger(__name__)
 #: decisions went anywhere from B=40 to B=272 on it).
 MIN_MEASUREMENTS = 4
 #: The metrics this callback logs (besides ``batch_size`` and ``lr`` for modules that don't).
-METRICS = ("gns", "grad_sqr", "grad_var", "throughput", "mem_peak")
+METRICS = ("gns", "grad_sqr", "grad_var", "gns_measured_fraction", "throughput", "mem_peak")
 #: Optimizers whose step is not a plain multiple of the gradient, so AdaScale's gain does not apply.
 ADAPTIVE_OPTIMIZERS = ("Adam", "AdamW", "RAdam", "NAdam", "Adamax", "Adagrad", "Adadelta", "RMSprop")
-
-
-@runtime_checkable
-class LossModule(Protocol):
-    """What DynamicBatchSize needs from a LightningModule to measure everything.
-
-    ``loss(prediction, target)``: the training loss of the network's output on a batch, a mean
-    over rows. With it the callback probes the memory ceiling (a few trial steps on random rows)
-    and measures the noise of parameters outside ``nn.Linear`` layers (convolutions, norms) with
-    micro-batches. Without it, the memory probe is skipped and the noise scale covers the
-    ``nn.Linear`` layers only; the callback says so once, as a warning and a run tag. Both need
-    training batches of the form ``(inputs, targets, ...)``.
-    """
-
-    def loss(self, prediction: Tensor, target: Tensor) -> Tensor: ...
 
 
 def resolve_lr_rule(rule: str, optimizers: list[torch.optim.Optimizer]) -> str:
     """``auto``: ``adascale`` when every optimizer is SGD, else ``sqrt`` (AdaScale's derivation holds
     for SGD's step only); any other rule as it is.
 
-    >>> net = nn.Linear(2, 1)
+    >>> net = torch.nn.Linear(2, 1)
     >>> resolve_lr_rule("auto", [torch.optim.SGD(net.parameters(), lr=0.1)])
     'adascale'
     >>> resolve_lr_rule("auto", [torch.optim.AdamW(net.parameters())])
@@ -123,21 +112,13 @@ class DynamicBatchSize(Callback):
     the arguments below are generated from those declarations.
     """
 
-    def __init__(
-        self,
-        policy: Any = None,
-        lr_rule: str | None = None,
-        *,
-        module_attr: str | None = "model",
-        **options: Any,
-    ) -> None:
+    def __init__(self, policy: Any = None, lr_rule: str | None = None, **options: Any) -> None:
         super().__init__()
         given: dict[str, Any] = {
             name: value for name, value in (("policy", policy), ("lr_rule", lr_rule)) if value is not None
         }
         #: The checked options (a frozen :class:`BatchSizeOptions`).
         self.options = opts = BatchSizeOptions(**given, **options)
-        self.module_attr = module_attr
         # An lr rule of "auto" follows the optimizers, known when the fit starts (none until then).
         self.controller = BatchSizeController.from_options(
             opts, lr_rule="none" if opts.lr_rule == "auto" else None
@@ -169,17 +150,16 @@ class DynamicBatchSize(Callback):
         self.noise_meter: NoiseMeter | None = None
         #: The last all-ranks mean ``(|G|², tr(Σ))`` fed to the EMAs (None: that step was not measured).
         self.last_measurement: tuple[float, float] | None = None
+        #: The share of the measured parameters' elements measured exactly (None until known).
+        self.measured_fraction: float | None = None
         self._loaded_state: dict[str, Any] | None = None
         self._restart_iterator = False
-        self._has_loss = True  # set for each fit in setup()
+        self._step_loss: StepLoss | None = None  # the loss of batches the callback builds (per fit)
         #: Whether batches beyond the ceiling run as micro-batches in this fit (see ``accumulate``).
         self.accumulates = False
         self._loss_scale = 1.0  # a float16 GradScaler's scale at the measured step's backward
 
     # -- set-up ---------------------------------------------------------------------------------------
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._has_loss = isinstance(pl_module, LossModule)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.clock.start_fit()  # the measurement budget's clock: the probe counts
@@ -193,24 +173,16 @@ class DynamicBatchSize(Callback):
                 restart_train_iterator(trainer)
                 sync_epoch_length(trainer, self._sampler)
 
-    def _network(self, pl_module: pl.LightningModule) -> nn.Module:
-        inner = getattr(pl_module, self.module_attr, None) if self.module_attr else None
-        return inner if isinstance(inner, nn.Module) else pl_module
-
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._sampler is not None
         if self.lr_rule_name == "auto":
             self.lr_rule_name = resolve_lr_rule("auto", list(trainer.optimizers))
             self.controller.lr_rule = make_lr_rule(self.lr_rule_name)
-        # T, the squared norm of the batch's mean gradient, is read from .grad right after backward:
-        # that needs .grad to hold exactly this step's gradient, so not with gradient accumulation.
-        self.noise_meter = NoiseMeter(
-            self._network(pl_module),
-            loss_fn=_loss_of(pl_module),
-            grad_from_params=trainer.accumulate_grad_batches == 1,
-            fallback_microbatches=self.options.fallback_microbatches,
-        )
-        self._say_what_is_not_measured(trainer, pl_module)
+        step_loss = StepLoss.for_fit(trainer, pl_module)
+        self._step_loss = step_loss if isinstance(step_loss, StepLoss) else None
+        if self._step_loss is not None and self._step_loss.note:
+            _warn(trainer, self._step_loss.note)
+        self.noise_meter = self._noise_meter(trainer, pl_module)
         self.accumulates = (
             self.options.accumulate
             and hasattr(pl_module, "max_rows_per_pass")
@@ -223,22 +195,22 @@ class DynamicBatchSize(Callback):
         self.base_batch = self.batch_size = self._sampler.batch_size
         # The noise window never shorter than 8 start batches: the first estimates need several.
         self.ema.min_half_life = 8.0 * self.base_batch
-        if self.options.probe_memory and self.controller.policy.name != "fixed" and self._has_loss:
-            self._probe_memory(trainer, pl_module)
-            self._limit_rows_per_pass(trainer, pl_module)
+        if self.options.probe_memory and self.controller.policy.name != "fixed":
+            if isinstance(step_loss, StepLoss):
+                self._probe_memory(trainer, step_loss)
+                self._limit_rows_per_pass(trainer, pl_module)
+            else:
+                why = f"the memory probe is skipped ({step_loss}): the batch is bounded by max_batch and out-of-memory recoveries"
+                _warn(trainer, why)
+                _set_run_tag(trainer, "batch_size_not_probed", why)
         # A start above the ceiling (or the bounds) is corrected before the first step.
         context = self._context(trainer)
         decision = self.controller.decide(context)
         if decision.changed:
             self._apply(trainer, decision, context)
 
-    def _probe_memory(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.probe, self.ceiling = probe_fit_ceiling(
-            trainer,
-            self._network(pl_module),
-            _loss_of(pl_module),  # type: ignore[arg-type]  # _has_loss: a loss there
-            self.options.memory_budget,
-        )
+    def _probe_memory(self, trainer: pl.Trainer, step_loss: StepLoss) -> None:
+        self.probe, self.ceiling = probe_fit_ceiling(trainer, step_loss, self.options.memory_budget)
         # The trial steps were timed: their per-row cost (a rank's rows) is the throughput model's
         # slope until real steps at sizes far enough apart replace it, so the first decision can jump.
         per_row = self.probe.seconds_per_row()
@@ -256,18 +228,68 @@ class DynamicBatchSize(Callback):
         current = getattr(pl_module, "max_rows_per_pass", None)
         setattr(pl_module, "max_rows_per_pass", min(current, per_rank) if current else per_rank)  # noqa: B010
 
-    def _say_what_is_not_measured(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Once per fit: what a module without ``loss()`` leaves unmeasured (warning and run tag)."""
-        if self._has_loss:
-            return
-        assert self.noise_meter is not None
-        lost = _lost_without_loss(self.noise_meter.uncovered_parameter_names)
-        if trainer.is_global_zero:
-            log.warning(
-                f"DynamicBatchSize: {type(pl_module).__name__} has no loss(prediction, target) method, so "
-                f"{'; '.join(lost)}; add that method to measure them"
+    def _noise_meter(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> NoiseMeter | None:
+        """The meter of the parameters the optimizers update, or None (said once) when there is none."""
+        params = optimized_parameters(trainer.optimizers, pl_module)
+        if not pl_module.automatic_optimization and len(trainer.optimizers) > 1:
+            # One noise scale over several optimizers' parameters would rescale each lr from
+            # gradients it does not own: refused where the decisions need it, else not measured.
+            if self._needs_noise():
+                raise UnsupportedSetupError.several_optimizers(
+                    type(pl_module).__name__, len(trainer.optimizers), self.policy_name, self.lr_rule_name
+                )
+            self._not_measurable(
+                trainer,
+                f"{len(trainer.optimizers)} optimizers by manual optimization, each with its own gradients",
             )
-        _set_run_tag(trainer, "batch_size_not_measured", "; ".join(lost))
+            return None
+        if not params:
+            self._not_measurable(trainer, "no parameter of the optimizers requires gradients")
+            return None
+        # T, the squared norm of the batch's mean gradient, is read from .grad after each backward; with
+        # gradient accumulation .grad also holds the earlier micro-batches', so the difference is read.
+        return NoiseMeter(
+            params,
+            module=pl_module,
+            batch_loss=self._step_loss,
+            grad_from_params=trainer.accumulate_grad_batches == 1,
+            fallback_microbatches=self.options.fallback_microbatches,
+        )
+
+    def _needs_noise(self) -> bool:
+        """Whether the decisions or the lr read the noise statistics (a policy of one's own may)."""
+        uses_noise_policy = not isinstance(
+            self.controller.policy, (FixedPolicy, MemoryPolicy, SchedulePolicy)
+        )
+        return uses_noise_policy or self.lr_rule_name == "adascale"
+
+    def _not_measurable(self, trainer: pl.Trainer, why: str) -> None:
+        """Nothing can be measured: said once; a policy that needs the noise scale gives way to memory's."""
+        self.measured_fraction = 0.0
+        _set_run_tag(trainer, "gns_measured_fraction", "0")
+        instead = ""
+        if self._needs_noise() and not isinstance(self.controller.policy, MemoryPolicy):
+            instead = f"; the batch follows the memory policy (the largest that fits) instead of {self.policy_name!r}"
+            self.controller.policy = MemoryPolicy()
+            self.policy_name = "memory"
+        _warn(trainer, f"DynamicBatchSize: the gradient noise scale cannot be measured: {why}{instead}")
+        _set_run_tag(trainer, "gns_not_measured", why)
+
+    def _say_what_is_measured(self, trainer: pl.Trainer) -> None:
+        """Once per fit, after the first measured step: the share measured exactly (a metric and a tag),
+        and every group of parameters that is not, with its share and what is done instead."""
+        meter = self.noise_meter
+        assert meter is not None and meter.exact is not None
+        self.measured_fraction = meter.measured_fraction
+        _set_run_tag(trainer, "gns_measured_fraction", f"{self.measured_fraction:.4f}")
+        if not meter.exact and not meter.can_fall_back:
+            self.noise_meter = None
+            meter.remove()
+            self._not_measurable(trainer, f"{not_exact_summary(meter)} and no loss to run micro-batches")
+        elif meter.inexact:
+            message = not_exact_summary(meter, self.options.fallback_microbatches)
+            _warn(trainer, f"DynamicBatchSize: {message}")
+            _set_run_tag(trainer, "gns_not_exact", message[:5000])
 
     # -- every step -----------------------------------------------------------------------------------
 
@@ -292,6 +314,17 @@ class DynamicBatchSize(Callback):
         if self.noise_meter is not None:
             self.noise_meter.begin_step(measure, batch, fallback=fallback)
 
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        if self.noise_meter is not None:
+            self.noise_meter.before_backward()
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # After the backward, before the weights move: the per-example norms and the micro-batches.
+        if self.noise_meter is not None:
+            self.noise_meter.before_optimizer_step()
+
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Before clipping and the optimizer step: the gradients of the weights the hooks saw.
         if self.noise_meter is not None:
@@ -315,8 +348,16 @@ class DynamicBatchSize(Callback):
             started = self.clock.now()
             self._measure(trainer, pl_module)
             self.clock.record_measurement(rows, seconds, self.clock.now() - started)
+            if (
+                self.measured_fraction is None
+                and self.noise_meter is not None
+                and self.noise_meter.exact is not None
+            ):
+                self._say_what_is_measured(trainer)
         else:
             self.clock.record_step(rows, seconds)
+        if self.noise_meter is not None:
+            self.noise_meter.end_step()
         epoch_rows = self._sampler.num_samples if self._sampler is not None else 0
         if self.cadence.step_done(rows, epoch_rows) or self._over_ceiling(trainer):
             self._decide(trainer)
@@ -331,8 +372,9 @@ class DynamicBatchSize(Callback):
         measure sends NaN), so a rank-local problem cannot deadlock the others; the EMAs move only
         when every rank measured.
         """
-        assert self.noise_meter is not None and self._sampler is not None
-        estimate = self.noise_meter.estimate(global_rows=self._sampler.last_global_rows)
+        assert self._sampler is not None
+        meter = self.noise_meter
+        estimate = meter.estimate(global_rows=self._sampler.last_global_rows) if meter is not None else None
         values = torch.tensor(estimate if estimate is not None else (math.nan, math.nan), dtype=torch.float64)
         if self._loss_scale != 1.0:
             values /= self._loss_scale**2
@@ -385,7 +427,8 @@ class DynamicBatchSize(Callback):
         interval = self.clock.interval
         if trainer.is_global_zero:
             decision = self.controller.decide(context)
-            interval = self.clock.plan(decision.batch_size, self.ema.num_updates)
+            known = self.ema.gns is not None or self.noise_meter is None
+            interval = self.clock.plan(decision.batch_size, self.ema.num_updates, known)
         # Rank 0 decides (its throughput model is the one that counts) and plans the measurements;
         # every rank applies the same.
         decision, interval = trainer.strategy.broadcast((decision, interval), src=0)
@@ -433,6 +476,7 @@ class DynamicBatchSize(Callback):
             "batch_size": float(self.batch_size or rows),
             "lr": lr,
             **self.ema.as_row(),
+            "gns_measured_fraction": math.nan if self.measured_fraction is None else self.measured_fraction,
             "throughput": rows / seconds if seconds > 0 else math.nan,
             "mem_peak": float(_memory_peak(pl_module.device)),
         }
@@ -525,21 +569,10 @@ def _set_run_tag(trainer: pl.Trainer, key: str, value: str) -> None:
             logger.log_hyperparams({key: value})
 
 
-def _lost_without_loss(uncovered: tuple[str, ...]) -> list[str]:
-    """What a module without ``loss()`` goes without, in words."""
-    lost = ["the memory probe is skipped (the batch is bounded by max_batch and out-of-memory recoveries)"]
-    if uncovered:
-        more = ", ..." if len(uncovered) > 4 else ""
-        lost.append(
-            f"the noise scale leaves out {len(uncovered)} parameters outside nn.Linear layers "
-            f"({', '.join(uncovered[:4])}{more})"
-        )
-    return lost
-
-
-def _loss_of(pl_module: pl.LightningModule) -> Callable[[Tensor, Tensor], Tensor] | None:
-    """The module's ``loss(prediction, target)``, if it has one (see :class:`LossModule`)."""
-    return pl_module.loss if isinstance(pl_module, LossModule) else None
+def _warn(trainer: pl.Trainer, message: str) -> None:
+    """A warning, once per fit: from rank 0 only."""
+    if trainer.is_global_zero:
+        log.warning(message)
 
 
 def _memory_peak(device: torch.device) -> int:
@@ -561,12 +594,6 @@ def _signature_and_docs() -> None:
         kind = inspect.Parameter.POSITIONAL_OR_KEYWORD if f.name in ("policy", "lr_rule") else keyword
         params.append(inspect.Parameter(f.name, kind, default=default_of(f), annotation=f.type))
         lines.append(f"    {f.name}: {info.help}.")
-        if f.name == "lr_rule":
-            params.append(inspect.Parameter("module_attr", keyword, default="model", annotation="str | None"))
-            lines.append(
-                "    module_attr: the attribute of the LightningModule holding the network whose forward is called "
-                "once per step (the measurement's hooks go there); None hooks the LightningModule itself."
-            )
     DynamicBatchSize.__init__.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     DynamicBatchSize.__doc__ = (
         (DynamicBatchSize.__doc__ or "").rstrip()

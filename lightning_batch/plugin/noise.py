@@ -41,8 +41,8 @@ one only lowers the variance).
 
 The same function :func:`unbiased_grad_stats` serves every source of "small" gradients:
 
-* per-example gradients vs the batch gradient: ``small_batch=1, n=B`` (:class:`PerExampleGradNorms`;
-  the tests check it against ``torch.func`` per-example gradients);
+* per-example gradients vs the batch gradient: ``small_batch=1, n=B``
+  (:mod:`~lightning_batch.plugin.per_example`, checked against ``torch.func`` per-example gradients);
 * per-rank vs all-reduced gradient under DDP: ``small_batch=local batch, n=world size`` (ranks must use
   equal local batch sizes);
 * micro-batch vs accumulated gradient: ``small_batch=micro-batch size, n=number of micro-batches``
@@ -56,30 +56,40 @@ and take the ratio of the averages.
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from lightning_batch.plugin.checks import checked, count, integer, positive_int
 from lightning_batch.plugin.options import BatchSizeOptions as _Declared  # the declared defaults
+from lightning_batch.plugin.per_example import (
+    COUPLED,
+    PerExampleNorms,
+    PerExampleResult,
+    measurements_suspended,
+)
 
 __all__ = [
     "GradNoiseStats",
     "NoiseMeter",
     "NoiseScaleEMA",
-    "PerExampleGradNorms",
+    "batch_rows",
+    "looped_microbatch_stats",
     "microbatch_grad_stats",
     "noise_scale",
+    "slice_batch",
     "unbiased_grad_stats",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+#: The fewest rows of a micro-batch that a batch norm in training mode normalises (its statistics
+#: over a row or two are not the training step's).
+MIN_NORMALISED_ROWS = 4
 
 
 def unbiased_grad_stats(
@@ -174,484 +184,7 @@ class GradNoiseStats:
 
 
 # --------------------------------------------------------------------------------------------------
-# Per-example gradient norms of nn.Linear layers via hooks
-# --------------------------------------------------------------------------------------------------
-
-
-def _linear_weight_grad_sqr_norm(a: Tensor, g: Tensor) -> Tensor:
-    """``|g^T a|_F^2`` for ``a`` (B, in), ``g`` (B, out) without always materialising ``g^T a``.
-
-    ``|g^T a|^2 = sum_ij (a_i . a_j)(g_i . g_j)``: the Gram form costs ~``B^2 (in + out)`` flops and
-    ``B^2`` memory, the direct product ~``B in out`` and ``in out`` memory; pick the cheaper so small
-    batches on wide layers stay cheap.
-
-    >>> a, g = torch.ones(2, 3), torch.ones(2, 4)
-    >>> float(_linear_weight_grad_sqr_norm(a, g))  # g^T a is a 4x3 matrix of 2s
-    48.0
-    """
-    batch, d_in = a.shape
-    d_out = g.shape[1]
-    if batch * (d_in + d_out) < d_in * d_out:
-        return ((a @ a.T) * (g @ g.T)).sum()
-    return (g.T @ a).pow(2).sum()
-
-
-_suspension = threading.local()
-
-
-@contextmanager
-def measurements_suspended() -> Iterator[None]:
-    """Make every :class:`PerExampleGradNorms` ignore forwards run inside (used by the fall-backs below,
-    whose extra forward passes must not overwrite the step's measurement)."""
-    _suspension.depth = getattr(_suspension, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _suspension.depth -= 1
-
-
-def _should_ignore_forward() -> bool:
-    if getattr(_suspension, "depth", 0) > 0 or not torch.is_grad_enabled():
-        return True
-    # Forwards inside torch.func transforms (vmap/grad: per-sample gradients of a user's own, or a test's
-    # per-sample code) see one example at a time and batched tensors: they are not training steps.
-    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
-    return peek is not None and peek() is not None
-
-
-@dataclass
-class _LayerRecord:
-    """What one covered Linear saw during the current measurement."""
-
-    calls: int = 0
-    backward_calls: int = 0
-    input: Tensor | None = None
-    input_version: int = 0
-    per_example: Tensor | None = None  # (B,) per-example squared grad norm of this layer's params
-    batch_sqr: Tensor | None = None  # 0-dim: squared norm of this layer's mean (batch) gradient
-    problem: str | None = None  # set when this layer's params cannot be measured in this pass
-    #: Raw per-example norms of the step's earlier passes (micro-batches), in row order.
-    earlier_passes: list[Tensor] = field(default_factory=list)
-
-
-class PerExampleGradNorms:
-    """Exact per-example squared gradient norms for the ``nn.Linear`` layers of a module, via hooks.
-
-    For a Linear ``y = W a + c`` with 2-D input ``a`` (batch, features) and ``g_i = dloss_i/dy_i``, the
-    per-example gradients are ``g_i a_i^T`` and ``g_i``, so their squared norms are
-    ``|a_i|^2 |g_i|^2`` and ``|g_i|^2`` -- no per-example gradient is ever materialised.  Contributions
-    of all covered layers are summed per example.  The hooks also compute the squared norm of the
-    *batch-mean* gradient of the covered parameters (``|sum_i g_i a_i^T|^2 / B^2`` etc.) from the same
-    tensors, so the statistics do not depend on ``.grad`` (which may hold accumulated gradients from
-    earlier micro-batches, or the all-reduced gradient under DDP).  :meth:`grad_stats` then applies
-    :func:`unbiased_grad_stats` with ``n = B, small_batch = 1``.
-
-    Loss scaling: with a *mean* loss the gradient reaching a layer's output is ``g_i / B``, so the
-    per-example gradient of the per-example loss is ``B`` times the hook's row; pass
-    ``loss_reduction="sum"`` if the loss is a sum over examples.  Only the batch-size normalisation is
-    modelled -- any other constant factor in the loss scales ``|G|^2`` and ``tr(Sigma)`` alike and
-    cancels in the noise scale.
-
-    Coverage: a parameter is *covered* if it is the ``weight``/``bias`` of an ``nn.Linear`` (not a
-    subclass that overrides ``forward``), is not shared with another module, and in the measured pass
-    that Linear ran exactly once, on a 2-D input.  Everything else that requires grad is reported by
-    :attr:`uncovered_parameter_names` (with :attr:`uncovered_reasons`) so callers can fall back, e.g. to
-    :func:`microbatch_grad_stats`, or treat the estimate as one over a subset of parameters.  Linear
-    layers fed 3-D inputs are uncovered because their per-example gradient is a sum over positions
-    whose norm does not factorise; a Linear applied to a *reshaped* ``(B*T, F)`` input cannot be
-    detected and would be treated as ``B*T`` examples.
-
-    Why forward hooks + tensor hooks on the output rather than ``register_full_backward_hook``: full
-    backward hooks wrap every call in an extra autograd Function even while measurement is disabled,
-    fail on in-place ops on the output (``nn.ReLU(inplace=True)``), and warn on the first layer.  A
-    tensor hook is only registered on steps that are measured, so a disabled instance costs one
-    Python call per Linear forward.  Hooks never return a value, so ``.grad`` is unchanged.
-
-    Cost on a measured step, per covered Linear (vectorised, no Python loop over examples, no device
-    sync until results are read): ``O(B (in + out))`` for the per-example norms plus
-    ``min(B in out, B^2 (in + out))`` for the batch-gradient norm; memory is ``B`` floats per layer plus
-    a reference to the layer input, which autograd saves for the weight gradient anyway.
-
-    Measurement lifecycle: each forward of the wrapped ``module`` (with grad enabled, while
-    :attr:`enabled`) starts a new measurement; the following backward fills it in. After
-    :meth:`begin_step`, the forwards up to the next ``begin_step`` are *passes* of one step instead
-    (micro-batches whose gradients accumulate, each pass's loss weighted by its share of the step's
-    rows): each pass's forward must follow the previous pass's backward, and the per-example norms
-    of all passes make one measurement over the step's rows. The batch-gradient norm ``T`` then
-    comes from ``.grad`` (:meth:`grad_stats_with`), which holds the accumulated step gradient.  Calling the wrapped
-    module twice before one backward, reusing a Linear within one forward, or running backward twice
-    through the same graph is detected and reported (uncovered layer, or an error from
-    :meth:`grad_stats`) rather than silently mis-measured.  Gradient checkpointing re-runs forwards in
-    backward and makes the affected layers uncovered.  Forwards under ``no_grad``, inside ``torch.func``
-    transforms, and inside :func:`measurements_suspended` (:func:`microbatch_grad_stats` uses it) are ignored,
-    so those fall-backs can be run on the uncovered parameters without clobbering the measurement
-    (``S`` and ``T`` are sums over parameters, so the two parts add up).
-
-    Examples:
-
-    >>> torch.manual_seed(0) and None
-    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-    >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
-    >>> with PerExampleGradNorms(net) as hooks:
-    ...     nn.functional.cross_entropy(net(x), y).backward()
-    ...     stats = hooks.grad_stats()
-    >>> stats.n, stats.small_batch, hooks.per_example_sqr_norms().shape
-    (8, 1, torch.Size([8]))
-    >>> hooks.uncovered_parameter_names
-    ()
-    """
-
-    def __init__(
-        self,
-        module: nn.Module,
-        loss_reduction: Literal["mean", "sum"] = "mean",
-        enabled: bool = True,
-        batch_grad_from_hooks: bool = True,
-    ) -> None:
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-        self.module = module
-        self.loss_reduction: Literal["mean", "sum"] = loss_reduction
-        self.enabled = bool(enabled)
-        #: False: skip the batch-gradient norm T in the hooks (it costs one more matmul per layer, as much
-        #: as the weight gradient itself); the caller reads it from ``.grad`` and passes it to
-        #: :meth:`grad_stats_with` (valid when ``.grad`` holds exactly this batch's mean gradient).
-        self.batch_grad_from_hooks = bool(batch_grad_from_hooks)
-
-        # First name under which each parameter appears (named_parameters de-duplicates shared ones).
-        self._param_names: dict[int, str] = {id(p): name for name, p in module.named_parameters()}
-        self._params: dict[int, nn.Parameter] = {id(p): p for p in module.parameters()}
-        # Which modules own each parameter: a Linear weight tied to e.g. an Embedding also receives that
-        # module's gradient, so its per-example gradient is not just the Linear's outer product.
-        owners: dict[int, set[int]] = {}
-        for mod in module.modules():
-            for p in mod.parameters(recurse=False):
-                owners.setdefault(id(p), set()).add(id(mod))
-
-        self._linears: list[nn.Linear] = []
-        self._static_reasons: dict[int, str] = {}  # param id -> why never coverable
-        for mod in module.modules():
-            if not isinstance(mod, nn.Linear):
-                continue
-            if type(mod).forward is not nn.Linear.forward:
-                for p in mod.parameters(recurse=False):
-                    self._static_reasons[id(p)] = f"{type(mod).__name__} overrides nn.Linear.forward"
-                continue
-            own = [t for t in (mod.weight, mod.bias) if t is not None]
-            shared = [t for t in own if owners[id(t)] != {id(mod)}]
-            for t in shared:
-                self._static_reasons[id(t)] = "parameter is shared with another module"
-            if len(shared) == 0:
-                self._linears.append(mod)
-            else:
-                for t in own:
-                    if id(t) not in self._static_reasons:
-                        self._static_reasons[id(t)] = "another parameter of this Linear is shared"
-
-        self._generation = 0
-        self._records: dict[nn.Module, _LayerRecord] = {}
-        self._step_mode = False  # begin_step() was called: forwards are passes of one step
-        self._step_started = False  # the current step's first pass has begun
-        self._passes = 0
-        self._measured = False  # at least one measurement started
-        self._invalid: str | None = None
-        self._version = 0  # bumped whenever a hook changes a record (cache key of _coverage)
-        self._coverage_cache: tuple[tuple[int, int, bool], tuple[list[nn.Module], dict[int, str]]] | None = (
-            None
-        )
-        self._handles: list[Any] = [module.register_forward_pre_hook(self._start_measurement)]
-        for mod in self._linears:
-            self._handles.append(mod.register_forward_hook(self._forward_hook, with_kwargs=True))
-
-    # ---- lifecycle -------------------------------------------------------------------------------
-    def remove(self) -> None:
-        """Remove all hooks (idempotent).  A completed measurement stays readable."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._generation += 1  # tensor hooks already registered on live graphs become no-ops
-        for rec in self._records.values():
-            rec.input = None  # drop activation references
-
-    def __enter__(self) -> PerExampleGradNorms:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def reset(self) -> None:
-        """Forget the current measurement (the next forward starts a new one anyway)."""
-        self._generation += 1
-        self._records = {}
-        self._invalid = None
-        self._measured = False
-        self._passes = 0
-
-    def begin_step(self) -> None:
-        """The next forward starts a step's measurement; later forwards until the next call are its
-        passes (micro-batches), measured together."""
-        self._step_mode = True
-        self._step_started = False
-
-    # ---- hooks -------------------------------------------------------------------------------------
-    def _start_measurement(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if not self.enabled or _should_ignore_forward():
-            return  # keep the previous measurement readable while disabled / during evaluation
-        self._generation += 1  # hooks of an earlier pass's graph, should it run backward again, no-op
-        if self._step_mode and self._step_started and self._measured:
-            self._next_pass()
-            return
-        self._step_started = True
-        self._records = {}
-        self._invalid = None
-        self._measured = True
-        self._passes = 1
-
-    def _next_pass(self) -> None:
-        """Keep each layer's per-example norms of the pass that ended; reset its per-pass state."""
-        self._version += 1
-        self._passes += 1
-        for rec in self._records.values():
-            if rec.problem is not None:
-                continue
-            if rec.calls and rec.per_example is None:
-                # The previous pass ran forward but no backward through this layer before this
-                # forward: forwards interleaved, not passes.
-                rec.problem = "a pass's forward ran before the previous pass's backward"
-                continue
-            if rec.per_example is not None:
-                rec.earlier_passes.append(rec.per_example)
-            rec.calls = rec.backward_calls = 0
-            rec.input = rec.per_example = rec.batch_sqr = None
-
-    def _forward_hook(
-        self, mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-    ) -> None:
-        if not self.enabled or not self._measured or _should_ignore_forward():
-            return
-        if not isinstance(output, Tensor) or not output.requires_grad:
-            return
-        self._version += 1  # records change: cached coverage is stale
-        rec = self._records.setdefault(mod, _LayerRecord())
-        rec.calls += 1
-        if rec.calls > 1:
-            # Per-example gradient = sum over calls; the norm of a sum needs cross terms we don't have.
-            rec.problem = "Linear called more than once in one forward (weight reuse / checkpointing)"
-            rec.input = None
-            return
-        x = args[0] if args else kwargs.get("input")
-        if not isinstance(x, Tensor) or x.dim() != 2:
-            ndim = x.dim() if isinstance(x, Tensor) else None
-            rec.problem = f"Linear input has {ndim} dims; only 2-D (batch, features) inputs are supported"
-            return
-        if mod.weight.requires_grad:
-            # Autograd already saves this input for the weight gradient, so keeping a reference costs no
-            # extra memory; we only need it until this layer's backward.
-            rec.input = x.detach()
-            rec.input_version = x._version
-        output.register_hook(partial(self._backward_hook, mod, self._generation))  # type: ignore[no-untyped-call, unused-ignore]  # untyped in torch's stubs
-
-    def _backward_hook(self, mod: nn.Module, generation: int, grad: Tensor) -> None:
-        if generation != self._generation:
-            if self._handles and self._measured:
-                # The graph reaches a forward from an earlier call of the wrapped module, so this
-                # backward mixes several forwards: per-example norms would be wrong.
-                self._invalid = "backward went through more than one forward call of the wrapped module"
-                self._version += 1
-            return
-        rec = self._records.get(mod)
-        if rec is None or rec.problem is not None:
-            return
-        self._version += 1
-        rec.backward_calls += 1
-        if rec.backward_calls > 1:
-            rec.problem = "backward ran more than once through this layer (retain_graph?)"
-            return
-        with torch.no_grad():
-            g = grad.detach()
-            acc_dtype = torch.promote_types(g.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays
-            if g.dtype != acc_dtype:
-                g = g.to(acc_dtype)
-            batch = g.shape[0]
-            # Hook rows are kept raw; per_example_sqr_norms rescales them to per-example gradients
-            # (of the per-example losses) once the step's rows are known (a mean loss over R rows
-            # gives rows g_i / R, whether in one pass or several). T is rescaled to the batch *mean*
-            # gradient here, whatever the loss reduction.
-            mean_scale = 1.0 if self.loss_reduction == "mean" else 1.0 / batch
-            g_sqr = (g * g).sum(dim=1)
-            weight_measured = weight_grad = mod.weight.requires_grad
-            has_bias = isinstance(mod.bias, Tensor) and mod.bias.requires_grad
-            if weight_grad:
-                if rec.input is None:
-                    weight_measured = False
-                elif rec.input._version != rec.input_version:
-                    rec.problem = "Linear input was modified in place after the forward"
-                    rec.input = None
-                    return
-            # Per example: |a_i|²|g_i|² (weight) + |g_i|² (bias) = (|a_i|² + 1)|g_i|² -- one product.
-            with_batch = self.batch_grad_from_hooks
-            batch_sqr = g.new_zeros(())
-            if weight_measured and rec.input is not None:
-                a = rec.input if rec.input.dtype == acc_dtype else rec.input.to(acc_dtype)
-                a_sqr = (a * a).sum(dim=1)
-                per_example = (a_sqr + 1.0) * g_sqr if has_bias else a_sqr * g_sqr
-                if with_batch:
-                    batch_sqr = _linear_weight_grad_sqr_norm(a, g)
-            elif has_bias:
-                per_example = g_sqr
-            else:
-                per_example = torch.zeros_like(g_sqr)
-            if has_bias and with_batch:
-                g_sum = g.sum(dim=0)
-                batch_sqr = batch_sqr + (g_sum * g_sum).sum()
-            rec.per_example = per_example
-            rec.batch_sqr = batch_sqr * mean_scale**2 if mean_scale != 1.0 else batch_sqr
-            rec.input = None  # release the activation reference as soon as possible
-
-    # ---- coverage ----------------------------------------------------------------------------------
-    def _trainable(self) -> list[tuple[int, str]]:
-        return [(pid, name) for pid, name in self._param_names.items() if self._params[pid].requires_grad]
-
-    def _coverage(self) -> tuple[list[nn.Module], dict[int, str]]:
-        """(good layers, {param id: reason}) for the current measurement (static before any).
-
-        Cached until the hooks change a record: a step reads coverage several times (covered, uncovered,
-        statistics), and walking the module tree each time costs more than the statistics."""
-        key = (self._generation, self._version, self._measured)
-        if self._coverage_cache is None or self._coverage_cache[0] != key:
-            self._coverage_cache = (key, self._compute_coverage())
-        return self._coverage_cache[1]
-
-    def _compute_coverage(self) -> tuple[list[nn.Module], dict[int, str]]:
-        reasons: dict[int, str] = dict(self._static_reasons)
-        good: list[nn.Module] = []
-        linear_ids = {id(m) for m in self._linears}
-        for mod in self._linears:
-            if self._measured:
-                rec = self._records.get(mod)
-                problem = (
-                    "Linear forward was not called in the measured pass (e.g. weight used functionally, "
-                    "as in nn.MultiheadAttention.out_proj)"
-                    if rec is None
-                    else rec.problem
-                )
-                if problem is not None:
-                    for p in mod.parameters(recurse=False):
-                        reasons[id(p)] = problem
-                    continue
-            good.append(mod)
-        covered = {id(p) for m in good for p in m.parameters(recurse=False)}
-        for other in self.module.modules():
-            if id(other) in linear_ids:
-                continue
-            for p in other.parameters(recurse=False):
-                if id(p) not in covered:
-                    reasons.setdefault(
-                        id(p), f"parameter of {type(other).__name__} (only nn.Linear is hooked)"
-                    )
-        return good, reasons
-
-    @property
-    def covered_parameter_names(self) -> tuple[str, ...]:
-        """Trainable parameters whose per-example gradients are measured (as of the last measurement;
-        before any measurement, those that are coverable in principle)."""
-        _, reasons = self._coverage()
-        return tuple(name for pid, name in self._trainable() if pid not in reasons)
-
-    @property
-    def uncovered_parameter_names(self) -> tuple[str, ...]:
-        """Trainable parameters *not* included in the statistics (callers should fall back for them)."""
-        _, reasons = self._coverage()
-        return tuple(name for pid, name in self._trainable() if pid in reasons)
-
-    @property
-    def uncovered_reasons(self) -> dict[str, str]:
-        """``{parameter name: why it is not covered}`` for :attr:`uncovered_parameter_names`."""
-        _, reasons = self._coverage()
-        return {name: reasons[pid] for pid, name in self._trainable() if pid in reasons}
-
-    # ---- results -----------------------------------------------------------------------------------
-    def _finished_records(self) -> list[_LayerRecord]:
-        if not self._measured:
-            raise RuntimeError("no measurement: run a forward (with measurement enabled) and backward first")
-        if self._invalid is not None:
-            raise RuntimeError(f"measurement is invalid: {self._invalid}")
-        good, _ = self._coverage()
-        recs = [self._records[m] for m in good if self._records[m].per_example is not None]
-        if not recs:
-            raise RuntimeError("no covered layer received a gradient: did backward run after the forward?")
-        sizes = {tuple(int(t.shape[0]) for t in (*r.earlier_passes, r.per_example)) for r in recs}  # type: ignore[union-attr]
-        if len(sizes) != 1:
-            raise RuntimeError(f"covered Linear layers saw different batch sizes {sorted(sizes)}")
-        return recs
-
-    def _raw_per_example(self, rec: _LayerRecord) -> Tensor:
-        assert rec.per_example is not None
-        if not rec.earlier_passes:
-            return rec.per_example
-        return torch.cat([*rec.earlier_passes, rec.per_example])
-
-    @property
-    def batch_size(self) -> int | None:
-        """Number of examples in the last completed measurement, or ``None``."""
-        try:
-            return int(self._raw_per_example(self._finished_records()[0]).shape[0])
-        except RuntimeError:
-            return None
-
-    def per_example_sqr_norms(self) -> Tensor:
-        """``(B,)`` squared norms of the per-example gradients (of the per-example losses) over the
-        covered parameters.  Layers whose output did not reach the loss contribute zero, which is their
-        exact gradient."""
-        recs = self._finished_records()
-        raw = torch.stack([self._raw_per_example(r) for r in recs]).sum(dim=0)
-        rows = int(raw.shape[0])
-        return raw * float(rows) ** 2 if self.loss_reduction == "mean" else raw
-
-    def batch_grad_sqr_norm(self) -> float:
-        """Squared norm of the batch-mean gradient over the covered parameters (``T``)."""
-        if not self.batch_grad_from_hooks:
-            raise RuntimeError(
-                "batch_grad_from_hooks=False: T is not measured here; use grad_stats_with(T, n)"
-            )
-        recs = self._finished_records()
-        if self._passes > 1:
-            raise RuntimeError(
-                "the step ran in several passes: T is the norm of their sum, not of one pass; read it "
-                "from .grad and use grad_stats_with(T, n)"
-            )
-        return float(torch.stack([r.batch_sqr for r in recs]).sum())  # type: ignore[misc]
-
-    def grad_stats_with(self, batch_grad_sqr_norm: float, n: int) -> GradNoiseStats:
-        """The unbiased statistics from this measurement's per-example norms and an outside ``T``.
-
-        ``T`` is the squared norm of the mean gradient (over the covered parameters) of ``n``
-        examples that include this measurement's ``B``: e.g. ``sum(p.grad.norm()**2)`` read right
-        after backward, where ``n = B`` on one device and the global batch under DDP (the
-        all-reduced gradient). ``E[S] = |G|² + tr(Σ)`` does not depend on which examples the mean
-        covers, so :func:`unbiased_grad_stats` applies with ``n`` and ``small_batch = 1``.
-        """
-        per_example = self.per_example_sqr_norms()
-        if n < 2 or n < int(per_example.shape[0]):
-            raise RuntimeError(f"n={n} must be at least 2 and at least this measurement's batch")
-        return GradNoiseStats.from_norms(float(per_example.mean()), float(batch_grad_sqr_norm), n, 1)
-
-    def grad_stats(self) -> GradNoiseStats:
-        """``S``, ``T`` and the unbiased ``|G|^2``, ``tr(Sigma)`` estimates (``n = B``, ``small_batch = 1``).
-
-        Needs ``batch_grad_from_hooks=True`` (the default); otherwise use :meth:`grad_stats_with`.
-
-        Synchronises with the device once (two scalars), so call it only on measured steps.
-        """
-        per_example = self.per_example_sqr_norms()
-        batch = int(per_example.shape[0])
-        if batch < 2:
-            raise RuntimeError("need a batch of at least 2 examples to estimate the gradient noise")
-        return GradNoiseStats.from_norms(float(per_example.mean()), self.batch_grad_sqr_norm(), batch, 1)
-
-
-# --------------------------------------------------------------------------------------------------
-# Generic fall-backs: per-sample gradients with torch.func, and micro-batches
+# Micro-batches: the fall-back for parameters no per-example rule covers
 # --------------------------------------------------------------------------------------------------
 
 
@@ -719,19 +252,47 @@ def microbatch_grad_stats(
         vectorize = next(model.buffers(), None) is None
     if vectorize and params:
         return _vectorized_microbatch_stats(model, loss_fn, inputs, targets, n, params)
-    names = list(params)
-    tensors = [params[k] for k in names]
-    saved_buffers = {k: v.detach().clone() for k, v in model.named_buffers()} if restore_buffers else None
-    acc_dtype = torch.promote_types(tensors[0].dtype, torch.float32) if tensors else torch.float32
+    parts = [
+        partial(_microbatch_loss, model, loss_fn, inputs[j * b : (j + 1) * b], targets[j * b : (j + 1) * b])
+        for j in range(n)
+    ]
+    return looped_microbatch_stats(parts, list(params.values()), b, model if restore_buffers else None)
+
+
+def _microbatch_loss(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor) -> Tensor:
+    return loss_fn(model(inputs), targets)
+
+
+def looped_microbatch_stats(
+    losses: Sequence[Callable[[], Tensor]],
+    params: Sequence[Tensor],
+    small_batch: int,
+    restore: nn.Module | None = None,
+) -> GradNoiseStats:
+    """Statistics from the gradients of ``params`` of each loss in ``losses`` (one per micro-batch
+    of ``small_batch`` examples, each a mean over them): ``.grad`` is left untouched, and
+    ``restore``'s buffers (BatchNorm's running statistics) are as before.
+
+    >>> torch.manual_seed(0) and None
+    >>> net, x, y = nn.Linear(3, 1), torch.randn(4, 3), torch.randn(4, 1)
+    >>> halves = [lambda j=j: nn.functional.mse_loss(net(x[2 * j : 2 * j + 2]), y[2 * j : 2 * j + 2]) for j in range(2)]
+    >>> stats = looped_microbatch_stats(halves, list(net.parameters()), small_batch=2)
+    >>> stats.n, stats.small_batch
+    (2, 2)
+    """
+    n = len(losses)
+    saved_buffers = (
+        {k: v.detach().clone() for k, v in restore.named_buffers()} if restore is not None else None
+    )
+    acc_dtype = torch.promote_types(params[0].dtype, torch.float32) if params else torch.float32
+    device = params[0].device if params else None
     # Accumulate on the device; a single host sync at the end.
-    sqr_sum = torch.zeros((), dtype=acc_dtype, device=inputs.device)
-    grad_sum = [torch.zeros_like(p, dtype=acc_dtype) for p in tensors]
+    sqr_sum = torch.zeros((), dtype=acc_dtype, device=device)
+    grad_sum = [torch.zeros_like(p, dtype=acc_dtype) for p in params]
     try:
         with torch.enable_grad(), measurements_suspended():
-            for j in range(n):
-                sl = slice(j * b, (j + 1) * b)
-                loss = loss_fn(model(inputs[sl]), targets[sl])
-                grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+            for loss_of_part in losses:
+                grads = torch.autograd.grad(loss_of_part(), list(params), allow_unused=True)
                 for acc, g in zip(grad_sum, grads, strict=True):
                     if g is None:  # parameter not used by this loss: its gradient is exactly zero
                         continue
@@ -739,12 +300,13 @@ def microbatch_grad_stats(
                     sqr_sum += g.pow(2).sum()
                     acc += g
     finally:
-        if saved_buffers is not None:
+        if restore is not None and saved_buffers is not None:
             with torch.no_grad():
-                for k, v in model.named_buffers():
-                    v.copy_(saved_buffers[k])
+                for k, v in restore.named_buffers():
+                    if k in saved_buffers:
+                        v.copy_(saved_buffers[k])
     big = float(sum((acc / n).pow(2).sum() for acc in grad_sum)) if grad_sum else 0.0
-    return GradNoiseStats.from_norms(float(sqr_sum) / n, big, n, b)
+    return GradNoiseStats.from_norms(float(sqr_sum) / n, big, n, small_batch)
 
 
 def _vectorized_microbatch_stats(
@@ -951,61 +513,72 @@ class NoiseScaleEMA:
 
 
 class NoiseMeter:
-    """One training step's unbiased ``(|G|², tr(Σ))`` for a whole network, without a Trainer.
+    """One training step's unbiased ``(|G|², tr(Σ))`` for the parameters an optimizer updates.
 
-    ``nn.Linear`` layers are measured exactly by :class:`PerExampleGradNorms` hooks; the other
-    parameters (convolutions, norms) by :func:`microbatch_grad_stats` on the step's rows, when a
-    ``loss_fn`` is given and on ``fallback`` steps only (a partial estimate of such a model would
-    bias the EMAs, so other steps give None). The caller drives one step at a time:
+    The parameters every use of which has a per-example rule are measured exactly
+    (:class:`~lightning_batch.plugin.per_example.PerExampleNorms`); the others, when a
+    ``batch_loss`` (the training loss of any batch, e.g. a
+    :class:`~lightning_batch.plugin.step_loss.StepLoss`) is given, from micro-batches of the step's
+    batch (:func:`looped_microbatch_stats`) on ``fallback`` steps: a partial estimate of such a model
+    would bias the EMAs, so other steps give None. Without a ``batch_loss`` the estimate covers the
+    exact part only: :attr:`measured_fraction` and :attr:`reasons` say how much, and why not the rest.
 
-    1. :meth:`begin_step` before the forward (whether to measure, the batch for micro-batches);
-    2. :meth:`after_backward` right after the backward, before the optimizer moves the weights;
-    3. :meth:`estimate` with the step's global rows; :attr:`last_estimate` keeps the value.
+    The caller drives one step at a time:
 
-    ``grad_from_params``: read the batch gradient's squared norm from ``.grad`` (exact only when
-    ``.grad`` holds this step's gradient alone: no gradient accumulation); else the hooks compute it.
+    1. :meth:`begin_step` before the forward (whether to measure, the batch);
+    2. :meth:`before_backward` and :meth:`after_backward` around each backward;
+    3. :meth:`before_optimizer_step`, before the optimizer moves the weights;
+    4. :meth:`estimate` with the step's rows over all ranks; :attr:`last_estimate` keeps it.
 
-    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-    <torch._C.Generator object at ...>
-    >>> net = nn.Linear(3, 1)
-    >>> meter = NoiseMeter(net)
-    >>> x, y = torch.randn(16, 3), torch.randn(16, 1)
-    >>> meter.begin_step(measure=True)
-    >>> nn.functional.mse_loss(net(x), y).backward()
-    >>> meter.after_backward()
-    >>> grad_sqr, trace = meter.estimate(global_rows=16)
-    >>> grad_sqr > 0 and trace > 0
-    True
-    >>> meter.remove()
+    ``grad_from_params``: the batch gradient's squared norm is read from ``.grad`` after each
+    backward; with gradient accumulation (False) ``.grad`` also holds earlier micro-batches', so the
+    difference across this backward is read instead.
+
+    Examples:
+        >>> torch.manual_seed(0) and None
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 1))
+        >>> meter = NoiseMeter(dict(net.named_parameters()))
+        >>> x, y = torch.randn(16, 3), torch.randn(16, 1)
+        >>> meter.begin_step(measure=True, batch=(x, y))
+        >>> nn.functional.mse_loss(net(x), y).backward()
+        >>> meter.after_backward()
+        >>> meter.before_optimizer_step()
+        >>> grad_sqr, trace = meter.estimate(global_rows=16)
+        >>> grad_sqr > 0 and trace > 0, meter.measured_fraction
+        (True, 1.0)
+        >>> meter.remove()
     """
 
     def __init__(
         self,
-        network: nn.Module,
+        params: Mapping[str, nn.Parameter],
         *,
-        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        module: nn.Module | None = None,
+        batch_loss: Callable[[Any], Tensor] | None = None,
         grad_from_params: bool = True,
         fallback_microbatches: int = _Declared.fallback_microbatches,
     ) -> None:
-        self.network = network
-        self.loss_fn = loss_fn
+        self.params = {name: p for name, p in params.items() if p.requires_grad}
+        self.module = module
+        self.batch_loss = batch_loss
         self.grad_from_params = grad_from_params
         self.fallback_microbatches = fallback_microbatches
-        self.hooks = PerExampleGradNorms(
-            network, loss_reduction="mean", enabled=False, batch_grad_from_hooks=not grad_from_params
-        )
-        self._params = dict(network.named_parameters())
-        self._measuring = False
-        self._grad_t: Tensor | None = None
-        self._fallback_batch: tuple[Tensor, Tensor] | None = None
-        self._fallback_stats: GradNoiseStats | None = None
+        self.norms = PerExampleNorms(self.params, module.modules() if module is not None else ())
+        #: The parameters the last measured step measured exactly (None before the first).
+        self.exact: tuple[str, ...] | None = None
+        #: Why each other parameter was not measured exactly (as of the last measured step).
+        self.reasons: dict[str, str] = {}
         #: The last :meth:`estimate` (None: that step could not be measured).
         self.last_estimate: tuple[float, float] | None = None
+        self._measuring = False
+        self._fallback_batch: Any = None
+        self._result: PerExampleResult | None = None
+        self._grad_t: Tensor | None = None
+        self._grad_names: list[str] = []
+        self._grads_before: dict[str, Tensor] | None = None
+        self._fallback_stats: GradNoiseStats | None = None
 
-    @property
-    def uncovered_parameter_names(self) -> tuple[str, ...]:
-        """Parameters outside ``nn.Linear`` layers (measured by micro-batches, if at all)."""
-        return self.hooks.uncovered_parameter_names
+    # -- what is measured -----------------------------------------------------------------------------
 
     @property
     def measuring(self) -> bool:
@@ -1013,100 +586,183 @@ class NoiseMeter:
         return self._measuring
 
     @property
-    def needs_fallback(self) -> bool:
-        """The network has parameters the hooks miss, and a loss to measure them with micro-batches."""
-        return bool(self.uncovered_parameter_names) and self.loss_fn is not None
+    def inexact(self) -> tuple[str, ...]:
+        """The parameters the last measured step could not measure exactly (all, before the first)."""
+        if self.exact is None:
+            return tuple(self.params)
+        return tuple(name for name in self.params if name not in self.exact)
+
+    @property
+    def can_fall_back(self) -> bool:
+        """A ``batch_loss``: the inexact parameters are measured with micro-batches."""
+        return self.batch_loss is not None
+
+    @property
+    def measured_fraction(self) -> float | None:
+        """The share of the parameters' elements measured exactly (None before the first measurement)."""
+        if self.exact is None:
+            return None
+        total = sum(p.numel() for p in self.params.values())
+        exact = sum(self.params[name].numel() for name in self.exact if name in self.params)
+        return exact / total if total else 0.0
+
+    @property
+    def covered_fraction(self) -> float | None:
+        """The share measured at all: exactly, or by micro-batches when :attr:`can_fall_back`."""
+        exact = self.measured_fraction
+        return None if exact is None else 1.0 if self.can_fall_back else exact
+
+    # -- the step -------------------------------------------------------------------------------------
 
     def begin_step(self, measure: bool, batch: Any = None, fallback: bool = True) -> None:
-        """Before the step's forward: measure it or not; ``batch`` ``(inputs, targets, ...)`` feeds the
-        micro-batches on ``fallback`` steps."""
-        self._measuring = measure
-        self._grad_t = None
-        self._fallback_stats = None
+        """Before the step's forward: measure it or not; ``batch`` tells the examples (and feeds the
+        micro-batches on ``fallback`` steps)."""
+        self.norms.stop()
+        rows = batch_rows(batch)
+        self._measuring = measure and rows is not None and rows >= 1
+        self._result, self._grad_t, self._grads_before, self._fallback_stats = None, None, None, None
         self._fallback_batch = None
-        self.hooks.enabled = measure
-        if measure:
-            self.hooks.begin_step()  # a step run as several passes (micro-batches) is one measurement
-        if (
-            measure
-            and fallback
-            and self.needs_fallback
-            and isinstance(batch, (tuple, list))
-            and len(batch) >= 2
-        ):
-            self._fallback_batch = (batch[0], batch[1])
+        if not self._measuring:
+            return
+        assert rows is not None
+        self.norms.start(rows)
+        if fallback and self.can_fall_back:
+            self._fallback_batch = batch
+
+    def before_backward(self) -> None:
+        """Before a backward: with accumulation, ``.grad`` as it was (to read this backward's part)."""
+        if self._measuring and not self.grad_from_params:
+            self._grads_before = {
+                name: p.grad.detach().clone() for name, p in self.params.items() if p.grad is not None
+            }
 
     def after_backward(self) -> None:
-        """Right after the backward, before clipping and the optimizer step (under DDP: after the
-        gradient all-reduce, so ``.grad`` is the global mean)."""
-        if self._fallback_batch is not None:
-            # Once a step, even when an out-of-memory retry runs several backward passes; at the
-            # parameters the per-example hooks saw.
+        """After a backward (under DDP: after the gradient all-reduce, so ``.grad`` is the global mean)."""
+        if not self._measuring:
+            return
+        with self.norms.suspended():
+            grads = []
+            for name, p in self.params.items():
+                if p.grad is None:
+                    continue
+                grad = p.grad.detach()
+                if self._grads_before is not None and name in self._grads_before:
+                    grad = grad - self._grads_before[name]
+                grads.append(grad)
+            # Kept per parameter until the step's exact set is known (before_optimizer_step).
+            self._grad_t = torch.stack(torch._foreach_norm(grads)).pow(2) if grads else None
+            self._grad_names = [name for name, p in self.params.items() if p.grad is not None]
+
+    def before_optimizer_step(self) -> None:
+        """Before the optimizer moves the weights: the step's per-example norms, and its micro-batches."""
+        if not self._measuring or not self.norms.active:
+            return
+        self._result = self.norms.finish()
+        if self._result is not None:
+            self.exact, self.reasons = self._result.exact, self._result.reasons
+        else:  # nothing this step used was measured exactly
+            self.exact = ()
+            self.reasons = {
+                name: self.norms.reasons.get(name, "not used by a function with a per-example rule")
+                for name in self.params
+            }
+        if self._fallback_batch is not None and self.inexact:
             batch, self._fallback_batch = self._fallback_batch, None
-            self._fallback_stats = self._microbatch_stats(*batch)
-        if not (self._measuring and self.grad_from_params):
-            return
-        try:
-            names = self.hooks.covered_parameter_names
-        except RuntimeError:
-            return
-        grads = [g for g in (self._params[n].grad for n in names) if g is not None]
-        if grads:
-            self._grad_t = torch.stack(torch._foreach_norm(grads)).pow(2).sum()
+            self._fallback_stats = self._microbatch_stats(batch)
+
+    def end_step(self) -> None:
+        """The step is over (in case no optimizer step ran: a skipped step stops being watched)."""
+        self.norms.stop()
 
     def estimate(self, global_rows: int) -> tuple[float, float] | None:
-        """This step's ``(|G|², tr(Σ))``, or None when it can't be measured (also :attr:`last_estimate`).
-
-        ``global_rows``: the rows of the step over all ranks (the mean gradient in ``.grad`` is theirs).
-        """
+        """This step's ``(|G|², tr(Σ))``, or None when it can't be measured (also :attr:`last_estimate`)."""
         self.last_estimate = self._estimate(global_rows) if self._measuring else None
         return self.last_estimate
 
     def _estimate(self, global_rows: int) -> tuple[float, float] | None:
-        covered = self.hooks.covered_parameter_names
-        full_model = self.needs_fallback
-        if full_model and self._fallback_stats is None:
+        result = self._result
+        exact = set(result.exact) if result is not None else set()
+        if self.can_fall_back and self._fallback_stats is None and any(n not in exact for n in self.params):
             return None  # not a fallback step, or the micro-batches could not be measured
-        if not full_model and not covered:
-            return None  # nothing measurable in this network
-        grad_sqr = trace = 0.0
-        try:
-            if covered:
-                if self.grad_from_params:
-                    if self._grad_t is None:
-                        return None
-                    stats = self.hooks.grad_stats_with(float(self._grad_t), n=global_rows)
-                else:
-                    stats = self.hooks.grad_stats()
-                grad_sqr, trace = stats.grad_sqr, stats.trace_sigma
-            if full_model:
-                assert self._fallback_stats is not None
-                # |G|² and tr(Σ) are sums over parameters: disjoint subsets add up.
-                grad_sqr += self._fallback_stats.grad_sqr
-                trace += self._fallback_stats.trace_sigma
-        except (RuntimeError, ValueError):
-            return None  # e.g. a 1-row tail batch, or an OOM-split step that ran several forwards
-        return grad_sqr, trace
-
-    def _microbatch_stats(self, x: Tensor, y: Tensor) -> GradNoiseStats | None:
-        """Statistics of the parameters the hooks miss, from ``fallback_microbatches`` equal parts of
-        the rows (a remainder is left out); None for a batch too small to split or out of memory."""
-        parts = min(self.fallback_microbatches, len(x))
-        if parts < 2 or self.loss_fn is None:
-            return None
-        usable = (len(x) // parts) * parts
-        try:
-            return microbatch_grad_stats(
-                self.network,
-                self.loss_fn,
-                x[:usable],
-                y[:usable],
-                parts,
-                param_names=self.uncovered_parameter_names,
+        estimate: tuple[float, float] | None = None
+        if result is not None and self._grad_t is not None:
+            t = float(sum(v for name, v in zip(self._grad_names, self._grad_t, strict=True) if name in exact))
+            per_example = result.per_example
+            n = global_rows if self.grad_from_params else int(per_example.shape[0])
+            if n < 2 or n < int(per_example.shape[0]):
+                return None  # a one-row step: no variance to estimate
+            stats = GradNoiseStats.from_norms(float(per_example.mean()), t, n, 1)
+            estimate = (stats.grad_sqr, stats.trace_sigma)
+        if self._fallback_stats is not None:
+            # |G|² and tr(Σ) are sums over parameters: disjoint subsets add up.
+            fallback = (self._fallback_stats.grad_sqr, self._fallback_stats.trace_sigma)
+            estimate = (
+                fallback if estimate is None else (estimate[0] + fallback[0], estimate[1] + fallback[1])
             )
+        return estimate
+
+    def _microbatch_stats(self, batch: Any) -> GradNoiseStats | None:
+        """Statistics of the inexact parameters from ``fallback_microbatches`` equal parts of the batch's
+        rows (a remainder is left out); None for a batch too small to split or out of memory."""
+        rows = batch_rows(batch)
+        batch_loss = self.batch_loss
+        names = [name for name in self.inexact if name in self.params]
+        if rows is None or batch_loss is None or not names:
+            return None
+        # A micro-batch normalised by a batch norm needs rows enough for its own statistics.
+        coupled = any(self.reasons.get(name) == COUPLED for name in names)
+        parts = min(self.fallback_microbatches, rows // (MIN_NORMALISED_ROWS if coupled else 1))
+        if parts < 2:
+            return None
+        b = rows // parts
+        losses = [
+            partial(_loss_of_part, batch_loss, batch, slice(j * b, (j + 1) * b), rows) for j in range(parts)
+        ]
+        try:
+            return looped_microbatch_stats(losses, [self.params[name] for name in names], b, self.module)
         except (RuntimeError, ValueError, MemoryError):
             return None
 
     def remove(self) -> None:
-        """Take the hooks off the network."""
-        self.hooks.remove()
+        """Stop watching and take the module hooks off."""
+        self.norms.remove()
+
+
+def _loss_of_part(batch_loss: Callable[[Any], Tensor], batch: Any, part: slice, rows: int) -> Tensor:
+    """The loss of the rows ``part`` of a batch of ``rows`` examples."""
+    return batch_loss(slice_batch(batch, part, rows))
+
+
+def slice_batch(batch: Any, part: slice, rows: int) -> Any:
+    """The rows ``part`` of a batch of ``rows`` examples: every tensor whose first dimension is
+    ``rows`` is sliced, anything else (a shared mask, a scalar) kept, in any nesting of tuples,
+    lists, dicts and dataclasses.
+
+    >>> part = slice_batch({"ids": torch.arange(6).view(3, 2), "scale": torch.tensor(2.0)}, slice(0, 2), rows=3)
+    >>> part["ids"].tolist(), part["scale"].item()
+    ([[0, 1], [2, 3]], 2.0)
+    """
+
+    def take(tensor: Tensor) -> Tensor:
+        return tensor[part] if tensor.dim() > 0 and tensor.shape[0] == rows else tensor
+
+    return apply_to_collection(batch, Tensor, take)
+
+
+def batch_rows(batch: Any) -> int | None:
+    """The examples in a batch: the first dimension of its first tensor (tuples, lists, dicts and
+    HuggingFace's ``BatchEncoding`` alike), or None when it holds no tensor.
+
+    >>> batch_rows({"input_ids": torch.zeros(4, 7), "labels": torch.zeros(4)}), batch_rows((torch.zeros(3, 2),))
+    (4, 3)
+    """
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else None
+    values = (
+        batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    )
+    for value in values:
+        rows = batch_rows(value)
+        if rows is not None:
+            return rows
+    return None
