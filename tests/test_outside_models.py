@@ -540,3 +540,63 @@ def test_the_probes_trial_steps_run_training_step_with_logging_silenced():
     assert resize.probe is not None and len(resize.probe.steps) >= 2
     assert module.logged == len(rows.steps), "a trial step logged"
     assert module.steps_run > len(rows.steps), "the trial steps (and micro-batches) ran training_step"
+
+
+# -- manual optimization with one optimizer, and a model nothing can measure ---------------------------------
+
+
+class ManualBackbone(Backbone):
+    """The same network trained by manual optimization with its one optimizer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+
+
+def test_manual_optimization_with_one_optimizer_is_measured_like_automatic():
+    data = Regression()
+    resize, rows, metrics = fit(ManualBackbone(), DataLoader(data, batch_size=8, shuffle=True), epochs=3)
+    assert_promises_kept(resize, rows, metrics, len(data), 3)
+
+
+class Unmeasurable(pl.LightningModule):
+    """One parameter, multiplied in (no per-example rule); manual optimization and no loss(), so no
+    micro-batches either."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.scale = nn.Parameter(torch.ones(8))
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        optimizer = self.optimizers()
+        loss = nn.functional.mse_loss((x * self.scale).sum(dim=1, keepdim=True), y)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_when_nothing_can_be_measured_it_says_so_once_and_the_memory_policy_takes_over(caplog):
+    data = Regression(rows=512)
+    with caplog.at_level("WARNING", logger="lightning_batch.plugin.callback"):
+        resize, rows, metrics = fit(Unmeasurable(), DataLoader(data, batch_size=8, shuffle=True), epochs=2)
+    said = [r.getMessage() for r in caplog.records if "cannot be measured" in r.getMessage()]
+    assert len(said) == 1 and "no parameter has a per-example rule (used by mul" in said[0], said
+    assert "memory policy" in said[0] and resize.policy_name == "memory"
+    assert resize.measured_fraction == 0.0 and resize.ema.num_updates == 0
+    assert not any("gns" in row for row in metrics.rows), "nan must never be logged as a measurement"
+    per_epoch: dict[int, list[int]] = {}
+    for epoch, index in rows.steps:
+        per_epoch.setdefault(epoch, []).extend(index)
+    assert all(sorted(index) == list(range(len(data))) for index in per_epoch.values())
