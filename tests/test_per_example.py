@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
 
 from lightning_batch.plugin.per_example import PerExampleNorms
 
@@ -227,6 +228,94 @@ def test_parameters_before_a_training_batch_norm_are_left_to_the_caller():
     assert sorted(norms.finish().exact) == sorted(name for name, _ in model.named_parameters())
 
 
+def test_norm_layers_with_their_own_eps_on_sequences():
+    """A non-default eps in every norm, and GroupNorm and BatchNorm1d on (batch, channels, length)."""
+    torch.manual_seed(13)
+    model = nn.Sequential(
+        nn.BatchNorm1d(4, eps=0.3),  # first: nothing before it to couple; the batch's statistics
+        nn.GroupNorm(2, 4, eps=0.2),
+        nn.Tanh(),
+        nn.Conv1d(4, 4, 1),
+        nn.BatchNorm1d(4, eps=0.4).eval(),
+        nn.Flatten(),
+        nn.LayerNorm(24, eps=0.5),
+        nn.Linear(24, 2),
+    )
+    model[4].running_mean.uniform_(-0.5, 0.5)
+    model[4].running_var.uniform_(0.5, 2.0)
+    x, y = torch.randn(6, 4, 6), torch.randn(6, 2)
+    got = measured(model, mse, x, y, names=[n for n, _ in model.named_parameters() if not n.startswith("0.")])
+    only = next(iter(got.values()))
+    mean, var = x.mean(dim=(0, 2)), x.var(dim=(0, 2), unbiased=False)
+
+    class Fixed(nn.Module):  # the first batch norm with the batch's statistics as constants
+        def __init__(self) -> None:
+            super().__init__()
+            self.rest = model[1:]
+            self.bn = model[0]
+
+        def forward(self, inp: Tensor) -> Tensor:
+            normalised = (inp - mean[:, None]) / torch.sqrt(var[:, None] + 0.3)
+            return self.rest(normalised * self.bn.weight[:, None] + self.bn.bias[:, None])
+
+    ref = reference(Fixed(), mse, x, y)
+    expected = sum(v for k, v in ref.items() if not k.startswith("bn."))
+    assert only is not None and len(only.exact) == 10
+    torch.testing.assert_close(only.per_example, expected, rtol=1e-9, atol=1e-12)
+
+
+class _Added(nn.Module):
+    """Parameters added to the activations in the shapes hand-written models use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.lead = nn.Parameter(torch.randn(1, 1, 4))  # broadcast over batch and tokens
+        self.per_token = nn.Parameter(torch.randn(5, 1))  # one per token, over the features
+        self.flat = nn.Parameter(torch.randn(4))  # over batch and tokens, from the right
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.lin(x)  # (B, 5, 4)
+        h = torch.tanh(h + self.lead)
+        h = torch.tanh(self.per_token + h)
+        return (h + self.flat).sum(1)
+
+
+def test_parameters_added_with_broadcasting_from_either_side():
+    torch.manual_seed(14)
+    assert_rules_match(_Added(), mse, torch.randn(6, 5, 3), torch.randn(6, 4))
+
+
+@pytest.mark.parametrize(
+    ("use", "why"),
+    [
+        (lambda h, p: torch.add(h, p, alpha=2.0), "used by add, which has no per-example rule"),
+        (lambda h, p: h + (p + 1.0), "added to a number, not to the batch's activations"),
+        (lambda h, p: h + p.expand(6, 4), "used by expand, which has no per-example rule"),
+        (lambda h, p: h + p[None].repeat(6, 1), "used by __getitem__, which has no per-example rule"),
+    ],
+    ids=["alpha", "number", "expanded", "full-shape"],
+)
+def test_additions_without_a_rule_are_named(use, why):
+    torch.manual_seed(15)
+    lin, p = nn.Linear(3, 4), nn.Parameter(torch.randn(4))
+    norms = PerExampleNorms({"p": p, **dict(lin.named_parameters())})
+    norms.start(6)
+    use(lin(torch.randn(6, 3)), p).pow(2).mean().backward()
+    result = norms.finish()
+    assert result is not None and "p" not in result.exact and norms.reasons["p"] == why
+
+
+def test_a_parameter_of_the_activations_full_shape_is_not_per_example():
+    torch.manual_seed(16)
+    lin, p = nn.Linear(3, 4), nn.Parameter(torch.randn(6, 4))  # one row per example: not broadcast
+    norms = PerExampleNorms({"p": p, **dict(lin.named_parameters())})
+    norms.start(6)
+    (lin(torch.randn(6, 3)) + p).pow(2).mean().backward()
+    norms.finish()
+    assert norms.reasons["p"] == "added elementwise without being broadcast over the batch"
+
+
 # -- convolution ----------------------------------------------------------------------------------------
 
 
@@ -258,6 +347,46 @@ def test_convolutions_with_more_channels_than_positions_take_the_unfolded_rule()
     signal = nn.Sequential(nn.Conv1d(3, 9, 3), nn.Flatten())
     x = torch.randn(4, 3, 5)  # 3 positions, 9 channels
     assert_rules_match(signal, mse, x, torch.randn(4, signal(x).shape[1]))
+
+
+class _FunctionalConvs(nn.Module):
+    """Convolutions called as functions, as hand-written models do: the defaults (stride, padding,
+    dilation, groups) left out, keywords, and a 1-d convolution with more channels than positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(4, 2, 3, 3) * 0.3)
+        self.b1 = nn.Parameter(torch.randn(4) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(6, 4, 2, 2) * 0.3)
+        self.w3 = nn.Parameter(torch.randn(12, 6, 3) * 0.3)  # unfolded: 12 channels, 2 positions
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(F.conv2d(x, self.w1, self.b1))  # (B, 4, 5, 5)
+        h = torch.tanh(F.conv2d(h, self.w2, stride=2, padding="valid"))  # (B, 6, 2, 2)
+        signal = h.flatten(2)  # (B, 6, 4)
+        return F.conv1d(signal, self.w3, stride=2, padding=2, dilation=2).flatten(1)
+
+
+def test_convolutions_called_as_functions_with_their_defaults_and_keywords():
+    torch.manual_seed(18)
+    model = _FunctionalConvs()
+    x = torch.randn(4, 2, 7, 7)
+    assert_rules_match(model, mse, x, torch.randn(4, model(x).shape[1]))
+    assert_rules_match(model, mse, x, torch.randn(4, model(x).shape[1]), passes=2)
+
+
+def test_a_convolution_it_cannot_read_is_named_with_why():
+    torch.manual_seed(19)
+    same = nn.Conv2d(2, 3, 3, padding="same")
+    unbatched = nn.Conv2d(2, 3, 3)
+    for model, x in ((same, torch.randn(4, 2, 5, 5)), (unbatched, torch.randn(2, 5, 5))):
+        norms = PerExampleNorms(dict(model.named_parameters()))
+        norms.start(4 if x.dim() == 4 else 1)
+        model(x).pow(2).mean().backward()
+        assert norms.finish() is None
+        assert norms.reasons == dict.fromkeys(
+            ("weight", "bias"), "a convolution with string padding or an unbatched input"
+        )
 
 
 # -- attention ------------------------------------------------------------------------------------------
