@@ -271,3 +271,35 @@ def test_until_the_noise_scale_is_known_measurements_come_every_other_step_withi
     assert _budget([0.002] * 5, spent=allowed).plan(100.0, 0.01, 30, known=False) == 2
     assert _budget([0.002] * 5, spent=allowed).plan(100.0, 0.01, 30, known=True) == 10
     assert _budget([0.002] * 5, spent=6 * allowed).plan(100.0, 0.01, 30, known=False) == 20
+
+
+def test_only_a_policy_that_times_steps_waits_between_decisions():
+    from lightning_batch.plugin.policy import GoodputPolicy, NoisePolicy
+
+    assert DecisionCadence.for_policy(NoisePolicy(), adjust_every=1, min_timed_steps=20).min_steps == 1
+    assert DecisionCadence.for_policy(GoodputPolicy(), adjust_every=1, min_timed_steps=20).min_steps == 20
+
+
+def test_the_decisions_taken_come_back_from_a_checkpoint():
+    cadence = DecisionCadence(adjust_every=8, warmup=2)
+    cadence.load_state_dict({"steps_since_decision": 3, "rows_since_decision": 9, "decisions_taken": 1})
+    assert (cadence.steps_since_decision, cadence.rows_since_decision, cadence.decisions) == (3, 9, 1)
+    assert cadence._shortened(8) == 4, "one warm-up decision left: half the spacing"
+
+
+def test_the_median_cost_is_of_the_latest_sixteen_measurements_also_after_a_checkpoint():
+    small, big = 0.001, 0.004  # 10 and 40 steps of 10 ms at 2% with spent == allowed
+    costs = [small] + [big] * 8 + [small] * 8  # the latest 16: half big, so the median is big
+    allowed = 0.02 * 100.0
+    assert _budget(costs, spent=allowed).plan(100.0, 0.01, 20) == 20
+    restored = MeasurementBudget(0.02)
+    restored.load_state_dict({"interval": 2, "steps_since": 0, "spent": allowed, "costs": costs})
+    assert restored.plan(100.0, 0.01, 20) == 20
+    assert (
+        _budget([0.001, 0.002, 0.003, 0.004], spent=allowed).plan(100.0, 0.01, 20) == 15
+    )  # the upper median
+
+
+def test_a_fit_shorter_than_a_second_is_budgeted_by_its_own_time():
+    """allowed = budget x elapsed (no floor of a second): 0.5 s at 2% allows 10 ms."""
+    assert _budget([0.001] * 8, spent=0.01).plan(0.5, 0.001, 20) == 50

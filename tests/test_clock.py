@@ -155,3 +155,15 @@ def test_a_measured_step_in_a_cycle_that_is_not_clean_costs_its_reduction_only()
     clock.measuring = True
     clock.record_measurement(32, cycle_seconds=9.0, reduction_seconds=0.25)
     assert clock.budget.spent == pytest.approx(0.25)
+
+
+def test_an_unknown_noise_scale_keeps_the_early_spacing_through_the_clock():
+    from lightning_batch.plugin.policy import ThroughputModel
+
+    ticks = iter(range(10_000))
+    clock = StepClock(0, 10, 0.02, ThroughputModel(), now=lambda: float(next(ticks)))
+    clock.start_fit()
+    for _ in range(12):
+        clock.begin_step(0)
+        clock.budget.record(0.0)
+    assert clock.plan(8, measurements=30, known=False) == 2

@@ -795,3 +795,243 @@ def test_the_ema_row_is_nan_until_measured_then_its_estimates() -> None:
     ema.update(2.0, 10.0)
     ema.update(4.0, 30.0)
     assert ema.as_row() == {"gns": ema.gns, "grad_sqr": ema.grad_sqr, "grad_var": ema.grad_var}
+
+
+# -- NoiseMeter: accumulation, ranks, batch norms, batch forms (gaps `make mutate` found) ----------------
+
+
+def test_with_accumulated_grad_the_meter_reads_this_backwards_part_only():
+    """grad_from_params=False (gradient accumulation): .grad already holds earlier micro-batches'; the
+    estimate is this step's alone, as if .grad had started empty, and equals the reference."""
+    torch.manual_seed(21)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)).double()
+    x, y = torch.randn(12, 5, dtype=DTYPE), torch.randn(12, 1, dtype=DTYPE)
+    names = [n for n, _ in model.named_parameters()]
+    meter = _meter(model, grad_from_params=False)
+    nn.functional.mse_loss(model(x * 3), y).backward()  # an earlier micro-batch's gradient in .grad
+    meter.begin_step(True, (x, y))
+    loss = nn.functional.mse_loss(model(x), y)
+    meter.before_backward()
+    loss.backward()
+    meter.after_backward()
+    meter.before_optimizer_step()
+    assert meter.estimate(global_rows=12) == pytest.approx(_reference_stats(model, x, y, names), rel=1e-9)
+
+
+def test_the_step_gradient_counts_all_ranks_rows_and_a_one_row_step_gives_nothing():
+    """grad_from_params: .grad is the all-ranks mean over ``global_rows``, the per-example norms this
+    rank's: n is the global rows. With accumulation n is this step's rows. One row: no variance."""
+    torch.manual_seed(22)
+    model = nn.Linear(4, 1).double()
+    x, y = torch.randn(6, 4, dtype=DTYPE), torch.randn(6, 1, dtype=DTYPE)
+    s, t = None, None
+    estimates = {}
+    for from_params in (True, False):
+        meter = _meter(model, grad_from_params=from_params)
+        meter.begin_step(True, (x, y))
+        model.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        meter.after_backward()
+        meter.before_optimizer_step()
+        estimates[from_params] = meter.estimate(global_rows=12)
+        result = meter._result
+        s = float(result.per_example.mean())
+        t = float(sum(p.grad.pow(2).sum() for p in model.parameters()))
+    assert estimates[True] == pytest.approx(unbiased_grad_stats(s, t, 12, 1))
+    assert estimates[False] == pytest.approx(unbiased_grad_stats(s, t, 6, 1))
+    assert _step(_meter(model), model, x[:1], y[:1]) is None
+
+
+def test_the_first_parameter_without_a_gradient_does_not_hide_the_others():
+    torch.manual_seed(23)
+    unused, model = nn.Linear(3, 3).double(), nn.Linear(4, 1).double()
+    params = {"unused.weight": unused.weight, **{f"m.{n}": p for n, p in model.named_parameters()}}
+    meter = NoiseMeter(params, module=model)
+    x, y = torch.randn(8, 4, dtype=DTYPE), torch.randn(8, 1, dtype=DTYPE)
+    estimate = _step(meter, model, x, y)
+    assert estimate == pytest.approx(_reference_stats(model, x, y, ["weight", "bias"]), rel=1e-9)
+
+
+class _Normalised(nn.Module):
+    """A batch norm in training mode after a linear layer, and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bn, self.head = nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.bn(self.lin(x))))
+
+
+def test_parameters_before_a_batch_norm_take_micro_batches_of_four_rows_and_leave_its_statistics(monkeypatch):
+    """The coupled parameters' micro-batches hold at least MIN_NORMALISED_ROWS rows (12 rows and 8
+    parts asked: 3 parts of 4); the batch norm's running statistics are as an unmeasured step leaves them."""
+    from lightning_batch.plugin.noise import MIN_NORMALISED_ROWS
+
+    calls = []
+    real = noise_module.looped_microbatch_stats
+
+    def recorded(losses, params, small_batch, restore=None):
+        calls.append((len(losses), small_batch, restore))
+        return real(losses, params, small_batch, restore)
+
+    monkeypatch.setattr(noise_module, "looped_microbatch_stats", recorded)
+    torch.manual_seed(24)
+    model = _Normalised().double()
+    x, y = torch.randn(12, 3, dtype=DTYPE), torch.randn(12, 1, dtype=DTYPE)
+    meter = _meter(model, batch_loss=_mse_of_batch(model), fallback_microbatches=8)
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    assert _step(meter, model, x, y) is not None
+    assert MIN_NORMALISED_ROWS == 4 and set(meter.inexact) == {"lin.weight", "lin.bias"}
+    assert calls == [(3, 4, model)]
+    plain = _Normalised().double()
+    plain.load_state_dict({**model.state_dict(), **before})
+    nn.functional.mse_loss(plain(x), y).backward()  # the same step, unmeasured
+    for name, buffer in model.named_buffers():
+        torch.testing.assert_close(buffer, dict(plain.named_buffers())[name])
+    free = _meter(_Scaled().double(), batch_loss=lambda batch: batch[0].sum(), fallback_microbatches=8)
+    calls.clear()
+    _step(free, free.module, torch.randn(12, 5, dtype=DTYPE), torch.randn(12, 1, dtype=DTYPE))
+    assert [(n, b) for n, b, _ in calls] == [(8, 1)], "no batch norm: micro-batches of one row"
+
+
+def test_a_transformer_layer_built_sequence_first_is_found_through_the_module():
+    """As many tokens as examples: only the module tells that dimension 1 holds the examples. With it
+    the estimate equals one computed from each example's own gradient; without it, it does not."""
+    torch.manual_seed(25)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=False).double()
+    x = torch.randn(3, 3, 8, dtype=DTYPE)  # (tokens, examples, features), 3 of each
+    params = dict(layer.named_parameters())
+
+    def measured(meter: NoiseMeter) -> tuple[float, float] | None:
+        meter.begin_step(True, x.transpose(0, 1))
+        layer.zero_grad()
+        layer(x).pow(2).mean().backward()
+        meter.after_backward()
+        meter.before_optimizer_step()
+        return meter.estimate(global_rows=3)
+
+    per_example = torch.stack(
+        [
+            torch.cat(
+                [
+                    g.reshape(-1)
+                    for g in torch.autograd.grad(layer(x[:, i : i + 1]).pow(2).mean(), list(params.values()))
+                ]
+            )
+            for i in range(3)
+        ]
+    )
+    expected = reference_stats(per_example)
+    aware = measured(NoiseMeter(params, module=layer))
+    assert aware == pytest.approx((expected["grad_sqr"], expected["trace_sigma"]), rel=1e-8)
+    blind = measured(NoiseMeter(params))
+    assert blind is None or blind != pytest.approx(aware, rel=1e-3)
+
+
+def test_batch_rows_and_slices_of_every_form():
+    from lightning_batch.plugin.noise import batch_rows, slice_batch
+
+    assert batch_rows(torch.tensor(3.0)) is None and batch_rows(torch.zeros(5)) == 5
+    assert batch_rows(7) is None and batch_rows("text") is None and batch_rows(object()) is None
+    assert batch_rows([["a"], (torch.zeros(2, 3),)]) == 2
+    part = slice_batch((torch.arange(6), torch.arange(12).view(6, 2), torch.tensor(1.0)), slice(2, 4), rows=6)
+    assert part[0].tolist() == [2, 3] and part[1].tolist() == [[4, 5], [6, 7]] and part[2].item() == 1.0
+
+
+def test_a_step_of_one_row_is_not_measured_and_reasons_start_empty():
+    model = nn.Linear(2, 1)
+    meter = _meter(model)
+    assert meter.reasons == {}
+    meter.begin_step(True, (torch.zeros(1, 2), torch.zeros(1, 1)))
+    assert meter.measuring, "one row is still a step to watch (its rows add to the ranks' n)"
+    meter.begin_step(True, (torch.zeros(0, 2), torch.zeros(0, 1)))
+    assert not meter.measuring, "no row: nothing to measure"
+
+
+def test_a_step_with_nothing_exact_records_each_parameters_reason():
+    torch.manual_seed(26)
+    model = _OnlyScale()
+    x, y = torch.randn(6, 2, dtype=DTYPE), torch.randn(6, 1, dtype=DTYPE)
+    meter = _meter(model)
+    assert _step(meter, model, x, y) is None
+    assert meter.reasons == {"scale": "used by mul, which has no per-example rule"}
+    untouched = nn.Linear(2, 2).double()
+    silent = NoiseMeter({"w": untouched.weight, **dict(model.named_parameters())}, module=model)
+    _step(silent, model, x, y)
+    assert silent.reasons["w"] == "not used by a function with a per-example rule"
+
+
+def test_the_window_in_samples_by_hand_from_its_first_measurements():
+    """half_life = max(min_half_life (0 by default), share x samples so far, 1e-12); a measurement n
+    samples later keeps 0.5 ** (n / half_life) of the past. By hand for share 0.25, one sample apart."""
+    ema = NoiseScaleEMA(half_life_share=0.25)
+    ema.update(2.0, 10.0, samples=1)  # half-life 0.25: the past (nothing) keeps 0.0625
+    ema.update(4.0, 30.0, samples=1)  # half-life 0.5: keeps 0.25
+    weight = 0.25 * 0.9375 + 0.75
+    assert ema.grad_sqr == pytest.approx((0.25 * 0.9375 * 2.0 + 0.75 * 4.0) / weight)
+    assert ema.grad_var == pytest.approx((0.25 * 0.9375 * 10.0 + 0.75 * 30.0) / weight)
+
+
+def test_a_first_measurement_zero_samples_in_keeps_the_average_defined():
+    ema = NoiseScaleEMA(half_life_share=0.25)
+    ema.update(2.0, 10.0, samples=0)  # the past keeps everything: the average's weight stays 0
+    assert ema.grad_sqr == 0.0 and ema.grad_var == 0.0 and ema.gns is None
+
+
+def test_a_state_from_before_the_window_loads_with_no_samples_seen():
+    ema = NoiseScaleEMA(half_life_share=0.25)
+    ema.load_state_dict({"decay": 0.9, "ema_grad_sqr": 0.0, "ema_trace_sigma": 0.0, "num_updates": 0})
+    ema.update(2.0, 10.0, samples=1)
+    ema.update(4.0, 30.0, samples=1)  # half-life 0.25 x (1 + 1): as from a fresh start
+    fresh = NoiseScaleEMA(half_life_share=0.25)
+    fresh.update(2.0, 10.0, samples=1)
+    fresh.update(4.0, 30.0, samples=1)
+    assert ema.grad_sqr == pytest.approx(fresh.grad_sqr)
+
+
+def test_a_measured_step_without_any_gradient_and_a_second_optimizer_step():
+    """A backward that reaches none of the parameters leaves nothing to read; a second optimizer step in
+    one batch (manual optimization) does not measure the step again."""
+    model = nn.Linear(3, 1).double()
+    meter = _meter(model)
+    x = torch.randn(4, 3, dtype=DTYPE)
+    meter.begin_step(True, (x, x))
+    model.zero_grad(set_to_none=True)
+    (x.requires_grad_() * 2).sum().backward()  # not through the model
+    meter.after_backward()
+    meter.before_optimizer_step()
+    assert meter.estimate(global_rows=4) is None
+    y = torch.randn(4, 1, dtype=DTYPE)
+    meter.begin_step(True, (x.detach(), y))
+    nn.functional.mse_loss(model(x.detach()), y).backward()
+    meter.after_backward()
+    meter.before_optimizer_step()
+    first = meter.estimate(global_rows=4)
+    meter.before_optimizer_step()  # the same batch's second optimizer step
+    assert first is not None and meter.estimate(global_rows=4) == first
+
+
+def test_micro_batch_gradients_of_bfloat16_parameters_add_up_in_float32():
+    from lightning_batch.plugin.noise import looped_microbatch_stats
+
+    torch.manual_seed(27)
+    model = nn.Linear(64, 1).to(torch.bfloat16)
+    x, y = torch.randn(64, 64).to(torch.bfloat16), torch.randn(64, 1).to(torch.bfloat16)
+    parts = [
+        (
+            lambda j=j: nn.functional.mse_loss(
+                model(x[8 * j : 8 * j + 8]).float(), y[8 * j : 8 * j + 8].float()
+            )
+        )
+        for j in range(8)
+    ]
+    grads = torch.stack(
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss(), list(model.parameters()))]).double()
+            for loss in parts
+        ]
+    )
+    stats = looped_microbatch_stats(parts, list(model.parameters()), small_batch=8)
+    assert stats.small_sqr_norm == pytest.approx(float(grads.pow(2).sum(1).mean()), rel=1e-5)
+    assert stats.big_sqr_norm == pytest.approx(float(grads.mean(0).pow(2).sum()), rel=1e-5)
