@@ -169,7 +169,7 @@ def fit_to_target(
         "lowest_loss": min((p[2] for p in clock.points if math.isfinite(p[2])), default=None),
         "final_batch": resize.batch_size if resize else batch,
         "sizes": sorted({d["to"] for d in resize.decisions}) if resize else [batch],
-        "measured_fraction": resize.measured_fraction if resize else None,
+        "measured_fraction": resize.measurement.measured_fraction if resize else None,
     }
 
 

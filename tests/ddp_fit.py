@@ -50,13 +50,13 @@ class NoiseRecorder(pl.Callback):
         self.fed: list = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        meter = self.resize.noise_meter
+        meter = self.resize.measurement.meter
         if meter is None or not meter.measuring:
             return
         estimate = meter.last_estimate
         self.local.append([trainer.global_step, None if estimate is None else list(estimate)])
-        if self.resize.last_measurement is not None:
-            self.fed.append([trainer.global_step, *self.resize.last_measurement])
+        if self.resize.measurement.last is not None:
+            self.fed.append([trainer.global_step, *self.resize.measurement.last])
 
 
 def main(out: str) -> None:

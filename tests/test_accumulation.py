@@ -193,8 +193,8 @@ def test_a_float16_gradient_scaler_is_divided_out_of_the_noise_statistics():
 
         class Keep(pl.Callback):
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                if resize.last_measurement is not None and not measured:
-                    measured.append(resize.last_measurement)
+                if resize.measurement.last is not None and not measured:
+                    measured.append(resize.measurement.last)
 
         quiet_trainer(1, [resize, Keep()], plugins=plugins, limit_train_batches=3).fit(module, datamodule=dm)
         return measured[0]

@@ -113,10 +113,10 @@ def test_dynamic_batch_size_measures_the_cnn_like_exact_per_example_gradients():
             self.step = (state, batch[0].clone(), batch[1].clone())
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if callback.noise_meter.measuring:
+            if callback.measurement.meter.measuring:
                 seen.append(self.step)
-                estimates.append(callback.noise_meter.last_estimate)
-                exact.update(callback.noise_meter.exact)
+                estimates.append(callback.measurement.meter.last_estimate)
+                exact.update(callback.measurement.meter.exact)
 
     quiet_trainer(1, [callback, Record()], limit_train_batches=21, limit_val_batches=0).fit(
         module, datamodule=dm
@@ -126,7 +126,7 @@ def test_dynamic_batch_size_measures_the_cnn_like_exact_per_example_gradients():
     reference_model = build_model("cnn", 64, 10, channels=[4, 8])
     names = {name for name, _ in reference_model.named_parameters()}
     assert exact == {f"model.{name}" for name in names}  # the convolutions and the head, all exact
-    assert callback.measured_fraction == 1.0
+    assert callback.measurement.measured_fraction == 1.0
     for (state, x, y), estimate in zip(seen, estimates, strict=True):
         reference_model.load_state_dict(state)
         expected = _exact_reference(reference_model, module.loss, x, y, names, parts=6)

@@ -95,7 +95,7 @@ def assert_promises_kept(
     assert sorted(per_epoch) == list(range(epochs))
     for epoch, index in per_epoch.items():
         assert sorted(index) == list(range(n)), f"epoch {epoch} did not train every row exactly once"
-    assert resize.measured_fraction is not None and resize.measured_fraction >= exact
+    assert resize.measurement.measured_fraction is not None and resize.measurement.measured_fraction >= exact
     logged = [row for row in metrics.rows if "throughput" in row]
     first = next(i for i, row in enumerate(logged) if "gns" in row)
     assert all("gns" in row and math.isfinite(row["gns"]) for row in logged[first:]), (
@@ -103,7 +103,7 @@ def assert_promises_kept(
     )
     assert len(logged) - first >= 3
     assert {row["gns_measured_fraction"] for row in logged if "gns_measured_fraction" in row} == {
-        resize.measured_fraction
+        resize.measurement.measured_fraction
     }
     sizes = {len(index) for _, index in rows.steps}
     assert len(sizes) > 1 and any(d["from"] != d["to"] for d in resize.decisions), "the batch never moved"
@@ -470,7 +470,7 @@ def test_a_gan_with_a_policy_that_needs_no_noise_scale_trains_and_says_what_is_n
     assert [g_opt.param_groups[0]["lr"], d_opt.param_groups[0]["lr"]] == pytest.approx([1e-3 * 2**0.5] * 2)
     said = [r.getMessage() for r in caplog.records if "cannot be measured" in r.getMessage()]
     assert len(said) == 1 and "2 optimizers" in said[0]
-    assert resize.measured_fraction == 0.0 and resize.ema.num_updates == 0
+    assert resize.measurement.measured_fraction == 0.0 and resize.ema.num_updates == 0
 
 
 # -- measurements through the whole fit -------------------------------------------------------------------
@@ -594,7 +594,7 @@ def test_when_nothing_can_be_measured_it_says_so_once_and_the_memory_policy_take
     said = [r.getMessage() for r in caplog.records if "cannot be measured" in r.getMessage()]
     assert len(said) == 1 and "no parameter has a per-example rule (used by mul" in said[0], said
     assert "memory policy" in said[0] and resize.policy_name == "memory"
-    assert resize.measured_fraction == 0.0 and resize.ema.num_updates == 0
+    assert resize.measurement.measured_fraction == 0.0 and resize.ema.num_updates == 0
     assert not any("gns" in row for row in metrics.rows), "nan must never be logged as a measurement"
     per_epoch: dict[int, list[int]] = {}
     for epoch, index in rows.steps:

@@ -256,7 +256,7 @@ def test_without_a_loss_method_the_training_step_serves_the_probe_and_the_micro_
     assert resize.probe is not None and resize.ceiling is not None, "probed through training_step"
     said = [r.getMessage() for r in caplog.records if "measured exactly" in r.getMessage()]
     assert len(said) == 1 and "scale (0.77%)" in said[0] and "micro-batches" in said[0], said
-    assert resize.measured_fraction == pytest.approx(129 / 130)
+    assert resize.measurement.measured_fraction == pytest.approx(129 / 130)
     assert resize.ema.num_updates > 0 and resize.ema.gns is not None
     run = MlflowClient(uri).get_run(logger.run_id)
     assert float(run.data.tags["gns_measured_fraction"]) == pytest.approx(129 / 130, abs=1e-4)
@@ -272,7 +272,7 @@ def test_with_a_loss_method_a_per_row_dataset_is_probed_and_fully_measured(tmp_p
     resize = next(c for c in trainer.callbacks if isinstance(c, DynamicBatchSize))
     assert resize.probe is not None and resize.ceiling is not None and resize.ceiling >= 1
     assert resize.ema.num_updates > 0 and resize.ema.gns is not None
-    assert resize.measured_fraction == 1.0
+    assert resize.measurement.measured_fraction == 1.0
     assert not [r for r in caplog.records if "measured exactly" in r.getMessage()]
 
 

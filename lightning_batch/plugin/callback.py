@@ -49,10 +49,11 @@ from lightning_batch.plugin._lightning_compat import (
 )
 from lightning_batch.plugin.cadence import DecisionCadence, effective_ceiling
 from lightning_batch.plugin.clock import StepClock
+from lightning_batch.plugin.fit_noise import FitNoiseMeasurement
 from lightning_batch.plugin.loader import adopt_train_loader
-from lightning_batch.plugin.measured import UnsupportedSetupError, not_exact_summary, optimized_parameters
+from lightning_batch.plugin.measured import UnsupportedSetupError
 from lightning_batch.plugin.memory import MemoryProbeResult, resident_bytes
-from lightning_batch.plugin.noise import NoiseMeter, NoiseScaleEMA
+from lightning_batch.plugin.noise import NoiseScaleEMA
 from lightning_batch.plugin.options import BatchSizeOptions, default_of, option_fields
 from lightning_batch.plugin.policy import (
     BatchSizeController,
@@ -142,22 +143,16 @@ class DynamicBatchSize(Callback):
         #: One row per log interval: step, samples_seen, batch_size, lr, gns, ...; for plots and reports.
         self.history: list[dict[str, float]] = []
         self._samples_seen = 0
-        self._rows_since_measurement = 0
+        #: The noise meter of this fit, the last measurement and the share measured exactly.
+        self.measurement = FitNoiseMeasurement(self.ema, opts.fallback_microbatches)
 
         # Per-fit scratch.
         self._sampler: ResizableBatchSampler | None = None
-        #: Measures each step's noise statistics (None outside a fit); see :class:`NoiseMeter`.
-        self.noise_meter: NoiseMeter | None = None
-        #: The last all-ranks mean ``(|G|², tr(Σ))`` fed to the EMAs (None: that step was not measured).
-        self.last_measurement: tuple[float, float] | None = None
-        #: The share of the measured parameters' elements measured exactly (None until known).
-        self.measured_fraction: float | None = None
         self._loaded_state: dict[str, Any] | None = None
         self._restart_iterator = False
         self._step_loss: StepLoss | None = None  # the loss of batches the callback builds (per fit)
         #: Whether batches beyond the ceiling run as micro-batches in this fit (see ``accumulate``).
         self.accumulates = False
-        self._loss_scale = 1.0  # a float16 GradScaler's scale at the measured step's backward
 
     # -- set-up ---------------------------------------------------------------------------------------
 
@@ -182,7 +177,7 @@ class DynamicBatchSize(Callback):
         self._step_loss = step_loss if isinstance(step_loss, StepLoss) else None
         if self._step_loss is not None and self._step_loss.note:
             _warn(trainer, self._step_loss.note)
-        self.noise_meter = self._noise_meter(trainer, pl_module)
+        self._attach_meter(trainer, pl_module)
         self.accumulates = (
             self.options.accumulate
             and hasattr(pl_module, "max_rows_per_pass")
@@ -228,33 +223,22 @@ class DynamicBatchSize(Callback):
         current = getattr(pl_module, "max_rows_per_pass", None)
         setattr(pl_module, "max_rows_per_pass", min(current, per_rank) if current else per_rank)  # noqa: B010
 
-    def _noise_meter(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> NoiseMeter | None:
-        """The meter of the parameters the optimizers update, or None (said once) when there is none."""
-        params = optimized_parameters(trainer.optimizers, pl_module)
-        if not pl_module.automatic_optimization and len(trainer.optimizers) > 1:
-            # One noise scale over several optimizers' parameters would rescale each lr from
-            # gradients it does not own: refused where the decisions need it, else not measured.
-            if self._needs_noise():
-                raise UnsupportedSetupError.several_optimizers(
-                    type(pl_module).__name__, len(trainer.optimizers), self.policy_name, self.lr_rule_name
-                )
-            self._not_measurable(
-                trainer,
-                f"{len(trainer.optimizers)} optimizers by manual optimization, each with its own gradients",
+    def _attach_meter(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The noise meter on the parameters the optimizers update, or one line saying why there is none."""
+        several = not pl_module.automatic_optimization and len(trainer.optimizers) > 1
+        if several and self._needs_noise():
+            # One noise scale over several optimizers' parameters would rescale each lr from gradients
+            # it does not own: refused where the decisions need it, else not measured.
+            raise UnsupportedSetupError.several_optimizers(
+                type(pl_module).__name__, len(trainer.optimizers), self.policy_name, self.lr_rule_name
             )
-            return None
-        if not params:
-            self._not_measurable(trainer, "no parameter of the optimizers requires gradients")
-            return None
-        # T, the squared norm of the batch's mean gradient, is read from .grad after each backward; with
-        # gradient accumulation .grad also holds the earlier micro-batches', so the difference is read.
-        return NoiseMeter(
-            params,
-            module=pl_module,
-            batch_loss=self._step_loss,
-            grad_from_params=trainer.accumulate_grad_batches == 1,
-            fallback_microbatches=self.options.fallback_microbatches,
+        why = (
+            f"{len(trainer.optimizers)} optimizers by manual optimization, each with its own gradients"
+            if several
+            else self.measurement.start(trainer, pl_module, self._step_loss)
         )
+        if why is not None:
+            self._not_measurable(trainer, why)
 
     def _needs_noise(self) -> bool:
         """Whether the decisions or the lr read the noise statistics (a policy of one's own may)."""
@@ -265,7 +249,7 @@ class DynamicBatchSize(Callback):
 
     def _not_measurable(self, trainer: pl.Trainer, why: str) -> None:
         """Nothing can be measured: said once; a policy that needs the noise scale gives way to memory's."""
-        self.measured_fraction = 0.0
+        self.measurement.nothing_measurable()
         _set_run_tag(trainer, "gns_measured_fraction", "0")
         instead = ""
         if self._needs_noise() and not isinstance(self.controller.policy, MemoryPolicy):
@@ -278,18 +262,13 @@ class DynamicBatchSize(Callback):
     def _say_what_is_measured(self, trainer: pl.Trainer) -> None:
         """Once per fit, after the first measured step: the share measured exactly (a metric and a tag),
         and every group of parameters that is not, with its share and what is done instead."""
-        meter = self.noise_meter
-        assert meter is not None and meter.exact is not None
-        self.measured_fraction = meter.measured_fraction
-        _set_run_tag(trainer, "gns_measured_fraction", f"{self.measured_fraction:.4f}")
-        if not meter.exact and not meter.can_fall_back:
-            self.noise_meter = None
-            meter.remove()
-            self._not_measurable(trainer, f"{not_exact_summary(meter)} and no loss to run micro-batches")
-        elif meter.inexact:
-            message = not_exact_summary(meter, self.options.fallback_microbatches)
-            _warn(trainer, f"DynamicBatchSize: {message}")
-            _set_run_tag(trainer, "gns_not_exact", message[:5000])
+        unmeasurable, not_exact = self.measurement.settle()
+        _set_run_tag(trainer, "gns_measured_fraction", f"{self.measurement.measured_fraction:.4f}")
+        if unmeasurable is not None:
+            self._not_measurable(trainer, unmeasurable)
+        elif not_exact is not None:
+            _warn(trainer, f"DynamicBatchSize: {not_exact}")
+            _set_run_tag(trainer, "gns_not_exact", not_exact[:5000])
 
     # -- every step -----------------------------------------------------------------------------------
 
@@ -311,29 +290,18 @@ class DynamicBatchSize(Callback):
             self._sampler.batch_trained()  # in order, once per trained batch: the saved position
         # global_step moves on in the optimizer step: what to measure is decided here, at the start.
         measure, fallback = self.clock.begin_step(trainer.global_step)
-        if self.noise_meter is not None:
-            self.noise_meter.begin_step(measure, batch, fallback=fallback)
+        self.measurement.begin_step(measure, batch, fallback)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
-        if self.noise_meter is not None:
-            self.noise_meter.before_backward()
+        self.measurement.before_backward()
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        # After the backward, before the weights move: the per-example norms and the micro-batches.
-        if self.noise_meter is not None:
-            self.noise_meter.before_optimizer_step()
+        self.measurement.before_optimizer_step()
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Before clipping and the optimizer step: the gradients of the weights the hooks saw.
-        if self.noise_meter is not None:
-            self.noise_meter.after_backward()
-            if self.clock.measuring:
-                # float16 mixed precision scales the loss, so the hooks and .grad see gradients x S:
-                # remember S now (the scaler may change it in the optimizer step) to divide by S².
-                scaler = getattr(trainer.precision_plugin, "scaler", None)
-                self._loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        self.measurement.after_backward(trainer)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -343,49 +311,22 @@ class DynamicBatchSize(Callback):
         # so every rank reaches the same decision points and the broadcast in _decide cannot deadlock.
         rows = self._sampler.last_global_rows if self._sampler is not None else 0
         self._samples_seen += rows
-        self._rows_since_measurement += rows
+        self.measurement.rows_since_measurement += rows
         if self.clock.measuring:
             started = self.clock.now()
-            self._measure(trainer, pl_module)
+            self.measurement.measure(trainer, pl_module.device, rows)
             self.clock.record_measurement(rows, seconds, self.clock.now() - started)
-            if (
-                self.measured_fraction is None
-                and self.noise_meter is not None
-                and self.noise_meter.exact is not None
-            ):
+            if self.measurement.newly_known:
                 self._say_what_is_measured(trainer)
         else:
             self.clock.record_step(rows, seconds)
-        if self.noise_meter is not None:
-            self.noise_meter.end_step()
+        self.measurement.end_step()
         epoch_rows = self._sampler.num_samples if self._sampler is not None else 0
         if self.cadence.step_done(rows, epoch_rows) or self._over_ceiling(trainer):
             self._decide(trainer)
         if trainer.global_step % self.options.log_every == 0:
             self._log(trainer, pl_module, rows, seconds)
         self.clock.next_cycle()
-
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """One step's unbiased |G|² and tr(Σ) into the EMAs (averaged over ranks first).
-
-        Every rank takes part in the all-reduce whatever happened locally (a rank that could not
-        measure sends NaN), so a rank-local problem cannot deadlock the others; the EMAs move only
-        when every rank measured.
-        """
-        assert self._sampler is not None
-        meter = self.noise_meter
-        estimate = meter.estimate(global_rows=self._sampler.last_global_rows) if meter is not None else None
-        values = torch.tensor(estimate if estimate is not None else (math.nan, math.nan), dtype=torch.float64)
-        if self._loss_scale != 1.0:
-            values /= self._loss_scale**2
-        if trainer.world_size > 1:
-            values = trainer.strategy.reduce(values.to(pl_module.device), reduce_op="mean").cpu()
-        grad_sqr, trace = float(values[0]), float(values[1])
-        self.last_measurement = None
-        if math.isfinite(grad_sqr) and math.isfinite(trace):
-            self.last_measurement = (grad_sqr, trace)
-            self.ema.update(grad_sqr, trace, samples=self._rows_since_measurement)
-            self._rows_since_measurement = 0
 
     # -- decide and apply -----------------------------------------------------------------------------
 
@@ -427,7 +368,7 @@ class DynamicBatchSize(Callback):
         interval = self.clock.interval
         if trainer.is_global_zero:
             decision = self.controller.decide(context)
-            known = self.ema.gns is not None or self.noise_meter is None
+            known = self.ema.gns is not None or self.measurement.meter is None
             interval = self.clock.plan(decision.batch_size, self.ema.num_updates, known)
         # Rank 0 decides (its throughput model is the one that counts) and plans the measurements;
         # every rank applies the same.
@@ -476,7 +417,7 @@ class DynamicBatchSize(Callback):
             "batch_size": float(self.batch_size or rows),
             "lr": lr,
             **self.ema.as_row(),
-            "gns_measured_fraction": math.nan if self.measured_fraction is None else self.measured_fraction,
+            "gns_measured_fraction": _nan_if_none(self.measurement.measured_fraction),
             "throughput": rows / seconds if seconds > 0 else math.nan,
             "mem_peak": float(_memory_peak(pl_module.device)),
         }
@@ -502,7 +443,7 @@ class DynamicBatchSize(Callback):
             "decisions": list(self.decisions),
             "samples_seen": self._samples_seen,
             "measurement": self.clock.state_dict(),
-            "rows_since_measurement": self._rows_since_measurement,
+            "rows_since_measurement": self.measurement.rows_since_measurement,
             # Where the next decision falls: a resumed fit decides at the same steps as an unbroken one.
             **self.cadence.state_dict(),
             # The trained position in the epoch: this callback reports trained batches, so it saves
@@ -526,7 +467,7 @@ class DynamicBatchSize(Callback):
         self._samples_seen = int(state["samples_seen"])
         if "measurement" in state:  # checkpoints from before the measurement budget have none
             self.clock.load_state_dict(state["measurement"])
-            self._rows_since_measurement = int(state["rows_since_measurement"])
+            self.measurement.rows_since_measurement = int(state["rows_since_measurement"])
         self.cadence.load_state_dict(state)
         assert self._sampler is not None
         if state.get("sampler") is not None:
@@ -539,18 +480,13 @@ class DynamicBatchSize(Callback):
     # -- the end --------------------------------------------------------------------------------------
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hooks()
+        self.measurement.remove()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         # A fit that raised (a pruned trial, an interrupt, an error) must not leave hooks on the model.
-        self._remove_hooks()
-
-    def _remove_hooks(self) -> None:
-        if self.noise_meter is not None:
-            self.noise_meter.remove()
-            self.noise_meter = None
+        self.measurement.remove()
 
 
 def _set_run_tag(trainer: pl.Trainer, key: str, value: str) -> None:
@@ -567,6 +503,10 @@ def _set_run_tag(trainer: pl.Trainer, key: str, value: str) -> None:
             experiment.set_tag(run_id, key, value)
         else:
             logger.log_hyperparams({key: value})
+
+
+def _nan_if_none(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 def _warn(trainer: pl.Trainer, message: str) -> None:
