@@ -167,6 +167,157 @@ EQUIVALENT: list[tuple[str, str, str, bool]] = [
         "seed - epoch instead of seed + epoch: still a fixed, distinct permutation per epoch on every rank",
         False,
     ),
+    (
+        r"NoiseMeter\._estimate",
+        r"zip\(self\._grad_names, self\._grad_t, strict=True\).* => .*zip\(self\._grad_names, self\._grad_t, (strict=(False|None))?\)",
+        "zip(strict=True): both lists are built together in after_backward, one entry per parameter with a .grad",
+        False,
+    ),
+    (
+        r"NoiseMeter\.__init__",
+        r"self\._(fallback_batch|result|grad_t|grads_before|fallback_stats)(: [^=]+)? = None\b.* => .*= \"\"|self\._grad_names(: [^=]+)? = \[\] => .*= None",
+        "a per-step placeholder: begin_step sets it before anything reads it",
+        False,
+    ),
+    (
+        r"NoiseMeter\.begin_step",
+        r"self\._fallback_batch = None => self\._fallback_batch = \"\"",
+        "an empty batch gives no rows, so its micro-batches give None, as no batch does",
+        False,
+    ),
+    (
+        r"NoiseMeter\._microbatch_stats",
+        r"if rows is None or batch_loss is None or not names: => ",
+        "rows is never None on a measured step (begin_step measures only batches with rows) and names never "
+        "empty (called only while some parameter is not exact): the three conditions need not be told apart",
+        False,
+    ),
+    (
+        r"NoiseMeter\.before_optimizer_step",
+        r"if self\._fallback_batch is not None and self\.inexact: => if self\._fallback_batch is not None or self\.inexact:",
+        "either missing half makes _microbatch_stats return None (no rows, or no parameter), as skipping it does",
+        False,
+    ),
+    (
+        r"NoiseMeter\.estimate",
+        r"if self\._measuring else None => .*\(self\._measuring\) or True",
+        "an unmeasured step has no result (begin_step cleared it), so _estimate returns None too",
+        False,
+    ),
+    (
+        r"looped_microbatch_stats",
+        r"device = params\[0\]\.device if params else None => |device=device\) => .*(device=None\)|, \))",
+        "the accumulators' device: the parameters' own; on this CPU-only test machine every tensor is on the CPU "
+        "(benchmarks/gpu_check.py runs the callback on CUDA)",
+        False,
+    ),
+    (
+        r"looped_microbatch_stats",
+        r"if restore is not None and saved_buffers is not None: => if restore is not None or saved_buffers is not None:",
+        "saved_buffers is None exactly when restore is None",
+        False,
+    ),
+    (
+        r"_vectorized_microbatch_stats",
+        r"acc_dtype = torch\.promote_types\(.* => acc_dtype = None|\.to\(acc_dtype\) for g in grads\.values\(\)\].* => .*\.to\(None\)",
+        "the accumulation dtype of half-precision parameters, tested for the looped form the callback uses; "
+        "for float32 and float64 parameters .to(None) keeps theirs",
+        False,
+    ),
+    (
+        r"_percent",
+        r"if value >= 1\.0 or value == 0\.0: => if value (> 1\.0 or value == 0\.0|>= 1\.0 or value == 1\.0):",
+        "at exactly 1% and at 0% both branches print the same text ('1%', '0%')",
+        False,
+    ),
+    (
+        r"parameter_groups",
+        r"or 1$ => .*or 2$",
+        "the guard for no parameters at all, where there are no names to group either",
+        False,
+    ),
+    (
+        r"NoiseScaleEMA\._correction",
+        r"return self\._weight if self\._weight > 0\.0 else 1\.0 => .*else 2\.0",
+        "the weight is 0 only while every measurement kept the whole past, when the averages are 0 too: "
+        "0 / 1.0 and 0 / 2.0 are both 0",
+        False,
+    ),
+    (
+        r"DecisionCadence\._shortened",
+        r"if shift > 0 else steps => .*if shift >= 0 else steps",
+        "at shift 0, max(1, steps >> 0) is steps (steps >= 1, checked in __init__)",
+        False,
+    ),
+    (
+        r"DecisionCadence\.for_policy",
+        r"getattr\(policy, \"name\", \"\"\) == \"goodput\"",
+        "the default name of a policy without one: any value other than 'goodput' gives the same",
+        True,
+    ),
+    (
+        r"MeasurementBudget\.__init__",
+        r"self\.steps_since = 1\b.* => self\.steps_since = 2\b",
+        "both reach the interval (2) at the first step, which is measured either way",
+        False,
+    ),
+    (
+        r"MeasurementBudget\.plan",
+        r"or step_seconds <= 0: => .*or step_seconds < 0:",
+        "a step time of 0 is already caught by `not step_seconds`",
+        False,
+    ),
+    (
+        r"StepClock\.(__init__|interrupt)",
+        r"self\._clean = False\b.* => self\._clean = None",
+        "None is as falsy as False",
+        False,
+    ),
+    (
+        r"_conv",
+        r"site = owner\._new_site\(\"linear\", weight, bias, x\.shape\[0\]\)",
+        "the convolution site's kind: set to 'conv' before the handler returns, so this first one is never read",
+        True,
+    ),
+    (
+        r"_norm_layer",
+        r"^keep = 1\b.* => keep = (None|2)$",
+        "keep (the normalised dimensions) is read by the layer-norm branch only; group and batch norm sum per channel",
+        False,
+    ),
+    (
+        r"_norm_layer",
+        r"None, None, None, None, True, 0\.0, eps\) => .*True, 1\.0, eps\)|_acc\(var\), None, None, False, 0\.0, eps\) => .*False, 1\.0, eps\)",
+        "the momentum of a batch norm given no running statistics to update (or in eval mode): never used",
+        False,
+    ),
+    (
+        r"_mha",
+        r"slice\(i \* embed, \(i \+ 1\) \* embed\)",
+        "a packed weight's row block is only a key that tells the q, k and v blocks apart (their norms add): "
+        "any three distinct keys give the same sums",
+        False,
+    ),
+    (
+        r"_mha|_conv_norms|_bind",
+        r"zip\(.*strict=(True|False)\).* => .*zip\(.*(strict=(False|None|True))?\)",
+        "zip over sequences of equal length by construction (three projections; groups of one chunking)",
+        False,
+    ),
+    (
+        r"_mha|_embedding_norms|_conv_norms|PerExampleNorms\.(_identity|_norms)",
+        r"device=[\w.\[\]\"]+\) => .*(device=None\)|, \)\.|, \)$)|device=[\w.\[\]\"]+\)\[.* => .*(device=None|, )\)\[|\.device\) => .*, None\)",
+        "the device of a zeros, arange or eye: the activations' own; on this CPU-only test machine every tensor "
+        "is on the CPU (benchmarks/gpu_check.py runs the callback on CUDA)",
+        False,
+    ),
+    (
+        r"PerExampleNorms\.(__init__|remove|stop)",
+        r"self\.(_sites|_outside|_pass|_backward_seen|_rows|_broadcast|_coupling|reasons|_active|_suspended|_hooks)(: [^=]+)? = .* => .*= (None|1|True)$|\] = \{\}.* => \] = None",
+        "per-step state that start() (or the next use) sets before anything reads it; _active and _suspended "
+        "are read as truth values, where None is False",
+        False,
+    ),
 ]
 
 STATUSES = ("killed", "timeout", "survived", "no tests")

@@ -487,3 +487,106 @@ def test_nothing_measured_is_none_and_unused_parameters_are_measured_as_zero():
     result = norms.finish()
     assert result is not None and result.exact == ("unused.weight", "used.weight")
     assert math.isfinite(float(result.per_example.sum()))
+
+
+# -- the refusals a user's layer can trigger ------------------------------------------------------------
+
+
+def _reasons_after(params: dict[str, nn.Parameter], rows: int, step: Callable[[], Tensor]) -> dict[str, str]:
+    """The reasons of one step's parameters after ``step()``'s loss is backpropagated."""
+    norms = PerExampleNorms(params)
+    norms.start(rows)
+    step().backward()
+    norms.finish()
+    norms.remove()
+    return dict(norms.reasons)
+
+
+def test_embeddings_of_one_id_per_example_and_a_negative_padding_index():
+    torch.manual_seed(20)
+    # A categorical feature: one id per example (1-D ids), as in a tabular model.
+    assert_rules_match(
+        nn.Sequential(nn.Embedding(7, 3), nn.Linear(3, 2)), mse, torch.randint(7, (8,)), torch.randn(8, 2)
+    )
+    weight = nn.Parameter(torch.randn(6, 4))
+
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = weight
+
+        def forward(self, ids: Tensor) -> Tensor:
+            return F.embedding(ids, self.weight, padding_idx=-1).sum(dim=1)  # -1: the last row pads
+
+    ids = torch.randint(0, 6, (5, 4))
+    ids[:, -1] = 5
+    assert_rules_match(Functional(), mse, ids, torch.randn(5, 4))
+
+
+@pytest.mark.parametrize("option", [{"max_norm": 1.0}, {"scale_grad_by_freq": True}])
+def test_an_embedding_that_rescales_its_rows_or_gradients_is_named(option):
+    table = nn.Embedding(6, 3, **option)
+    reasons = _reasons_after(
+        {"table": table.weight}, 4, lambda: table(torch.randint(6, (4, 3))).pow(2).mean()
+    )
+    assert reasons["table"] == "an embedding with max_norm or scale_grad_by_freq"
+
+
+def test_a_linear_layer_on_one_example_without_a_batch_dimension_is_named():
+    lin = nn.Linear(3, 2)
+    reasons = _reasons_after(dict(lin.named_parameters()), 1, lambda: lin(torch.randn(3)).pow(2).sum())
+    assert reasons == dict.fromkeys(
+        ("weight", "bias"), "a linear layer on an input without a batch dimension"
+    )
+
+
+@pytest.mark.parametrize(
+    ("build", "shape"),
+    [
+        (lambda: nn.MultiheadAttention(4, 2, add_bias_kv=True, batch_first=True), (3, 5, 4)),
+        (lambda: nn.MultiheadAttention(4, 2), (5, 4)),  # unbatched: (sequence, features)
+    ],
+    ids=["bias_kv", "unbatched"],
+)
+def test_multi_head_attention_it_cannot_read_is_named(build, shape):
+    torch.manual_seed(21)
+    attention = build()
+    x = torch.randn(*shape)
+    rows = shape[0] if len(shape) == 3 else 1
+    reasons = _reasons_after(
+        dict(attention.named_parameters()), rows, lambda: attention(x, x, x)[0].pow(2).mean()
+    )
+    why = "multi-head attention with add_bias_kv, static keys or unbatched inputs"
+    assert reasons["in_proj_weight"] == why and reasons["in_proj_bias"] == why
+
+
+def test_a_parameter_used_as_a_weight_and_as_a_bias_or_by_two_rules_is_named():
+    torch.manual_seed(22)
+    p = nn.Parameter(torch.randn(4) + 1.0)
+    x = torch.randn(5, 4)
+    both_roles = _reasons_after({"p": p}, 5, lambda: F.layer_norm(x, (4,), p, p).pow(2).mean())
+    assert both_roles["p"] == "used as a weight and as a bias in one step"
+    lin = nn.Linear(4, 4)
+    two_rules = _reasons_after(
+        {"p": p, "w": lin.weight}, 5, lambda: F.linear(F.layer_norm(x, (4,), p), lin.weight, p).pow(2).mean()
+    )
+    assert two_rules["p"] == "used by linear and norm rules in one step" and "w" not in two_rules
+
+
+def test_float32_models_get_norms_summed_in_float64():
+    """Outside the float64 fixture: the norms come back in float64 whatever the model's dtype."""
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(23)
+    model = nn.Sequential(nn.Embedding(5, 3), nn.LayerNorm(3), nn.Linear(3, 2))
+    unused = nn.Linear(2, 2)
+    params = {**dict(model.named_parameters()), "unused": unused.weight}
+    norms = PerExampleNorms(params, modules=model.modules())
+    norms.start(4)
+    model(torch.randint(5, (4, 3))).pow(2).mean().backward()
+    result = norms.finish()
+    assert result is not None and result.per_example.dtype == torch.float64 and len(result.exact) == 6
+    for passes in (1, 2):  # a pass that never reaches a parameter still gives float64 zeros for its rows
+        norms.start(4)
+        for part in torch.randint(5, (4, 3)).tensor_split(passes):
+            model(part).pow(2).mean().backward()
+        assert norms.finish().per_example.dtype == torch.float64
