@@ -1035,3 +1035,18 @@ def test_micro_batch_gradients_of_bfloat16_parameters_add_up_in_float32():
     stats = looped_microbatch_stats(parts, list(model.parameters()), small_batch=8)
     assert stats.small_sqr_norm == pytest.approx(float(grads.pow(2).sum(1).mean()), rel=1e-5)
     assert stats.big_sqr_norm == pytest.approx(float(grads.mean(0).pow(2).sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_microbatch_stats_of_no_parameter_are_refused_in_one_line(vectorize: bool) -> None:
+    net = nn.Linear(3, 1)
+    with pytest.raises(ValueError, match="no trainable parameter to measure"):
+        microbatch_grad_stats(
+            net,
+            nn.functional.mse_loss,
+            torch.randn(8, 3),
+            torch.randn(8, 1),
+            4,
+            param_names=[],
+            vectorize=vectorize,
+        )

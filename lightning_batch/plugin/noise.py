@@ -248,9 +248,13 @@ def microbatch_grad_stats(
         raise ValueError(f"inputs and targets disagree on the batch size: {batch} vs {targets.shape[0]}")
     b = batch // n
     params = trainable_parameters(model, param_names)
+    if not params:
+        raise ValueError(
+            "no trainable parameter to measure: pass param_names that name some (or None for all)"
+        )
     if vectorize is None:
         vectorize = next(model.buffers(), None) is None
-    if vectorize and params:
+    if vectorize:
         return _vectorized_microbatch_stats(model, loss_fn, inputs, targets, n, params)
     parts = [
         partial(_microbatch_loss, model, loss_fn, inputs[j * b : (j + 1) * b], targets[j * b : (j + 1) * b])
