@@ -27,9 +27,10 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Mutation testing of plugin/noise.py, policy.py, sampler.py and cadence.py against their fast tests ([tool.mutmut] in
-# pyproject.toml); not part of `make test`. Starts afresh each time (mutmut would otherwise keep old
-# verdicts when only the tests changed). MUTATE_CHILDREN sets the parallel workers.
+# Mutation testing of the plugin's arithmetic (noise, policy, sampler, cadence, clock, per_example,
+# measured) against their fast tests ([tool.mutmut] in pyproject.toml); not part of `make test`.
+# Starts afresh each time (mutmut would otherwise keep old verdicts when only the tests changed).
+# MUTATE_CHILDREN sets the parallel workers.
 MUTATE_CHILDREN ?= 2
 mutate: $(STAMP)
 	rm -rf mutants

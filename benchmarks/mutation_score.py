@@ -318,6 +318,32 @@ EQUIVALENT: list[tuple[str, str, str, bool]] = [
         "are read as truth values, where None is False",
         False,
     ),
+    (
+        r"_linear_norms",
+        r"if tokens \* tokens <= d_in \* d_out:",
+        "the choice between two exact forms, the ghost norm and the materialised product (only the cost differs; "
+        "tests/test_per_example.py checks both against torch.func)",
+        False,
+    ),
+    (
+        r"_conv_norms",
+        r"elif raw\.shape\[1\] <= grads\.shape\[1\]:",
+        "the choice between two exact forms, the grouped backward and the unfolded patches (only the cost differs)",
+        False,
+    ),
+    (
+        r"_conv_norms",
+        r"fake = _Site\(|_linear_norms\(\"weight\", \[fake\]\)",
+        "a stand-in site for _linear_norms, which reads only its tensors, and any role other than 'bias' as the weight's",
+        False,
+    ),
+    (
+        r"_conv",
+        r"else \(\(1, \*dilation\), \(0, \*pad\), \(1, \*stride\)\) => .*\(\((2, \*dilation\), \(0, \*pad\), \(1|1, \*dilation\), \(0, \*pad\), \(2), \*stride\)\)",
+        "a Conv1d runs as a Conv2d of height 1 with a kernel of height 1: a dilation or stride of 2 along that axis "
+        "reads the same single row",
+        False,
+    ),
 ]
 
 STATUSES = ("killed", "timeout", "survived", "no tests")
