@@ -78,11 +78,20 @@ HELP_GROUPS = ("data", "model", "optimisation", "batch size", "hardware", "track
 _NUMBER_TYPES = {"int": int, "float": float}
 
 
+def option_dest(f: dataclasses.Field[Any], info: OptionInfo) -> str:
+    """argparse's name for a declared option: the field's, or its own flag's where the flag is renamed.
+
+    ``tune``'s ``--study-seed`` (``TuneConfig.seed``) is ``study_seed``, so it cannot overwrite the
+    run's ``--seed`` on the same command line.
+    """
+    return info.flag.removeprefix("--").replace("-", "_") if info.flag else f.name
+
+
 def _argparse_kwargs(f: dataclasses.Field[Any], info: OptionInfo) -> dict[str, Any]:
     """How argparse reads the flag of a declared option, from its annotation, default and help."""
     annotation = str(f.type).replace(" ", "")
     kinds = [part for part in annotation.split("|") if part != "None"]
-    kwargs: dict[str, Any] = {"dest": f.name}
+    kwargs: dict[str, Any] = {"dest": option_dest(f, info)}
     if kinds == ["bool"]:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif annotation.startswith(("list[", "tuple[")):
@@ -221,13 +230,15 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_mapping(values, origin="flags").validate()
 
 
-#: ``tune`` flags that are study options, not run options.
-TUNE_FLAGS = {f.name for f, info in option_fields(TuneConfig) if info.cli} | {"space"}
+#: ``tune`` flags that are study options, not run options: argparse's name -> the TuneConfig field.
+TUNE_FLAGS = {option_dest(f, info): f.name for f, info in option_fields(TuneConfig) if info.cli} | {
+    "space": "space"
+}
 
 
 def tune_config_from_args(args: argparse.Namespace) -> TuneConfig:
     """Study options from the flags; ``--space`` is read from its YAML file (a ``space:`` key or the mapping)."""
-    values = {name: getattr(args, name) for name in TUNE_FLAGS if hasattr(args, name)}
+    values = {name: getattr(args, dest) for dest, name in TUNE_FLAGS.items() if hasattr(args, dest)}
     if "space" in values:
         raw = load_yaml_config(values["space"])
         values["space"] = raw.get("space", raw) if isinstance(raw, dict) else raw

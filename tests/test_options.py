@@ -205,10 +205,19 @@ def test_the_study_flags_are_the_tune_options_declared_for_the_cli():
     flags = _flags("tune")
     for f, info in option_fields(TuneConfig):
         assert (f.name in flags) == (info.cli or f.name == "space"), f.name  # --space takes a YAML file
-        assert (f.name in TUNE_FLAGS) == (info.cli or f.name == "space")
-    assert flags["seed"].option_strings == ["--study-seed"]
-    options = tune_config_from_args(build_parser().parse_args(["tune", "--trials", "3", "--study-seed", "4"]))
+        assert (f.name in TUNE_FLAGS.values()) == (info.cli or f.name == "space")
+    assert flags["study_seed"].option_strings == ["--study-seed"]
+    args = build_parser().parse_args(["tune", "--trials", "3", "--seed", "7", "--study-seed", "4"])
+    options = tune_config_from_args(args)
     assert (options.trials, options.seed) == (3, 4)
+    assert config_from_args(args).seed == 7  # the run's seed and the sampler's are two flags
+    run_names = {f.name for f, _ in option_fields(RunConfig)}
+    assert not set(TUNE_FLAGS) & run_names, "a study flag would overwrite a run option of the same name"
+
+
+def test_the_run_seed_flag_reaches_the_run():
+    """--seed shares its field name with the study's seed: train once dropped it (every run seeded 0)."""
+    assert config_from_args(build_parser().parse_args(["train", "--seed", "3"])).seed == 3
 
 
 @pytest.mark.parametrize("name", ["adjust_every", "measure_budget", "milestones", "probe_memory"])
