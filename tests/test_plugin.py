@@ -356,3 +356,45 @@ def test_a_subclassed_loader_keeps_its_own_arguments_collate_generator_and_drop_
     assert len(epochs[1]) == len(set(epochs[1])) == 300
     # the user's generator seeds the shuffle: its seed, not the global RNG, decides the order
     assert epochs[0] == ResizableBatchSampler(300, 10, seed=5).permutation(0).tolist()
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _StopAt(pl.Callback):
+    """Ends the fit by an exception once ``step`` optimizer steps are done (no checkpoint then)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise _Stopped
+
+
+def test_lightning_sees_the_loader_as_resumable_and_a_mid_epoch_resume_does_not_warn(tmp_path):
+    import warnings
+
+    config = {"root": str(tmp_path), "checkpoint_every": 10, "epochs": 2, "resize": {"policy": "fixed"}}
+    before = RowsTrained()
+    with pytest.raises(_Stopped):
+        fit(config, [before, _StopAt(13)])
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert (
+        saved["global_step"] == 10
+        and saved["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 0
+    )
+    (own,) = [state for key, state in saved["callbacks"].items() if key.startswith("DynamicBatchSize")]
+    # Lightning saved the loader's position with its loop, and it is the callback's own.
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [own["sampler"]]
+    assert own["sampler"]["cursor"] == 10 * 16
+
+    after = RowsTrained()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit({**config, "checkpoint_every": None}, [after], ckpt_path=str(tmp_path / "last.ckpt"))
+    assert not [w for w in caught if "not resumable" in str(w.message)], [str(w.message) for w in caught]
+    kept = [step for step in before.steps if step[0] <= 10]
+    for epoch, rows in _epochs(kept + after.steps).items():
+        assert sorted(rows) == list(range(1200)), f"epoch {epoch}: every row exactly once"

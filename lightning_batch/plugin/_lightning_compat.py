@@ -54,6 +54,38 @@ def scale_scheduler_lrs(scheduler: Any, ratio: float) -> None:
         scheduler._last_lr = [lr * ratio for lr in scheduler._last_lr]
 
 
+def expose_loader_position(loader: Any, sampler: ResizableBatchSampler) -> None:
+    """Give the training loader the ``state_dict``/``load_state_dict`` pair Lightning looks for.
+
+    Lightning calls a training loader resumable when it has that pair (its ``_Stateful`` check),
+    and otherwise warns on every mid-epoch resume that the results may be unreliable. The loader's
+    position is its sampler's (the trained position: batches fetched ahead are handed out again),
+    so the pair is the sampler's. A loader that has its own pair keeps it.
+    """
+    if not isinstance(loader, DataLoader) or loader.batch_sampler is not sampler:
+        return
+    if callable(getattr(loader, "state_dict", None)) or callable(getattr(loader, "load_state_dict", None)):
+        return
+    # Instance attributes: the loader keeps the user's class (a subclass would change what they built).
+    loader.state_dict = sampler.state_dict
+    loader.load_state_dict = sampler.load_state_dict
+
+
+def drop_saved_loader_position(checkpoint: dict[str, Any], position: dict[str, Any] | None) -> None:
+    """Take the loader position Lightning saved with the fit loop out of ``checkpoint``, where it is
+    the callback's own (``position``).
+
+    Lightning would load it into the training loader when the resumed fit sets up its data: the
+    user's loader, before the callback puts its own back, and that loader has no state to load, so
+    Lightning would refuse ("0 stateful loaders, but found 1 states"). The callback restores the
+    same position itself once its loader is in place. Call from ``on_load_checkpoint``, which runs
+    before the loops are restored from the same dictionary.
+    """
+    fit_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+    if position is not None and fit_state.get("combined_loader") == [position]:
+        del fit_state["combined_loader"]
+
+
 def uses_distributed_sampler(trainer: pl.Trainer) -> bool:
     """Whether the Trainer replaces samplers with a ``DistributedSampler`` (its
     ``use_distributed_sampler`` option, which it keeps privately)."""

@@ -43,6 +43,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_batch.plugin._lightning_compat import (
+    drop_saved_loader_position,
     restart_train_iterator,
     scale_scheduler_lrs,
     sync_epoch_length,
@@ -450,6 +451,12 @@ class DynamicBatchSize(Callback):
             # them too (a user's loader has nobody else to).
             "sampler": self._sampler.state_dict() if self._sampler is not None else None,
         }
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        own = checkpoint.get("callbacks", {}).get(self.state_key, {})
+        drop_saved_loader_position(checkpoint, own.get("sampler"))  # restored in _restore instead
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_state = dict(state_dict)  # applied in on_train_start, once the sampler exists

@@ -35,7 +35,11 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
-from lightning_batch.plugin._lightning_compat import replace_train_dataloader, with_batch_sampler
+from lightning_batch.plugin._lightning_compat import (
+    expose_loader_position,
+    replace_train_dataloader,
+    with_batch_sampler,
+)
 from lightning_batch.plugin.sampler import ResizableBatchSampler
 
 SUPPORTED = (
@@ -139,4 +143,5 @@ def adopt_train_loader(trainer: pl.Trainer, owner: Any) -> tuple[ResizableBatchS
         replace_train_dataloader(trainer, loader)
         rebuilt = True
     sampler.position_owner = owner
+    expose_loader_position(loader, sampler)  # Lightning then knows the loader resumes mid-epoch
     return sampler, rebuilt
