@@ -76,3 +76,55 @@ def test_the_lr_after_each_resize_follows_the_rule_of_the_logged_statistics(
     for other, rule in RULES.items():
         if other != expected_rule:
             assert any(d["lr_scale"] != pytest.approx(rule(d, b0), rel=1e-3) for d in changes), other
+
+
+def test_adamw_in_a_plain_module_gets_the_square_root_rule_times_its_own_schedule():
+    """The callback at its default lr rule (auto), in a user's module with AdamW and an epoch StepLR:
+    at every step the lr is lr0 × the schedule's factor × √(B/B0), and the resolved rule is logged."""
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.loggers import Logger
+
+    from lightning_batch import DynamicBatchSize
+
+    from .plain_project import PlainDataModule, PlainRegressor
+
+    class AdamWRegressor(PlainRegressor):
+        def configure_optimizers(self):
+            optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+            return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)]
+
+    class Params(Logger):
+        name, version = "params", 0
+        params: dict = {}
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            self.params.update(params)
+
+        def log_metrics(self, metrics, step=None):
+            pass
+
+    seen = []
+
+    class LrAtEveryStep(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            seen.append((trainer.current_epoch, resize.batch_size, lr))
+
+    lr0, b0 = 0.01, 16
+    resize = DynamicBatchSize(policy="schedule", milestones=[1, 2], schedule_factor=2.0, probe_memory=False)
+    logger = Params()
+    trainer = pl.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[resize, LrAtEveryStep()],
+    )
+    trainer.fit(AdamWRegressor(lr=lr0), datamodule=PlainDataModule(batch_size=b0, rows=640))
+    assert logger.params["lr_rule_resolved"] == "sqrt"
+    assert {b for _, b, _ in seen} == {16, 32, 64}, "the schedule moved the batch"
+    for epoch, batch, lr in seen:
+        assert lr == pytest.approx(lr0 * 0.5**epoch * math.sqrt(batch / b0), rel=1e-9), (epoch, batch)

@@ -174,6 +174,8 @@ class DynamicBatchSize(Callback):
         if self.lr_rule_name == "auto":
             self.lr_rule_name = resolve_lr_rule("auto", list(trainer.optimizers))
             self.controller.lr_rule = make_lr_rule(self.lr_rule_name)
+        if trainer.logger is not None and trainer.is_global_zero:  # "auto" resolved (again on a resume)
+            trainer.logger.log_hyperparams({"lr_rule_resolved": self.lr_rule_name})
         step_loss = StepLoss.for_fit(trainer, pl_module)
         self._step_loss = step_loss if isinstance(step_loss, StepLoss) else None
         if self._step_loss is not None and self._step_loss.note:
