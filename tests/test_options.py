@@ -65,6 +65,7 @@ BAD_VALUES: dict[str, Any] = {
     "probe_memory": "no",
     "memory_budget": 0.0,
     "accumulate": 1,
+    "schedule_progress": "yes",
     "log_every": True,
     "fallback_microbatches": 0,
     "fallback_every": 0,

@@ -67,6 +67,12 @@ from lightning_batch.plugin.policy import (
 )
 from lightning_batch.plugin.probe import probe_fit_ceiling
 from lightning_batch.plugin.sampler import ResizableBatchSampler
+from lightning_batch.plugin.schedules import (
+    ScheduleProgress,
+    drive_step_schedulers,
+    release_step_schedulers,
+    rows_worth,
+)
 from lightning_batch.plugin.step_loss import LossModule, StepLoss
 
 __all__ = ["DynamicBatchSize", "LossModule", "UnsupportedSetupError", "resolve_lr_rule"]
@@ -146,6 +152,8 @@ class DynamicBatchSize(Callback):
         self._samples_seen = 0
         #: The noise meter of this fit, the last measurement and the share measured exactly.
         self.measurement = FitNoiseMeasurement(self.ema, opts.fallback_microbatches)
+        #: How far step-interval lr schedulers have come, in starting-batch steps (``schedule_progress``).
+        self.schedule_progress = ScheduleProgress()
 
         # Per-fit scratch.
         self._sampler: ResizableBatchSampler | None = None
@@ -181,6 +189,8 @@ class DynamicBatchSize(Callback):
         if self._step_loss is not None and self._step_loss.note:
             _warn(trainer, self._step_loss.note)
         self._attach_meter(trainer, pl_module)
+        if self.options.schedule_progress:
+            drive_step_schedulers(trainer, pl_module, self.schedule_progress, self._schedule_step_worth)
         self.accumulates = (
             self.options.accumulate
             and hasattr(pl_module, "max_rows_per_pass")
@@ -206,6 +216,15 @@ class DynamicBatchSize(Callback):
         decision = self.controller.decide(context)
         if decision.changed:
             self._apply(trainer, decision, context)
+
+    def _schedule_step_worth(self) -> float:
+        """The starting-batch steps this optimizer step is worth: AdaScale's gain, else rows / B0."""
+        if self.lr_rule_name == "adascale":
+            return self.lr_scale  # the gain r at the current batch: its scale-invariant iterations
+        sampler = self._sampler
+        if sampler is None or not self.base_batch:
+            return 1.0
+        return rows_worth(sampler.last_global_rows, self.base_batch, sampler.num_samples, sampler.drop_last)
 
     def _probe_memory(self, trainer: pl.Trainer, step_loss: StepLoss) -> None:
         self.probe, self.ceiling = probe_fit_ceiling(trainer, step_loss, self.options.memory_budget)
@@ -447,6 +466,7 @@ class DynamicBatchSize(Callback):
             "samples_seen": self._samples_seen,
             "measurement": self.clock.state_dict(),
             "rows_since_measurement": self.measurement.rows_since_measurement,
+            "schedule_progress": self.schedule_progress.state_dict(),
             # Where the next decision falls: a resumed fit decides at the same steps as an unbroken one.
             **self.cadence.state_dict(),
             # The trained position in the epoch: this callback reports trained batches, so it saves
@@ -478,6 +498,7 @@ class DynamicBatchSize(Callback):
             self.clock.load_state_dict(state["measurement"])
             self.measurement.rows_since_measurement = int(state["rows_since_measurement"])
         self.cadence.load_state_dict(state)
+        self.schedule_progress.load_state_dict(state.get("schedule_progress", {}))
         assert self._sampler is not None
         if state.get("sampler") is not None:
             self._sampler.load_state_dict(state["sampler"])
@@ -490,12 +511,14 @@ class DynamicBatchSize(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.measurement.remove()
+        release_step_schedulers(pl_module)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         # A fit that raised (a pruned trial, an interrupt, an error) must not leave hooks on the model.
         self.measurement.remove()
+        release_step_schedulers(pl_module)
 
 
 def _set_run_tag(trainer: pl.Trainer, key: str, value: str) -> None:

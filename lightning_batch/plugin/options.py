@@ -319,6 +319,13 @@ class BatchSizeOptions:
         check=boolean,
         example=False,
     )
+    schedule_progress: bool = option(
+        True,
+        "step-interval lr schedulers advance by progress (rows / the starting batch, or AdaScale's gain) "
+        "so a schedule planned for the starting batch ends with its data; off: one step per optimizer step",
+        check=boolean,
+        example=False,
+    )
     log_every: int = option(10, "log per-step metrics every N optimizer steps", check=positive_int)
     fallback_microbatches: int = option(
         8, "micro-batches measuring the noise of layers no per-example rule covers", check=positive_int
