@@ -227,3 +227,55 @@ def test_gradient_norms_and_clipping_see_unscaled_gradients_under_a_float16_scal
     plain = logged_norms([MixedPrecision("bf16-mixed", "cpu")])
     assert len(scaled) == len(plain) >= 3
     assert scaled == pytest.approx(plain, rel=0.05)  # not × 1024: clipping would act on scaled norms
+
+
+# -- Lightning's own gradient accumulation -----------------------------------------------------------------
+
+
+def _accumulating_fit(k: int, callbacks: list) -> dict[tuple[int, int], list[int]]:
+    """A plain module under ``Trainer(accumulate_grad_batches=k)``: rows of each micro-batch, per
+    ``(epoch, optimizer step)``."""
+    from .plain_project import PlainDataModule, PlainRegressor
+
+    micro: dict[tuple[int, int], list[int]] = {}
+
+    class MicroBatches(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            micro.setdefault((trainer.current_epoch, trainer.global_step), []).append(len(batch[0]))
+
+    pl.seed_everything(0, verbose=False)
+    trainer = quiet_trainer(2, [*callbacks, MicroBatches()], limit_val_batches=0, accumulate_grad_batches=k)
+    trainer.fit(PlainRegressor(), datamodule=PlainDataModule(batch_size=16, rows=1200))
+    return micro
+
+
+def test_under_accumulation_decisions_fall_between_optimizer_steps():
+    # Decisions due every 3 micro-batches would land inside 4-batch steps if counted per batch.
+    resize = DynamicBatchSize(
+        policy="noise", adjust_every=3, measure_every=1, probe_memory=False, noise_k=4.0
+    )
+    micro = _accumulating_fit(4, [resize])
+    assert len({d["to"] for d in resize.decisions}) >= 2, "the batch moved more than once"
+    steps = [d["step"] for d in resize.decisions]
+    assert len(steps) == len(set(steps)), "one decision at most per optimizer step"
+    last_of_epoch = {}
+    for epoch, step in micro:
+        last_of_epoch[epoch] = max(last_of_epoch.get(epoch, -1), step)
+    for (epoch, step), sizes in micro.items():
+        full = sizes[:-1] if step == last_of_epoch[epoch] else sizes  # an epoch's short tail
+        assert len(set(full)) == 1, f"step {step}: micro-batches of {sizes} rows"
+        if step != last_of_epoch[epoch]:
+            assert len(sizes) == 4
+
+
+def test_a_gradient_accumulation_schedule_is_refused_in_one_line():
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    from lightning_batch.plugin.measured import UnsupportedSetupError
+
+    resize = DynamicBatchSize(policy="fixed", probe_memory=False)
+    with pytest.raises(
+        UnsupportedSetupError, match=r"^DynamicBatchSize: a GradientAccumulationScheduler .*\n?$"
+    ) as info:
+        _accumulating_fit(1, [resize, GradientAccumulationScheduler({0: 2, 1: 4})])
+    assert "\n" not in str(info.value)

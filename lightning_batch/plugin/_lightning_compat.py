@@ -86,6 +86,17 @@ def drop_saved_loader_position(checkpoint: dict[str, Any], position: dict[str, A
         del fit_state["combined_loader"]
 
 
+def optimizer_step_done(trainer: pl.Trainer) -> bool:
+    """Whether the batch that just ended closed an optimizer step (call from ``on_train_batch_end``).
+
+    Always, without gradient accumulation; with ``accumulate_grad_batches = k``, every k-th batch
+    and the epoch's last (the epoch loop's own test, which it keeps privately).
+    """
+    if trainer.accumulate_grad_batches == 1:
+        return True
+    return not trainer.fit_loop.epoch_loop._should_accumulate()
+
+
 def uses_distributed_sampler(trainer: pl.Trainer) -> bool:
     """Whether the Trainer replaces samplers with a ``DistributedSampler`` (its
     ``use_distributed_sampler`` option, which it keeps privately)."""

@@ -40,10 +40,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
 
 from lightning_batch.plugin._lightning_compat import (
     drop_saved_loader_position,
+    optimizer_step_done,
     restart_train_iterator,
     scale_scheduler_lrs,
     sync_epoch_length,
@@ -150,6 +151,7 @@ class DynamicBatchSize(Callback):
         #: One row per log interval: step, samples_seen, batch_size, lr, gns, ...; for plots and reports.
         self.history: list[dict[str, float]] = []
         self._samples_seen = 0
+        self._rows_in_step = 0  # rows of the optimizer step so far (its micro-batches, with accumulation)
         #: The noise meter of this fit, the last measurement and the share measured exactly.
         self.measurement = FitNoiseMeasurement(self.ema, opts.fallback_microbatches)
         #: How far step-interval lr schedulers have come, in starting-batch steps (``schedule_progress``).
@@ -184,6 +186,11 @@ class DynamicBatchSize(Callback):
             self.controller.lr_rule = make_lr_rule(self.lr_rule_name)
         if trainer.logger is not None and trainer.is_global_zero:  # "auto" resolved (again on a resume)
             trainer.logger.log_hyperparams({"lr_rule_resolved": self.lr_rule_name})
+        if any(isinstance(c, GradientAccumulationScheduler) for c in getattr(trainer, "callbacks", ())):
+            raise UnsupportedSetupError(
+                "DynamicBatchSize: a GradientAccumulationScheduler changes the rows of an optimizer step "
+                "behind the batch-size policy's back; pass Trainer(accumulate_grad_batches=k) (one k for the fit)"
+            )
         step_loss = StepLoss.for_fit(trainer, pl_module)
         self._step_loss = step_loss if isinstance(step_loss, StepLoss) else None
         if self._step_loss is not None and self._step_loss.note:
@@ -343,9 +350,14 @@ class DynamicBatchSize(Callback):
         else:
             self.clock.record_step(rows, seconds)
         self.measurement.end_step()
-        epoch_rows = self._sampler.num_samples if self._sampler is not None else 0
-        if self.cadence.step_done(rows, epoch_rows) or self._over_ceiling(trainer):
-            self._decide(trainer)
+        # A decision lands between optimizer steps only: with gradient accumulation, every micro-batch
+        # of a step has one size, and the decision history one entry per optimizer step.
+        self._rows_in_step += rows
+        if optimizer_step_done(trainer):
+            epoch_rows = self._sampler.num_samples if self._sampler is not None else 0
+            step_rows, self._rows_in_step = self._rows_in_step, 0
+            if self.cadence.step_done(step_rows, epoch_rows) or self._over_ceiling(trainer):
+                self._decide(trainer)
         if trainer.global_step % self.options.log_every == 0:
             self._log(trainer, pl_module, rows, seconds)
         self.clock.next_cycle()
