@@ -119,3 +119,53 @@ def test_a_row_is_worth_the_same_share_of_an_epoch_whatever_the_batch():
     # drop_last: 37 full batches, the 8 left over are never trained.
     assert sum(rows_worth(r, 16, 600, drop_last=True) for r in [16] * 37) == pytest.approx(37)
     assert rows_worth(10, 0, 600) == 1.0
+
+
+def test_a_resumed_fit_steps_its_schedule_as_an_unbroken_one(tmp_path):
+    """The carried fraction is checkpointed: a fit stopped mid-epoch at a batch of 1.5 B0, half a
+    schedule step carried, and resumed trains every later step at the lr of the unbroken fit."""
+
+    class Stop(Exception):
+        pass
+
+    class StopAt(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 47:
+                raise Stop
+
+    def fit(callbacks: list, ckpt_path=None) -> LrBySamples:
+        resize = DynamicBatchSize(policy="schedule", milestones=[1], schedule_factor=1.5, probe_memory=False)
+        record = LrBySamples(resize)
+        saves = [
+            pl.callbacks.ModelCheckpoint(
+                dirpath=tmp_path, every_n_train_steps=23, save_last=True, save_top_k=0
+            )
+            for _ in callbacks[:1]  # the stopped fit only: one last.ckpt, its own
+        ]
+        trainer = pl.Trainer(
+            max_epochs=EPOCHS,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=bool(saves),
+            callbacks=[resize, *saves, *callbacks, record],
+        )
+        pl.seed_everything(0, verbose=False)
+        trainer.fit(
+            Scheduled("cosine"), datamodule=PlainDataModule(batch_size=B0, rows=ROWS), ckpt_path=ckpt_path
+        )
+        return record
+
+    unbroken = fit([])
+    with pytest.raises(Stop):
+        fit([StopAt()])
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    (own,) = [state for key, state in saved["callbacks"].items() if key.startswith("DynamicBatchSize")]
+    assert saved["global_step"] == 46 and own["batch_size"] == 24
+    assert own["schedule_progress"]["carry"] == {"0": 0.5}, "checkpointed with half a schedule step carried"
+    resumed = fit([], ckpt_path=tmp_path / "last.ckpt")
+    assert [lr for _, _, lr in resumed.steps] == pytest.approx(
+        [lr for _, _, lr in unbroken.steps[46:]], rel=1e-12
+    )
+    assert resumed.last_lr == pytest.approx(unbroken.last_lr, rel=1e-12, abs=1e-15)
