@@ -263,7 +263,7 @@ def test_under_accumulation_decisions_fall_between_optimizer_steps():
         last_of_epoch[epoch] = max(last_of_epoch.get(epoch, -1), step)
     for (epoch, step), sizes in micro.items():
         full = sizes[:-1] if step == last_of_epoch[epoch] else sizes  # an epoch's short tail
-        assert len(set(full)) == 1, f"step {step}: micro-batches of {sizes} rows"
+        assert len(set(full)) <= 1, f"step {step}: micro-batches of {sizes} rows"
         if step != last_of_epoch[epoch]:
             assert len(sizes) == 4
 
@@ -279,3 +279,34 @@ def test_a_gradient_accumulation_schedule_is_refused_in_one_line():
     ) as info:
         _accumulating_fit(1, [resize, GradientAccumulationScheduler({0: 2, 1: 4})])
     assert "\n" not in str(info.value)
+
+
+def test_under_accumulation_the_policy_reasons_in_rows_per_optimizer_step():
+    """goodput's efficiency bound B <= (B_noise + B0) / e - B_noise holds for the rows of an optimizer
+    step (B0 = 16 rows x 4 passes), and every full step trains exactly the rows the decision chose."""
+    resize = DynamicBatchSize(
+        policy="goodput",
+        min_efficiency=0.5,
+        adjust_every=4,
+        min_timed_steps=4,
+        measure_every=2,
+        probe_memory=False,
+    )
+    micro = _accumulating_fit(4, [resize])
+    changes = [d for d in resize.decisions if d["to"] != d["from"] and d["grad_sqr"]]
+    assert changes, "the batch moved on a measured noise scale"
+    b0 = 16 * 4
+    for d in changes:
+        noise = d["grad_var"] / d["grad_sqr"]
+        bound = (noise + b0) / 0.5 - noise
+        assert d["to"] <= bound + 8, (d["to"], bound, d["reason"])  # rounded to a multiple of 8 at most
+        assert d["to"] % 4 == 0 and d["from"] % 4 == 0, "rows per step: whole passes"
+    chosen = {d["step"]: d["to"] for d in resize.decisions}
+    step_rows = 64
+    last_of_epoch = {}
+    for epoch, step in micro:
+        last_of_epoch[epoch] = max(last_of_epoch.get(epoch, -1), step)
+    for (epoch, step), sizes in sorted(micro.items(), key=lambda item: item[0][1]):
+        step_rows = chosen.get(step, step_rows)  # a decision at step s applies from step s on
+        if step != last_of_epoch[epoch]:
+            assert sum(sizes) == step_rows == 4 * sizes[0], (step, sizes, step_rows)

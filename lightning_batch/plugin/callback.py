@@ -152,6 +152,8 @@ class DynamicBatchSize(Callback):
         self.history: list[dict[str, float]] = []
         self._samples_seen = 0
         self._rows_in_step = 0  # rows of the optimizer step so far (its micro-batches, with accumulation)
+        #: Passes per optimizer step (``accumulate_grad_batches``): the policy's batch is ``batch_size x`` it.
+        self.passes_per_step = 1
         #: The noise meter of this fit, the last measurement and the share measured exactly.
         self.measurement = FitNoiseMeasurement(self.ema, opts.fallback_microbatches)
         #: How far step-interval lr schedulers have come, in starting-batch steps (``schedule_progress``).
@@ -191,6 +193,8 @@ class DynamicBatchSize(Callback):
                 "DynamicBatchSize: a GradientAccumulationScheduler changes the rows of an optimizer step "
                 "behind the batch-size policy's back; pass Trainer(accumulate_grad_batches=k) (one k for the fit)"
             )
+        self.passes_per_step = max(1, int(trainer.accumulate_grad_batches))
+        self.controller.accumulation = self.passes_per_step
         step_loss = StepLoss.for_fit(trainer, pl_module)
         self._step_loss = step_loss if isinstance(step_loss, StepLoss) else None
         if self._step_loss is not None and self._step_loss.note:
@@ -385,13 +389,19 @@ class DynamicBatchSize(Callback):
         gns, grad_sqr, trace = (
             (self.ema.gns, self.ema.grad_sqr, self.ema.grad_var) if measured else (None,) * 3
         )
+        # The policy reasons in rows per optimizer step: k accumulated passes of the sampler's batch.
+        k = self.passes_per_step
+        ceiling = self._effective_ceiling(trainer)  # rows of one pass
+        if ceiling is not None and k > 1:
+            epoch_rows = self._sampler.num_samples if self._sampler is not None else None
+            ceiling = min(ceiling * k, epoch_rows) if epoch_rows else ceiling * k
         return PolicyContext(
-            batch_size=self.batch_size or 1,
-            base_batch=self.base_batch or 1,
+            batch_size=(self.batch_size or 1) * k,
+            base_batch=(self.base_batch or 1) * k,
             noise_scale=gns if gns is not None and math.isfinite(gns) else None,
             grad_sqr=max(grad_sqr, 0.0) if grad_sqr is not None else None,
             trace_sigma=max(trace, 0.0) if trace is not None else None,
-            ceiling=self._effective_ceiling(trainer),
+            ceiling=ceiling,
             epoch=trainer.current_epoch,
         )
 
@@ -403,7 +413,7 @@ class DynamicBatchSize(Callback):
         if trainer.is_global_zero:
             decision = self.controller.decide(context)
             known = self.ema.gns is not None or self.measurement.meter is None
-            interval = self.clock.plan(decision.batch_size, self.ema.num_updates, known)
+            interval = self.clock.plan(self._pass_rows(decision.batch_size), self.ema.num_updates, known)
         # Rank 0 decides (its throughput model is the one that counts) and plans the measurements;
         # every rank applies the same.
         decision, interval = trainer.strategy.broadcast((decision, interval), src=0)
@@ -414,7 +424,7 @@ class DynamicBatchSize(Callback):
     def _apply(self, trainer: pl.Trainer, decision: Decision, context: PolicyContext) -> None:
         assert self._sampler is not None
         old = self.batch_size
-        self._sampler.batch_size = decision.batch_size
+        self._sampler.batch_size = self._pass_rows(decision.batch_size)
         self.batch_size = self._sampler.batch_size
         sync_epoch_length(trainer, self._sampler)
         self._set_lr_scale(trainer, decision.lr_scale)
@@ -425,11 +435,17 @@ class DynamicBatchSize(Callback):
             "epoch": trainer.current_epoch,
             "samples_seen": self._samples_seen,
         }
-        self.decisions.append({**where, **decision.record(old, self.batch_size, self.lr_scale, context)})
+        k = self.passes_per_step  # the record is in rows per optimizer step, as the policy chose
+        step_rows = self.batch_size * k
+        self.decisions.append(
+            {**where, **decision.record(old and old * k, step_rows, self.lr_scale, context)}
+        )
         if trainer.logger is not None:
-            trainer.logger.log_metrics(
-                {"batch_size_change": float(self.batch_size)}, step=trainer.global_step
-            )
+            trainer.logger.log_metrics({"batch_size_change": float(step_rows)}, step=trainer.global_step)
+
+    def _pass_rows(self, step_rows: int) -> int:
+        """The sampler's batch (one pass) for an optimizer step of ``step_rows`` rows."""
+        return max(1, round(step_rows / self.passes_per_step))
 
     def _set_lr_scale(self, trainer: pl.Trainer, scale: float) -> None:
         """Multiply every lr by ``scale / current scale``; schedulers' base lrs follow, so they stay coherent."""
@@ -448,7 +464,7 @@ class DynamicBatchSize(Callback):
         row = {
             "step": float(trainer.global_step),
             "samples_seen": float(self._samples_seen),
-            "batch_size": float(self.batch_size or rows),
+            "batch_size": float((self.batch_size or rows) * self.passes_per_step),  # rows per optimizer step
             "lr": lr,
             **self.ema.as_row(),
             "gns_measured_fraction": _nan_if_none(self.measurement.measured_fraction),

@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from lightning_batch.plugin.checks import checked, count, integer, number, optional, positive_int
 from lightning_batch.plugin.options import BatchSizeOptions
@@ -218,6 +218,50 @@ class ThroughputModel:
 
 # ----------------------------------------------------------------------------------------------------------
 # the admissible batch sizes
+
+
+class PerOptimizerStep:
+    """A :class:`ThroughputModel` of passes read in optimizer steps of ``k`` accumulated passes.
+
+    With ``accumulate_grad_batches = k`` the clock times each pass (a micro-batch of ``B / k``
+    rows) while a policy reasons about an optimizer step of ``B`` rows, k passes:
+    ``t_step(B) = k * t_pass(B / k) = k * alpha + beta * B``.
+
+    >>> passes = ThroughputModel()
+    >>> passes.observe(16, 0.10); passes.observe(32, 0.18)
+    >>> steps = PerOptimizerStep(passes, 4)
+    >>> steps.batch_sizes, [round(c, 3) for c in steps.coefficients], round(steps.step_time(128), 3)
+    ([64, 128], [0.08, 0.005], 0.72)
+    """
+
+    def __init__(self, passes: ThroughputModel, k: int) -> None:
+        self.passes, self.k = passes, k
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.passes.is_fitted
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [b * self.k for b in self.passes.batch_sizes]
+
+    @property
+    def coefficients(self) -> tuple[float, float] | None:
+        ab = self.passes.coefficients
+        return None if ab is None else (ab[0] * self.k, ab[1])
+
+    def times_at(self, batch_size: int) -> list[float]:
+        if batch_size % self.k:
+            return []
+        return [t * self.k for t in self.passes.times_at(batch_size // self.k)]
+
+    def step_time(self, batch_size: float) -> float | None:
+        t = self.passes.step_time(batch_size / self.k)
+        return None if t is None else t * self.k
+
+    def throughput(self, batch_size: float) -> float | None:
+        t = self.step_time(batch_size)
+        return None if t is None or t <= 0.0 else batch_size / t
 
 
 def _floor(x: float) -> int:
@@ -1010,6 +1054,9 @@ class BatchSizeController:
         if max_lr_scale is not None:
             max_lr_scale = checked("max_lr_scale", max_lr_scale, number(minimum=1.0), 10.0)
         self.max_lr_scale = max_lr_scale
+        #: Passes per optimizer step (the Trainer's ``accumulate_grad_batches``): batches are rows per
+        #: optimizer step, the throughput model times passes (:class:`PerOptimizerStep` converts).
+        self.accumulation = 1
         self.num_changes = 0
 
     @classmethod
@@ -1044,7 +1091,9 @@ class BatchSizeController:
             min_batch=self.min_batch,
             max_batch=self.max_batch,
             multiple=self.multiple,
-            throughput=self.throughput,
+            throughput=self.throughput
+            if self.accumulation == 1
+            else cast(ThroughputModel, PerOptimizerStep(self.throughput, self.accumulation)),
         )
         grid = ctx.grid
         cur = ctx.batch_size
