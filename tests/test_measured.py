@@ -88,6 +88,16 @@ def test_the_summary_names_each_group_its_share_the_reason_and_what_is_done_inst
     )
 
 
+def test_a_model_with_no_parameter_measured_exactly_says_zero_percent():
+    from lightning_batch.plugin.measured import not_exact_summary
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.PReLU())  # one parameter, no per-example rule
+    assert not_exact_summary(_measured_once(net), 4).startswith(
+        "0.0% of the parameters are measured exactly; these are left out of the noise scale"
+    )
+
+
 def test_more_than_three_reasons_are_cut_short():
     from lightning_batch.plugin.measured import not_exact_summary
 
