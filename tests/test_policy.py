@@ -859,3 +859,41 @@ def test_the_controller_and_policy_a_callback_runs_come_from_its_options() -> No
     assert policy_from_options(BatchSizeOptions(policy="noise", noise_k=2.0)).k == 2.0
     mine = NoisePolicy(k=3.0)
     assert policy_from_options(BatchSizeOptions(policy=mine)) is mine
+
+
+# -- optimizer steps of accumulated passes ------------------------------------------------------------
+
+
+def test_a_pass_model_read_per_optimizer_step():
+    from lightning_batch.plugin.policy import PerOptimizerStep
+
+    passes = ThroughputModel()
+    steps = PerOptimizerStep(passes, 4)
+    assert steps.coefficients is None and steps.step_time(64) is None and steps.throughput(64) is None
+    assert not steps.is_fitted and steps.batch_sizes == []
+    passes.observe(16, 0.10)
+    passes.observe(16, 0.12)
+    passes.observe(32, 0.18)
+    assert steps.is_fitted and steps.batch_sizes == [64, 128]
+    assert steps.times_at(64) == pytest.approx([0.40, 0.48]) and steps.times_at(66) == []
+    alpha, beta = passes.coefficients
+    assert steps.coefficients == pytest.approx((4 * alpha, beta))
+    assert steps.step_time(128) == pytest.approx(4 * passes.step_time(32))
+    assert steps.throughput(128) == pytest.approx(128 / (4 * passes.step_time(32)))
+
+
+def test_a_controller_of_accumulated_passes_decides_as_one_timed_in_whole_steps():
+    """Passes of B/k rows timed t, read per step, are steps of B rows timed k*t."""
+    ctx = PolicyContext(batch_size=64, base_batch=64, noise_scale=300.0, ceiling=4096)
+    passes, whole = ThroughputModel(), ThroughputModel()
+    for rows, seconds in [(16, 0.010), (32, 0.012), (64, 0.016)]:
+        passes.observe(rows, seconds)
+        whole.observe(4 * rows, 4 * seconds)
+    accumulating = BatchSizeController("goodput", throughput=passes)
+    accumulating.accumulation = 4
+    plain = BatchSizeController("goodput", throughput=whole)
+    a, b = accumulating.decide(ctx), plain.decide(ctx)
+    assert (a.batch_size, a.reason) == (b.batch_size, b.reason)
+    assert a.batch_size != ctx.batch_size, "the steps' model moves the batch"
+    one = BatchSizeController("goodput", throughput=passes)  # read as steps of one pass: another answer
+    assert one.decide(ctx).batch_size != a.batch_size
