@@ -249,6 +249,14 @@ def _accumulating_fit(k: int, callbacks: list) -> dict[tuple[int, int], list[int
     return micro
 
 
+def _last_step_of_each_epoch(micro: dict[tuple[int, int], list[int]]) -> dict[int, int]:
+    """The optimizer step that ends each epoch (its passes may be fewer, the last one short)."""
+    last: dict[int, int] = {}
+    for epoch, step in micro:
+        last[epoch] = max(last.get(epoch, -1), step)
+    return last
+
+
 def test_under_accumulation_decisions_fall_between_optimizer_steps():
     # Decisions due every 3 micro-batches would land inside 4-batch steps if counted per batch.
     resize = DynamicBatchSize(
@@ -258,9 +266,7 @@ def test_under_accumulation_decisions_fall_between_optimizer_steps():
     assert len({d["to"] for d in resize.decisions}) >= 2, "the batch moved more than once"
     steps = [d["step"] for d in resize.decisions]
     assert len(steps) == len(set(steps)), "one decision at most per optimizer step"
-    last_of_epoch = {}
-    for epoch, step in micro:
-        last_of_epoch[epoch] = max(last_of_epoch.get(epoch, -1), step)
+    last_of_epoch = _last_step_of_each_epoch(micro)
     for (epoch, step), sizes in micro.items():
         full = sizes[:-1] if step == last_of_epoch[epoch] else sizes  # an epoch's short tail
         assert len(set(full)) <= 1, f"step {step}: micro-batches of {sizes} rows"
@@ -303,9 +309,7 @@ def test_under_accumulation_the_policy_reasons_in_rows_per_optimizer_step():
         assert d["to"] % 4 == 0 and d["from"] % 4 == 0, "rows per step: whole passes"
     chosen = {d["step"]: d["to"] for d in resize.decisions}
     step_rows = 64
-    last_of_epoch = {}
-    for epoch, step in micro:
-        last_of_epoch[epoch] = max(last_of_epoch.get(epoch, -1), step)
+    last_of_epoch = _last_step_of_each_epoch(micro)
     for (epoch, step), sizes in sorted(micro.items(), key=lambda item: item[0][1]):
         step_rows = chosen.get(step, step_rows)  # a decision at step s applies from step s on
         if step != last_of_epoch[epoch]:

@@ -62,7 +62,7 @@ class LrBySamples(pl.Callback):
         self.last_lr = trainer.optimizers[0].param_groups[0]["lr"]
 
 
-def _fit(schedule: str, callbacks: list) -> LrBySamples:
+def _fit(schedule: str, callbacks: list, ckpt_path=None) -> LrBySamples:
     record = LrBySamples(next((c for c in callbacks if isinstance(c, DynamicBatchSize)), None))
     trainer = pl.Trainer(
         max_epochs=EPOCHS,
@@ -70,11 +70,13 @@ def _fit(schedule: str, callbacks: list) -> LrBySamples:
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
+        enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
         callbacks=[*callbacks, record],
     )
     pl.seed_everything(0, verbose=False)
-    trainer.fit(Scheduled(schedule), datamodule=PlainDataModule(batch_size=B0, rows=ROWS))
+    trainer.fit(
+        Scheduled(schedule), datamodule=PlainDataModule(batch_size=B0, rows=ROWS), ckpt_path=ckpt_path
+    )
     return record
 
 
@@ -135,27 +137,13 @@ def test_a_resumed_fit_steps_its_schedule_as_an_unbroken_one(tmp_path):
 
     def fit(callbacks: list, ckpt_path=None) -> LrBySamples:
         resize = DynamicBatchSize(policy="schedule", milestones=[1], schedule_factor=1.5, probe_memory=False)
-        record = LrBySamples(resize)
         saves = [
             pl.callbacks.ModelCheckpoint(
                 dirpath=tmp_path, every_n_train_steps=23, save_last=True, save_top_k=0
             )
             for _ in callbacks[:1]  # the stopped fit only: one last.ckpt, its own
         ]
-        trainer = pl.Trainer(
-            max_epochs=EPOCHS,
-            accelerator="cpu",
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=bool(saves),
-            callbacks=[resize, *saves, *callbacks, record],
-        )
-        pl.seed_everything(0, verbose=False)
-        trainer.fit(
-            Scheduled("cosine"), datamodule=PlainDataModule(batch_size=B0, rows=ROWS), ckpt_path=ckpt_path
-        )
-        return record
+        return _fit("cosine", [resize, *saves, *callbacks], ckpt_path)
 
     unbroken = fit([])
     with pytest.raises(Stop):

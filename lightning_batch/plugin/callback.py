@@ -152,8 +152,6 @@ class DynamicBatchSize(Callback):
         self.history: list[dict[str, float]] = []
         self._samples_seen = 0
         self._rows_in_step = 0  # rows of the optimizer step so far (its micro-batches, with accumulation)
-        #: Passes per optimizer step (``accumulate_grad_batches``): the policy's batch is ``batch_size x`` it.
-        self.passes_per_step = 1
         #: The noise meter of this fit, the last measurement and the share measured exactly.
         self.measurement = FitNoiseMeasurement(self.ema, opts.fallback_microbatches)
         #: How far step-interval lr schedulers have come, in starting-batch steps (``schedule_progress``).
@@ -193,8 +191,7 @@ class DynamicBatchSize(Callback):
                 "DynamicBatchSize: a GradientAccumulationScheduler changes the rows of an optimizer step "
                 "behind the batch-size policy's back; pass Trainer(accumulate_grad_batches=k) (one k for the fit)"
             )
-        self.passes_per_step = max(1, int(trainer.accumulate_grad_batches))
-        self.controller.accumulation = self.passes_per_step
+        self.controller.accumulation = max(1, int(trainer.accumulate_grad_batches))
         step_loss = StepLoss.for_fit(trainer, pl_module)
         self._step_loss = step_loss if isinstance(step_loss, StepLoss) else None
         if self._step_loss is not None and self._step_loss.note:
@@ -227,6 +224,11 @@ class DynamicBatchSize(Callback):
         decision = self.controller.decide(context)
         if decision.changed:
             self._apply(trainer, decision, context)
+
+    @property
+    def passes_per_step(self) -> int:
+        """Passes per optimizer step (``accumulate_grad_batches``): the policy's batch is ``batch_size`` x it."""
+        return self.controller.accumulation
 
     def _schedule_step_worth(self) -> float:
         """The starting-batch steps this optimizer step is worth: AdaScale's gain, else rows / B0."""
