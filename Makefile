@@ -39,7 +39,7 @@ mutate: $(STAMP)
 
 # ruff, then mypy: strict on the plugin (the base install), mypy's defaults on the rest of the package.
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check --no-cache . && $(BIN)/ruff format --check --no-cache .
 	$(BIN)/mypy --strict lightning_batch/plugin
 	$(BIN)/mypy
 
