@@ -314,3 +314,123 @@ def test_under_accumulation_the_policy_reasons_in_rows_per_optimizer_step():
         step_rows = chosen.get(step, step_rows)  # a decision at step s applies from step s on
         if step != last_of_epoch[epoch]:
             assert sum(sizes) == step_rows == 4 * sizes[0], (step, sizes, step_rows)
+
+
+class PlainClassifier(pl.LightningModule):
+    """A user's module, not TaskModule: automatic optimization, its network under ``self.body``.
+
+    It records the rows of each optimizer step (the passes since the last step) and the lr each step
+    used, for comparison with a run whose batch fits in one pass.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _mlp()
+        self.step_rows: list[int] = []
+        self.lrs: list[float] = []
+        self._rows = 0
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self._rows += len(x)
+        return nn.functional.cross_entropy(self.body(x), y)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.step_rows.append(self._rows)
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+        self._rows = 0
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def _fit_plain(
+    monkeypatch, ceiling: int, epochs: int = 3, rows: int = 640, callbacks: tuple = (), ckpt_path=None
+) -> tuple[PlainClassifier, DynamicBatchSize]:
+    """Epochs of ``rows`` rows from B=16; the schedule asks for 4x at each epoch: 16, 64, 256."""
+    probe = MemoryProbeResult(
+        ceiling=ceiling,
+        steps=[(ceiling, ceiling)],
+        budget_bytes=ceiling,
+        backend="fake",
+        bytes_per_sample=1.0,
+    )
+    monkeypatch.setattr("lightning_batch.plugin.probe.probe_training_ceiling", lambda *a, **k: probe)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(rows, 6, generator=g)
+    y = (x @ torch.randn(6, 3, generator=g)).argmax(1)  # learnable: the mean gradient is not noise alone
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True)
+    module = PlainClassifier()
+    resize = DynamicBatchSize(
+        policy="schedule",
+        milestones=(1, 2),
+        schedule_factor=4.0,
+        lr_rule="adascale",
+        measure_every=1,
+        log_every=1,
+    )
+    pl.seed_everything(0, verbose=False)
+    trainer = quiet_trainer(
+        epochs, [resize, *callbacks], limit_val_batches=0, enable_checkpointing=bool(callbacks)
+    )
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    return module, resize
+
+
+def test_a_plain_module_asking_for_4x_the_ceiling_trains_as_one_big_step(monkeypatch):
+    """Acceptance (issue 24, part 5): beyond the ceiling Lightning's own accumulation runs the passes;
+    rows per step, weights, noise statistics and the AdaScale lr equal a run where the batch fits."""
+    fits, fits_resize = _fit_plain(monkeypatch, ceiling=10_000)
+    split, split_resize = _fit_plain(monkeypatch, ceiling=64)
+
+    assert [d["to"] for d in split_resize.decisions] == [d["to"] for d in fits_resize.decisions] == [64, 256]
+    assert split_resize.batch_size == 64 and split_resize.passes_per_step == 4  # 256 rows in 4 passes of 64
+    assert fits_resize.batch_size == 256 and fits_resize.passes_per_step == 1
+    # The same rows per optimizer step in both runs; every step has the decided rows but an epoch's last.
+    assert split.step_rows == fits.step_rows and 256 in split.step_rows
+    assert sum(split.step_rows) == 3 * 640
+    for got, want in zip(split.body.parameters(), fits.body.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # Measured at every step over all its passes: the same |G|², tr(Σ) and therefore the same lr.
+    assert len(split_resize.history) == len(fits_resize.history) == len(split.step_rows)
+    for key in ("grad_sqr", "grad_var", "gns", "batch_size"):
+        got = torch.tensor([row[key] for row in split_resize.history])
+        want = torch.tensor([row[key] for row in fits_resize.history])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9, equal_nan=True)
+    torch.testing.assert_close(torch.tensor(split.lrs), torch.tensor(fits.lrs), rtol=1e-5, atol=0.0)
+    assert max(split.lrs) > 0.05, "AdaScale raised the lr at the larger batches"
+    # The fit over, the Trainer has the user's accumulation back.
+    assert split_resize.passes.user_passes == 1
+
+
+def test_a_fit_stopped_between_passes_beyond_the_ceiling_resumes_as_the_unbroken_one(monkeypatch, tmp_path):
+    """Stopped mid-epoch while each step runs in 4 passes: the resumed fit has the same passes per
+    step, the same rows per step, lrs and final weights as the unbroken fit."""
+
+    class Stop(Exception):
+        pass
+
+    unbroken, _ = _fit_plain(monkeypatch, ceiling=64, rows=1280)
+    big = [i for i, rows in enumerate(unbroken.step_rows) if rows == 256]
+    assert len(big) >= 3, "several steps of 4 passes in the last epoch"
+    stop_at = big[1] + 1  # the global step after the second 4-pass step
+
+    class StopAt(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == stop_at:
+                raise Stop
+
+    saves = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path, every_n_train_steps=1, save_last=True, save_top_k=0
+    )
+    with pytest.raises(Stop):
+        _fit_plain(monkeypatch, ceiling=64, rows=1280, callbacks=(StopAt(), saves))
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    (own,) = [state for key, state in saved["callbacks"].items() if key.startswith("DynamicBatchSize")]
+    start = saved["global_step"]  # the checkpoint of the step before the stop (callbacks run first)
+    assert start == big[1] and own["passes"]["passes"] == 4
+    resumed, _ = _fit_plain(monkeypatch, ceiling=64, rows=1280, ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.step_rows == unbroken.step_rows[start:]
+    assert resumed.lrs == pytest.approx(unbroken.lrs[start:], rel=1e-9)
+    for got, want in zip(resumed.body.parameters(), unbroken.body.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

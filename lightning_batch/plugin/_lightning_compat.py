@@ -97,6 +97,84 @@ def optimizer_step_done(trainer: pl.Trainer) -> bool:
     return not trainer.fit_loop.epoch_loop._should_accumulate()
 
 
+class StepBoundaries:
+    """Where optimizer steps start once ``accumulate_grad_batches`` changes in the middle of an epoch.
+
+    Lightning counts passes per epoch and closes a step when ``ready % k == 0`` (and zeroes the
+    gradients when ``batch_idx % k == 0``): a new k set after, say, 6 passes would close the next
+    step after 2 passes, not k, and start it without zeroing. The callback changes k only at a step
+    boundary and records the epoch's pass count there (:meth:`restart`); steps then count from it.
+
+    >>> boundaries = StepBoundaries()
+    >>> boundaries.restart(epoch=0, passes_done=6)
+    >>> [boundaries.passes_into_step(0, done) for done in (6, 7, 9)], boundaries.passes_into_step(1, 3)
+    ([0, 1, 3], 3)
+    """
+
+    def __init__(self) -> None:
+        self.epoch = -1
+        self.offset = 0
+
+    def restart(self, epoch: int, passes_done: int) -> None:
+        """Steps of ``epoch`` start again after its first ``passes_done`` passes."""
+        self.epoch, self.offset = epoch, passes_done
+
+    def passes_into_step(self, epoch: int, passes_done: int) -> int:
+        """Passes since the epoch's step boundaries restarted (all of them, in a later epoch)."""
+        return passes_done - self.offset if epoch == self.epoch else passes_done
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+
+def count_steps_from(trainer: pl.Trainer, boundaries: StepBoundaries) -> None:
+    """Make the fit's loops close and open optimizer steps by ``boundaries`` (instance wrappers).
+
+    Two private tests of the loops are replaced on this fit's loop instances: the epoch loop's
+    "accumulated enough passes" and the automatic optimization's "first pass of a step, zero the
+    gradients". Both read ``trainer.accumulate_grad_batches`` as it is now. Lightning still closes
+    a step on the epoch's last pass, and still divides each pass's loss by k (equal passes: the
+    mean over the step's rows).
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    automatic = epoch_loop.automatic_optimization
+
+    def passes_into_step(passes_done: int) -> int:
+        return boundaries.passes_into_step(trainer.current_epoch, passes_done)
+
+    def accumulated_batches_reached() -> bool:
+        ready = epoch_loop.batch_progress.current.ready
+        return passes_into_step(ready) % trainer.accumulate_grad_batches == 0
+
+    def make_zero_grad_fn(batch_idx: int, optimizer: Any) -> Any:
+        if automatic._skip_backward or passes_into_step(batch_idx) % trainer.accumulate_grad_batches:
+            return None
+
+        def zero_grad_fn() -> None:
+            automatic._on_before_zero_grad(optimizer)
+            automatic._optimizer_zero_grad(batch_idx, optimizer)
+
+        return zero_grad_fn
+
+    epoch_loop.__dict__["_accumulated_batches_reached"] = accumulated_batches_reached
+    automatic.__dict__["_make_zero_grad_fn"] = make_zero_grad_fn
+
+
+def passes_done_in_epoch(trainer: pl.Trainer) -> int:
+    """The passes (batches) the epoch loop has run so far in this epoch."""
+    return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
+
+def release_step_counting(trainer: pl.Trainer) -> None:
+    """Give the loops their own step tests back."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    epoch_loop.__dict__.pop("_accumulated_batches_reached", None)
+    epoch_loop.automatic_optimization.__dict__.pop("_make_zero_grad_fn", None)
+
+
 def uses_distributed_sampler(trainer: pl.Trainer) -> bool:
     """Whether the Trainer replaces samplers with a ``DistributedSampler`` (its
     ``use_distributed_sampler`` option, which it keeps privately)."""

@@ -57,6 +57,7 @@ from lightning_batch.plugin.measured import UnsupportedSetupError
 from lightning_batch.plugin.memory import MemoryProbeResult, resident_bytes
 from lightning_batch.plugin.noise import NoiseScaleEMA
 from lightning_batch.plugin.options import BatchSizeOptions, default_of, option_fields
+from lightning_batch.plugin.passes import SplitsItsPasses, StepPasses
 from lightning_batch.plugin.policy import (
     BatchSizeController,
     Decision,
@@ -84,8 +85,17 @@ log = logging.getLogger(__name__)
 #: measurements at the start batch the noise scale swings by several times (the digits CNN's first
 #: decisions went anywhere from B=40 to B=272 on it).
 MIN_MEASUREMENTS = 4
-#: The metrics this callback logs (besides ``batch_size`` and ``lr`` for modules that don't).
-METRICS = ("gns", "grad_sqr", "grad_var", "gns_measured_fraction", "throughput", "mem_peak")
+#: The metrics this callback logs (``batch_size``: the rows of an optimizer step, as the policy chose).
+METRICS = (
+    "batch_size",
+    "lr",
+    "gns",
+    "grad_sqr",
+    "grad_var",
+    "gns_measured_fraction",
+    "throughput",
+    "mem_peak",
+)
 #: Optimizers whose step is not a plain multiple of the gradient, so AdaScale's gain does not apply.
 ADAPTIVE_OPTIMIZERS = ("Adam", "AdamW", "RAdam", "NAdam", "Adamax", "Adagrad", "Adadelta", "RMSprop")
 
@@ -164,6 +174,8 @@ class DynamicBatchSize(Callback):
         self._step_loss: StepLoss | None = None  # the loss of batches the callback builds (per fit)
         #: Whether batches beyond the ceiling run as micro-batches in this fit (see ``accumulate``).
         self.accumulates = False
+        #: The passes of an optimizer step: the user's accumulation, and more beyond the ceiling.
+        self.passes = StepPasses()
 
     # -- set-up ---------------------------------------------------------------------------------------
 
@@ -191,7 +203,8 @@ class DynamicBatchSize(Callback):
                 "DynamicBatchSize: a GradientAccumulationScheduler changes the rows of an optimizer step "
                 "behind the batch-size policy's back; pass Trainer(accumulate_grad_batches=k) (one k for the fit)"
             )
-        self.controller.accumulation = max(1, int(trainer.accumulate_grad_batches))
+        self.passes = StepPasses(max(1, int(trainer.accumulate_grad_batches)))
+        self.controller.accumulation = self.passes.user_passes
         step_loss = StepLoss.for_fit(trainer, pl_module)
         self._step_loss = step_loss if isinstance(step_loss, StepLoss) else None
         if self._step_loss is not None and self._step_loss.note:
@@ -199,11 +212,15 @@ class DynamicBatchSize(Callback):
         self._attach_meter(trainer, pl_module)
         if self.options.schedule_progress:
             drive_step_schedulers(trainer, pl_module, self.schedule_progress, self._schedule_step_worth)
+        # Beyond the ceiling: Lightning's accumulation (automatic optimization), or a module that splits
+        # its own steps (manual optimization); the memory policy's batch *is* the ceiling.
         self.accumulates = (
             self.options.accumulate
-            and hasattr(pl_module, "max_rows_per_pass")
-            and self.controller.policy.name != "memory"  # its batch *is* the ceiling
+            and (pl_module.automatic_optimization or isinstance(pl_module, SplitsItsPasses))
+            and self.controller.policy.name != "memory"
         )
+        if self.accumulates and pl_module.automatic_optimization:
+            self.passes.take_over(trainer)
         if self._loaded_state is not None:
             self._restore(trainer)
             self._limit_rows_per_pass(trainer, pl_module)
@@ -228,7 +245,7 @@ class DynamicBatchSize(Callback):
     @property
     def passes_per_step(self) -> int:
         """Passes per optimizer step (``accumulate_grad_batches``): the policy's batch is ``batch_size`` x it."""
-        return self.controller.accumulation
+        return self.passes.passes
 
     def _schedule_step_worth(self) -> float:
         """The starting-batch steps this optimizer step is worth: AdaScale's gain, else rows / B0."""
@@ -237,7 +254,10 @@ class DynamicBatchSize(Callback):
         sampler = self._sampler
         if sampler is None or not self.base_batch:
             return 1.0
-        return rows_worth(sampler.last_global_rows, self.base_batch, sampler.num_samples, sampler.drop_last)
+        # Called in the step's last pass, before on_train_batch_end counts its rows.
+        step_rows = self._rows_in_step + sampler.last_global_rows
+        base_step = self.base_batch * self.passes.user_passes
+        return rows_worth(step_rows, base_step, sampler.num_samples, sampler.drop_last)
 
     def _probe_memory(self, trainer: pl.Trainer, step_loss: StepLoss) -> None:
         self.probe, self.ceiling = probe_fit_ceiling(trainer, step_loss, self.options.memory_budget)
@@ -251,8 +271,9 @@ class DynamicBatchSize(Callback):
             trainer.logger.log_metrics(self.probe.metrics("memory_probe_"), step=trainer.global_step)
 
     def _limit_rows_per_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """With ``accumulate``, a rank's forward/backward passes hold at most its share of the ceiling."""
-        if not self.accumulates or self.ceiling is None:
+        """With ``accumulate``, a module that splits its own steps holds at most a rank's share of the
+        ceiling per pass (with automatic optimization the sampler's batch is the pass: see _apply)."""
+        if not self.accumulates or self.ceiling is None or not isinstance(pl_module, SplitsItsPasses):
             return
         per_rank = max(1, self.ceiling // trainer.world_size)
         current = getattr(pl_module, "max_rows_per_pass", None)
@@ -310,6 +331,8 @@ class DynamicBatchSize(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._sampler is not None:
             sync_epoch_length(trainer, self._sampler)
+        if self.passes.in_charge:
+            self.passes.epoch_starts(trainer)
         self.clock.interrupt()  # the first step's cycle includes the epoch's set-up
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -323,6 +346,11 @@ class DynamicBatchSize(Callback):
     ) -> None:
         if self._sampler is not None and self._sampler.position_owner is self:
             self._sampler.batch_trained()  # in order, once per trained batch: the saved position
+        if self._rows_in_step:  # a further pass of an accumulated step: measured with the step
+            self.measurement.next_pass(batch)
+            return
+        if self.passes.in_charge and self._sampler is not None:  # an epoch's last step may be short
+            self.passes.last_step_of_epoch(trainer, self._sampler.untrained_batches() + 1, batch_idx)
         # global_step moves on in the optimizer step: what to measure is decided here, at the start.
         measure, fallback = self.clock.begin_step(trainer.global_step)
         self.measurement.begin_step(measure, batch, fallback)
@@ -347,25 +375,26 @@ class DynamicBatchSize(Callback):
         rows = self._sampler.last_global_rows if self._sampler is not None else 0
         self._samples_seen += rows
         self.measurement.rows_since_measurement += rows
-        if self.clock.measuring:
+        self._rows_in_step += rows
+        step_done = optimizer_step_done(trainer)
+        if not self.clock.measuring:
+            self.clock.record_step(rows, seconds)
+        elif step_done:  # a measured step spans its passes: measured once, over all their rows
             started = self.clock.now()
-            self.measurement.measure(trainer, pl_module.device, rows)
+            self.measurement.measure(trainer, pl_module.device, self._rows_in_step)
             self.clock.record_measurement(rows, seconds, self.clock.now() - started)
             if self.measurement.newly_known:
                 self._say_what_is_measured(trainer)
-        else:
-            self.clock.record_step(rows, seconds)
         self.measurement.end_step()
         # A decision lands between optimizer steps only: with gradient accumulation, every micro-batch
         # of a step has one size, and the decision history one entry per optimizer step.
-        self._rows_in_step += rows
-        if optimizer_step_done(trainer):
+        if step_done:
             epoch_rows = self._sampler.num_samples if self._sampler is not None else 0
             step_rows, self._rows_in_step = self._rows_in_step, 0
             if self.cadence.step_done(step_rows, epoch_rows) or self._over_ceiling(trainer):
                 self._decide(trainer)
-        if trainer.global_step % self.options.log_every == 0:
-            self._log(trainer, pl_module, rows, seconds)
+            if trainer.global_step % self.options.log_every == 0:
+                self._log(trainer, pl_module, rows, seconds)
         self.clock.next_cycle()
 
     # -- decide and apply -----------------------------------------------------------------------------
@@ -377,7 +406,9 @@ class DynamicBatchSize(Callback):
         if self.accumulates:
             # Memory bounds the rows of a pass, not the batch: only the data (and max_batch) bound it.
             return effective_ceiling(None, None, trainer.world_size, epoch_rows)
-        oom_rows = getattr(trainer.lightning_module, "max_rows_per_pass", None)
+        module = trainer.lightning_module
+        # A module that splits its own steps lowers its rows per pass after an out-of-memory error.
+        oom_rows = module.max_rows_per_pass if isinstance(module, SplitsItsPasses) else None
         return effective_ceiling(self.ceiling, oom_rows, trainer.world_size, epoch_rows)
 
     def _over_ceiling(self, trainer: pl.Trainer) -> bool:
@@ -392,13 +423,13 @@ class DynamicBatchSize(Callback):
             (self.ema.gns, self.ema.grad_sqr, self.ema.grad_var) if measured else (None,) * 3
         )
         # The policy reasons in rows per optimizer step: k accumulated passes of the sampler's batch.
-        k = self.passes_per_step
+        k = self.passes.user_passes
         ceiling = self._effective_ceiling(trainer)  # rows of one pass
         if ceiling is not None and k > 1:
             epoch_rows = self._sampler.num_samples if self._sampler is not None else None
             ceiling = min(ceiling * k, epoch_rows) if epoch_rows else ceiling * k
         return PolicyContext(
-            batch_size=(self.batch_size or 1) * k,
+            batch_size=(self.batch_size or 1) * self.passes_per_step,
             base_batch=(self.base_batch or 1) * k,
             noise_scale=gns if gns is not None and math.isfinite(gns) else None,
             grad_sqr=max(grad_sqr, 0.0) if grad_sqr is not None else None,
@@ -425,9 +456,10 @@ class DynamicBatchSize(Callback):
 
     def _apply(self, trainer: pl.Trainer, decision: Decision, context: PolicyContext) -> None:
         assert self._sampler is not None
-        old = self.batch_size
-        self._sampler.batch_size = self._pass_rows(decision.batch_size)
-        self.batch_size = self._sampler.batch_size
+        old = self.batch_size and self.batch_size * self.passes_per_step
+        pass_rows, passes = self._split(decision.batch_size)
+        self.passes.set(trainer, passes)
+        self._sampler.batch_size = self.batch_size = pass_rows
         sync_epoch_length(trainer, self._sampler)
         self._set_lr_scale(trainer, decision.lr_scale)
         # What the decision (and the AdaScale lr) was taken from is rank 0's context, the same as every
@@ -437,17 +469,20 @@ class DynamicBatchSize(Callback):
             "epoch": trainer.current_epoch,
             "samples_seen": self._samples_seen,
         }
-        k = self.passes_per_step  # the record is in rows per optimizer step, as the policy chose
-        step_rows = self.batch_size * k
-        self.decisions.append(
-            {**where, **decision.record(old and old * k, step_rows, self.lr_scale, context)}
-        )
+        step_rows = self.batch_size * self.passes_per_step  # the record is in rows per optimizer step
+        self.decisions.append({**where, **decision.record(old, step_rows, self.lr_scale, context)})
         if trainer.logger is not None:
             trainer.logger.log_metrics({"batch_size_change": float(step_rows)}, step=trainer.global_step)
 
+    def _split(self, step_rows: int) -> tuple[int, int]:
+        """``(the sampler's batch, passes)`` for an optimizer step of ``step_rows`` rows: beyond the
+        ceiling, with automatic optimization, in as many more passes as memory needs."""
+        beyond = self.accumulates and self.passes.in_charge
+        return self.passes.split(step_rows, self.ceiling if beyond else None)
+
     def _pass_rows(self, step_rows: int) -> int:
         """The sampler's batch (one pass) for an optimizer step of ``step_rows`` rows."""
-        return max(1, round(step_rows / self.passes_per_step))
+        return self._split(step_rows)[0]
 
     def _set_lr_scale(self, trainer: pl.Trainer, scale: float) -> None:
         """Multiply every lr by ``scale / current scale``; schedulers' base lrs follow, so they stay coherent."""
@@ -477,8 +512,6 @@ class DynamicBatchSize(Callback):
         if trainer.logger is None:
             return
         metrics = {k: v for k, v in row.items() if k in METRICS and math.isfinite(v)}
-        if not getattr(pl_module, "logs_batch_size", False):
-            metrics.update(batch_size=row["batch_size"], lr=row["lr"])
         trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
     # -- checkpoints ----------------------------------------------------------------------------------
@@ -497,6 +530,7 @@ class DynamicBatchSize(Callback):
             "measurement": self.clock.state_dict(),
             "rows_since_measurement": self.measurement.rows_since_measurement,
             "schedule_progress": self.schedule_progress.state_dict(),
+            "passes": self.passes.state_dict(),
             # Where the next decision falls: a resumed fit decides at the same steps as an unbroken one.
             **self.cadence.state_dict(),
             # The trained position in the epoch: this callback reports trained batches, so it saves
@@ -529,6 +563,8 @@ class DynamicBatchSize(Callback):
             self.measurement.rows_since_measurement = int(state["rows_since_measurement"])
         self.cadence.load_state_dict(state)
         self.schedule_progress.load_state_dict(state.get("schedule_progress", {}))
+        if "passes" in state:  # checkpoints from before passes beyond the ceiling have none
+            self.passes.load_state_dict(trainer, state["passes"])
         assert self._sampler is not None
         if state.get("sampler") is not None:
             self._sampler.load_state_dict(state["sampler"])
@@ -540,8 +576,11 @@ class DynamicBatchSize(Callback):
     # -- the end --------------------------------------------------------------------------------------
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step % self.options.log_every and self._sampler is not None:
+            self._log(trainer, pl_module, self._sampler.last_global_rows, math.nan)  # the final step's row
         self.measurement.remove()
         release_step_schedulers(pl_module)
+        self.passes.release()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -549,6 +588,7 @@ class DynamicBatchSize(Callback):
         # A fit that raised (a pruned trial, an interrupt, an error) must not leave hooks on the model.
         self.measurement.remove()
         release_step_schedulers(pl_module)
+        self.passes.release()
 
 
 def _set_run_tag(trainer: pl.Trainer, key: str, value: str) -> None:

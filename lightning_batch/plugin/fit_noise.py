@@ -54,13 +54,12 @@ class FitNoiseMeasurement:
         params = optimized_parameters(trainer.optimizers, pl_module)
         if not params:
             return "no parameter of the optimizers requires gradients"
-        # T, the squared norm of the batch's mean gradient, is read from .grad after each backward; with
-        # gradient accumulation .grad also holds the earlier micro-batches', so the difference is read.
+        # A measured step spans its accumulated passes (see next_pass): T, the squared norm of the step's
+        # mean gradient, is .grad after its last backward.
         self.meter = NoiseMeter(
             params,
             module=pl_module,
             batch_loss=step_loss,
-            grad_from_params=trainer.accumulate_grad_batches == 1,
             fallback_microbatches=self.fallback_microbatches,
         )
         return None
@@ -70,6 +69,10 @@ class FitNoiseMeasurement:
     def begin_step(self, measure: bool, batch: Any, fallback: bool) -> None:
         if self.meter is not None:
             self.meter.begin_step(measure, batch, fallback=fallback)
+
+    def next_pass(self, batch: Any) -> None:
+        if self.meter is not None:
+            self.meter.next_pass(batch)
 
     def before_backward(self) -> None:
         if self.meter is not None:

@@ -529,7 +529,8 @@ class NoiseMeter:
 
     The caller drives one step at a time:
 
-    1. :meth:`begin_step` before the forward (whether to measure, the batch);
+    1. :meth:`begin_step` before the forward (whether to measure, the batch), and :meth:`next_pass`
+       before each further pass of the step (gradient accumulation's micro-batches);
     2. :meth:`before_backward` and :meth:`after_backward` around each backward;
     3. :meth:`before_optimizer_step`, before the optimizer moves the weights;
     4. :meth:`estimate` with the step's rows over all ranks; :attr:`last_estimate` keeps it.
@@ -632,6 +633,17 @@ class NoiseMeter:
         self.norms.start(rows)
         if fallback and self.can_fall_back:
             self._fallback_batch = batch
+
+    def next_pass(self, batch: Any) -> None:
+        """Before a further pass of the same optimizer step (a gradient-accumulation micro-batch).
+
+        A measured step spans all its passes: the per-example norms of every pass's rows, and ``.grad``
+        after the last backward (the whole step's mean gradient), so a step measures the same as one
+        pass over all its rows would.
+        """
+        rows = batch_rows(batch)
+        if self._measuring and rows is not None:
+            self.norms.resume(rows)
 
     def before_backward(self) -> None:
         """Before a backward: with accumulation, ``.grad`` as it was (to read this backward's part)."""

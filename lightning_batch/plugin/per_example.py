@@ -187,7 +187,8 @@ class PerExampleNorms:
 
     The caller, once a measured step:
 
-    1. :meth:`start` before the forward, with the step's number of examples;
+    1. :meth:`start` before the forward, with the step's number of examples (with gradient
+       accumulation, the first pass's, and :meth:`resume` before each further pass);
     2. :meth:`stop` after the backward (before the optimizer step: its updates are not uses);
     3. :meth:`finish` for the :class:`PerExampleResult` (None when nothing could be measured).
     """
@@ -231,6 +232,17 @@ class PerExampleNorms:
         self.stop()
         self._sites, self._outside, self._broadcast, self._coupling = [], {}, {}, []
         self._pass, self._backward_seen, self._rows = 0, False, rows
+        self._recorder.__enter__()  # type: ignore[no-untyped-call, unused-ignore]  # untyped in torch
+        self._active = True
+
+    def resume(self, rows: int) -> None:
+        """Another pass of the same step (a gradient-accumulation micro-batch): ``rows`` more examples.
+
+        The step's sites are kept: each pass's examples are told apart as a manual module's passes
+        are, and :meth:`finish` returns the whole step's per-example norms.
+        """
+        self.stop()
+        self._rows += rows
         self._recorder.__enter__()  # type: ignore[no-untyped-call, unused-ignore]  # untyped in torch
         self._active = True
 

@@ -38,6 +38,7 @@ import torchmetrics
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_batch.plugin.callback import DynamicBatchSize
 from lightning_batch.tabular.augment import Augmenter
 from lightning_batch.tabular.gradient_health import GradientRatioAlarm, LayerGradNorms
 
@@ -107,9 +108,6 @@ class TaskModule(pl.LightningModule):
     ``clipped_fraction``. Without clipping the norms are taken on log steps only: one fused norm
     every ``log_every`` steps, nothing on the others.
     """
-
-    #: This module logs batch_size and lr itself (DynamicBatchSize need not).
-    logs_batch_size = True
 
     def __init__(
         self,
@@ -195,6 +193,9 @@ class TaskModule(pl.LightningModule):
         # same on every rank, set before the step). Other loaders shard evenly (DistributedSampler).
         sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
         self._global_rows = sampler if hasattr(sampler, "last_global_rows") else None
+        # A DynamicBatchSize logs batch_size (the rows of the step its policy chose) and lr itself.
+        callbacks = getattr(self.trainer, "callbacks", ())  # set by Lightning's connector, undeclared
+        self._step["batch_logged"] = any(isinstance(c, DynamicBatchSize) for c in callbacks)
 
     def _finite_or_skip(self, loss: torch.Tensor, optimizer: Any) -> bool:
         """True when the step's loss is finite; else fail the run, or skip the step (halving the lr)."""
@@ -397,15 +398,10 @@ class TaskModule(pl.LightningModule):
         if self.logger is not None:
             # Straight into the logger's buffer (see tracking.BufferedMLFlowLogger): one dict a window.
             # train_loss is the mean over the window's steps, so no step's loss goes unrecorded.
+            if not self._step.get("batch_logged"):
+                extra.update(batch_size=float(self._step["rows"]), lr=self.current_lr)
             self.logger.log_metrics(
-                {
-                    "train_loss": loss_mean,
-                    "batch_size": float(self._step["rows"]),
-                    "lr": self.current_lr,
-                    "samples_seen": float(self.samples_seen),
-                    **extra,
-                },
-                step=step,
+                {"train_loss": loss_mean, "samples_seen": float(self.samples_seen), **extra}, step=step
             )
         self._step["loss_sum"], self._step["window"] = 0.0, 0
 
