@@ -22,10 +22,17 @@ Two benchmarks, each printing a table and writing JSON under ``benchmarks/result
     report gives each method's median seconds to the target (a miss counts as +inf) and ``auto``
     against the best fixed configuration of each seed.
 
+``adamw``
+    The same task with AdamW, where the noise that matters is that of Adam's preconditioned step:
+    ``DynamicBatchSize(noise_gradients=...)`` measuring the ``raw`` and the ``preconditioned``
+    noise scale side by side, each from B0=8 with the lr best at B=8, against every fixed (B, lr)
+    of an AdamW grid. Same clock, seeds and report as ``lm``, plus preconditioned / raw per seed.
+
 Run::
 
     python benchmarks/transformer_models.py overhead
     python benchmarks/transformer_models.py lm --seeds 0 1 2
+    python benchmarks/transformer_models.py adamw --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -50,11 +57,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import TargetClock, training_only_trainer  # noqa: E402
 from lightning_batch import DynamicBatchSize  # noqa: E402
 from lightning_batch.plugin.noise import NoiseMeter  # noqa: E402
+from lightning_batch.plugin.preconditioner import Preconditioner  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB, BLOCK = 32, 24
 GRID_BATCHES = (8, 32, 128)
 GRID_LRS = (0.1, 0.3, 1.0)
+ADAMW_LRS = (0.003, 0.01, 0.03)
 TARGET_MARGIN = 0.03  # nats above the chain's entropy rate
 
 
@@ -104,12 +113,14 @@ class CausalTransformer(Transformer):
 class DemoLM(LightningTransformer):
     """Lightning's demo module with a smaller demo Transformer, causal; the lr as given; no download."""
 
-    def __init__(self, lr: float) -> None:
+    def __init__(self, lr: float, optimizer: str = "sgd") -> None:
         super().__init__(vocab_size=VOCAB)
         self.model = CausalTransformer(vocab_size=VOCAB, ninp=32, nhead=2, nhid=64, nlayers=1, dropout=0.0)
-        self.lr = lr
+        self.lr, self.optimizer = lr, optimizer
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=self.lr)
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
     def prepare_data(self) -> None:
@@ -148,19 +159,23 @@ def fit_to_target(
     target: float,
     cap_s: float,
     auto: bool,
+    optimizer: str = "sgd",
+    noise_gradients: str = "auto",
 ) -> dict[str, Any]:
     pl.seed_everything(seed, verbose=False)
-    module = DemoLM(lr)
+    module = DemoLM(lr, optimizer)
     clock = TargetClock(len(train), target, cap_s)
     callbacks: list[pl.Callback] = [ClockCallback(clock, val)]
-    resize = DynamicBatchSize() if auto else None
+    resize = DynamicBatchSize(noise_gradients=noise_gradients) if auto else None
     if resize is not None:
         callbacks.insert(0, resize)
     loader = DataLoader(train, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed))
     training_only_trainer(callbacks=callbacks).fit(module, loader)
     reached = next(((s, rows) for s, rows, loss in clock.points if loss <= target), None)
     return {
-        "method": "auto" if auto else f"B={batch}, lr={lr:g}",
+        "method": (f"auto ({noise_gradients})" if noise_gradients != "auto" else "auto")
+        if auto
+        else f"B={batch}, lr={lr:g}",
         "seed": seed,
         "batch_size": batch,
         "lr": lr,
@@ -173,7 +188,11 @@ def fit_to_target(
     }
 
 
-def lm(seeds: list[int], cap_s: float) -> dict[str, Any]:
+def lm(
+    seeds: list[int], cap_s: float, optimizer: str = "sgd", autos: tuple[str, ...] = ("auto",)
+) -> dict[str, Any]:
+    """Every fixed (B, lr) of the grid and ``DynamicBatchSize`` with each ``noise_gradients`` of ``autos``."""
+    lrs = ADAMW_LRS if optimizer == "adamw" else GRID_LRS
     train, val = MarkovTokens(8192, seed=100), MarkovTokens(1024, seed=101)
     target = val.best_loss() + TARGET_MARGIN
     print(f"entropy rate {val.best_loss():.4f} nats, target {target:.4f}", flush=True)
@@ -182,8 +201,8 @@ def lm(seeds: list[int], cap_s: float) -> dict[str, Any]:
     for seed in seeds:
         grid = []
         for batch in GRID_BATCHES:
-            for lr in GRID_LRS:
-                run = fit_to_target(train, val, batch, lr, seed, target, cap_s, auto=False)
+            for lr in lrs:
+                run = fit_to_target(train, val, batch, lr, seed, target, cap_s, False, optimizer)
                 grid.append(run)
                 print(
                     json.dumps({k: run[k] for k in ("method", "seed", "seconds", "lowest_loss")}), flush=True
@@ -193,13 +212,24 @@ def lm(seeds: list[int], cap_s: float) -> dict[str, Any]:
             lr0 = min(
                 small, key=lambda r: (r["seconds"] is None, r["seconds"] or 0, r["lowest_loss"] or math.inf)
             )["lr"]
-        auto = fit_to_target(train, val, GRID_BATCHES[0], lr0, seed, target, cap_s, auto=True)
-        print(
-            json.dumps({k: auto[k] for k in ("method", "seed", "seconds", "lowest_loss", "sizes")}),
-            flush=True,
-        )
-        runs += [*grid, auto]
-    return {"target": target, "entropy_rate": val.best_loss(), "lr0": lr0, "cap_s": cap_s, "runs": runs}
+        runs += grid
+        for gradients in autos:
+            auto = fit_to_target(
+                train, val, GRID_BATCHES[0], lr0, seed, target, cap_s, True, optimizer, gradients
+            )
+            print(
+                json.dumps({k: auto[k] for k in ("method", "seed", "seconds", "lowest_loss", "sizes")}),
+                flush=True,
+            )
+            runs.append(auto)
+    return {
+        "optimizer": optimizer,
+        "target": target,
+        "entropy_rate": val.best_loss(),
+        "lr0": lr0,
+        "cap_s": cap_s,
+        "runs": runs,
+    }
 
 
 def lm_table(report: dict[str, Any]) -> None:
@@ -210,7 +240,7 @@ def lm_table(report: dict[str, Any]) -> None:
         value = statistics.median([math.inf if v is None else v for v in values])
         return None if math.isinf(value) else value
 
-    methods = sorted({r["method"] for r in runs}, key=lambda m: (m == "auto", m))
+    methods = sorted({r["method"] for r in runs}, key=lambda m: (m.startswith("auto"), m))
     print(f"\ntarget {report['target']:.4f} nats (entropy rate + {TARGET_MARGIN}); lr0 {report['lr0']}")
     print(f"{'method':<20} {'median s':>9} {'reached':>8}")
     for method in methods:
@@ -219,20 +249,40 @@ def lm_table(report: dict[str, Any]) -> None:
         print(
             f"{method:<20} {f'{m:.1f}' if m is not None else 'missed':>9} {sum(r['seconds'] is not None for r in mine):>5}/{len(mine)}"
         )
-    ratios = []
+    autos = [m for m in methods if m.startswith("auto")]
+    ratios: dict[str, list[float]] = {m: [] for m in autos}
     for seed in seeds:
-        fixed = [r["seconds"] for r in runs if r["seed"] == seed and r["method"] != "auto" and r["seconds"]]
-        auto = next(r for r in runs if r["seed"] == seed and r["method"] == "auto")
-        if fixed and auto["seconds"]:
-            ratios.append(auto["seconds"] / min(fixed))
-        print(
-            f"seed {seed}: auto {auto['seconds']} s (batches {auto['sizes']}), best fixed {min(fixed) if fixed else None} s"
-        )
-    if ratios:
-        print(
-            f"auto / best fixed of each seed: median {statistics.median(ratios):.2f} ({', '.join(f'{r:.2f}' for r in ratios)})"
-        )
-    report["auto_over_best_fixed"] = ratios
+        fixed = [
+            r["seconds"]
+            for r in runs
+            if r["seed"] == seed and not r["method"].startswith("auto") and r["seconds"]
+        ]
+        for method in autos:
+            auto = next(r for r in runs if r["seed"] == seed and r["method"] == method)
+            if fixed and auto["seconds"]:
+                ratios[method].append(auto["seconds"] / min(fixed))
+            print(
+                f"seed {seed}: {method} {auto['seconds']} s (batches {auto['sizes']}), "
+                f"best fixed {min(fixed) if fixed else None} s"
+            )
+    for method, mine in ratios.items():
+        if mine:
+            print(
+                f"{method} / best fixed of each seed: median {statistics.median(mine):.2f} "
+                f"({', '.join(f'{r:.2f}' for r in mine)})"
+            )
+    report["auto_over_best_fixed"] = ratios.get("auto", [])
+    if "auto (raw)" in ratios and "auto (preconditioned)" in ratios:
+        side_by_side = []
+        for seed in seeds:
+            raw, pre = (
+                next(r["seconds"] for r in runs if r["seed"] == seed and r["method"] == m)
+                for m in ("auto (raw)", "auto (preconditioned)")
+            )
+            side_by_side.append(pre / raw if pre and raw else None)
+        print(f"preconditioned / raw seconds of each seed: {side_by_side}")
+        report["preconditioned_over_raw"] = side_by_side
+        report["auto_over_best_fixed_by_method"] = ratios
 
 
 # -- a measured step's cost ----------------------------------------------------------------------------------
@@ -260,9 +310,20 @@ def _bert_batch(rows: int, width: int = 64) -> dict[str, Tensor]:
     return {"input_ids": ids * mask, "attention_mask": mask, "labels": torch.randint(2, (rows,))}
 
 
-def step_seconds(model: nn.Module, batch: Any, loss_of: Any, repeats: int) -> dict[str, float]:
-    """Medians of alternating unmeasured and measured steps (forward, backward, the meter's calls)."""
-    meter = NoiseMeter(dict(model.named_parameters()), module=model)
+def step_seconds(
+    model: nn.Module, batch: Any, loss_of: Any, repeats: int, preconditioned: bool = False
+) -> dict[str, float]:
+    """Medians of alternating unmeasured and measured steps (forward, backward, the meter's calls);
+    ``preconditioned``: the noise of gradients divided by an AdamW's √v̂ + ε (state from one step)."""
+    params = dict(model.named_parameters())
+    weights = None
+    if preconditioned:
+        adamw = torch.optim.AdamW(params.values(), lr=0.0)  # lr 0: the state, the weights unchanged
+        loss_of(model, batch).backward()
+        adamw.step()
+        model.zero_grad(set_to_none=True)
+        weights = Preconditioner(params, [adamw]).weights
+    meter = NoiseMeter(params, module=model, preconditioner=weights)
     times: dict[bool, list[float]] = {False: [], True: []}
     rows = len(next(iter(batch.values())) if isinstance(batch, dict) else batch[0])
     for i in range(2 * repeats + 4):
@@ -302,25 +363,39 @@ def overhead(repeats: int) -> list[dict[str, Any]]:
 
     for b in (16, 64):
         batch = (data.tokens[:b, :-1], data.tokens[:b, 1:])
-        rows.append(
-            {"model": "demo Transformer", "batch": b, **step_seconds(demo, batch, demo_loss, repeats)}
-        )
-        print(json.dumps(rows[-1]), flush=True)
+        for pre in (False, True):
+            rows.append(
+                {
+                    "model": "demo Transformer",
+                    "batch": b,
+                    "gradients": "preconditioned" if pre else "raw",
+                    **step_seconds(demo, batch, demo_loss, repeats, pre),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
     bert, _ = _tiny_bert()
 
     def bert_loss(model, batch):
         return model(**batch).loss
 
     for b in (16, 64):
-        rows.append(
-            {"model": "tiny BERT", "batch": b, **step_seconds(bert, _bert_batch(b), bert_loss, repeats)}
-        )
-        print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{'model':<18} {'B':>4} {'unmeasured ms':>14} {'measured ms':>12} {'ratio':>6} {'exact':>6}")
+        for pre in (False, True):
+            rows.append(
+                {
+                    "model": "tiny BERT",
+                    "batch": b,
+                    "gradients": "preconditioned" if pre else "raw",
+                    **step_seconds(bert, _bert_batch(b), bert_loss, repeats, pre),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    print(
+        f"\n{'model':<18} {'B':>4} {'gradients':>15} {'unmeasured ms':>14} {'measured ms':>12} {'ratio':>6} {'exact':>6}"
+    )
     for r in rows:
         print(
-            f"{r['model']:<18} {r['batch']:>4} {r['unmeasured_ms']:>14.1f} {r['measured_ms']:>12.1f} "
-            f"{r['ratio']:>6.2f} {r['measured_fraction']:>6.3f}"
+            f"{r['model']:<18} {r['batch']:>4} {r['gradients']:>15} {r['unmeasured_ms']:>14.1f} "
+            f"{r['measured_ms']:>12.1f} {r['ratio']:>6.2f} {r['measured_fraction']:>6.3f}"
         )
     return rows
 
@@ -333,11 +408,17 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("lm")
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     t.add_argument("--cap", type=float, default=90.0, help="seconds a run may take to reach the target")
+    a = sub.add_parser("adamw")
+    a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    a.add_argument("--cap", type=float, default=90.0, help="seconds a run may take to reach the target")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     RESULTS.mkdir(exist_ok=True)
     if args.command == "overhead":
         result: Any = overhead(args.repeats)
+    elif args.command == "adamw":
+        result = lm(args.seeds, args.cap, "adamw", ("raw", "preconditioned"))
+        lm_table(result)
     else:
         result = lm(args.seeds, args.cap)
         lm_table(result)

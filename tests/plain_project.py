@@ -114,7 +114,18 @@ def fit(
     data = PlainDataModule(
         config.get("batch_size", 16), config.get("num_workers", 0), config.get("rows", 1200)
     )
-    resize = DynamicBatchSize(**{"probe_memory": False, **config.get("resize", {})})
+    probe_memory = False
+    if config.get("ceiling"):  # a memory ceiling of this many rows a rank, as if probed
+        import lightning_batch.plugin.probe as probe
+        from lightning_batch.plugin.memory import MemoryProbeResult
+
+        rows = config["ceiling"]
+        found = MemoryProbeResult(
+            ceiling=rows, steps=[(rows, rows)], budget_bytes=rows, backend="fake", bytes_per_sample=1.0
+        )
+        probe.probe_training_ceiling = lambda *args, **kwargs: found
+        probe_memory = True
+    resize = DynamicBatchSize(**{"probe_memory": probe_memory, **config.get("resize", {})})
     saves = []
     if config.get("checkpoint_every"):
         # The resumable state every N steps, mid-epoch included: last.ckpt in the root folder.

@@ -871,9 +871,9 @@ def test_parameters_before_a_batch_norm_take_micro_batches_of_four_rows_and_leav
     calls = []
     real = noise_module.looped_microbatch_stats
 
-    def recorded(losses, params, small_batch, restore=None):
+    def recorded(losses, params, small_batch, restore=None, weights=None):
         calls.append((len(losses), small_batch, restore))
-        return real(losses, params, small_batch, restore)
+        return real(losses, params, small_batch, restore, weights)
 
     monkeypatch.setattr(noise_module, "looped_microbatch_stats", recorded)
     torch.manual_seed(24)

@@ -46,6 +46,7 @@ def _flags(command: str = "train") -> dict[str, Any]:
 BAD_VALUES: dict[str, Any] = {
     "policy": "bogus",
     "lr_rule": "cubic",
+    "noise_gradients": "whitened",
     "min_batch": 0,
     "max_batch": -4,
     "multiple": 0,

@@ -153,6 +153,54 @@ def test_two_rank_ddp_with_a_plain_loader_covers_each_epoch_once_with_one_batch_
     assert ranks[0]["weights"] == ranks[1]["weights"]
 
 
+@pytest.mark.ddp
+def test_two_rank_ddp_beyond_the_ceiling_trains_as_the_batch_in_one_pass(tmp_path):
+    """Under DDP a global batch of 4x the ceiling runs as 4 passes on each rank (Lightning's own
+    accumulation, gradients synchronised once per step): the same weights as a 2-rank fit where the
+    batch fits, every row once per epoch."""
+    schedule = dict(policy="schedule", milestones=[1], schedule_factor=4.0, lr_rule="none")
+
+    def fit(name: str, ceiling: int) -> list[dict]:
+        config = dict(
+            resize=schedule, epochs=2, devices=2, strategy="ddp", rows=1024, batch_size=32, root=str(tmp_path)
+        )
+        config["ceiling"] = ceiling
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "tests" / "plain_project.py"),
+                "fit",
+                json.dumps(config),
+                str(tmp_path / name),
+            ],
+            cwd=tmp_path,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
+
+    # The probe finds a rank's ceiling: 32 rows a rank, 64 global. B0 is 2 ranks x 32 = 64 global rows;
+    # the schedule asks for 256 from epoch 1, 4x the ceiling.
+    split, fits = fit("split", ceiling=32), fit("fits", ceiling=10_000)
+    assert split[0]["decisions"] == fits[0]["decisions"] == [256]
+    assert {len(s[2]) for r in split for s in r["steps"]} == {32}, "every pass a rank's share of the ceiling"
+    assert 128 in {len(s[2]) for s in fits[0]["steps"]}, "one pass of 128 rows a rank where it fits"
+    for rank in (0, 1):
+        for name, values in fits[rank]["weights"].items():
+            torch.testing.assert_close(
+                torch.tensor(split[rank]["weights"][name]),
+                torch.tensor(values),
+                rtol=1e-5,
+                atol=1e-6,
+                msg=name,
+            )
+    epoch_1 = [row for r in split for s in r["steps"] if s[1] == 1 for row in s[2]]
+    assert sorted(epoch_1) == list(range(1024)), "every row once across ranks"
+
+
 class _Stream(IterableDataset):
     def __iter__(self):
         yield from (torch.zeros(6),) * 4

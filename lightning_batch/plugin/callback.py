@@ -163,7 +163,7 @@ class DynamicBatchSize(Callback):
         self._samples_seen = 0
         self._rows_in_step = 0  # rows of the optimizer step so far (its micro-batches, with accumulation)
         #: The noise meter of this fit, the last measurement and the share measured exactly.
-        self.measurement = FitNoiseMeasurement(self.ema, opts.fallback_microbatches)
+        self.measurement = FitNoiseMeasurement(self.ema, opts.fallback_microbatches, opts.noise_gradients)
         #: How far step-interval lr schedulers have come, in starting-batch steps (``schedule_progress``).
         self.schedule_progress = ScheduleProgress()
 
@@ -295,6 +295,11 @@ class DynamicBatchSize(Callback):
         )
         if why is not None:
             self._not_measurable(trainer, why)
+            return
+        if trainer.logger is not None and trainer.is_global_zero:  # which noise scale: raw or preconditioned
+            trainer.logger.log_hyperparams({"gns_gradients": self.measurement.gradients})
+        if self.measurement.note:
+            _warn(trainer, self.measurement.note)
 
     def _needs_noise(self) -> bool:
         """Whether the decisions or the lr read the noise statistics (a policy of one's own may)."""

@@ -26,6 +26,7 @@ import torch
 
 from lightning_batch.plugin.measured import not_exact_summary, optimized_parameters
 from lightning_batch.plugin.noise import NoiseMeter, NoiseScaleEMA
+from lightning_batch.plugin.preconditioner import Preconditioner, resolve_noise_gradients
 from lightning_batch.plugin.step_loss import StepLoss
 
 __all__ = ["FitNoiseMeasurement"]
@@ -34,9 +35,14 @@ __all__ = ["FitNoiseMeasurement"]
 class FitNoiseMeasurement:
     """The noise meter of one fit, the loss scale it must undo, and what it fed the EMA last."""
 
-    def __init__(self, ema: NoiseScaleEMA, fallback_microbatches: int) -> None:
+    def __init__(self, ema: NoiseScaleEMA, fallback_microbatches: int, gradients: str = "auto") -> None:
         self.ema = ema
         self.fallback_microbatches = fallback_microbatches
+        self._gradients_option = gradients  # the ``noise_gradients`` option, resolved at each fit's start
+        #: What the fit measures the noise of: ``raw`` or ``preconditioned`` gradients (once a fit starts).
+        self.gradients = gradients
+        #: One line naming optimizers whose preconditioner is unknown (their parameters measured raw).
+        self.note: str | None = None
         #: Measures each step's noise statistics (None outside a fit, or when nothing can be measured).
         self.meter: NoiseMeter | None = None
         #: The last all-ranks mean ``(|G|², tr(Σ))`` fed to the EMA (None: that step was not measured).
@@ -54,6 +60,15 @@ class FitNoiseMeasurement:
         params = optimized_parameters(trainer.optimizers, pl_module)
         if not params:
             return "no parameter of the optimizers requires gradients"
+        self.gradients, unknown = resolve_noise_gradients(self._gradients_option, trainer.optimizers)
+        preconditioner = (
+            Preconditioner(params, trainer.optimizers) if self.gradients == "preconditioned" else None
+        )
+        if unknown:
+            self.note = (
+                f"DynamicBatchSize: no preconditioner is known for {', '.join(unknown)}: its parameters' "
+                "noise is measured on raw gradients"
+            )
         # A measured step spans its accumulated passes (see next_pass): T, the squared norm of the step's
         # mean gradient, is .grad after its last backward.
         self.meter = NoiseMeter(
@@ -61,6 +76,7 @@ class FitNoiseMeasurement:
             module=pl_module,
             batch_loss=step_loss,
             fallback_microbatches=self.fallback_microbatches,
+            preconditioner=preconditioner.weights if preconditioner is not None else None,
         )
         return None
 

@@ -272,10 +272,12 @@ def looped_microbatch_stats(
     params: Sequence[Tensor],
     small_batch: int,
     restore: nn.Module | None = None,
+    weights: Sequence[Tensor | None] | None = None,
 ) -> GradNoiseStats:
     """Statistics from the gradients of ``params`` of each loss in ``losses`` (one per micro-batch
     of ``small_batch`` examples, each a mean over them): ``.grad`` is left untouched, and
-    ``restore``'s buffers (BatchNorm's running statistics) are as before.
+    ``restore``'s buffers (BatchNorm's running statistics) are as before. ``weights`` (one per
+    parameter, or None) make each squared norm ``Σ weight · g²`` (a diagonal preconditioner's).
 
     >>> torch.manual_seed(0) and None
     >>> net, x, y = nn.Linear(3, 1), torch.randn(4, 3), torch.randn(4, 1)
@@ -293,15 +295,16 @@ def looped_microbatch_stats(
     # Accumulate on the device; a single host sync at the end.
     sqr_sum = torch.zeros((), dtype=acc_dtype, device=device)
     grad_sum = [torch.zeros_like(p, dtype=acc_dtype) for p in params]
+    weighted = list(weights) if weights is not None else [None] * len(params)
     try:
         with torch.enable_grad(), measurements_suspended():
             for loss_of_part in losses:
                 grads = torch.autograd.grad(loss_of_part(), list(params), allow_unused=True)
-                for acc, g in zip(grad_sum, grads, strict=True):
+                for acc, g, w in zip(grad_sum, grads, weighted, strict=True):
                     if g is None:  # parameter not used by this loss: its gradient is exactly zero
                         continue
                     g = g.detach().to(acc_dtype)
-                    sqr_sum += g.pow(2).sum()
+                    sqr_sum += _squared_norm(g, w)
                     acc += g
     finally:
         if restore is not None and saved_buffers is not None:
@@ -309,8 +312,18 @@ def looped_microbatch_stats(
                 for k, v in restore.named_buffers():
                     if k in saved_buffers:
                         v.copy_(saved_buffers[k])
-    big = float(sum((acc / n).pow(2).sum() for acc in grad_sum)) if grad_sum else 0.0
+    big = (
+        float(sum(_squared_norm(acc / n, w) for acc, w in zip(grad_sum, weighted, strict=True)))
+        if grad_sum
+        else 0.0
+    )
     return GradNoiseStats.from_norms(float(sqr_sum) / n, big, n, small_batch)
+
+
+def _squared_norm(grad: Tensor, weight: Tensor | None) -> Tensor:
+    """``|g|²``, or ``Σ weight · g²`` with a weight."""
+    squares = grad.pow(2)
+    return (squares * weight.to(squares.dtype) if weight is not None else squares).sum()
 
 
 def _vectorized_microbatch_stats(
@@ -562,8 +575,14 @@ class NoiseMeter:
         batch_loss: Callable[[Any], Tensor] | None = None,
         grad_from_params: bool = True,
         fallback_microbatches: int = _Declared.fallback_microbatches,
+        preconditioner: Callable[[], Mapping[str, Tensor]] | None = None,
     ) -> None:
         self.params = {name: p for name, p in params.items() if p.requires_grad}
+        #: ``{name: 1 / P²}`` now, for an adaptive optimizer's parameters (see
+        #: :class:`~lightning_batch.plugin.preconditioner.Preconditioner`): measured as its step sees
+        #: them, ``g / P``; the others (and all, without one) raw.
+        self.preconditioner = preconditioner
+        self._weights: Mapping[str, Tensor] | None = None
         self.module = module
         self.batch_loss = batch_loss
         self.grad_from_params = grad_from_params
@@ -626,7 +645,7 @@ class NoiseMeter:
         rows = batch_rows(batch)
         self._measuring = measure and rows is not None and rows >= 1
         self._result, self._grad_t, self._grads_before, self._fallback_stats = None, None, None, None
-        self._fallback_batch = None
+        self._fallback_batch, self._weights = None, None
         if not self._measuring:
             return
         assert rows is not None
@@ -666,14 +685,24 @@ class NoiseMeter:
                     grad = grad - self._grads_before[name]
                 grads.append(grad)
             # Kept per parameter until the step's exact set is known (before_optimizer_step).
-            self._grad_t = torch.stack(torch._foreach_norm(grads)).pow(2) if grads else None
             self._grad_names = [name for name, p in self.params.items() if p.grad is not None]
+            self._grad_t = torch.stack(torch._foreach_norm(grads)).pow(2) if grads else None
+            weights = self._step_weights()
+            if weights and self._grad_t is not None:
+                self._grad_t = torch.stack(
+                    [
+                        _squared_norm(g.to(torch.promote_types(g.dtype, torch.float32)), weights[name])
+                        if name in weights
+                        else t
+                        for name, g, t in zip(self._grad_names, grads, self._grad_t, strict=True)
+                    ]
+                )
 
     def before_optimizer_step(self) -> None:
         """Before the optimizer moves the weights: the step's per-example norms, and its micro-batches."""
         if not self._measuring or not self.norms.active:
             return
-        self._result = self.norms.finish()
+        self._result = self.norms.finish(self._step_weights())
         if self._result is not None:
             self.exact, self.reasons = self._result.exact, self._result.reasons
         else:  # nothing this step used was measured exactly
@@ -734,10 +763,20 @@ class NoiseMeter:
         losses = [
             partial(_loss_of_part, batch_loss, batch, slice(j * b, (j + 1) * b), rows) for j in range(parts)
         ]
+        weights = self._step_weights()
         try:
-            return looped_microbatch_stats(losses, [self.params[name] for name in names], b, self.module)
+            return looped_microbatch_stats(
+                losses, [self.params[name] for name in names], b, self.module, [weights.get(n) for n in names]
+            )
         except (RuntimeError, ValueError, MemoryError):
             return None
+
+    def _step_weights(self) -> Mapping[str, Tensor]:
+        """The preconditioner's weights for this step (read once: the optimizer's state moves only in
+        its step, after the measurement)."""
+        if self._weights is None:
+            self._weights = self.preconditioner() if self.preconditioner is not None else {}
+        return self._weights
 
     def remove(self) -> None:
         """Stop watching and take the module hooks off."""

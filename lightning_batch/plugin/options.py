@@ -32,6 +32,8 @@ Why the defaults are what they are:
 - ``noise_window = 0.25``: the noise EMAs forget in samples, with a half-life of a quarter of the
   samples seen so far (see :class:`~lightning_batch.plugin.noise.NoiseScaleEMA`); ``ema_decay =
   0.9`` (about 10 measurements) applies when the window is 0.
+- ``noise_gradients = "auto"``: Adam steps along the gradient divided by ``√v̂ + ε``, so for it the
+  noise that matters is that of the preconditioned gradient (Pollux); SGD's is the raw gradient's.
 - ``noise_k = 1``: the ``noise`` policy trains at B_noise itself (McCandlish et al. 2018).
 - ``explore_factor = 4``: ``goodput`` times a second size x4 away once (the controller's trust
   region allows x4 a decision), else its throughput model never fits.
@@ -80,6 +82,7 @@ __all__ = [
     "FLAG",
     "KEYWORD",
     "LR_RULE_NAMES",
+    "NOISE_GRADIENTS",
     "POLICY_NAMES",
     "BatchSizeOptions",
     "OptionInfo",
@@ -197,6 +200,7 @@ def check_options(
 POLICY_NAMES = ("auto", "fixed", "memory", "noise", "goodput", "schedule")
 #: The lr rules by name; ``auto`` follows the optimizer.
 LR_RULE_NAMES = ("auto", "none", "linear", "sqrt", "adascale")
+NOISE_GRADIENTS = ("auto", "raw", "preconditioned")
 
 
 def _policy(value: Any) -> Any:
@@ -278,6 +282,13 @@ class BatchSizeOptions:
         0.25,
         "the noise EMAs' half-life as a share of the samples seen so far (0: ema_decay per measurement)",
         check=number(minimum=0.0, maximum=10.0),
+    )
+    noise_gradients: str = option(
+        "auto",
+        "the gradients the noise scale is measured on: preconditioned (divided by an adaptive optimizer's "
+        "sqrt(v)+eps, the step Adam takes), raw, or auto (preconditioned for Adam-family optimizers)",
+        example="raw",
+        choices=NOISE_GRADIENTS,
     )
     noise_k: float = option(1.0, "the noise policy trains at noise_k x B_noise", check=number(above=0.0))
     explore_factor: float = option(

@@ -272,11 +272,12 @@ class PerExampleNorms:
         finally:
             self._suspended = previous
 
-    def finish(self) -> PerExampleResult | None:
-        """The step's per-example squared norms over the parameters measured exactly."""
+    def finish(self, weights: Mapping[str, Tensor] | None = None) -> PerExampleResult | None:
+        """The step's per-example squared norms over the parameters measured exactly; a parameter in
+        ``weights`` (a tensor of its shape) contributes ``Σ weight · g_i²`` instead of ``|g_i|²``."""
         self.stop()
         with torch.no_grad(), self.suspended():
-            return self._finish()
+            return self._finish(weights or {})
 
     # -- recording --------------------------------------------------------------------------------
 
@@ -345,7 +346,7 @@ class PerExampleNorms:
 
     # -- the step's norms -------------------------------------------------------------------------
 
-    def _finish(self) -> PerExampleResult | None:
+    def _finish(self, weights: Mapping[str, Tensor]) -> PerExampleResult | None:
         reasons = dict(self._outside)
         for site in self._broadcast.values():
             if site.weight is not None:
@@ -383,8 +384,10 @@ class PerExampleNorms:
                 reasons[name] = f"used by {' and '.join(sorted(kinds))} rules in one step"
                 continue
             try:
+                weight = weights.get(name)
                 per_pass = {
-                    p: self._norms([(s, r) for s, r in sites if s.pass_index == p], rows[p]) for p in passes
+                    p: self._norms([(s, r) for s, r in sites if s.pass_index == p], rows[p], weight)
+                    for p in passes
                 }
             except _NotExact as why:
                 reasons[name] = str(why)
@@ -402,8 +405,11 @@ class PerExampleNorms:
         per_example = torch.cat([totals.get(p, torch.zeros(rows[p], dtype=torch.float64)) for p in passes])
         return PerExampleResult(per_example * scale**2, tuple(sorted(measured + unused)), reasons)
 
-    def _norms(self, sites: list[tuple[_Site, str]], rows: int) -> Tensor | None:
-        """``|g_i|²`` of one parameter over one pass's calls (None: not used in that pass)."""
+    def _norms(
+        self, sites: list[tuple[_Site, str]], rows: int, weight: Tensor | None = None
+    ) -> Tensor | None:
+        """``|g_i|²`` of one parameter over one pass's calls (None: not used in that pass); with a
+        ``weight`` of the parameter's shape, ``Σ weight · g_i²`` (a diagonal preconditioner's norm)."""
         if not sites:
             return None
         live = [(s, r) for s, r in sites if s.grad is not None]
@@ -421,12 +427,15 @@ class PerExampleNorms:
             span = site.rows if role == "weight" else site.bias_rows
             blocks[None if span is None else (span.start, span.stop)].append((site, role))
         out = torch.zeros(rows, dtype=torch.float64, device=live[0][0].tensors["grad"].device)
-        for uses in blocks.values():  # row blocks of a packed weight hold disjoint rows: their norms add
+        for rows_of_block, uses in blocks.items():  # a packed weight's row blocks are disjoint: norms add
             roles = {role for _, role in uses}
             if len(roles) > 1:
                 raise _NotExact("used as a weight and as a bias in one step")
             role = roles.pop()
-            out += _RULES[kind](role, [site for site, _ in uses]).to(torch.float64)
+            block = weight
+            if weight is not None and rows_of_block is not None:
+                block = weight[rows_of_block[0] : rows_of_block[1]]
+            out += _RULES[kind](role, [site for site, _ in uses], block).to(torch.float64)
         return out
 
 
@@ -461,12 +470,24 @@ def _joined(tensors: list[Tensor]) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=1)
 
 
-def _linear_norms(role: str, sites: list[_Site]) -> Tensor:
+def _weighted(squares: Tensor, weight: Tensor | None) -> Tensor:
+    """Per-example ``Σ weight · g²`` from squares ``(B, *parameter)`` (plain ``Σ g²`` without a weight)."""
+    if weight is not None:
+        squares = squares * weight.to(squares.dtype)
+    return squares.reshape(squares.shape[0], -1).sum(dim=1)
+
+
+def _linear_norms(role: str, sites: list[_Site], weight: Tensor | None = None) -> Tensor:
     grads = _joined([_acc(_tokens(s, "grad")) for s in sites])  # (B, T, d_out)
     if role == "bias":
-        return grads.sum(dim=1).pow(2).sum(dim=1)
+        return _weighted(grads.sum(dim=1).pow(2), weight)
     inputs = _joined([_acc(_tokens(s, "input")) for s in sites])  # (B, T, d_in)
     tokens, d_in, d_out = inputs.shape[1], inputs.shape[2], grads.shape[2]
+    if weight is not None:
+        if tokens == 1:  # each example's gradient is an outer product: Σ_jk w_jk δ_j² a_k²
+            return ((grads[:, 0].pow(2) @ weight.to(grads.dtype)) * inputs[:, 0].pow(2)).sum(dim=1)
+        # No Gram-matrix shortcut takes a weight: each example's d_out x d_in gradient, held.
+        return _weighted(torch.bmm(grads.transpose(1, 2), inputs).pow(2), weight)
     if tokens == 1:
         return inputs[:, 0].pow(2).sum(dim=1) * grads[:, 0].pow(2).sum(dim=1)
     if tokens * tokens <= d_in * d_out:  # the ghost norm: two (B, T, T) Gram matrices
@@ -478,7 +499,7 @@ def _linear_norms(role: str, sites: list[_Site]) -> Tensor:
     )  # each example's d_out x d_in gradient
 
 
-def _embedding_norms(role: str, sites: list[_Site]) -> Tensor:
+def _embedding_norms(role: str, sites: list[_Site], weight: Tensor | None = None) -> Tensor:
     examples = sites[0].tensors["grad"].shape[0]
     keys, vectors, owners = [], [], []
     for site in sites:
@@ -498,22 +519,27 @@ def _embedding_norms(role: str, sites: list[_Site]) -> Tensor:
         0, inverse, vector
     )
     row_owner = torch.zeros(len(unique), dtype=torch.long, device=key.device).index_copy_(0, inverse, owner)
+    squares = summed.pow(2)
+    if weight is not None:  # the weight of each (example, row)'s embedding row
+        squares = squares * weight.to(squares.dtype)[unique % sites[0].tensors["num_embeddings"]]
     return torch.zeros(examples, dtype=vector.dtype, device=vector.device).index_add_(
-        0, row_owner, summed.pow(2).sum(dim=1)
+        0, row_owner, squares.sum(dim=1)
     )
 
 
-def _summed_norms(role: str, sites: list[_Site]) -> Tensor:
+def _summed_norms(role: str, sites: list[_Site], weight: Tensor | None = None) -> Tensor:
     """Rules whose per-example gradient is small enough to hold: norms' and adds' (B, *parameter)."""
     total: Tensor | None = None
     for site in sites:
         per_example = site.tensors[f"per_example_{role}"](site)
         total = per_example if total is None else total + per_example
     assert total is not None
+    if weight is not None:
+        return _weighted(total.reshape(total.shape[0], *weight.shape).pow(2), weight)
     return total.reshape(total.shape[0], -1).pow(2).sum(dim=1)
 
 
-_RULES: dict[str, Callable[[str, list[_Site]], Tensor]] = {
+_RULES: dict[str, Callable[[str, list[_Site], Tensor | None], Tensor]] = {
     "linear": _linear_norms,
     "embedding": _embedding_norms,
     "norm": _summed_norms,
@@ -770,7 +796,7 @@ def _conv(
     return out
 
 
-def _conv_norms(role: str, sites: list[_Site]) -> Tensor:
+def _conv_norms(role: str, sites: list[_Site], weight: Tensor | None = None) -> Tensor:
     """A convolution's weight: where each example's gradient is no larger than its unfolded patches,
     all of them from one grouped convolution backward; else the linear rule on each group's patches
     (groups own disjoint weight rows)."""
@@ -780,20 +806,29 @@ def _conv_norms(role: str, sites: list[_Site]) -> Tensor:
         raw: Tensor = site.tensors["grad"]  # (B, C_out, *positions)
         grads = _acc(raw.flatten(2).transpose(1, 2))  # (B, L, C_out)
         if role == "bias":
-            part = grads.sum(dim=1).pow(2).sum(dim=1)
+            part = _weighted(grads.sum(dim=1).pow(2), weight)
         elif raw.shape[1] <= grads.shape[1]:  # C_out <= L: the weight gradient is the smaller tensor
-            part = site.tensors["grouped"](raw).flatten(1).pow(2).sum(dim=1)
+            per_example = site.tensors["grouped"](raw)
+            part = _weighted(per_example.reshape(per_example.shape[0], -1).pow(2), _flat(weight))
         else:
             cols = _acc(site.tensors["patches"]())
             part = torch.zeros(grads.shape[0], dtype=grads.dtype, device=grads.device)
-            for g_in, g_out in zip(cols.chunk(groups, dim=2), grads.chunk(groups, dim=2), strict=True):
+            # A group's weight rows, each row (C_in/groups, *kernel) in the patches' order.
+            blocks = [None] * groups if weight is None else weight.reshape(weight.shape[0], -1).chunk(groups)
+            for g_in, g_out, block in zip(
+                cols.chunk(groups, dim=2), grads.chunk(groups, dim=2), blocks, strict=True
+            ):
                 fake = _Site("linear", 0, None, None, {"input": g_in, "grad": g_out})
-                part = part + _linear_norms("weight", [fake])
+                part = part + _linear_norms("weight", [fake], block)
         total = part if total is None else total + part
     if len(sites) > 1:
         raise _NotExact("a convolution called more than once in a pass")
     assert total is not None
     return total
+
+
+def _flat(weight: Tensor | None) -> Tensor | None:
+    return None if weight is None else weight.reshape(-1)
 
 
 _RULES["conv"] = _conv_norms
