@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_PY = ROOT / "experiments" / "run.py"
@@ -84,3 +85,19 @@ def stop_process_tree(process: subprocess.Popen) -> None:
 
 
 warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+
+
+def measured_step(net, meter, x, y, passes: int = 1) -> tuple[float, float]:
+    """One step of a classifier measured by ``meter`` (then removed), its rows in ``passes`` equal
+    passes whose losses are weighted by their share of the rows (as TaskModule and Lightning's
+    accumulation weigh them)."""
+    net.zero_grad()
+    meter.begin_step(measure=True, batch=(x, y))
+    for xs, ys in zip(x.tensor_split(passes), y.tensor_split(passes), strict=True):
+        (torch.nn.functional.cross_entropy(net(xs), ys) * (len(xs) / len(x))).backward()
+        meter.after_backward()
+    meter.before_optimizer_step()
+    estimate = meter.estimate(global_rows=len(x))
+    meter.remove()
+    assert estimate is not None
+    return estimate

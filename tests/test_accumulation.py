@@ -17,7 +17,7 @@ from torch import nn
 from lightning_batch import DynamicBatchSize, TabularDataModule, TaskModule, build_model
 from lightning_batch.plugin.memory import MemoryProbeResult
 from lightning_batch.plugin.noise import NoiseMeter
-from tests.conftest import quiet_trainer
+from tests.conftest import measured_step, quiet_trainer
 
 
 def _mlp() -> nn.Module:
@@ -52,18 +52,7 @@ def test_noise_statistics_of_a_step_in_passes_equal_those_of_one_pass(passes: in
     net = _mlp()
 
     def measure(split: int) -> tuple[float, float]:
-        meter = NoiseMeter(dict(net.named_parameters()), module=net)
-        net.zero_grad()
-        meter.begin_step(measure=True, batch=(x, y))
-        for xs, ys in zip(x.tensor_split(split), y.tensor_split(split), strict=True):
-            # Each pass's mean loss weighted by its share of the rows, as TaskModule does.
-            (nn.functional.cross_entropy(net(xs), ys) * (len(xs) / len(x))).backward()
-            meter.after_backward()
-        meter.before_optimizer_step()
-        estimate = meter.estimate(global_rows=len(x))
-        meter.remove()
-        assert estimate is not None
-        return estimate
+        return measured_step(net, NoiseMeter(dict(net.named_parameters()), module=net), x, y, split)
 
     whole = measure(1)
     split = measure(passes)

@@ -119,18 +119,16 @@ def test_a_plain_fit_killed_at_a_random_step_resumes_with_every_row_once_and_the
         )
 
 
-@pytest.mark.ddp
-def test_two_rank_ddp_with_a_plain_loader_covers_each_epoch_once_with_one_batch_size_sequence(tmp_path):
-    config = dict(
-        resize=NOISE, epochs=2, devices=2, strategy="ddp", rows=900, batch_size=9, root=str(tmp_path)
-    )
+def _two_rank_fit(tmp_path, name: str, config: dict) -> list[dict]:
+    """Two epochs of the plain project in 2 DDP processes (gloo); each rank's record."""
+    config = dict(epochs=2, devices=2, strategy="ddp", root=str(tmp_path), **config)
     done = subprocess.run(
         [
             sys.executable,
             str(ROOT / "tests" / "plain_project.py"),
             "fit",
             json.dumps(config),
-            str(tmp_path / "ddp"),
+            str(tmp_path / name),
         ],
         cwd=tmp_path,
         env=subprocess_env(),
@@ -139,7 +137,13 @@ def test_two_rank_ddp_with_a_plain_loader_covers_each_epoch_once_with_one_batch_
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"ddp.rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.ddp
+def test_two_rank_ddp_with_a_plain_loader_covers_each_epoch_once_with_one_batch_size_sequence(tmp_path):
+    config = dict(resize=NOISE, rows=900, batch_size=9)
+    ranks = _two_rank_fit(tmp_path, "ddp", config)
     assert ranks[0]["decisions"] == ranks[1]["decisions"] and ranks[0]["decisions"]
     sizes = [[len(s[2]) for s in r["steps"]] for r in ranks]
     # one global batch per step: the two ranks' shares differ by at most one row
@@ -161,26 +165,7 @@ def test_two_rank_ddp_beyond_the_ceiling_trains_as_the_batch_in_one_pass(tmp_pat
     schedule = dict(policy="schedule", milestones=[1], schedule_factor=4.0, lr_rule="none")
 
     def fit(name: str, ceiling: int) -> list[dict]:
-        config = dict(
-            resize=schedule, epochs=2, devices=2, strategy="ddp", rows=1024, batch_size=32, root=str(tmp_path)
-        )
-        config["ceiling"] = ceiling
-        done = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "tests" / "plain_project.py"),
-                "fit",
-                json.dumps(config),
-                str(tmp_path / name),
-            ],
-            cwd=tmp_path,
-            env=subprocess_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        return [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
+        return _two_rank_fit(tmp_path, name, dict(resize=schedule, rows=1024, batch_size=32, ceiling=ceiling))
 
     # The probe finds a rank's ceiling: 32 rows a rank, 64 global. B0 is 2 ranks x 32 = 64 global rows;
     # the schedule asks for 256 from epoch 1, 4x the ceiling.

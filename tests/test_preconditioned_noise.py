@@ -17,6 +17,7 @@ from torch.func import functional_call, grad, vmap
 from lightning_batch import DynamicBatchSize
 from lightning_batch.plugin.noise import NoiseMeter
 from lightning_batch.plugin.preconditioner import Preconditioner, resolve_noise_gradients
+from tests.conftest import measured_step
 
 
 class SequenceNet(nn.Module):
@@ -97,18 +98,6 @@ def _per_example_reference(net, names, ids, y, weights) -> tuple[float, float]:
     return _two_batch(float(squares.mean()), big, 1, len(ids))
 
 
-def _measured(net, meter, ids, y) -> tuple[float, float]:
-    net.zero_grad()
-    meter.begin_step(measure=True, batch=(ids, y))
-    nn.functional.cross_entropy(net(ids), y).backward()
-    meter.after_backward()
-    meter.before_optimizer_step()
-    estimate = meter.estimate(global_rows=len(ids))
-    meter.remove()
-    assert estimate is not None
-    return estimate
-
-
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_preconditioned_per_example_estimate_matches_its_float64_reference(amsgrad: bool):
     torch.manual_seed(0)
@@ -117,7 +106,7 @@ def test_preconditioned_per_example_estimate_matches_its_float64_reference(amsgr
     params = dict(net.named_parameters())
     ids, y = _batch(24, 7)
     meter = NoiseMeter(params, module=net, preconditioner=Preconditioner(params, [adam]).weights)
-    got = _measured(net, meter, ids, y)
+    got = measured_step(net, meter, ids, y)
     assert meter.measured_fraction == 1.0, meter.reasons
 
     weights = _adam_inverse_square_preconditioner(net, adam)
@@ -131,7 +120,7 @@ def test_preconditioned_per_example_estimate_matches_its_float64_reference(amsgr
     assert got == pytest.approx(want, rel=1e-9)
 
     # The weights matter: the raw estimate is a different number.
-    raw = _measured(net, NoiseMeter(params, module=net), ids, y)
+    raw = measured_step(net, NoiseMeter(params, module=net), ids, y)
     assert raw[1] / raw[0] != pytest.approx(got[1] / got[0], rel=0.05)
 
 
@@ -153,7 +142,7 @@ def test_preconditioned_micro_batch_estimate_of_uncovered_parameters_matches_its
         fallback_microbatches=4,
         preconditioner=Preconditioner(params, [adam]).weights,
     )
-    got = _measured(net, meter, ids, y)
+    got = measured_step(net, meter, ids, y)
     assert meter.inexact == ("scale",)
 
     weights = _adam_inverse_square_preconditioner(net, adam)
@@ -243,7 +232,7 @@ class AdamWClassifier(pl.LightningModule):
 
 
 @pytest.mark.parametrize(("choice", "logged"), [("auto", "preconditioned"), ("raw", "raw")])
-def test_a_fit_logs_which_noise_scale_it_measured(choice: str, logged: str):
+def test_a_fit_logs_which_noise_scale_itmeasured_step(choice: str, logged: str):
     ids, _ = _batch(512, 3)
     y = ids[:, 0] % 3  # learnable: the mean gradient stands out of the noise
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, y), batch_size=16)
