@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import shlex
 import subprocess
@@ -311,7 +312,8 @@ def _print_summary(results: Sequence[Any]) -> None:
         metric = (
             f"acc {r.metrics['test_acc']:.3f}"
             if "test_acc" in r.metrics
-            else f"rmse {r.metrics.get('test_rmse', 0):.4f}"
+            else f"rmse {r.metrics.get('test_rmse', 0):.4g}, r² {r.metrics.get('test_r2', math.nan):.3f}"
+            + (" ⚠ worse than the mean" if r.poor_fit else "")
         )
         sizes = (
             f"{r.batch_size_start}"
@@ -331,6 +333,8 @@ def _print_summary(results: Sequence[Any]) -> None:
         )
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
+    if any(r.target_scaled for r in results):
+        console.print("Regression losses are in the standardised target's units; rmse and r² in its own.")
     uri = results[0].tracking_uri if results else ""
     console.print(
         "Open the MLflow UI:  [bold]python experiments/run.py ui[/bold]"

@@ -241,6 +241,14 @@ class RunConfig(BatchSizeOptions):
         example=False,
         group="data",
     )
+    scale_target: bool = option(
+        True,
+        "standardise a regression target on the training split (the loss in standard units; metrics, "
+        "predictions and the model in the target's own); off: train on the raw target",
+        check=boolean,
+        example=False,
+        group="data",
+    )
     train_on_val: bool = option(
         False,
         "train on train+val (the scaling fit on both): a tuned configuration's final fit",

@@ -52,6 +52,9 @@ from lightning_batch.tracking.run_record import RunRecord, checkpoint_dir, load_
 check(("mlflow", "matplotlib"), "tracking", "the tabular training path (it records runs in MLflow)")
 
 
+log = logging.getLogger(__name__)
+
+
 @dataclass
 class RunResult:
     """What a finished run reports back to the CLI, the tuner and tests."""
@@ -76,6 +79,23 @@ class RunResult:
     #: The run's MLflow Model (``models:/<model id>``; ``mlflow.pyfunc.load_model`` reads it), or "" when
     #: none was logged (``log_model=False``, or another DDP rank).
     model_uri: str = ""
+    #: A regression trained on its standardised target (``scale_target``): its losses are in standard units.
+    target_scaled: bool = False
+    #: A regression whose test r² is below 0, worse than predicting the training mean: why, else "".
+    poor_fit: str = ""
+
+
+def worse_than_the_mean(metrics: Mapping[str, float]) -> str:
+    """Why a regression's test result is not a result (its r² below 0: worse than predicting the
+    training mean), else "".
+
+    >>> worse_than_the_mean({"test_r2": -2.0e8}), worse_than_the_mean({"test_r2": 0.4})
+    ('test r² is -2e+08, worse than predicting the training mean: the fit failed (check the lr and the data)', '')
+    """
+    r2 = metrics.get("test_r2")
+    if r2 is None or not r2 < 0.0:
+        return ""
+    return f"test r² is {r2:.3g}, worse than predicting the training mean: the fit failed (check the lr and the data)"
 
 
 def train(
@@ -131,8 +151,13 @@ def train(
         final_weights = {k: v.detach().cpu().clone() for k, v in run.module.state_dict().items()}
         metrics = evaluate(run, fit, evaluate_test)
         metrics["fit_seconds"] = time.perf_counter() - started
+        poor_fit = worse_than_the_mean(metrics)
+        if poor_fit:
+            log.warning("warning: %s", poor_fit)
         model_uri = ""
         if record is not None:
+            if poor_fit:
+                record.client.set_tag(record.run_id, "poor_fit", poor_fit)
             best = fit.checkpoint.best_model_path or None
             model_uri = record.finish(run.cfg, run.dm, metrics, best, final_weights, fit.resizer, log_model)
         return RunResult(
@@ -152,6 +177,8 @@ def train(
             tracking_uri=run.uri,
             rank=run.rank,
             model_uri=model_uri,
+            target_scaled=run.dm.target_scaling is not None,
+            poor_fit=poor_fit,
         )
     except clean_stops as exc:
         if record is not None:
@@ -227,6 +254,7 @@ def build_module(cfg: RunConfig, dm: TabularDataModule) -> TaskModule:
         log_every=cfg.log_every,
         on_nan=cfg.on_nan,
         augment=list(cfg.augment),
+        target_scaling=dm.target_scaling,
     )
 
 

@@ -121,7 +121,10 @@ def _reference(trained: Trained, frame: pd.DataFrame) -> np.ndarray:
     module.load_state_dict(state)
     module.eval()
     with torch.no_grad():
-        return module(torch.from_numpy(x.astype(np.float32))).numpy()
+        out = module(torch.from_numpy(x.astype(np.float32))).numpy()
+    if pre.get("target_mean") is not None:  # a standardised regression target, back in its units
+        out = out.astype(np.float64) * pre["target_scale"] + pre["target_mean"]
+    return out
 
 
 _LOAD_AND_PREDICT = """
@@ -514,3 +517,27 @@ def test_mlflow_models_serve_answers_as_predict_does(regression: Trained, tmp_pa
     served = pd.DataFrame(answer["predictions"])
     np.testing.assert_allclose(served["prediction"], pd.read_csv(expected)["prediction"], rtol=0, atol=1e-9)
     assert rows[["rooms", "area", "city"]].isna().any().all(), "the rows had empty cells in every column"
+
+
+def test_the_logged_test_rmse_is_that_of_run_py_predict_on_the_raw_test_rows(regression: Trained, tmp_path):
+    """The target is standardised for training; the test RMSE the run logs is in the target's own
+    units: the RMSE of `run.py predict`'s prices against the raw CSV's, on the test split's rows."""
+    from lightning_batch.tabular.splitting import split_indices
+
+    frame = pd.read_csv(regression.csv)
+    cfg = RunConfig(data=str(regression.csv), target="price").validate()
+    _, _, test_rows = split_indices(len(frame), None, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    data, output = tmp_path / "test_rows.csv", tmp_path / "predicted.csv"
+    frame.iloc[test_rows].to_csv(data, index=False)
+    assert main(["predict", regression.result.run_id, "--data", str(data), "--output", str(output)]) == 0
+    predicted = pd.read_csv(output)["prediction"].to_numpy()
+    rmse = float(np.sqrt(np.mean((predicted - frame["price"].to_numpy()[test_rows]) ** 2)))
+    logged = MlflowClient(regression.uri).get_run(regression.result.run_id).data.metrics
+    assert logged["test_rmse"] == pytest.approx(rmse, rel=1e-5)
+    pre = json.loads(
+        Path(
+            MlflowClient(regression.uri).download_artifacts(regression.result.run_id, "preprocessing.json")
+        ).read_text()
+    )
+    train_rows = frame.drop(index=frame.index[test_rows])  # the train split is among these rows
+    assert pre["target_scale"] > 1.0 and abs(pre["target_mean"] - train_rows["price"].mean()) < 2.0

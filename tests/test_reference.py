@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import numpy as np
+import pytest
 import torch
 from torch import nn, optim
 
@@ -14,9 +15,12 @@ from lightning_batch.training import build_module
 from .conftest import quiet_trainer
 
 
-def test_one_epoch_of_minibatch_sgd_matches_the_seed_loop():
-    """Seed section 5: nn.Linear, MSELoss, SGD(lr=0.01), B=32, sequential batches, one epoch."""
+@pytest.mark.parametrize("scale_target", [True, False])
+def test_one_epoch_of_minibatch_sgd_matches_the_seed_loop(scale_target: bool):
+    """Seed section 5: nn.Linear, MSELoss, SGD(lr=0.01), B=32, sequential batches, one epoch; by
+    default on the target standardised with the train split's mean and standard deviation."""
     cfg = RunConfig(
+        scale_target=scale_target,
         data="synthetic-regression",
         rows=3000,
         features=5,
@@ -35,6 +39,9 @@ def test_one_epoch_of_minibatch_sgd_matches_the_seed_loop():
 
     # The seed's code, verbatim in spirit: a plain loop over slices of the training tensors.
     x_train, y_train = dm.train_set.features, dm.train_set.targets
+    if scale_target:  # as StandardScaler would: the population standard deviation, in float64
+        y64 = y_train.double()
+        y_train = ((y64 - y64.mean()) / y64.std(unbiased=False)).float()
     reference = nn.Linear(x_train.shape[1], 1)
     reference.load_state_dict({k.removeprefix("linear."): v for k, v in initial.items()})
     criterion = nn.MSELoss()
@@ -79,10 +86,12 @@ def test_full_batch_gd_converges_to_least_squares():
     y = dm.train_set.targets.double().numpy().ravel()
     design = np.hstack([x, np.ones((len(x), 1))])
     solution, *_ = np.linalg.lstsq(design, y, rcond=None)
+    # The network fits the standardised target: its weights in the target's units are w·s and b·s + m.
+    mean, scale = dm.target_scaling
     learned = np.concatenate(
         [
-            module.model.linear.weight.detach().double().numpy().ravel(),
-            module.model.linear.bias.detach().double().numpy(),
+            module.model.linear.weight.detach().double().numpy().ravel() * scale,
+            module.model.linear.bias.detach().double().numpy() * scale + mean,
         ]
     )
     relative = np.linalg.norm(learned - solution) / np.linalg.norm(solution)

@@ -124,6 +124,11 @@ class TabularDataModule(pl.LightningDataModule):
         return self._data().n_outputs
 
     @property
+    def target_scaling(self) -> tuple[float, float] | None:
+        """A regression target's ``(mean, scale)`` on train when it is standardised (``scale_target``)."""
+        return self._data().preprocessor.target_scaling
+
+    @property
     def train_set(self) -> TensorTableDataset:
         return self._data().train
 

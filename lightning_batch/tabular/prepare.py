@@ -34,11 +34,17 @@ def prepare_data(cfg: RunConfig, describe_source: SourceDescriber | None = None)
     (:mod:`lightning_batch.tabular.cache`); a Parquet file over the budget is prepared streaming."""
     cache = data_cache.cache_for(cfg)
     if cache is None:
-        return prepare_in_memory(cfg)
-    if cache.over_budget and cfg.is_file_source and Path(cfg.data).suffix.lower() != ".csv":
-        tables = cache.load_or_build(lambda writer: stream_parquet(cfg, writer, cache.budget))
+        data = prepare_in_memory(cfg)
+    elif cache.over_budget and cfg.is_file_source and Path(cfg.data).suffix.lower() != ".csv":
+        data = from_cache(cache.load_or_build(lambda writer: stream_parquet(cfg, writer, cache.budget)))
     else:
-        tables = cache.load_or_build(
-            lambda writer: write_prepared(prepare_in_memory(cfg), writer, cfg.data, describe_source)
+        data = from_cache(
+            cache.load_or_build(
+                lambda writer: write_prepared(prepare_in_memory(cfg), writer, cfg.data, describe_source)
+            )
         )
-    return from_cache(tables)
+    if data.task == "regression" and cfg.scale_target:
+        # The tables keep the raw target (a cache serves runs with and without scaling); the module
+        # standardises it in its loss, and every metric and prediction is in the target's units.
+        data.preprocessor.fit_target(data.train.targets.numpy())
+    return data

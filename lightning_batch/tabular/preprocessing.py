@@ -47,6 +47,10 @@ class Preprocessor:
     output_columns: list[str] = field(default_factory=list)
     mean: list[float] = field(default_factory=list)
     scale: list[float] = field(default_factory=list)
+    #: A regression target's mean and standard deviation on train (None: not standardised): the
+    #: network learns ``(y - target_mean) / target_scale``, and predictions are mapped back.
+    target_mean: float | None = None
+    target_scale: float | None = None
 
     @classmethod
     def fit(cls, train: pd.DataFrame, rows: np.ndarray | None = None) -> Preprocessor:
@@ -134,6 +138,34 @@ class Preprocessor:
                 stop_col = first + count
                 _scale_into(out[start:stop, first:stop_col], hot, mean[first:stop_col], scale[first:stop_col])
         return out
+
+    def fit_target(self, train_targets: np.ndarray) -> None:
+        """Standardise a regression target: its mean and standard deviation on the train rows
+        (float64; a constant target keeps scale 1).
+
+        >>> pre = Preprocessor()
+        >>> pre.fit_target(np.array([1.0, 3.0, 5.0]))
+        >>> pre.target_mean, round(pre.target_scale, 4), pre.unscale_target(np.array([0.0, 1.0])).tolist()
+        (3.0, 1.633, [3.0, 4.6329931618554525])
+        """
+        values = np.asarray(train_targets, dtype=np.float64).reshape(-1)
+        std = float(values.std())
+        self.target_mean, self.target_scale = float(values.mean()), std if std >= 1e-12 else 1.0
+
+    @property
+    def target_scaling(self) -> tuple[float, float] | None:
+        """``(mean, scale)`` of a standardised target, else None."""
+        if self.target_mean is None or self.target_scale is None:
+            return None
+        return self.target_mean, self.target_scale
+
+    def unscale_target(self, values: np.ndarray) -> np.ndarray:
+        """The network's regression output in the target's own units (as it is without scaling)."""
+        scaling = self.target_scaling
+        if scaling is None:
+            return values
+        mean, scale = scaling
+        return values * scale + mean
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -126,6 +126,7 @@ class TaskModule(pl.LightningModule):
         on_nan: str = "fail",
         augment: Sequence[str] = (),
         grad_ratio_limit: float = 20.0,
+        target_scaling: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         if task not in ("regression", "classification"):
@@ -137,6 +138,9 @@ class TaskModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.task = task
+        # A standardised regression target: (mean, scale) on train; the network predicts in those units.
+        self._target_mean, self._target_scale = target_scaling if target_scaling else (0.0, 1.0)
+        self._scales_target = task == "regression" and target_scaling is not None
         self.automatic_optimization = False
         self.samples_seen = 0
         self._world_size = 1
@@ -178,9 +182,19 @@ class TaskModule(pl.LightningModule):
         return self.model(x)
 
     def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The training loss of the network's output against the target as the data holds it (a
+        standardised target is standardised here: the loss is in standard units)."""
         if self.task == "regression":
+            if self._scales_target:
+                target = (target - self._target_mean) / self._target_scale
             return F.mse_loss(prediction, target)
         return F.cross_entropy(prediction, target)
+
+    def in_target_units(self, prediction: torch.Tensor) -> torch.Tensor:
+        """A regression output in the target's own units (unchanged without target scaling)."""
+        if not self._scales_target:
+            return prediction
+        return prediction * self._target_scale + self._target_mean
 
     # -- training --------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -447,7 +461,7 @@ class TaskModule(pl.LightningModule):
         loss = self.loss(prediction, y)
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         if self.task == "regression":
-            metrics.update(prediction, y)
+            metrics.update(self.in_target_units(prediction), y)  # RMSE and r² in the target's units
         else:
             metrics.update(prediction.argmax(dim=1), y)
         # Weighted by rows so a short last batch counts for what it holds.

@@ -124,15 +124,17 @@ def predict_frame(network: torch.nn.Module, spec: ModelSpec, frame: pd.DataFrame
     """
     from lightning_batch.tabular.preprocessing import Preprocessor
 
-    features = torch.from_numpy(Preprocessor.from_dict(spec.preprocessor).transform(frame))
+    preprocessor = Preprocessor.from_dict(spec.preprocessor)
+    features = torch.from_numpy(preprocessor.transform(frame))
     network.eval()
     with torch.inference_mode():
         parts = [network(features[i : i + PREDICT_CHUNK]) for i in range(0, len(features), PREDICT_CHUNK)]
         n_outputs = int(spec.architecture["n_outputs"])
         output = torch.cat(parts) if parts else torch.zeros((0, n_outputs))
     if spec.task == "regression":
-        # float32 from the network, widened exactly: the same numbers the TaskModule computes.
-        return pd.DataFrame({PREDICTION: output[:, 0].double().numpy()}, index=frame.index)
+        # float32 from the network, widened exactly, then in the target's units (a standardised target).
+        values = preprocessor.unscale_target(output[:, 0].double().numpy())
+        return pd.DataFrame({PREDICTION: values}, index=frame.index)
     probabilities = torch.softmax(output, dim=1).double().numpy()
     chosen = output.argmax(dim=1).numpy()  # the TaskModule's own rule (argmax of the logits)
     labels = pd.Series(np.asarray(spec.labels, dtype=object)[chosen], index=frame.index)
