@@ -315,9 +315,18 @@ class RunConfig(BatchSizeOptions):
     )
     lr: float | None = option(
         None,
-        "the learning rate at the starting batch; default 0.1 for cnn, else 0.01",
+        "the learning rate at the starting batch; unset: found by a short range test before the fit "
+        "(--no-lr-search: 0.1 for cnn, else 0.01)",
         check=optional(number(above=0.0)),
         example=0.01,
+        group="optimisation",
+    )
+    lr_search: bool = option(
+        True,
+        "without --lr, find the lr by a range test of 100 steps on a copy of the network (a tenth of "
+        "the lr at the lowest loss); off: the fixed default",
+        check=boolean,
+        example=False,
         group="optimisation",
     )
     optimizer: str = option("sgd", "the optimizer", group="optimisation", choices=OPTIMIZERS)
@@ -360,11 +369,16 @@ class RunConfig(BatchSizeOptions):
         group="optimisation",
         choices=ON_NAN,
     )
-    epochs: int = option(10, "training epochs", check=positive_int, group="optimisation")
+    epochs: int = option(
+        200,
+        "the most training epochs; a run stops sooner once val_loss stops improving (--patience)",
+        check=positive_int,
+        group="optimisation",
+    )
     patience: int | None = option(
-        None,
-        "stop early when val_loss has not improved for this many validations (off when unset)",
-        check=optional(positive_int),
+        10,
+        "stop when val_loss has not improved for this many validations (0: off, train every epoch)",
+        check=optional(count),
         example=5,
         group="optimisation",
     )
@@ -533,7 +547,9 @@ class RunConfig(BatchSizeOptions):
         model = resolved.model or {"regression": "linear", "classification": "softmax", None: None}[task]
         if task is not None:
             check_model_for_task(model, task)
-        lr = resolved.lr if resolved.lr is not None else DEFAULT_LR.get(model or "", 0.01)
+        lr: float | None = resolved.lr if resolved.lr is not None else DEFAULT_LR.get(model or "", 0.01)
+        if resolved.lr is None and resolved.lr_search:
+            lr = None  # found by the range test once the data are read (training.prepare_run)
         if resolved.val_fraction + resolved.test_fraction >= 0.9:
             raise UserError(
                 "--val-fraction plus --test-fraction leaves under 10% of the rows to train on; lower them"
@@ -546,7 +562,7 @@ class RunConfig(BatchSizeOptions):
             raise UserError(
                 "--policy schedule needs --milestones (epochs where the batch doubles), e.g. --milestones 3 6"
             )
-        return dataclasses.replace(resolved, **changes, model=model, lr=float(lr))
+        return dataclasses.replace(resolved, **changes, model=model, lr=None if lr is None else float(lr))
 
     def _check_data(self) -> dict[str, Any]:
         """The data source: a known name or a readable .csv/.parquet file with its target. Returns the

@@ -34,7 +34,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from lightning_batch._extras import check
-from lightning_batch.config import RunConfig, check_model_for_task
+from lightning_batch.config import DEFAULT_LR, RunConfig, check_model_for_task
 from lightning_batch.errors import UserError
 from lightning_batch.placement import Placement, resolve_placement
 from lightning_batch.plugin.callback import DynamicBatchSize
@@ -43,6 +43,7 @@ from lightning_batch.plugin.progress import BatchProgressBar
 from lightning_batch.store_uri import resolve_tracking_uri
 from lightning_batch.tabular.augment import Augmenter
 from lightning_batch.tabular.datamodule import TabularDataModule
+from lightning_batch.tabular.lr_search import LrSearch, optimizer_factory, range_test
 from lightning_batch.tabular.networks import build_model, check_model_for_data
 from lightning_batch.tabular.task_module import TaskModule
 from lightning_batch.tracking.datasets import dataset_input_fields
@@ -83,6 +84,17 @@ class RunResult:
     target_scaled: bool = False
     #: A regression whose test r² is below 0, worse than predicting the training mean: why, else "".
     poor_fit: str = ""
+
+
+def early_stop_note(trainer: pl.Trainer) -> str:
+    """Why the fit ended before its last epoch (its EarlyStopping stopped it), else ""."""
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning's connector
+        if isinstance(callback, EarlyStopping) and callback.stopped_epoch > 0:
+            return (
+                f"after epoch {callback.stopped_epoch}: val_loss had not improved for {callback.patience} "
+                f"validations (best {float(callback.best_score):.4g})"
+            )
+    return ""
 
 
 def worse_than_the_mean(metrics: Mapping[str, float]) -> str:
@@ -136,6 +148,7 @@ def train(
             "dataset": run.cfg.data,
             "model": str(run.cfg.model),
             **run.placement.tags(),
+            **({"lr_search": run.lr_search.method} if run.lr_search is not None else {}),
         }
         record = RunRecord.for_fit(run.uri, run.cfg, {**tags, **(extra_tags or {})}, resume_run_id)
     started = time.perf_counter()
@@ -149,6 +162,7 @@ def train(
         fit.trainer.fit(run.module, datamodule=run.dm, ckpt_path=fit.resume_from, weights_only=True)
         samples_seen = run.module.samples_seen  # before test() loads the best checkpoint's counters
         final_weights = {k: v.detach().cpu().clone() for k, v in run.module.state_dict().items()}
+        stopped = early_stop_note(fit.trainer)  # before the test loads the best checkpoint's callback states
         metrics = evaluate(run, fit, evaluate_test)
         metrics["fit_seconds"] = time.perf_counter() - started
         poor_fit = worse_than_the_mean(metrics)
@@ -158,6 +172,8 @@ def train(
         if record is not None:
             if poor_fit:
                 record.client.set_tag(record.run_id, "poor_fit", poor_fit)
+            if stopped:
+                record.client.set_tag(record.run_id, "stopped_early", stopped)
             best = fit.checkpoint.best_model_path or None
             model_uri = record.finish(run.cfg, run.dm, metrics, best, final_weights, fit.resizer, log_model)
         return RunResult(
@@ -205,6 +221,8 @@ class PreparedRun:
     dm: TabularDataModule
     module: TaskModule
     uri: str
+    #: How the lr was found when no ``--lr`` was given (None: it was given, or the fixed default).
+    lr_search: LrSearch | None = None
 
 
 def prepare_run(cfg: RunConfig, resume_run_id: str | None = None) -> PreparedRun:
@@ -222,9 +240,39 @@ def prepare_run(cfg: RunConfig, resume_run_id: str | None = None) -> PreparedRun
     check_model_for_data(cfg.model, dm.n_features)
     Augmenter.parse(cfg.augment).check_features(dm.n_features)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    return PreparedRun(
-        cfg, placement, rank, dm, build_module(cfg, dm), resolve_tracking_uri(cfg.tracking_uri)
-    )
+    initial = torch.random.get_rng_state()
+    module = build_module(cfg, dm)
+    search = None
+    if cfg.lr is None:  # no --lr: a short range test on a copy of the network finds it
+        search = search_lr(cfg, dm, module)
+        cfg = cfg.replace(lr=search.lr)
+        # Built again from the same random state: the same initial weights, with the found lr in the
+        # hyperparameters the module saves and logs, as if it had been given.
+        torch.random.set_rng_state(initial)
+        module = build_module(cfg, dm)
+    return PreparedRun(cfg, placement, rank, dm, module, resolve_tracking_uri(cfg.tracking_uri), search)
+
+
+def search_lr(cfg: RunConfig, dm: TabularDataModule, module: TaskModule) -> LrSearch:
+    """The lr for a config given none: :func:`range_test` on a copy of ``module``'s network, on the
+    starting batch size's batches of the training split in a seeded order (every rank of a DDP run
+    finds the same lr). The random number generators are left as they were: the run that follows
+    trains as it would with that lr given."""
+    x, y = dm.train_set.features, dm.train_set.targets
+    batch = max(1, min(dm.initial_batch_size(), 512))
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
+    batches = [(x[order[i : i + batch]], y[order[i : i + batch]]) for i in range(0, len(x), batch)][:100]
+    options: dict[str, Any] = {"weight_decay": cfg.weight_decay}
+    if cfg.optimizer == "sgd":
+        options["momentum"] = cfg.momentum
+    fallback = DEFAULT_LR.get(cfg.model or "", 0.01)
+    state = torch.random.get_rng_state()
+    try:
+        return range_test(
+            module.model, optimizer_factory(cfg.optimizer, **options), module.loss, batches, fallback=fallback
+        )
+    finally:
+        torch.random.set_rng_state(state)
 
 
 def build_module(cfg: RunConfig, dm: TabularDataModule) -> TaskModule:
@@ -244,7 +292,7 @@ def build_module(cfg: RunConfig, dm: TabularDataModule) -> TaskModule:
         task=dm.task,
         n_classes=dm.n_outputs if dm.task == "classification" else None,
         optimizer=cfg.optimizer,
-        lr=float(cfg.lr or 0.01),  # validate() set it
+        lr=float(cfg.lr or 0.01),  # validate() set it, or the range test will (prepare_run)
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         lr_schedule=cfg.lr_schedule,

@@ -140,4 +140,4 @@ def test_the_lightning_batch_command_is_installed_and_is_run_py():
         [str(command), "train", "--epochs", "0"], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 2
-    assert out.stderr.splitlines() == ["error: --epochs must be a positive integer, got 0; e.g. --epochs 10"]
+    assert out.stderr.splitlines() == ["error: --epochs must be a positive integer, got 0; e.g. --epochs 200"]
