@@ -373,20 +373,27 @@ DEMO_RUNS: tuple[dict[str, Any], ...] = (
         experiment="demo",
         run_name="seed-auto",
     ),
-    # Classification: 8×8 digit images as 64 tabular features, an MLP with Adam, batch size auto.
+    # Classification: 8×8 digit images as 64 tabular features, an MLP with Adam, batch size auto; the
+    # lr found by the range test and the length by early stopping (the defaults).
     dict(
         data="digits",
         model="mlp",
         hidden=[64],
         optimizer="adam",
         batch_size="auto",
-        lr=0.003,
-        epochs=15,
         experiment="demo",
         run_name="digits-mlp-auto",
     ),
-    # The same images through a small CNN (conv layers: the noise scale's micro-batch fallback).
-    dict(data="digits", model="cnn", batch_size="auto", experiment="demo", run_name="digits-cnn-auto"),
+    # The same images through a small CNN (conv layers: the noise scale's micro-batch fallback); at
+    # most 20 epochs to keep the demo short.
+    dict(
+        data="digits",
+        model="cnn",
+        batch_size="auto",
+        epochs=20,
+        experiment="demo",
+        run_name="digits-cnn-auto",
+    ),
 )
 
 

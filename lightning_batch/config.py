@@ -69,7 +69,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("none", "cosine", "step", "plateau")
 ACTIVATIONS = ("relu", "gelu", "tanh")
 INITS = ("default", "xavier", "kaiming")
-ON_NAN = ("fail", "skip")
+ON_NAN = ("rollback", "fail", "skip")
 ACCELERATORS = ("auto", "cpu", "gpu", "mps")
 STRATEGIES = ("auto", "ddp", "ddp_spawn")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
@@ -364,8 +364,10 @@ class RunConfig(BatchSizeOptions):
         group="optimisation",
     )
     on_nan: str = option(
-        "fail",
-        "a NaN/inf training loss fails the run (the step in a tag) or skips the step and halves the lr",
+        "rollback",
+        "a training loss that blows up (NaN/inf, or 1000x its lowest window mean) rolls back to the last "
+        "good window and halves the lr (rollback); fail: the run fails (the step in a tag); skip: the step "
+        "is skipped and the lr halved",
         group="optimisation",
         choices=ON_NAN,
     )

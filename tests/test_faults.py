@@ -318,8 +318,13 @@ class _PoisonStep(Callback):
                 next(pl_module.parameters()).fill_(float("nan"))
 
 
+#: A short regression run for the non-finite-loss tests.
+NAN_RUN = dict(data="synthetic-regression", rows=2000, epochs=2, log_every=5)
+
+
 def test_a_nan_loss_fails_the_run_with_the_step_in_a_tag(tracking_uri: str):
-    cfg = RunConfig(data="synthetic-regression", rows=2000, epochs=2, log_every=5, tracking_uri=tracking_uri)
+    """--on-nan fail: today's behaviour before rollbacks (the default) existed."""
+    cfg = RunConfig(**NAN_RUN, on_nan="fail", tracking_uri=tracking_uri)
     with pytest.raises(FloatingPointError, match="not finite"):
         train(cfg, callbacks=[_PoisonStep(12)])
     client = MlflowClient(tracking_uri)
@@ -343,15 +348,7 @@ class _NanBatch(Callback):
 
 
 def test_on_nan_skip_skips_the_step_halves_the_lr_and_counts_it(tracking_uri: str):
-    cfg = RunConfig(
-        data="synthetic-regression",
-        rows=2000,
-        epochs=2,
-        lr=0.04,
-        log_every=5,
-        on_nan="skip",
-        tracking_uri=tracking_uri,
-    )
+    cfg = RunConfig(**NAN_RUN, lr=0.04, on_nan="skip", tracking_uri=tracking_uri)
     result = train(cfg, callbacks=[_NanBatch(7)])
     assert result.status == "FINISHED"
     client = MlflowClient(tracking_uri)
@@ -515,3 +512,14 @@ def test_on_nan_skip_skips_20_nan_steps_in_a_row_and_fails_on_the_21st():
     module, trainer = _fit_skipping_nans([*range(5, 25), *range(26, 46)])  # batch 25 is finite
     assert module.nan_skips == 40 and trainer.global_step == 64 - 40
     assert trainer.optimizers[0].param_groups[0]["lr"] == 0.1 * 0.5**40
+
+
+def test_by_default_a_nan_batch_is_rolled_back_and_the_run_finishes(tracking_uri: str):
+    """The default on_nan is rollback: one poisoned batch costs a rollback (a warning, a tag, the
+    rollbacks metric and half the lr), not the run."""
+    cfg = RunConfig(**NAN_RUN, lr=0.04, tracking_uri=tracking_uri)
+    result = train(cfg, callbacks=[_NanBatch(12)])
+    assert result.status == "FINISHED"
+    run = MlflowClient(tracking_uri).get_run(result.run_id)
+    assert run.data.tags["rollback"].startswith("step 12: the training loss reached nan")
+    assert run.data.metrics["rollbacks"] == 1.0

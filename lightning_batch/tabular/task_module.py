@@ -27,6 +27,7 @@ Examples:
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 from collections.abc import Sequence
@@ -47,6 +48,16 @@ log = logging.getLogger(__name__)
 #: With ``on_nan="skip"``, this many non-finite steps in a row are skipped (each halving the lr); the
 #: next one in the streak fails the run. A finite step in between starts the count again.
 MAX_CONSECUTIVE_NAN_SKIPS = 20
+#: With ``on_nan="rollback"``, a step loss this many times the lowest logging-window mean so far (the
+#: first step's loss until then) is a blow-up on its way to inf (three orders of magnitude: a noisy
+#: batch is not one).
+BLOWUP_FACTOR = 1000.0
+
+
+def _plain_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside Lightning's ``LightningOptimizer`` wrapper (or the one given)."""
+    plain: torch.optim.Optimizer = getattr(optimizer, "optimizer", optimizer)
+    return plain
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -59,8 +70,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; ``step`` is the optimizer step where it was seen."""
 
-    def __init__(self, step: int, value: float, *, window: int = 1, skipped: int = 0) -> None:
+    def __init__(
+        self, step: int, value: float, *, window: int = 1, skipped: int = 0, rollback: bool = False
+    ) -> None:
         where = f"at step {step}" if window == 1 else f"in the {window} steps up to step {step}"
+        if rollback:
+            super().__init__(
+                f"training loss blew up ({value:.3g}) at step {step} after {skipped} rollbacks, the last "
+                f"{MAX_CONSECUTIVE_NAN_SKIPS} in a row, each at half the lr: training diverged; lower --lr, "
+                "set --grad-clip, or check the data"
+            )
+            self.step = step
+            return
         advice = "lower --lr or set --grad-clip"
         if not skipped:
             advice += ", or pass --on-nan skip to skip such steps and halve the lr"
@@ -95,9 +116,14 @@ class TaskModule(pl.LightningModule):
             log intervals: vanishing or exploding gradients (see :mod:`lightning_batch.tabular.gradient_health`).
         on_nan: a non-finite training loss ``fail``s the run (:class:`NonFiniteLossError`, with the
             step), or ``skip``s the step and halves the lr (counted in ``nan_skips``; at most
-            :data:`MAX_CONSECUTIVE_NAN_SKIPS` in a row are skipped, the next one fails the run).
+            :data:`MAX_CONSECUTIVE_NAN_SKIPS` in a row are skipped, the next one fails the run), or
+            (``rollback``) a loss that is not finite or has grown :data:`BLOWUP_FACTOR` times past
+            the lowest logging-window mean rolls the network and the optimizer back to the last good
+            window, halves the lr and goes on (counted in ``rollbacks``, each one a warning and the
+            run's ``rollback`` tag; :data:`MAX_CONSECUTIVE_NAN_SKIPS` in a row fail the run).
             On CPU the check is every step; on an accelerator, ``fail`` checks when a logging window
-            closes (a per-step check would be a device sync per step).
+            closes (a per-step check would be a device sync per step), ``skip`` and ``rollback``
+            every step (under DDP with one all-reduce, so every rank rolls back together).
         log_every: log per-step metrics every N optimizer steps (train_loss as the window's mean);
             MLflow's SQL store spends Python time on every value, so 1 (every step) is for short runs.
 
@@ -133,8 +159,8 @@ class TaskModule(pl.LightningModule):
             raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
         if task == "classification" and (n_classes is None or n_classes < 2):
             raise ValueError("classification needs n_classes >= 2 (the number of model outputs)")
-        if on_nan not in ("fail", "skip"):
-            raise ValueError(f"on_nan must be 'fail' or 'skip', got {on_nan!r}")
+        if on_nan not in ("fail", "skip", "rollback"):
+            raise ValueError(f"on_nan must be 'fail', 'skip' or 'rollback', got {on_nan!r}")
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.task = task
@@ -153,6 +179,10 @@ class TaskModule(pl.LightningModule):
         self.max_rows_per_pass: int | None = None
         #: Out-of-memory errors recovered from by redoing the step's rows in smaller passes.
         self.oom_recoveries = 0
+        #: Blow-ups rolled back to the last good window (``on_nan="rollback"``), each halving the lr.
+        self.rollbacks = 0
+        self._good_state: tuple[dict[str, Any], dict[str, Any], int] | None = None
+        self._start_state: tuple[dict[str, Any], dict[str, Any], int] | None = None
         #: Steps skipped because their loss was NaN/inf (``on_nan="skip"``), each halving the lr.
         self.nan_skips = 0
         #: Training-batch augmentations (never applied to validation or test batches).
@@ -199,7 +229,7 @@ class TaskModule(pl.LightningModule):
     # -- training --------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         self._world_size = self.trainer.world_size
-        self._check_every_step = self.hparams["on_nan"] == "skip" or self.device.type == "cpu"
+        self._check_every_step = self.hparams["on_nan"] != "fail" or self.device.type == "cpu"
 
     def on_train_start(self) -> None:
         # Under DDP a rank's share of an odd global batch differs by one row from another's, so
@@ -210,15 +240,21 @@ class TaskModule(pl.LightningModule):
         # A DynamicBatchSize logs batch_size (the rows of the step its policy chose) and lr itself.
         callbacks = getattr(self.trainer, "callbacks", ())  # set by Lightning's connector, undeclared
         self._step["batch_logged"] = any(isinstance(c, DynamicBatchSize) for c in callbacks)
+        if self.hparams["on_nan"] == "rollback" and self._start_state is None:
+            self._start_state = self._snapshot()  # where repeated blow-ups roll back to
 
     def _finite_or_skip(self, loss: torch.Tensor, optimizer: Any) -> bool:
-        """True when the step's loss is finite; else fail the run, or skip the step (halving the lr)."""
+        """True when the step's loss is finite (and, rolling back, not blown up); else fail the run,
+        skip the step (halving the lr), or roll back to the last good window (halving the lr)."""
+        mode = self.hparams["on_nan"]
+        if mode == "rollback":
+            return not self._blown_up(loss) or self._roll_back(float(loss), optimizer)
         if bool(torch.isfinite(loss)):
             if self._nan_streak:  # nn.Module.__setattr__ costs microseconds a step: write only a change
                 self._nan_streak = 0
             return True
         step = self.trainer.global_step
-        if self.hparams["on_nan"] == "fail" or self._nan_streak >= MAX_CONSECUTIVE_NAN_SKIPS:
+        if mode == "fail" or self._nan_streak >= MAX_CONSECUTIVE_NAN_SKIPS:
             raise NonFiniteLossError(step, float(loss), skipped=self.nan_skips)
         optimizer.zero_grad()
         for group in optimizer.param_groups:
@@ -228,6 +264,67 @@ class TaskModule(pl.LightningModule):
         # The sampler moved on; the optimizer did not step, so Lightning's global_step does not either.
         self._step["rows"] = 0
         return False
+
+    def _blown_up(self, loss: torch.Tensor) -> bool:
+        """The step's loss is not finite or three orders of magnitude past the lowest window mean (on
+        every rank's word under DDP: one rank's blow-up rolls every rank back)."""
+        value = float(loss)
+        # Against window means only: one row's loss (B=1) is far too noisy to be a reference.
+        floor = self._step.get("floor")
+        blown = not math.isfinite(value) or (floor is not None and value > BLOWUP_FACTOR * floor)
+        if self._world_size > 1:
+            blown = bool(self.trainer.strategy.reduce_boolean_decision(blown, all=False))
+        if not blown and self._nan_streak:
+            self._nan_streak = 0
+        return blown
+
+    def _roll_back(self, value: float, optimizer: Any) -> bool:
+        """Back to the last good window's network and optimizer state, at half the lr; False (the step
+        is not taken). A second blow-up in a row goes back to the start of the fit instead (the last
+        window may have been on its way up already). The run fails after
+        :data:`MAX_CONSECUTIVE_NAN_SKIPS` in a row."""
+        step = self.trainer.global_step
+        if self._start_state is None or self._nan_streak >= MAX_CONSECUTIVE_NAN_SKIPS:
+            raise NonFiniteLossError(step, value, skipped=self.rollbacks, rollback=True)
+        good = (
+            self._good_state if self._nan_streak == 0 and self._good_state is not None else self._start_state
+        )
+        if good is self._start_state:  # back to the start: its loss is the reference again
+            self._step.pop("floor", None)
+            self._good_state = None
+        weights, optimizer_state, good_step = good
+        lrs = [group["lr"] * 0.5 for group in optimizer.param_groups]
+        self.model.load_state_dict(weights)
+        _plain_optimizer(optimizer).load_state_dict(copy.deepcopy(optimizer_state))
+        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        optimizer.zero_grad()
+        self.rollbacks += 1
+        self._nan_streak += 1
+        self._step["rows"] = 0  # no optimizer step: Lightning's global_step does not move either
+        event = (
+            f"step {step}: the training loss reached {value:.3g} (lowest window mean "
+            f"{self._step.get('floor', math.nan):.3g}); rolled back to step {good_step} and halved the lr to {lrs[0]:.3g}"
+        )
+        log.warning("warning: %s", event)
+        set_tag = getattr(self.logger, "set_tag", None)
+        if callable(set_tag):
+            set_tag("rollback", event)
+        return False
+
+    def _keep_good_state(self, loss_mean: float) -> None:
+        """A window whose mean loss is finite and no blow-up: the state a rollback returns to."""
+        floor = self._step.get("floor")
+        if not math.isfinite(loss_mean) or (floor is not None and loss_mean > BLOWUP_FACTOR * floor):
+            return
+        self._step["floor"] = loss_mean if floor is None else min(floor, loss_mean)
+        self._good_state = self._snapshot()
+
+    def _snapshot(self) -> tuple[dict[str, Any], dict[str, Any], int]:
+        """Copies of the network's and the optimizer's state, and the step they are at."""
+        optimizer = _plain_optimizer(self.optimizers())
+        weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return weights, copy.deepcopy(optimizer.state_dict()), self.trainer.global_step
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -381,7 +478,8 @@ class TaskModule(pl.LightningModule):
         return metrics
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.trainer.global_step % self.hparams["log_every"] == 0:
+        # A skipped or rolled-back step leaves global_step where it was: its window closed already.
+        if self.trainer.global_step % self.hparams["log_every"] == 0 and self._step.get("window"):
             self._log_step_window()
 
     def on_train_end(self) -> None:
@@ -401,9 +499,13 @@ class TaskModule(pl.LightningModule):
         loss_mean = float(loss_sum) / window
         if not self._check_every_step and not math.isfinite(loss_mean):
             raise NonFiniteLossError(step, loss_mean, window=window)
+        if self.hparams["on_nan"] == "rollback":
+            self._keep_good_state(loss_mean)
         extra = self._gradient_health_metrics(step)
         if self.nan_skips:
             extra["nan_skips"] = float(self.nan_skips)
+        if self.rollbacks:
+            extra["rollbacks"] = float(self.rollbacks)
         if self.oom_recoveries:
             extra["oom_recoveries"] = float(self.oom_recoveries)
         if self.max_rows_per_pass is not None:

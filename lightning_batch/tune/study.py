@@ -190,8 +190,15 @@ def make_pruner(options: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
 
 
 def trial_config(base: RunConfig, params: dict[str, Any], **overrides: Any) -> RunConfig:
-    """``base`` with run options ``overrides`` (experiment, run name, ...) and a trial's ``params``."""
-    return apply_params(RunConfig.from_mapping({**base.to_dict(), **overrides}), params)
+    """``base`` with run options ``overrides`` (experiment, run name, ...) and a trial's ``params``.
+
+    A trial measures the lr the sampler chose: a blow-up fails it (``on_nan="fail"``) instead of
+    rolling back at half the lr, which would train another lr under this one's name.
+    """
+    values = {**base.to_dict(), **overrides}
+    if values.get("on_nan") == "rollback":
+        values["on_nan"] = "fail"
+    return apply_params(RunConfig.from_mapping(values), params)
 
 
 class Objective:
