@@ -361,34 +361,22 @@ def overhead(repeats: int) -> list[dict[str, Any]]:
     def demo_loss(model, batch):
         return nn.functional.nll_loss(model(batch[0], batch[1]), batch[1].reshape(-1))
 
-    for b in (16, 64):
-        batch = (data.tokens[:b, :-1], data.tokens[:b, 1:])
-        for pre in (False, True):
-            rows.append(
-                {
-                    "model": "demo Transformer",
-                    "batch": b,
-                    "gradients": "preconditioned" if pre else "raw",
-                    **step_seconds(demo, batch, demo_loss, repeats, pre),
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
     bert, _ = _tiny_bert()
 
     def bert_loss(model, batch):
         return model(**batch).loss
 
-    for b in (16, 64):
-        for pre in (False, True):
-            rows.append(
-                {
-                    "model": "tiny BERT",
-                    "batch": b,
-                    "gradients": "preconditioned" if pre else "raw",
-                    **step_seconds(bert, _bert_batch(b), bert_loss, repeats, pre),
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
+    models = [
+        ("demo Transformer", demo, lambda b: (data.tokens[:b, :-1], data.tokens[:b, 1:]), demo_loss),
+        ("tiny BERT", bert, _bert_batch, bert_loss),
+    ]
+    for name, model, batch_of, loss_of in models:
+        for b in (16, 64):
+            for pre in (False, True):
+                gradients = "preconditioned" if pre else "raw"
+                timing = step_seconds(model, batch_of(b), loss_of, repeats, pre)
+                rows.append({"model": name, "batch": b, "gradients": gradients, **timing})
+                print(json.dumps(rows[-1]), flush=True)
     print(
         f"\n{'model':<18} {'B':>4} {'gradients':>15} {'unmeasured ms':>14} {'measured ms':>12} {'ratio':>6} {'exact':>6}"
     )

@@ -686,17 +686,18 @@ class NoiseMeter:
                 grads.append(grad)
             # Kept per parameter until the step's exact set is known (before_optimizer_step).
             self._grad_names = [name for name, p in self.params.items() if p.grad is not None]
-            self._grad_t = torch.stack(torch._foreach_norm(grads)).pow(2) if grads else None
             weights = self._step_weights()
-            if weights and self._grad_t is not None:
+            if not grads:
+                self._grad_t = None
+            elif weights:  # preconditioned: each weighted by 1/P² (raw where the optimizer has no state)
                 self._grad_t = torch.stack(
                     [
-                        _squared_norm(g.to(torch.promote_types(g.dtype, torch.float32)), weights[name])
-                        if name in weights
-                        else t
-                        for name, g, t in zip(self._grad_names, grads, self._grad_t, strict=True)
+                        _squared_norm(g.to(torch.promote_types(g.dtype, torch.float32)), weights.get(name))
+                        for name, g in zip(self._grad_names, grads, strict=True)
                     ]
                 )
+            else:
+                self._grad_t = torch.stack(torch._foreach_norm(grads)).pow(2)
 
     def before_optimizer_step(self) -> None:
         """Before the optimizer moves the weights: the step's per-example norms, and its micro-batches."""
