@@ -37,6 +37,7 @@ from lightning_batch._extras import check
 from lightning_batch.config import DEFAULT_LR, RunConfig, check_model_for_task
 from lightning_batch.errors import UserError
 from lightning_batch.placement import Placement, resolve_placement
+from lightning_batch.plugin._lightning_compat import destroy_process_group_at_exit
 from lightning_batch.plugin.callback import DynamicBatchSize
 from lightning_batch.plugin.checkpoint_io import AtomicCheckpointIO
 from lightning_batch.plugin.progress import BatchProgressBar
@@ -529,6 +530,7 @@ class _ShareRunId(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.world_size > 1:
+            destroy_process_group_at_exit()  # else gloo can abort the process after a good run
             self.ids = tuple(trainer.strategy.broadcast(self.ids, src=0))
 
 

@@ -8,10 +8,12 @@ these attributes fails those tests loudly rather than silently dropping rows.
 
 from __future__ import annotations
 
+import atexit
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.utilities.data import _reinstantiate_wrapped_cls, _replace_value_in_saved_args
+from lightning.fabric.utilities.distributed import _destroy_dist_connection
 from lightning.pytorch.utilities.data import _get_dataloader_init_args_and_kwargs
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
@@ -232,3 +234,21 @@ def restart_train_iterator(trainer: pl.Trainer) -> None:
         return
     fetcher.setup(fit_loop._combined_loader)
     iter(fetcher)
+
+
+_teardown_registered = False
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group while the interpreter is still whole, whatever the backend.
+
+    Lightning registers this for NCCL only. A gloo process group left for the interpreter's own
+    finalisation can abort the process (``terminate called without an active exception``, exit
+    status -6) after the fit has succeeded: its C++ worker threads still hold objects whose
+    destructors need the interpreter (pytorch/pytorch#190489). Safe to call on every rank, any
+    number of times; a no-op where no process group is left at exit.
+    """
+    global _teardown_registered
+    if not _teardown_registered:
+        atexit.register(_destroy_dist_connection)
+        _teardown_registered = True

@@ -43,6 +43,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
 
 from lightning_batch.plugin._lightning_compat import (
+    destroy_process_group_at_exit,
     drop_saved_loader_position,
     optimizer_step_done,
     restart_train_iterator,
@@ -181,6 +182,8 @@ class DynamicBatchSize(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.clock.start_fit()  # the measurement budget's clock: the probe counts
+        if trainer.world_size > 1:
+            destroy_process_group_at_exit()  # else gloo can abort the process after a good fit
         self._sampler, self._restart_iterator = adopt_train_loader(trainer, self)
         try:
             self._start(trainer, pl_module)

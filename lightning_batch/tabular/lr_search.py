@@ -80,7 +80,7 @@ def range_test(
         x, y = next(source)[:2]
         optimizer.zero_grad(set_to_none=True)
         loss = loss_of(model(x), y)
-        value = float(loss)
+        value = float(loss.detach())
         if not math.isfinite(value):
             break
         loss.backward()
