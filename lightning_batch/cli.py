@@ -137,7 +137,8 @@ def _train_arguments(parser: argparse.ArgumentParser, resumable: bool = True) ->
         parser.add_argument(
             "--resume",
             metavar="RUN_ID",
-            help="continue a stopped run from its last checkpoint, on the same MLflow run",
+            help="continue a stopped run from its last checkpoint, on the same MLflow run (the id, its first "
+            "8+ characters, or the path of its last.ckpt)",
         )
     parser.add_argument("--verbose", action="store_true", help="show Lightning's own messages")
     parser.add_argument(
@@ -161,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_option_flags(tune, TuneConfig)
     tune.add_argument("--space", metavar="FILE.yaml", help="search space (default: lr, batch_size, policy)")
     report = commands.add_parser("report", help="batch-size report of a run (id) or a study (name)")
-    report.add_argument("target", metavar="RUN_ID_OR_STUDY")
+    report.add_argument(
+        "target", metavar="RUN_ID_OR_STUDY", help="a run id (or its first 8+ characters) or a study"
+    )
     report.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
     report.add_argument(
         "--storage", help="Optuna storage of the study (default: optuna.db beside the MLflow store)"
@@ -182,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "model",
         metavar="RUN_ID_OR_MODEL_URI",
-        help="a run id, models:/NAME@champion, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder",
+        help="a run id (or its first 8+ characters), models:/NAME@champion, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder",
     )
     predict.add_argument("--data", required=True, metavar="FILE", help="raw rows: a .csv or .parquet file")
     predict.add_argument(
@@ -191,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
     ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--tracking-uri")
+    ui.add_argument(
+        "--experiment",
+        help="the experiment whose runs the printed URL opens (default: that of the newest run)",
+    )
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     return parser
@@ -248,12 +255,11 @@ def tune_config_from_args(args: argparse.Namespace) -> TuneConfig:
 
 
 def _print_tune_summary(result: Any) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from lightning_batch.store_uri import redact
 
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = _console()
     table = Table(title=f"study {result.study}")
     table.add_column("")
     table.add_column("value")
@@ -291,8 +297,20 @@ def _print_tune_summary(result: Any) -> None:
     )
 
 
-def _print_summary(results: Sequence[Any]) -> None:
+#: A run id is what users copy next (``--resume``, ``report``, ``predict``): it never wraps, and the
+#: other columns shrink or fold around it.
+RUN_ID_COLUMN: dict[str, Any] = {"no_wrap": True, "min_width": 32, "overflow": "ignore"}
+
+
+def _console(stderr: bool = False) -> Any:
+    """A rich console as wide as the terminal (or ``$COLUMNS``); 160 columns when output is piped."""
     from rich.console import Console
+
+    piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS", "").isdigit()
+    return Console(stderr=stderr, width=160 if piped else None)
+
+
+def _print_summary(results: Sequence[Any]) -> None:
     from rich.table import Table
 
     table = Table(title="lightning-batch runs")
@@ -305,9 +323,9 @@ def _print_summary(results: Sequence[Any]) -> None:
         "test loss",
         "test metric",
         "seconds",
-        "MLflow run id",
     ):
         table.add_column(column)
+    table.add_column("MLflow run id", **RUN_ID_COLUMN)
     for r in results:
         metric = (
             f"acc {r.metrics['test_acc']:.3f}"
@@ -331,7 +349,7 @@ def _print_summary(results: Sequence[Any]) -> None:
             f"{r.seconds:.1f}",
             r.run_id,
         )
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = _console()
     console.print(table)
     if any(r.target_scaled for r in results):
         console.print("Regression losses are in the standardised target's units; rmse and r² in its own.")
@@ -408,8 +426,9 @@ def run_demo(tracking_uri: str | None = None) -> int:
     return 0
 
 
-def _resume_run_id(value: str | None) -> str | None:
-    """``--resume`` takes a run id, or the path of its ``last.ckpt`` (``.../checkpoints/RUN_ID/last.ckpt``)."""
+def _resume_run_id(value: str | None, tracking_uri: str | None) -> str | None:
+    """``--resume`` takes a run id, a unique prefix of one (8 characters or more) among the runs with
+    checkpoints, or the path of its ``last.ckpt`` (``.../checkpoints/RUN_ID/last.ckpt``)."""
     if value is None:
         return None
     path = Path(value)
@@ -417,7 +436,12 @@ def _resume_run_id(value: str | None) -> str | None:
         if not path.is_file():
             raise UserError(f"checkpoint not found: {value!r}; pass the run id or the path of its last.ckpt")
         return path.resolve().parent.name
-    return value
+    from lightning_batch.store_uri import resolve_tracking_uri
+    from lightning_batch.tracking.run_ids import resolve_checkpointed_run_id
+    from lightning_batch.tracking.run_record import checkpoint_dir
+
+    checkpoints = checkpoint_dir(resolve_tracking_uri(tracking_uri), "")
+    return resolve_checkpointed_run_id(checkpoints, value)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -429,7 +453,7 @@ def run_train(args: argparse.Namespace) -> int:
         cfg,
         progress_bar=getattr(args, "progress", None),
         verbose=getattr(args, "verbose", False),
-        resume_run_id=_resume_run_id(getattr(args, "resume", None)),
+        resume_run_id=_resume_run_id(getattr(args, "resume", None), cfg.tracking_uri),
     )
     if result.rank == 0:  # under DDP every rank returns here; the run is rank 0's to report
         _print_summary([result])
@@ -489,7 +513,6 @@ def run_tune(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     """``run.py predict``: predictions to ``--output`` (or stdout), a summary of what was read."""
     import mlflow  # noqa: F401  -- it sets up its loggers on import: quiet them after that
-    from rich.console import Console
     from rich.table import Table
 
     from lightning_batch.store_uri import resolve_tracking_uri  # not tracking: no Lightning import
@@ -514,13 +537,12 @@ def run_predict(args: argparse.Namespace) -> int:
     table.add_row("empty cells imputed", str(result.imputed))
     table.add_row("output", args.output or "stdout")
     # With the predictions on stdout, the summary goes to stderr so that a pipe gets only the table.
-    console = Console(stderr=not args.output, width=None if sys.stdout.isatty() else 160)
+    console = _console(stderr=not args.output)
     console.print(table)
     return 0
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from lightning_batch.store_uri import resolve_tracking_uri
@@ -534,7 +556,7 @@ def run_report(args: argparse.Namespace) -> int:
     table.add_column("measured")
     for name, value in rows:
         table.add_row(name, value)
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = _console()
     console.print(table)
     console.print(f"logged as report/report.md on MLflow run {logged_to}")
     return 0
@@ -543,7 +565,6 @@ def run_report(args: argparse.Namespace) -> int:
 def run_runs(args: argparse.Namespace) -> int:
     """``run.py runs``: a table of the newest runs with their state and owner; ``--reap`` first."""
     from mlflow import MlflowClient
-    from rich.console import Console
     from rich.table import Table
 
     from lightning_batch.store_uri import resolve_tracking_uri, sqlite_path  # not tracking: no Lightning
@@ -570,9 +591,15 @@ def run_runs(args: argparse.Namespace) -> int:
     reaped = run_owners.reap_lost_runs(client, ids) if args.reap else []
     runs, more = run_owners.list_runs(client, ids, args.status, args.limit)
 
+    console = _console()
+    # Below 120 columns the table keeps what identifies a run (id, name, state, start) and leaves
+    # out experiment, owner and note, which would otherwise fold into a column of fragments.
+    wide = console.width >= 120
     table = Table(title=f"runs in {uri}")
-    for column in ("run id", "experiment", "name", "state", "started", "owner", "note"):
-        table.add_column(column, overflow="fold")
+    table.add_column("run id", **RUN_ID_COLUMN)
+    for column in ("experiment", "name", "state", "started", "owner", "note"):
+        if wide or column in ("name", "state", "started"):
+            table.add_column(column, overflow="fold", no_wrap=column == "started")
     style = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "RUNNING": "cyan"}
     lost = []
     for run in runs:
@@ -581,18 +608,22 @@ def run_runs(args: argparse.Namespace) -> int:
         liveness = owner.state() if owner is not None and state == "RUNNING" else None
         if liveness == "gone":
             lost.append(run.info.run_id)
-        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.info.start_time / 1000))
-        table.add_row(
-            run.info.run_id,
-            names.get(run.info.experiment_id, run.info.experiment_id),
-            run.info.run_name or "",
-            f"[{style.get(state, '')}]{state}[/]" + (" (process lost)" if liveness == "gone" else ""),
-            started,
-            (str(owner) + (f", {liveness}" if liveness else "")) if owner else "-",
-            run.data.tags.get(run_owners.ERROR_TAG, "").split("\n")[0][:300],
+        started = time.strftime(
+            "%Y-%m-%d %H:%M" if wide else "%m-%d %H:%M", time.localtime(run.info.start_time / 1000)
         )
-    console = Console(width=None if sys.stdout.isatty() else 160)
+        cells = {
+            "experiment": names.get(run.info.experiment_id, run.info.experiment_id),
+            "name": run.info.run_name or "",
+            "state": f"[{style.get(state, '')}]{state}[/]"
+            + (" (process lost)" if liveness == "gone" else ""),
+            "started": started,
+            "owner": (str(owner) + (f", {liveness}" if liveness else "")) if owner else "-",
+            "note": run.data.tags.get(run_owners.ERROR_TAG, "").split("\n")[0][:300],
+        }
+        table.add_row(run.info.run_id, *(cells[c.header] for c in table.columns[1:]))  # type: ignore[index]
     console.print(table)
+    if not wide:
+        console.print("(experiment, owner and note need 120 columns)")
     if more:
         console.print(f"(the newest {args.limit}; --limit N shows more)")
     if reaped:
@@ -635,12 +666,49 @@ def run_dashboard(args: argparse.Namespace) -> int:
         return 0
 
 
+def training_runs_url(tracking_uri: str, host: str, port: int, experiment: str | None = None) -> str:
+    """The MLflow UI's page of an experiment's training runs, in its Model training view.
+
+    MLflow 3 keeps the GenAI / Model training toggle in the browser's local storage and starts on
+    GenAI (Traces, Judges, "Evaluation runs" around a training run; mlflow/mlflow#24498). The
+    ``workflowType`` query parameter overrides that for the page it opens. The experiment is
+    ``experiment`` (a name), else that of the newest run, else none (the experiments list).
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    from lightning_batch.store_uri import redact
+
+    client = MlflowClient(tracking_uri)
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise UserError(
+                f"no experiment named {experiment!r} in {redact(tracking_uri)}; `run.py runs` lists them"
+            )
+        experiment_id: str | None = found.experiment_id
+    else:
+        experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+        newest = (
+            client.search_runs(experiments, order_by=["attributes.start_time DESC"], max_results=1)
+            if experiments
+            else []
+        )
+        experiment_id = newest[0].info.experiment_id if newest else None
+    # A browser cannot open the wildcard address a server binds.
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    base = f"http://{'[' + shown + ']' if ':' in shown else shown}:{port}/#/experiments"
+    page = f"{base}/{experiment_id}/runs" if experiment_id is not None else base
+    return f"{page}?workflowType=machine_learning"
+
+
 def run_ui(args: argparse.Namespace) -> int:
     from lightning_batch.store_uri import resolve_tracking_uri
     from lightning_batch.tracking.store import ensure_store
 
     uri = resolve_tracking_uri(args.tracking_uri)
     ensure_store(uri)
+    url = training_runs_url(uri, args.host, args.port, args.experiment)
     command = [
         sys.executable,
         "-m",
@@ -653,7 +721,7 @@ def run_ui(args: argparse.Namespace) -> int:
         "--port",
         str(args.port),
     ]
-    print(f"MLflow UI on http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
+    print(f"MLflow UI, training runs: {url}  (Ctrl-C stops it)", flush=True)
     try:
         return subprocess.call(command)
     except KeyboardInterrupt:

@@ -68,8 +68,8 @@ def _serve(workdir: Path, *command: str) -> tuple[subprocess.Popen, int]:
 
 @pytest.mark.slow  # CI runs the slow suite after `make test` (.ci/run)
 def test_mlflow_ui_shows_the_runs_the_model_the_registry_and_the_charts(workdir: Path, tmp_path: Path):
-    """A run trained with --register: the UI opens on model training (the experiment's kind), the
-    run page lists its logged model, the Models page the registered one, and the run's Model
+    """A run trained with --register: `run.py ui` prints the URL of the experiment's training runs
+    in the Model training view, which a fresh browser shows as such; the run page lists its logged model, the Models page the registered one, and the run's Model
     metrics tab draws batch_size and gns (the README's screenshot, docs/mlflow-run.png)."""
     _chromium()
     done = subprocess.run(
@@ -105,20 +105,37 @@ def test_mlflow_ui_shows_the_runs_the_model_the_registry_and_the_charts(workdir:
     (run,) = client.search_runs([experiment.experiment_id])
     (logged,) = client.search_logged_models([experiment.experiment_id])
     assert logged.source_run_id == run.info.run_id
-    server, port = _serve(workdir, "ui")
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, str(RUN_PY), "ui", "--port", str(port)],
+        cwd=workdir,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
+        assert server.stdout is not None
+        printed_url = next(w for w in server.stdout.readline().split() if w.startswith("http://"))
         wait_for(f"http://127.0.0.1:{port}/health", 120)
         base = f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}"
-        runs_page = _render(f"{base}/runs", tmp_path / "p1")
+        view = "?workflowType=machine_learning"
+        assert printed_url == f"{base}/runs{view}"
+        # The page the printed URL opens, in a fresh browser profile (whose stored toggle says GenAI):
+        # the Model training view's sidebar (Runs, Models, Model registry), none of GenAI's.
+        runs_page = _render(printed_url, tmp_path / "p1")
         assert "e2e-auto" in runs_page
-        run_page = _render(f"{base}/runs/{run.info.run_id}", tmp_path / "p2")
+        assert "Model registry" in runs_page
+        for genai_only in ("Judges", "Evaluation runs", "Sessions"):
+            assert genai_only not in runs_page, genai_only
+        run_page = _render(f"{base}/runs/{run.info.run_id}{view}", tmp_path / "p2")
         assert "e2e-auto" in run_page and logged.name in run_page, "the run page lists its logged model"
         assert "batch_size" in run_page and "gns" in run_page
         # The README's picture: the Model metrics tab, tall enough for the alphabetical grid to
         # reach gns (row 3 of 3 charts a row). Its charts draw into the screenshot; the DOM dump of
         # that tab comes back before they do, so the metric names are checked on the overview.
         _render(
-            f"{base}/runs/{run.info.run_id}/model-metrics",
+            f"{base}/runs/{run.info.run_id}/model-metrics{view}",
             tmp_path / "p3",
             SCREENSHOTS / "mlflow-run.png",
             height=1700,

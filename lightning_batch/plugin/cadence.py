@@ -4,6 +4,7 @@ The callback is glue between the Trainer and the policy; the arithmetic of that 
 free of Lightning, so it can be tested (and mutation-tested) without a Trainer:
 
 - :class:`DecisionCadence`: the steps at which a decision falls;
+- :class:`DecisionsKept`: the decision points that kept the batch, and why;
 - :func:`effective_ceiling`: the largest batch a decision may choose, from the memory probe, the
   out-of-memory recoveries and the size of the data;
 - :func:`epoch_steps`: how many steps the current epoch has after a mid-epoch resize, which the
@@ -151,6 +152,66 @@ class DecisionCadence:
         self.rows_since_decision = int(state.get("rows_since_decision", 0))
         # A checkpoint from before the warm-up existed is past it.
         self.decisions = int(state.get("decisions_taken", self.warmup))
+
+
+class DecisionsKept:
+    """The decision points that kept the batch, and why: ``batch_size_decisions.json``'s ``kept``.
+
+    A decision falls at the :class:`DecisionCadence`'s steps, but it changes the batch only when the
+    policy's proposal gains enough; a noise policy's proposal moves only with fresh noise
+    measurements, which the measurement budget spaces out (see
+    :class:`~lightning_batch.plugin.clock.StepClock`). So ``adjust_every=5`` may change the batch far
+    less often than every 5 steps. Each kept point is recorded with its reason and the fresh
+    measurements it had; consecutive points with the same batch and reason are one entry (first and
+    last step, count), so a long fit stays a short file.
+
+    >>> kept = DecisionsKept()
+    >>> for step, updates in ((5, 3), (10, 3), (15, 3)):
+    ...     fresh = kept.fresh_measurements(updates)
+    ...     kept.add(step, 0, 32, "keep: gain 1% < 5%", fresh, measured=True)
+    >>> [(e["step"], e["last_step"], e["count"], e["reason"]) for e in kept.entries]
+    [(5, 5, 1, 'keep: gain 1% < 5%'), (10, 15, 2, 'keep: no new noise measurement since the previous decision')]
+    """
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+        self._updates_at_last_decision = 0
+
+    def fresh_measurements(self, num_updates: int) -> int:
+        """Noise measurements since the previous decision point, given the meter's running count."""
+        fresh = max(0, num_updates - self._updates_at_last_decision)
+        self._updates_at_last_decision = num_updates
+        return fresh
+
+    def add(self, step: int, epoch: int, batch_size: int, reason: str, fresh: int, measured: bool) -> None:
+        """Record a decision point at ``step`` that kept ``batch_size`` (rows per optimizer step).
+
+        ``measured``: the decision reads noise measurements, so none fresh is the reason it kept.
+        """
+        if measured and fresh == 0:
+            reason = "keep: no new noise measurement since the previous decision"
+        last = self.entries[-1] if self.entries else None
+        if last is not None and last["batch_size"] == batch_size and last["reason"] == reason:
+            last["last_step"], last["count"] = step, last["count"] + 1
+            return
+        self.entries.append(
+            {
+                "step": step,
+                "last_step": step,
+                "count": 1,
+                "epoch": epoch,
+                "batch_size": batch_size,
+                "new_measurements": fresh,
+                "reason": reason,
+            }
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"entries": [dict(e) for e in self.entries], "updates": self._updates_at_last_decision}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.entries = [dict(e) for e in state.get("entries", [])]
+        self._updates_at_last_decision = int(state.get("updates", 0))
 
 
 def effective_ceiling(

@@ -50,7 +50,7 @@ from lightning_batch.plugin._lightning_compat import (
     scale_scheduler_lrs,
     sync_epoch_length,
 )
-from lightning_batch.plugin.cadence import DecisionCadence, effective_ceiling
+from lightning_batch.plugin.cadence import DecisionCadence, DecisionsKept, effective_ceiling
 from lightning_batch.plugin.clock import StepClock
 from lightning_batch.plugin.fit_noise import FitNoiseMeasurement
 from lightning_batch.plugin.loader import adopt_train_loader
@@ -158,7 +158,8 @@ class DynamicBatchSize(Callback):
         self.lr_scale = 1.0
         self.ceiling: int | None = None
         self.probe: MemoryProbeResult | None = None
-        self.decisions: list[dict[str, Any]] = []
+        self.decisions: list[dict[str, Any]] = []  # the changes
+        self.kept = DecisionsKept()  # the decision points that kept the batch, and why
         #: One row per log interval: step, samples_seen, batch_size, lr, gns, ...; for plots and reports.
         self.history: list[dict[str, float]] = []
         self._samples_seen = 0
@@ -459,8 +460,15 @@ class DynamicBatchSize(Callback):
         # every rank applies the same.
         decision, interval = trainer.strategy.broadcast((decision, interval), src=0)
         self.clock.interval = interval
+        fresh = self.kept.fresh_measurements(self.ema.num_updates)
         if decision is not None and decision.changed:
             self._apply(trainer, decision, context)
+        elif decision is not None and self.batch_size is not None:
+            step_rows = self.batch_size * self.passes_per_step
+            measured = self._needs_noise() and self.measurement.meter is not None
+            self.kept.add(
+                trainer.global_step, trainer.current_epoch, step_rows, decision.reason, fresh, measured
+            )
 
     def _apply(self, trainer: pl.Trainer, decision: Decision, context: PolicyContext) -> None:
         assert self._sampler is not None
@@ -534,6 +542,7 @@ class DynamicBatchSize(Callback):
             "ema": self.ema.state_dict(),
             "controller": self.controller.state_dict(),
             "decisions": list(self.decisions),
+            "kept": self.kept.state_dict(),
             "samples_seen": self._samples_seen,
             "measurement": self.clock.state_dict(),
             "rows_since_measurement": self.measurement.rows_since_measurement,
@@ -565,6 +574,7 @@ class DynamicBatchSize(Callback):
         self.ema.load_state_dict(state["ema"])
         self.controller.load_state_dict(state["controller"])
         self.decisions = list(state["decisions"])
+        self.kept.load_state_dict(state.get("kept", {}))  # none in checkpoints from before it existed
         self._samples_seen = int(state["samples_seen"])
         if "measurement" in state:  # checkpoints from before the measurement budget have none
             self.clock.load_state_dict(state["measurement"])

@@ -251,7 +251,9 @@ class BatchSizeOptions:
     )
     adjust_every: int = option(
         20,
-        "reconsider the batch every N optimizer steps (or each quarter epoch, if sooner)",
+        "reconsider the batch every N optimizer steps (or each quarter epoch, if sooner); a noise policy "
+        "changes it only on fresh noise measurements, which the measurement budget spaces out: "
+        "batch_size_decisions.json's 'kept' says why each other decision kept it",
         check=positive_int,
     )
     min_timed_steps: int = option(

@@ -339,7 +339,11 @@ class TaskModule(pl.LightningModule):
         # Norms and clipping run in on_before_optimizer_step, where float16 gradients are unscaled.
         optimizer.step()
         source = self._global_rows
-        self._step["rows"] = source.last_global_rows if source is not None else x.shape[0] * self._world_size
+        rows = source.last_global_rows if source is not None else x.shape[0] * self._world_size
+        self._step["rows"] = rows
+        # The batch size logged without a DynamicBatchSize: the largest step so far, never the
+        # epoch's short last one (what remains of the data, not a size anyone chose).
+        self._step["full_rows"] = max(self._step.get("full_rows", 0), rows)
         # Counted here, not in on_train_batch_end: callbacks (a mid-epoch checkpoint) run before
         # the module's own batch-end hook and must see this step as done. A plain int attribute:
         # object.__setattr__ skips nn.Module's parameter/buffer/module checks (microseconds a step).
@@ -515,7 +519,7 @@ class TaskModule(pl.LightningModule):
             # Straight into the logger's buffer (see tracking.BufferedMLFlowLogger): one dict a window.
             # train_loss is the mean over the window's steps, so no step's loss goes unrecorded.
             if not self._step.get("batch_logged"):
-                extra.update(batch_size=float(self._step["rows"]), lr=self.current_lr)
+                extra.update(batch_size=float(self._step["full_rows"]), lr=self.current_lr)
             self.logger.log_metrics(
                 {"train_loss": loss_mean, "samples_seen": float(self.samples_seen), **extra}, step=step
             )

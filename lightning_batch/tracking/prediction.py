@@ -21,7 +21,6 @@ numbers and the cell imputed, as training would have.
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +29,13 @@ from typing import Any
 from lightning_batch._extras import extra_imports
 from lightning_batch.errors import UserError
 from lightning_batch.store_uri import redact
+from lightning_batch.tracking.run_ids import RUN_ID, resolve_run_id
 
 with extra_imports("data", "run.py predict"):
     import numpy as np
     import pandas as pd
 
 #: An MLflow run id: 32 lowercase hex digits.
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass
@@ -64,17 +63,18 @@ def resolve_model_uri(target: str, tracking_uri: str) -> str:
     folder = Path(target)
     if (folder / "MLmodel").is_file():
         return str(folder.resolve())
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri)
+    target = resolve_run_id(client, target, redact(tracking_uri))
     if not RUN_ID.match(target):
         raise UserError(
             f"{target!r} is neither a run id (32 hex digits) nor an MLflow model URI; pass e.g. a run id from "
             "run.py's summary, models:/NAME@champion or runs:/RUN_ID/model"
         )
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     from lightning_batch.tracking.run_model import run_model_id
 
-    client = MlflowClient(tracking_uri)
     try:
         run = client.get_run(target)
     except MlflowException:

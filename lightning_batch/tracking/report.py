@@ -28,6 +28,8 @@ import numpy as np
 
 from lightning_batch._extras import extra_imports
 from lightning_batch.errors import UserError
+from lightning_batch.store_uri import redact
+from lightning_batch.tracking.run_ids import resolve_run_id
 
 # MLflow draws a download bar per artifact; a report reads two small files.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -230,6 +232,7 @@ def make_report(target: str, tracking_uri: str, storage: str) -> tuple[str, list
         from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri)
+    target = resolve_run_id(client, target, redact(tracking_uri))
     run_exists = True
     try:
         client.get_run(target)

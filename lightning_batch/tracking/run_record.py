@@ -219,6 +219,7 @@ class RunRecord:
                     plot_batch_dynamics(resizer.history, folder / "batch_size.png")
                 decisions = {
                     "decisions": resizer.decisions,
+                    "kept": resizer.kept.entries,
                     "probe": resizer.probe.as_dict() if resizer.probe else None,
                 }
                 (folder / "batch_size_decisions.json").write_text(
