@@ -128,3 +128,51 @@ def test_adamw_in_a_plain_module_gets_the_square_root_rule_times_its_own_schedul
     assert {b for _, b, _ in seen} == {16, 32, 64}, "the schedule moved the batch"
     for epoch, batch, lr in seen:
         assert lr == pytest.approx(lr0 * 0.5**epoch * math.sqrt(batch / b0), rel=1e-9), (epoch, batch)
+
+
+def test_every_param_group_is_rescaled_by_the_rule_and_its_scheduler_follows():
+    """An optimizer with three param groups at different lrs (as with per-layer lrs or no decay on
+    biases), and an epoch LambdaLR, which recomputes each group's lr from its base lr: after the
+    schedule doubles the batch, every group trains at its own lr0 × the schedule's factor × B/B0
+    (linear rule), not the first group only; a group left behind would train at half the lr the
+    rule asks for, and its scheduler would pull it back there at the next epoch."""
+    import lightning.pytorch as pl
+    import torch
+
+    from lightning_batch import DynamicBatchSize
+
+    from .conftest import quiet_trainer
+    from .plain_project import PlainDataModule, PlainRegressor
+
+    lrs0 = (0.05, 0.01, 0.002)
+
+    class PerLayerLrs(PlainRegressor):
+        def configure_optimizers(self):
+            first, second = self.net[0], self.net[2]
+            groups = [
+                {"params": [first.weight], "lr": lrs0[0]},
+                {"params": [first.bias], "lr": lrs0[1]},
+                {"params": list(second.parameters()), "lr": lrs0[2]},
+            ]
+            optimizer = torch.optim.SGD(groups, lr=1.0)
+            decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.5**epoch)
+            return [optimizer], [decay]
+
+    seen = []
+
+    class LrsAtEveryStep(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs = [group["lr"] for group in trainer.optimizers[0].param_groups]
+            seen.append((trainer.current_epoch, resize.batch_size, lrs))
+
+    b0 = 16
+    resize = DynamicBatchSize(
+        policy="schedule", lr_rule="linear", milestones=[1], schedule_factor=2.0, probe_memory=False
+    )
+    trainer = quiet_trainer(3, [resize, LrsAtEveryStep()])
+    trainer.fit(PerLayerLrs(), datamodule=PlainDataModule(batch_size=b0, rows=320))
+    assert [d["to"] for d in resize.decisions] == [32], "the schedule doubled the batch in epoch 1"
+    assert {(epoch, batch) for epoch, batch, _ in seen} == {(0, 16), (1, 16), (1, 32), (2, 32)}
+    for epoch, batch, lrs in seen:
+        expected = [lr0 * 0.5**epoch * batch / b0 for lr0 in lrs0]
+        assert lrs == pytest.approx(expected, rel=1e-9), (epoch, batch)

@@ -142,8 +142,13 @@ def _two_rank_fit(tmp_path, name: str, config: dict) -> list[dict]:
 
 @pytest.mark.ddp
 def test_two_rank_ddp_with_a_plain_loader_covers_each_epoch_once_with_one_batch_size_sequence(tmp_path):
+    """Also: the user's ``DataLoader(batch_size=9)`` is per device, as in Lightning, so the rebuilt
+    loader starts at a global batch of 2 ranks x 9 = 18 rows (9 on each rank); starting at 9 global
+    rows would train the first steps, and anchor every decision (B0), at half the batch asked for."""
     config = dict(resize=NOISE, rows=900, batch_size=9)
     ranks = _two_rank_fit(tmp_path, "ddp", config)
+    assert [len(r["steps"][0][2]) for r in ranks] == [9, 9], "the first global batch is 2 x 9 rows"
+    assert all(r["steps"][0][1] == 0 for r in ranks)
     assert ranks[0]["decisions"] == ranks[1]["decisions"] and ranks[0]["decisions"]
     sizes = [[len(s[2]) for s in r["steps"]] for r in ranks]
     # one global batch per step: the two ranks' shares differ by at most one row
@@ -431,3 +436,28 @@ def test_lightning_sees_the_loader_as_resumable_and_a_mid_epoch_resume_does_not_
     kept = [step for step in before.steps if step[0] <= 10]
     for epoch, rows in _epochs(kept + after.steps).items():
         assert sorted(rows) == list(range(1200)), f"epoch {epoch}: every row exactly once"
+
+
+def test_a_plain_loader_with_drop_last_never_trains_a_short_last_batch_even_after_a_resize(tmp_path):
+    """``DataLoader(drop_last=True)``: the user excluded the short last batch of every epoch. The
+    rebuilt, resizable loader must keep excluding it, before and after a mid-fit resize; otherwise
+    the user trains batches of a few rows they asked never to train (noisy steps at full lr)."""
+    dataset = RowDataset(100)
+    rows = RowsTrained()
+    resize = DynamicBatchSize(
+        policy="schedule", milestones=(1,), probe_memory=False, multiple=1, adjust_every=2
+    )
+    trainer = quiet_trainer(2, [resize, rows], default_root_dir=tmp_path)
+    loader = DataLoader(dataset, batch_size=16, shuffle=True, drop_last=True)
+    trainer.fit(PlainRegressor(), train_dataloaders=loader)
+    assert [d["to"] for d in resize.decisions] == [32], "the schedule doubles the batch in epoch 1"
+    epochs = _epochs(rows.steps)
+    # Epoch 0 at the user's batch: exactly what PyTorch's own loader trains (6 batches of 16, the
+    # last 4 rows left out).
+    reference = [len(batch[0]) for batch in DataLoader(dataset, batch_size=16, drop_last=True)]
+    assert [len(r) for _, e, r in rows.steps if e == 0] == reference == [16] * 6
+    # Epoch 1 resizes to 32 mid-epoch: only full batches of 16 or 32, fewer rows left out than one
+    # batch of 32, none twice.
+    sizes_1 = [len(r) for _, e, r in rows.steps if e == 1]
+    assert set(sizes_1) == {16, 32}, sizes_1
+    assert len(epochs[1]) == len(set(epochs[1])) and 100 - len(epochs[1]) < 32, sizes_1
