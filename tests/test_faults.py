@@ -303,6 +303,44 @@ def test_the_checkpoint_writer_stages_beside_the_target_and_renames(tmp_path: Pa
     assert not orphan.exists() and live.exists()
 
 
+def test_the_checkpoint_s_bytes_are_on_disk_before_it_is_renamed_over_the_last_one(
+    tmp_path: Path, monkeypatch
+):
+    """The rename is atomic, but after a power cut a renamed file whose bytes were still in Python's
+    buffer or the page cache is empty: the writer must flush and fsync the temporary file, whole,
+    before renaming it over last.ckpt. Recorded here: what each fsync and rename sees on disk."""
+    from lightning_batch.plugin.checkpoint_io import AtomicCheckpointIO
+
+    events: list[tuple] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        status = os.fstat(fd)
+        events.append(("fsync", (status.st_dev, status.st_ino), status.st_size))
+
+    def replace(source, destination) -> None:
+        status = os.stat(source)
+        events.append(("rename", (status.st_dev, status.st_ino), status.st_size, Path(destination)))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "run" / "last.ckpt"
+    for step in (1, 2):  # a first save, then one over an existing last.ckpt
+        events.clear()
+        AtomicCheckpointIO().save_checkpoint({"step": step, "w": torch.arange(8)}, target)
+        renames = [e for e in events if e[0] == "rename"]
+        assert len(renames) == 1 and renames[0][3] == target, events
+        _, renamed_file, size, _ = renames[0]
+        assert size == target.stat().st_size > 0
+        synced = events[: events.index(renames[0])]
+        assert ("fsync", renamed_file, size) in synced, (
+            f"the renamed file was not fsynced whole first: {events}"
+        )
+        assert torch.load(target, weights_only=True)["step"] == step
+
+
 # -- numbers ---------------------------------------------------------------------------------------
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from unittest import mock
 
 import pytest
 from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from lightning_batch import store_uri as tracking
 from lightning_batch.config import RunConfig
@@ -149,6 +152,72 @@ def test_metrics_are_written_in_batches_not_per_step(tracking_uri: str):
     metric_calls = [n for n in calls if n]
     assert sum(metric_calls) >= 4 * steps  # every per-step value got written ...
     assert len(metric_calls) <= 4 * steps // logger.FLUSH_EVERY + 10  # ... in a handful of writes
+
+
+@pytest.fixture(scope="module")
+def logger_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One store for the logger's tests (each has its own experiment): a new sqlite store costs
+    seconds of schema migrations."""
+    return f"sqlite:///{tmp_path_factory.mktemp('logger')}/mlflow.db"
+
+
+def _slow_or_failing_store(monkeypatch: pytest.MonkeyPatch, fail_first: bool = False) -> threading.Event:
+    """MLflow's ``log_batch``, as the logger's writer thread calls it, made slow (a busy store) or,
+    with ``fail_first``, failing on its first call; the event is set when a later call begins."""
+    original = MlflowClient.log_batch
+    calls: list[int] = []
+    later_call = threading.Event()
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=(), **kwargs):
+        calls.append(len(metrics))
+        if len(calls) > 1:
+            later_call.set()
+        if fail_first and len(calls) == 1:
+            raise MlflowException("the store is unavailable")
+        if not fail_first:
+            time.sleep(0.3)  # the writer lags behind the training thread
+        return original(self, run_id, metrics=metrics, params=params, tags=tags, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+    monkeypatch.setattr(logger, "FLUSH_EVERY", 2)  # a hand-over to the writer every step of two metrics
+    return later_call
+
+
+def test_flush_returns_once_every_metric_logged_is_in_the_store(logger_store: str, monkeypatch):
+    """``flush()`` runs with every checkpoint (``save``): when it returns, everything logged so far is
+    in the store, read back by MLflow's own client, however far behind the writer thread was."""
+    _slow_or_failing_store(monkeypatch)
+    log = logger.BufferedMLFlowLogger(experiment_name="flushed", tracking_uri=logger_store)
+    for step in range(1, 4):
+        log.log_metrics({"train_loss": 1.0 / step, "lr": 0.1 * step}, step=step)
+    log.log_metrics({"val_loss": 0.5}, step=3)  # still buffered: flush() hands it over
+    log.flush()
+    client = MlflowClient(logger_store)
+    written = {
+        key: [(m.step, m.value) for m in client.get_metric_history(log.run_id, key)]
+        for key in ("train_loss", "lr", "val_loss")
+    }
+    log.finalize()
+    assert written == {
+        "train_loss": [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))],
+        "lr": [(1, 0.1), (2, 0.2), (3, pytest.approx(0.3))],
+        "val_loss": [(3, 0.5)],
+    }
+
+
+def test_a_failed_metric_write_is_raised_by_the_next_flush(logger_store: str, monkeypatch):
+    """The logger's contract: ``flush()`` raises what a write raised, so no metric is lost silently;
+    also when the failed write finished long before, with other writes handed over since."""
+    later_call = _slow_or_failing_store(monkeypatch, fail_first=True)
+    log = logger.BufferedMLFlowLogger(experiment_name="failed-write", tracking_uri=logger_store)
+    log.log_metrics({"train_loss": 1.0, "lr": 0.1}, step=1)  # its write fails
+    log.log_metrics({"train_loss": 0.5, "lr": 0.1}, step=2)
+    # One writer thread, in order: once the second write has begun the failed one has finished.
+    assert later_call.wait(timeout=60)
+    log.log_metrics({"train_loss": 0.25, "lr": 0.1}, step=3)
+    with pytest.raises(MlflowException, match="the store is unavailable"):
+        log.flush()
+    log.finalize()
 
 
 def test_explicit_tracking_uri_and_env_override(workdir: Path, monkeypatch: pytest.MonkeyPatch):

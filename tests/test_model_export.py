@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -323,6 +324,35 @@ def test_predict_to_stdout_gives_labels_in_the_training_vocabulary(
     assert "rows │ 20" in " ".join(said.err.split())
 
 
+def test_a_true_false_target_is_predicted_in_its_own_labels_as_accurately_as_the_run_tested(
+    store: tuple[Path, str], tmp_path: Path
+):
+    """A target read as booleans (True/False in the CSV): MLflow's loader predicts booleans, False as
+    well as True, and on the run's test rows their accuracy against the true labels is the test
+    accuracy the run logged (labels mapped from the classes' text would read "False" as True)."""
+    from lightning_batch.tabular.splitting import split_indices
+
+    rng = np.random.default_rng(12)
+    frame = pd.DataFrame({"x0": rng.normal(size=400), "x1": rng.normal(size=400)})
+    frame["spam"] = frame["x0"] - 0.5 * frame["x1"] > 0.1
+    csv = tmp_path / "mail.csv"
+    frame.to_csv(csv, index=False)
+    assert pd.read_csv(csv)["spam"].dtype == bool
+    uri = store[1]
+    cfg = RunConfig(data=str(csv), target="spam", epochs=5, batch_size=32, lr=0.1, tracking_uri=uri)
+    result = train(cfg)
+    truth = frame["spam"].to_numpy()
+    cfg = cfg.validate()
+    _, _, test_rows = split_indices(
+        len(frame), truth.astype(int), cfg.val_fraction, cfg.test_fraction, cfg.seed
+    )
+    predicted = _pyfunc(Trained(csv, "spam", result, uri), frame.drop(columns="spam").iloc[test_rows])
+    assert predicted["prediction"].dtype == bool and set(predicted.columns) == {"prediction", "False", "True"}
+    accuracy = float((predicted["prediction"].to_numpy() == truth[test_rows]).mean())
+    assert accuracy == pytest.approx(result.metrics["test_acc"], abs=1e-6)
+    assert accuracy > 0.9 and 0.2 < truth[test_rows].mean() < 0.8, "both labels are predicted right"
+
+
 def _bad_inputs(regression: Trained, folder: Path) -> dict[str, tuple[str, str, str]]:
     """name -> (model argument, data file, a fragment of the one-line error)."""
     frame = _regression_frame(10, seed=5)
@@ -410,6 +440,71 @@ def test_champion_moves_only_to_a_version_with_a_lower_val_loss(
     )
     pd.testing.assert_frame_equal(pd.read_csv(by_alias), pd.read_csv(by_run))
     assert (pd.read_csv(by_alias)["prediction"] == pd.read_csv(iris)["target"]).mean() > 0.9
+
+
+@pytest.fixture
+def registry_uri(store: tuple[Path, str]) -> Iterator[str]:
+    """The module's store, also as MLflow's process-wide tracking URI while the test runs, as a
+    training run leaves it (Lightning's logger sets it): MLflow resolves a new version's
+    ``models:/m-...`` source through that URI."""
+    import mlflow
+    from mlflow.tracking import is_tracking_uri_set
+
+    previous = mlflow.get_tracking_uri() if is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(store[1])
+    try:
+        yield store[1]
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _run_with_a_model(client: MlflowClient, val_losses: list[float]) -> str:
+    """A finished run as training leaves it for the registry: its ``val_loss`` per epoch, its
+    ``best_val_loss`` (the lowest) and a READY logged model named ``model`` among its outputs."""
+    from mlflow.entities import LoggedModelOutput
+
+    experiment = client.get_experiment_by_name("registry-runs")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment("registry-runs")
+    run_id = client.create_run(experiment_id).info.run_id
+    for epoch, loss in enumerate(val_losses):
+        client.log_metric(run_id, "val_loss", loss, step=epoch)
+    client.log_metric(run_id, "best_val_loss", min(val_losses))
+    model = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
+    client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def test_an_equal_val_loss_leaves_the_champion_where_it_is(registry_uri: str):
+    from lightning_batch.tracking.model_registry import register_run
+
+    uri = registry_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    first, second = (_run_with_a_model(client, [0.7, 0.25, 0.4]) for _ in range(2))
+    assert register_run(uri, "tied-model", first).champion
+    tied = register_run(uri, "tied-model", second)
+    champion = client.get_model_version_by_alias("tied-model", "champion")
+    assert (str(champion.version), champion.run_id) == ("1", first)
+    assert (tied.version, tied.champion, str(tied.previous)) == ("2", False, "1")
+    assert "stays on version 1" in tied.describe()
+
+
+def test_a_version_is_judged_by_its_runs_best_val_loss_not_its_last(registry_uri: str):
+    """The registered model holds the best epoch's weights: the run whose best epoch is better
+    keeps the alias, even when its last epoch was worse than the other run's last."""
+    from lightning_batch.tracking.model_registry import register_run
+
+    uri = registry_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    overfit = _run_with_a_model(client, [0.6, 0.3, 0.9])  # best 0.3, last 0.9
+    steady = _run_with_a_model(client, [0.8, 0.5])  # best 0.5, last 0.5
+    assert register_run(uri, "judged-model", overfit).champion
+    later = register_run(uri, "judged-model", steady)
+    champion = client.get_model_version_by_alias("judged-model", "champion")
+    assert (str(champion.version), champion.run_id) == ("1", overfit)
+    assert float(champion.tags["val_loss"]) == pytest.approx(0.3)
+    assert not later.champion and later.val_loss == pytest.approx(0.5)
 
 
 @pytest.mark.slow
