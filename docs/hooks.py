@@ -3,7 +3,8 @@
 ``docs/options.md`` holds the marker ``<!-- options: NAME -->``; each is replaced at build time by
 a table of the declared options of ``lightning_batch.plugin.options.BatchSizeOptions`` (``plugin``),
 ``lightning_batch.config.RunConfig``'s own (``run``) or ``lightning_batch.tune.space.TuneConfig``
-(``study``): name, flag, default and help, from the one declaration each.
+(``study``): name, flag, default and help, from the one declaration each; an option declared
+``prepares_data`` says that it is part of the data cache's key.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def _tables(which: str) -> str:
         flag = f"`{info.flag or FLAG.name(f.name)}`" if info.cli or f.name == "space" else "(no flag)"
         names = info.names()
         values = f" ({'&#124;'.join(names)})" if names else ""
-        row = f"| `{f.name}` | {flag} | `{shown}` | {info.help.replace('|', '&#124;')}{values} |"
+        # The options the data cache is keyed by, so a reader sees which ones prepare the tables again.
+        keyed = " *(changes the prepared data: part of the data cache's key)*" if info.prepares_data else ""
+        row = f"| `{f.name}` | {flag} | `{shown}` | {info.help.replace('|', '&#124;')}{values}{keyed} |"
         groups.setdefault(info.group, []).append(row)
     out = []
     for group, rows in groups.items():

@@ -163,6 +163,8 @@ class RunConfig(BatchSizeOptions):
         example="diabetes",
         group="data",
         searchable=False,
+        # Keyed by what it names, not how it is spelled: a file's resolved path, size and mtime.
+        prepares_data=True,
     )
     target: str | None = option(
         None,
@@ -240,6 +242,7 @@ class RunConfig(BatchSizeOptions):
         check=boolean,
         example=False,
         group="data",
+        prepares_data=False,  # the sampler's order at training time; the tables are not reordered
     )
     scale_target: bool = option(
         True,
@@ -248,6 +251,8 @@ class RunConfig(BatchSizeOptions):
         check=boolean,
         example=False,
         group="data",
+        # The tables keep the raw target; prepare_data fits the target's scaling after the cache.
+        prepares_data=False,
     )
     train_on_val: bool = option(
         False,
@@ -266,6 +271,7 @@ class RunConfig(BatchSizeOptions):
         example="cache/",
         group="data",
         searchable=False,
+        prepares_data=False,  # where the tables are kept, not what they hold
     )
     data_memory_budget: float = option(
         0.25,
@@ -273,6 +279,9 @@ class RunConfig(BatchSizeOptions):
         check=fraction(),
         group="data",
         searchable=False,
+        # Over it, a Parquet file is prepared streaming: the same tables up to float rounding
+        # (tests/test_data_cache.py), so a table cached either way serves both.
+        prepares_data=False,
     )
 
     # --- model ----------------------------------------------------------------------------------
@@ -284,23 +293,30 @@ class RunConfig(BatchSizeOptions):
         example="mlp",
         group="model",
         choices=MODELS,
+        prepares_data=False,
     )
-    hidden: list[int] = option([64, 64], "the MLP's hidden layer widths", check=_int_list, group="model")
+    hidden: list[int] = option(
+        [64, 64], "the MLP's hidden layer widths", check=_int_list, group="model", prepares_data=False
+    )
     channels: list[int] = option(
         [32, 64],
         "the CNN's conv blocks: output channels of each 3x3 convolution (each followed by a 2x2 pool)",
         check=_int_list,
         group="model",
+        prepares_data=False,
     )
-    activation: str = option("relu", "the MLP's and CNN's activation", group="model", choices=ACTIVATIONS)
+    activation: str = option(
+        "relu", "the MLP's and CNN's activation", group="model", choices=ACTIVATIONS, prepares_data=False
+    )
     dropout: float = option(
         0.0,
         "dropout after each hidden layer, in [0, 1)",
         check=number(minimum=0.0, below=1.0),
         example=0.1,
         group="model",
+        prepares_data=False,
     )
-    init: str = option("default", "weight initialisation", group="model", choices=INITS)
+    init: str = option("default", "weight initialisation", group="model", choices=INITS, prepares_data=False)
 
     # --- optimisation ---------------------------------------------------------------------------
     batch_size: int | str = option(
@@ -309,9 +325,14 @@ class RunConfig(BatchSizeOptions):
         "base_batch, then let the policy move it)",
         check=parse_batch_size,
         group="optimisation",
+        prepares_data=False,
     )
     base_batch: int = option(
-        32, "the batch auto starts from (where lr applies)", check=positive_int, group="optimisation"
+        32,
+        "the batch auto starts from (where lr applies)",
+        check=positive_int,
+        group="optimisation",
+        prepares_data=False,
     )
     lr: float | None = option(
         None,
@@ -320,6 +341,7 @@ class RunConfig(BatchSizeOptions):
         check=optional(number(above=0.0)),
         example=0.01,
         group="optimisation",
+        prepares_data=False,
     )
     lr_search: bool = option(
         True,
@@ -328,20 +350,29 @@ class RunConfig(BatchSizeOptions):
         check=boolean,
         example=False,
         group="optimisation",
+        prepares_data=False,
     )
-    optimizer: str = option("sgd", "the optimizer", group="optimisation", choices=OPTIMIZERS)
+    optimizer: str = option(
+        "sgd", "the optimizer", group="optimisation", choices=OPTIMIZERS, prepares_data=False
+    )
     momentum: float = option(
         0.0,
         "SGD's momentum, in [0, 1)",
         check=number(minimum=0.0, below=1.0),
         example=0.9,
         group="optimisation",
+        prepares_data=False,
     )
     weight_decay: float = option(
-        0.0, "weight decay", check=number(minimum=0.0), example=1e-4, group="optimisation"
+        0.0,
+        "weight decay",
+        check=number(minimum=0.0),
+        example=1e-4,
+        group="optimisation",
+        prepares_data=False,
     )
     lr_schedule: str = option(
-        "none", "the lr schedule over epochs", group="optimisation", choices=LR_SCHEDULES
+        "none", "the lr schedule over epochs", group="optimisation", choices=LR_SCHEDULES, prepares_data=False
     )
     grad_clip: float | None = option(
         None,
@@ -349,12 +380,14 @@ class RunConfig(BatchSizeOptions):
         check=optional(number(above=0.0)),
         example=1.0,
         group="optimisation",
+        prepares_data=False,
     )
     grad_ratio_limit: float = option(
         20.0,
         "warn when the first/last layer gradient-norm ratio stays outside [1/X, X] (vanishing or exploding)",
         check=number(above=1.0),
         group="optimisation",
+        prepares_data=False,
     )
     augment: list[str] = option(
         [],
@@ -362,6 +395,7 @@ class RunConfig(BatchSizeOptions):
         check=_augment,
         example=["noise:0.05"],
         group="optimisation",
+        prepares_data=False,
     )
     on_nan: str = option(
         "rollback",
@@ -370,12 +404,14 @@ class RunConfig(BatchSizeOptions):
         "is skipped and the lr halved",
         group="optimisation",
         choices=ON_NAN,
+        prepares_data=False,
     )
     epochs: int = option(
         200,
         "the most training epochs; a run stops sooner once val_loss stops improving (--patience)",
         check=positive_int,
         group="optimisation",
+        prepares_data=False,
     )
     patience: int | None = option(
         10,
@@ -383,15 +419,18 @@ class RunConfig(BatchSizeOptions):
         check=optional(count),
         example=5,
         group="optimisation",
+        prepares_data=False,
     )
-    val_every: int = option(1, "validate every N epochs", check=positive_int, group="optimisation")
+    val_every: int = option(
+        1, "validate every N epochs", check=positive_int, group="optimisation", prepares_data=False
+    )
     seed: int = option(
         0,
         "the seed of the split, the initial weights and the row order",
         check=count,
         group="optimisation",
         searchable=False,
-        prepares_data=True,
+        prepares_data=True,  # it draws the split and the generated rows, not only the weights
     )
 
     # --- hardware -------------------------------------------------------------------------------
@@ -401,6 +440,7 @@ class RunConfig(BatchSizeOptions):
         group="hardware",
         choices=ACCELERATORS,
         searchable=False,
+        prepares_data=False,
     )
     devices: int | str = option(
         1,
@@ -409,6 +449,7 @@ class RunConfig(BatchSizeOptions):
         example=2,
         group="hardware",
         searchable=False,
+        prepares_data=False,
     )
     strategy: str = option(
         "auto",
@@ -416,6 +457,7 @@ class RunConfig(BatchSizeOptions):
         group="hardware",
         choices=STRATEGIES,
         searchable=False,
+        prepares_data=False,
     )
     num_nodes: int = option(
         1,
@@ -424,12 +466,14 @@ class RunConfig(BatchSizeOptions):
         example=2,
         group="hardware",
         searchable=False,
+        prepares_data=False,
     )
     precision: str = option(
         "32-true",
         "32-true, 16-mixed (CUDA, with a gradient scaler) or bf16-mixed; the memory probe measures under it",
         group="hardware",
         choices=PRECISIONS,
+        prepares_data=False,
     )
     device_data_budget: float = option(
         0.25,
@@ -438,6 +482,7 @@ class RunConfig(BatchSizeOptions):
         check=fraction(zero=True),
         group="hardware",
         searchable=False,
+        prepares_data=False,
     )
 
     # --- tracking -------------------------------------------------------------------------------
@@ -448,6 +493,7 @@ class RunConfig(BatchSizeOptions):
         example="my-study",
         group="tracking",
         searchable=False,
+        prepares_data=False,
     )
     run_name: str | None = option(
         None,
@@ -456,6 +502,7 @@ class RunConfig(BatchSizeOptions):
         example="baseline",
         group="tracking",
         searchable=False,
+        prepares_data=False,
     )
     tracking_uri: str | None = option(
         None,
@@ -464,6 +511,7 @@ class RunConfig(BatchSizeOptions):
         example="sqlite:///mlruns/mlflow.db",
         group="tracking",
         searchable=False,
+        prepares_data=False,
     )
     checkpoint_every: int = option(
         200,
@@ -471,6 +519,7 @@ class RunConfig(BatchSizeOptions):
         check=positive_int,
         group="tracking",
         searchable=False,
+        prepares_data=False,
     )
 
     def __post_init__(self) -> None:

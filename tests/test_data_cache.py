@@ -3,11 +3,13 @@ later runs and by every trial of a study, and serving the very batches the in-me
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,6 +18,8 @@ import torch
 
 from lightning_batch.config import RunConfig
 from lightning_batch.errors import UserError
+from lightning_batch.plugin.checks import CheckFailed, positive_int
+from lightning_batch.plugin.options import option, option_fields
 from lightning_batch.tabular import cache as data_cache
 from lightning_batch.tabular import prepare as data_module
 from lightning_batch.tabular.datamodule import TabularDataModule
@@ -388,3 +392,173 @@ def test_a_run_that_reads_the_cache_still_records_the_dataset_input(tmp_path, tr
         two.source,
     )
     assert [t.value for t in inputs[1][0].tags] == ["training"]
+
+
+# -- the key: exactly the options declared to change the preparation ----------------------------------------
+#
+# Each option of a run declares ``prepares_data`` (tests/test_options.py makes it decide). The key is
+# computed from the options that say yes; these tests hold each decision to what the preparation does:
+# every "yes" moves the key, every "no" leaves the key and the prepared tables as they were.
+
+RUN_OPTIONS = {f.name: (f, info) for f, info in option_fields(RunConfig)}
+PREPARING = data_cache.preparing_options()
+NOT_PREPARING = [name for name in RUN_OPTIONS if name not in PREPARING]
+
+
+def _other_values(name: str, current: Any) -> list[Any]:
+    """Values of option ``name`` other than ``current`` that pass its check (a few, of its own kind)."""
+    _, info = RUN_OPTIONS[name]
+    if isinstance(current, bool):
+        guesses: list[Any] = [not current]
+    elif info.names():
+        guesses = list(info.names() or ())
+    elif isinstance(current, int):
+        # 1 and 2 reach the small end (a max_categories that refuses a 3-level column).
+        guesses = [info.example, 1, 2, current + 1, current * 2]
+    elif isinstance(current, float):
+        guesses = [info.example, current / 2, current * 2, current + 0.5, 0.0, 0.9]
+    elif isinstance(current, (list, tuple)):
+        guesses = [info.example, [1], [7, 5], (3, 6)]
+    else:  # None or text: the declared example
+        guesses = [info.example]
+    found: list[Any] = []
+    for guess in guesses:
+        try:
+            value = guess if info.check is None else info.check(guess)
+        except (CheckFailed, UserError):  # a check may refuse in its own words
+            continue
+        if value != current and value not in found:
+            found.append(value)
+    assert found, f"no value of {name} other than {current!r} to try: give the test one"
+    return found
+
+
+@pytest.fixture(scope="module")
+def key_bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunConfig]:
+    """Validated configs of a generator and of a file, the two kinds of source the key tells apart."""
+    csv = _csv(tmp_path_factory.mktemp("key") / "table.csv")
+    return {
+        "generator": RunConfig(data="synthetic-regression", rows=300, features=3).validate(),
+        "file": RunConfig(data=str(csv), target="y").validate(),
+    }
+
+
+@pytest.mark.parametrize("base", ["generator", "file"])
+@pytest.mark.parametrize("name", PREPARING)
+def test_each_option_declared_to_prepare_the_data_moves_the_key(key_bases, name, base):
+    cfg = key_bases[base]
+    before = data_cache.digest(data_cache.cache_key(cfg))
+    for value in _other_values(name, getattr(cfg, name))[:1]:
+        after = data_cache.digest(data_cache.cache_key(cfg.replace(**{name: value})))
+        assert after != before, f"{name}={value!r} prepares other tables under the same key"
+
+
+@pytest.mark.parametrize("base", ["generator", "file"])
+@pytest.mark.parametrize("name", NOT_PREPARING)
+def test_an_option_declared_not_to_prepare_the_data_leaves_the_key(key_bases, name, base):
+    cfg = key_bases[base]
+    before = data_cache.digest(data_cache.cache_key(cfg))
+    for value in _other_values(name, getattr(cfg, name)):
+        assert data_cache.digest(data_cache.cache_key(cfg.replace(**{name: value}))) == before, name
+
+
+def _prepared(cfg: RunConfig) -> tuple[Any, ...]:
+    """What the cache would keep of ``cfg``'s preparation: every table's bytes and meta.json's facts,
+    or the refusal."""
+    try:
+        data = prepare_in_memory(cfg)
+    except UserError as refused:
+        return ("refused", str(refused))
+    tables = tuple(
+        (table.features.numpy().tobytes(), table.targets.numpy().tobytes())
+        for table in (data.train, data.val, data.test)
+    )
+    facts = (data.task, data.classes, data.preprocessor.to_dict(), data.dropped_rows, data.source)
+    return tables, facts, data.truth, data.target_column
+
+
+@pytest.fixture(scope="module")
+def preparation_bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[RunConfig, Any]]:
+    """Small sources on which every preparing option matters somewhere, each with what it prepares:
+    correlated generated features, generated classes, and a file with a 3-level text column."""
+    csv = _csv(tmp_path_factory.mktemp("prepared") / "levels.csv", rows=300)
+    frame = pd.read_csv(csv)
+    frame["b"] = np.random.default_rng(1).choice(["x", "y", "z"], len(frame))
+    frame.to_csv(csv, index=False)
+    configs = [
+        RunConfig(data="synthetic-regression", rows=300, features=3, correlation=0.5),
+        RunConfig(data="synthetic-classification", rows=300, features=4, classes=3),
+        RunConfig(data=str(csv), target="y"),
+    ]
+    return {cfg.data: (valid, _prepared(valid)) for cfg in configs for valid in [cfg.validate()]}
+
+
+@pytest.mark.parametrize("name", NOT_PREPARING)
+def test_an_option_declared_not_to_prepare_the_data_does_not_change_what_is_prepared(preparation_bases, name):
+    """A wrong "no" would train a run on tables prepared for another value: each value tried here must
+    prepare the very tables (and facts) the base does, on every kind of source."""
+    for cfg, expected in preparation_bases.values():
+        for value in _other_values(name, getattr(cfg, name)):
+            assert _prepared(cfg.replace(**{name: value})) == expected, (
+                f"{name}={value!r} changes the prepared tables of {cfg.data}: declare it prepares_data=True"
+            )
+
+
+@pytest.mark.parametrize("name", PREPARING)
+def test_each_option_declared_to_prepare_the_data_changes_what_is_prepared_on_some_source(
+    preparation_bases, name
+):
+    """The bases above are rich enough for the test before it: were this option declared "no" by
+    mistake, that test would see the tables change. (A "yes" that changed nothing would only cost
+    rebuilds; this keeps the declarations honest both ways.)"""
+    changed = [
+        (cfg.data, value)
+        for cfg, expected in preparation_bases.values()
+        for value in _other_values(name, getattr(cfg, name))
+        if _prepared(cfg.replace(**{name: value})) != expected
+    ]
+    assert changed, f"no base source shows what {name} changes: add one to preparation_bases"
+
+
+def test_an_option_without_a_decision_is_in_the_key():
+    """Until an option decides, the key counts it in: a needless rebuild, never another run's tables."""
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Grown(RunConfig):
+        extra: int = option(1, "an option added without its decision", check=positive_int, group="data")
+
+    assert data_cache.preparing_options(Grown) == [*PREPARING, "extra"]
+    a, b = (data_cache.cache_key(Grown(extra=n).validate()) for n in (1, 2))
+    assert data_cache.digest(a) != data_cache.digest(b)
+
+
+# -- two runs that differ in one preparing option: the second prepares its own tables -----------------------
+
+
+def test_a_run_that_max_categories_refuses_does_not_reuse_a_laxer_runs_cache(tmp_path, preparations):
+    csv = _csv(tmp_path / "levels.csv")  # column b: 2 levels
+    base = dict(data=str(csv), target="y", data_cache=str(tmp_path / "cache"))
+    lax = prepare_data(RunConfig(**base).validate())
+    assert lax.n_features == 3  # a, and b one-hot encoded
+    with pytest.raises(UserError, match=r"feature .b. .* 2 levels .*raise --max-categories"):
+        prepare_data(RunConfig(**base, max_categories=1).validate())
+    assert len(preparations) == 2
+
+
+def _neighbour_correlation(features: torch.Tensor) -> float:
+    """The mean correlation of neighbouring feature columns (scaling each column leaves it as it was)."""
+    x = features.double().numpy()
+    return float(np.mean([np.corrcoef(x[:, j], x[:, j + 1])[0, 1] for j in range(x.shape[1] - 1)]))
+
+
+def test_a_correlated_run_does_not_train_on_an_independent_runs_cache(tmp_path, preparations):
+    cache = tmp_path / "cache"
+    base = dict(data="synthetic-regression", rows=4000, features=4, data_cache=str(cache))
+    independent = prepare_data(RunConfig(**base).validate())
+    correlated = prepare_data(RunConfig(**base, correlation=0.9).validate())
+    assert len(preparations) == 2 and len(_folders(cache)) == 2
+    assert abs(_neighbour_correlation(independent.train.features)) < 0.05
+    assert _neighbour_correlation(correlated.train.features) == pytest.approx(0.9, abs=0.02)
+    # And each is found again by a run with its own options.
+    again = prepare_data(RunConfig(**base, correlation=0.9).validate())
+    assert len(preparations) == 2 and torch.equal(again.train.features, correlated.train.features)

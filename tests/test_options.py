@@ -24,8 +24,14 @@ from lightning_batch.config import RunConfig
 from lightning_batch.errors import UserError
 from lightning_batch.plugin import policy
 from lightning_batch.plugin.callback import DynamicBatchSize
-from lightning_batch.plugin.checks import FLAG, KEYWORD, CheckFailed
-from lightning_batch.plugin.options import BatchSizeOptions, default_of, option_fields
+from lightning_batch.plugin.checks import FLAG, KEYWORD, CheckFailed, positive_int
+from lightning_batch.plugin.options import (
+    BatchSizeOptions,
+    default_of,
+    option,
+    option_fields,
+    undecided_options,
+)
 from lightning_batch.training import build_resizer
 from lightning_batch.tune.space import TuneConfig, apply_params, parse_space, searchable
 
@@ -89,6 +95,23 @@ def test_every_option_has_a_name_a_default_a_one_line_help_and_a_check():
 
 def test_the_bad_value_table_covers_every_callback_option():
     assert set(BAD_VALUES) == {f.name for f, _ in CALLBACK_OPTIONS}
+
+
+def test_every_run_option_decides_whether_it_changes_the_prepared_data():
+    """The data cache's key is the options declared ``prepares_data=True``: an option added without
+    saying yes or no fails here, before a wrong "no" could let a run reuse another run's tables.
+    (Whether each decision is right is checked against the preparation in tests/test_data_cache.py.)"""
+    undecided = undecided_options(RunConfig)
+    assert undecided == [], f"declare prepares_data=True or False for: {', '.join(undecided)}"
+
+
+def test_an_option_added_without_that_decision_is_named():
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Grown(RunConfig):
+        extra: int = option(1, "an option added without its decision", check=positive_int, group="data")
+        decided: int = option(1, "one added with it", check=positive_int, group="data", prepares_data=False)
+
+    assert undecided_options(Grown) == ["extra"]
 
 
 # -- surface 1: the callback's keyword arguments ------------------------------------------------------

@@ -90,6 +90,7 @@ __all__ = [
     "default_of",
     "option",
     "option_fields",
+    "undecided_options",
 ]
 
 #: The metadata key under which :func:`option` keeps an :class:`OptionInfo`.
@@ -116,8 +117,12 @@ class OptionInfo:
     """The flag, when it is not ``--`` and the name with dashes (``--study-seed`` for a study's ``seed``)."""
     searchable: bool = True
     """Whether an Optuna search space may vary it (not the data's identity, nor where runs are kept)."""
-    prepares_data: bool = False
-    """Whether it changes the prepared tables (it is then part of the data cache's key)."""
+    prepares_data: bool | None = None
+    """Whether it changes the prepared tables, and so is part of the data cache's key.
+
+    Every option of a run must decide (``tests/test_options.py`` refuses one left ``None``): a wrong
+    "no" would let a run train on another run's cached tables. Until decided, the key counts the
+    option in (a needless rebuild, never wrong data)."""
 
     def names(self) -> tuple[str, ...] | None:
         """The choices, read now (a registry filled at import time, read once everything is imported)."""
@@ -135,12 +140,13 @@ def option(
     cli: bool = True,
     flag: str | None = None,
     searchable: bool = True,
-    prepares_data: bool = False,
+    prepares_data: bool | None = None,
 ) -> Any:
     """Declare an option: a dataclass field with its help and check.
 
     ``check`` defaults to "one of ``choices``" when choices are given; ``example`` to the default.
-    A list default becomes a fresh copy per instance.
+    A list default becomes a fresh copy per instance. ``prepares_data`` is left ``None`` only by
+    declarations that never reach a run (a study's own options); see :attr:`OptionInfo.prepares_data`.
     """
     if check is None and choices is not None:
         check = one_of(choices)
@@ -164,6 +170,11 @@ def option(
 def option_fields(cls: Any) -> list[tuple[dataclasses.Field[Any], OptionInfo]]:
     """The fields of dataclass ``cls`` (or of an instance) declared with :func:`option`, in order."""
     return [(f, f.metadata[OPTION]) for f in dataclasses.fields(cls) if OPTION in f.metadata]
+
+
+def undecided_options(cls: Any) -> list[str]:
+    """The options of ``cls`` whose declaration does not say whether they change the prepared data."""
+    return [f.name for f, info in option_fields(cls) if not isinstance(info.prepares_data, bool)]
 
 
 def default_of(f: dataclasses.Field[Any]) -> Any:
@@ -224,6 +235,7 @@ class BatchSizeOptions:
         check=_policy,
         example="goodput",
         choices=POLICY_NAMES,
+        prepares_data=False,
     )
     lr_rule: str = option(
         "auto",
@@ -231,23 +243,27 @@ class BatchSizeOptions:
         "linear, sqrt or adascale",
         example="sqrt",
         choices=LR_RULE_NAMES,
+        prepares_data=False,
     )
     min_batch: int = option(
         1,
         "the smallest batch a policy may choose (global: all ranks together)",
         check=positive_int,
         example=8,
+        prepares_data=False,
     )
     max_batch: int | None = option(
         None,
         "the largest batch a policy may choose (global); unset: memory and the data bound it",
         check=optional(positive_int),
         example=4096,
+        prepares_data=False,
     )
     multiple: int = option(
         8,
         "round chosen sizes to a multiple of this (sizes below it stay allowed); 1: no rounding",
         check=positive_int,
+        prepares_data=False,
     )
     adjust_every: int = option(
         20,
@@ -255,35 +271,44 @@ class BatchSizeOptions:
         "changes it only on fresh noise measurements, which the measurement budget spaces out: "
         "batch_size_decisions.json's 'kept' says why each other decision kept it",
         check=positive_int,
+        prepares_data=False,
     )
     min_timed_steps: int = option(
         20,
         "goodput: steps timed at a batch size before it decides again (its throughput model needs them)",
         check=positive_int,
+        prepares_data=False,
     )
     measure_every: int = option(
         0,
         "measure the gradient noise scale every N optimizer steps; 0: as often as measure_budget allows",
         check=count,
         example=20,
+        prepares_data=False,
     )
     measure_budget: float = option(
         0.02,
         "with measure_every 0: the share of the fit's time the noise measurements may take",
         check=fraction(high=0.5),
+        prepares_data=False,
     )
     hysteresis: float = option(
-        0.05, "resize only when the predicted gain exceeds this (0.05 = 5%)", check=number(minimum=0.0)
+        0.05,
+        "resize only when the predicted gain exceeds this (0.05 = 5%)",
+        check=number(minimum=0.0),
+        prepares_data=False,
     )
     ema_decay: float = option(
         0.9,
         "decay per measurement of the noise EMAs, in [0, 1); used when noise_window is 0",
         check=number(minimum=0.0, below=1.0),
+        prepares_data=False,
     )
     noise_window: float = option(
         0.25,
         "the noise EMAs' half-life as a share of the samples seen so far (0: ema_decay per measurement)",
         check=number(minimum=0.0, maximum=10.0),
+        prepares_data=False,
     )
     noise_gradients: str = option(
         "auto",
@@ -291,39 +316,55 @@ class BatchSizeOptions:
         "sqrt(v)+eps, the step Adam takes), raw, or auto (preconditioned for Adam-family optimizers)",
         example="raw",
         choices=NOISE_GRADIENTS,
+        prepares_data=False,
     )
-    noise_k: float = option(1.0, "the noise policy trains at noise_k x B_noise", check=number(above=0.0))
+    noise_k: float = option(
+        1.0, "the noise policy trains at noise_k x B_noise", check=number(above=0.0), prepares_data=False
+    )
     explore_factor: float = option(
-        4.0, "goodput times B x explore_factor once, to fit its throughput model", check=number(above=1.0)
+        4.0,
+        "goodput times B x explore_factor once, to fit its throughput model",
+        check=number(above=1.0),
+        prepares_data=False,
     )
     min_efficiency: float = option(
         0.25,
         "goodput keeps to batches of at least this statistical efficiency, in [0, 1) (0: no bound)",
         check=number(minimum=0.0, below=1.0),
         example=0.5,
+        prepares_data=False,
     )
     max_lr_scale: float = option(
-        10.0, "the lr rule's multiplier of the starting lr is at most this (>= 1)", check=number(minimum=1.0)
+        10.0,
+        "the lr rule's multiplier of the starting lr is at most this (>= 1)",
+        check=number(minimum=1.0),
+        prepares_data=False,
     )
     milestones: tuple[int, ...] = option(
         (),
         "epochs where the schedule policy multiplies the batch by schedule_factor",
         check=increasing_positive_ints,
         example=(3, 6),
+        prepares_data=False,
     )
     schedule_factor: float = option(
-        2.0, "the schedule policy's growth factor at each milestone", check=number(above=0.0)
+        2.0,
+        "the schedule policy's growth factor at each milestone",
+        check=number(above=0.0),
+        prepares_data=False,
     )
     probe_memory: bool = option(
         True,
         "find the largest batch that fits when training starts (off: only max_batch bounds it)",
         check=boolean,
         example=False,
+        prepares_data=False,
     )
     memory_budget: float = option(
         0.5,
         "share of free memory the memory probe plans for (available RAM on a CPU, device memory on CUDA)",
         check=fraction(),
+        prepares_data=False,
     )
     accumulate: bool = option(
         True,
@@ -331,6 +372,7 @@ class BatchSizeOptions:
         "off: the ceiling caps it",
         check=boolean,
         example=False,
+        prepares_data=False,
     )
     schedule_progress: bool = option(
         True,
@@ -338,13 +380,22 @@ class BatchSizeOptions:
         "so a schedule planned for the starting batch ends with its data; off: one step per optimizer step",
         check=boolean,
         example=False,
+        prepares_data=False,
     )
-    log_every: int = option(10, "log per-step metrics every N optimizer steps", check=positive_int)
+    log_every: int = option(
+        10, "log per-step metrics every N optimizer steps", check=positive_int, prepares_data=False
+    )
     fallback_microbatches: int = option(
-        8, "micro-batches measuring the noise of layers no per-example rule covers", check=positive_int
+        8,
+        "micro-batches measuring the noise of layers no per-example rule covers",
+        check=positive_int,
+        prepares_data=False,
     )
     fallback_every: int = option(
-        10, "with measure_every N > 0: measure those micro-batches every this many steps", check=positive_int
+        10,
+        "with measure_every N > 0: measure those micro-batches every this many steps",
+        check=positive_int,
+        prepares_data=False,
     )
 
     def __post_init__(self) -> None:

@@ -11,11 +11,16 @@ batch, not of the table (the file-backed pages are the OS's to drop under pressu
 ``test_*`` and ``meta.json`` (the fitted preprocessing as JSON, task, classes, dropped rows, source,
 truth, and the key below in words). The digest is a SHA-256 of:
 
-- the source: a file's resolved path, size and modification time (an edited file is a new cache);
-  a generator's name and parameters; a bundled set's name and scikit-learn's version;
-- every option that changes preparation: target, task, val/test fractions, seed, max_categories,
-  train_on_val (not shuffle, batch size, model or anything else that only reads the tables);
-- the preparation code (the bytes of ``data.py`` and ``preprocessing.py``) and the versions of
+- the source (the ``data`` option): a file's resolved path, size and modification time (an edited
+  file is a new cache); a generator's name; a bundled set's name and scikit-learn's version;
+- the value of every other option declared ``prepares_data=True`` in
+  :mod:`lightning_batch.config` (the one declaration of a run's options): the generators'
+  parameters, target, task, val/test fractions, seed, max_categories, train_on_val. Each option
+  declares whether it changes the prepared tables, so a new one cannot be left out of the key by
+  forgetting this module (``tests/test_options.py`` refuses an option without a decision, and
+  ``tests/test_data_cache.py`` checks each decision against what the preparation makes). Options
+  that only read the tables (shuffle, scale_target, batch size, model, ...) are not in it;
+- the preparation code (the bytes of the modules in :data:`PREPARATION_CODE`) and the versions of
   numpy, pandas, scikit-learn and pyarrow: new code never trusts an old cache. Old folders are
   never deleted here; remove them by hand (``meta.json`` says what each holds and when it was
   written).
@@ -53,9 +58,11 @@ import numpy as np
 
 from lightning_batch.config import SKLEARN_DATASETS, SYNTHETIC_DATASETS, RunConfig
 from lightning_batch.locks import file_lock
+from lightning_batch.plugin.options import option_fields
 
 #: Bumped when the folder layout or meta.json changes meaning: older folders are then not trusted.
-FORMAT = 1
+#: 2: the key's options come from the declarations (older caches are prepared again, once).
+FORMAT = 2
 #: The arrays of a prepared table, by name.
 ARRAYS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
 #: Where caches go without ``--data-cache``, beside the MLflow sqlite store (or under ``mlruns/``).
@@ -151,22 +158,24 @@ def _version(package: str) -> str | None:
 
 
 def source_identity(cfg: RunConfig) -> dict[str, Any]:
-    """What the source is: a file by path, size and mtime; a generator by its parameters."""
-    if cfg.data == "synthetic-regression":
-        params = {
-            "rows": cfg.rows,
-            "features": cfg.features,
-            "noise": cfg.noise,
-            "correlation": cfg.correlation,
-        }
-        return {"generator": cfg.data, **params}
-    if cfg.data == "synthetic-classification":
-        return {"generator": cfg.data, "rows": cfg.rows, "features": cfg.features, "classes": cfg.classes}
+    """What the source is: a file by path, size and mtime; a generator or a bundled set by name.
+
+    A generator's parameters are options declared ``prepares_data`` (:func:`preparing_options`)."""
+    if cfg.data in SYNTHETIC_DATASETS:
+        return {"generator": cfg.data}
     if cfg.data in SKLEARN_DATASETS:
         return {"bundled": cfg.data, "scikit-learn": _version("scikit-learn")}
     path = Path(cfg.data).resolve()
     stat = path.stat()
     return {"file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def preparing_options(config: RunConfig | type[RunConfig] = RunConfig) -> list[str]:
+    """The options of ``config`` (a run's by default) declared to change the prepared tables, in order.
+
+    An option that has not decided yet is counted in: a needless rebuild costs time, a missing key
+    entry would train a run on another run's tables."""
+    return [f.name for f, info in option_fields(config) if info.prepares_data is not False]
 
 
 def cache_key(cfg: RunConfig) -> dict[str, Any]:
@@ -177,16 +186,9 @@ def cache_key(cfg: RunConfig) -> dict[str, Any]:
     }
     return {
         "format": FORMAT,
+        # ``data`` is keyed by what it names (source_identity), not by how the path was spelled.
         "source": source_identity(cfg),
-        "preparation": {
-            "target": cfg.target,
-            "task": cfg.task,
-            "val_fraction": float(cfg.val_fraction),
-            "test_fraction": float(cfg.test_fraction),
-            "seed": cfg.seed,
-            "max_categories": cfg.max_categories,
-            "train_on_val": bool(cfg.train_on_val),
-        },
+        "preparation": {name: getattr(cfg, name) for name in preparing_options(cfg) if name != "data"},
         "code": {
             **code,
             **{name: _version(name) for name in ("numpy", "pandas", "scikit-learn", "pyarrow")},
