@@ -18,10 +18,13 @@ for _ in $(seq 30); do
     sleep 1
 done
 as_postgres() { su postgres -c "$1"; }
+# A password unlike any other string in a run, so a test can grep for it (tests/test_secrets.py).
+password=lb-pg-secret-7c2e
 if ! as_postgres "psql -tAc \"SELECT 1 FROM pg_roles WHERE rolname='lightning_batch'\"" | grep -q 1; then
-    as_postgres "psql -q -c \"CREATE ROLE lightning_batch LOGIN PASSWORD 'lightning_batch'\"" >&2
+    as_postgres "psql -q -c \"CREATE ROLE lightning_batch LOGIN\"" >&2
 fi
+as_postgres "psql -q -c \"ALTER ROLE lightning_batch PASSWORD '$password'\"" >&2
 if ! as_postgres "psql -tAc \"SELECT 1 FROM pg_database WHERE datname='lightning_batch_test'\"" | grep -q 1; then
     as_postgres "createdb -O lightning_batch lightning_batch_test" >&2
 fi
-echo "postgresql://lightning_batch:lightning_batch@127.0.0.1:5432/lightning_batch_test"
+echo "postgresql://lightning_batch:$password@127.0.0.1:5432/lightning_batch_test"

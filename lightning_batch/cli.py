@@ -49,6 +49,7 @@ COMMAND_EXTRAS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "report": (_TRACKING, _TUNE),
     "dashboard": (("tune", ("optuna", "optuna_integration", "optuna_dashboard")),),
     "ui": (("tracking", ("mlflow",)),),
+    "server": (("tracking", ("mlflow", "flask_wtf")),),
     "runs": (("tracking", ("mlflow", "rich")),),
     "predict": (("data", ("pandas",)), ("tracking", ("mlflow", "rich"))),
 }
@@ -192,6 +193,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", metavar="FILE", help="predictions to this .csv/.parquet (default: stdout)"
     )
     predict.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
+    server = commands.add_parser(
+        "server",
+        help="the team's MLflow tracking server: users sign in, artifacts served, 127.0.0.1 by default",
+    )
+    server.add_argument(
+        "--tracking-uri",
+        metavar="STORE",
+        help="the store it serves: sqlite:///mlruns/mlflow.db (default) or postgresql://USER@HOST/DB "
+        "(the password from PGPASSWORD or ~/.pgpass, never the URL)",
+    )
+    server.add_argument("--port", type=int, default=5000)
+    server.add_argument(
+        "--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for other machines)"
+    )
+    server.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="the server's worker processes (default: MLflow's, 4; ~250 MB each)",
+    )
+    server.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no sign-in (a lab's choice); refused unless --host is loopback",
+    )
+    server.add_argument(
+        "--add-user",
+        metavar="NAME",
+        help="create a user (password from the prompt or stdin) instead of serving",
+    )
     ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--tracking-uri")
     ui.add_argument(
@@ -281,7 +312,7 @@ def _print_tune_summary(result: Any) -> None:
     console.print(
         "Open the MLflow UI:      [bold]python experiments/run.py ui"
         + (
-            f" --tracking-uri {shlex.quote(result.tracking_uri)}"
+            f" --tracking-uri {shlex.quote(redact(result.tracking_uri))}"
             if result.tracking_uri != "sqlite:///mlruns/mlflow.db"
             else ""
         )
@@ -312,6 +343,8 @@ def _console(stderr: bool = False) -> Any:
 
 def _print_summary(results: Sequence[Any]) -> None:
     from rich.table import Table
+
+    from lightning_batch.store_uri import redact
 
     table = Table(title="lightning-batch runs")
     for column in (
@@ -355,9 +388,18 @@ def _print_summary(results: Sequence[Any]) -> None:
         console.print("Regression losses are in the standardised target's units; rmse and r² in its own.")
     uri = results[0].tracking_uri if results else ""
     console.print(
-        "Open the MLflow UI:  [bold]python experiments/run.py ui[/bold]"
-        + (f" --tracking-uri {shlex.quote(uri)}" if uri and uri != "sqlite:///mlruns/mlflow.db" else "")
-        + f"\n   (or: mlflow ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1)",
+        (
+            # A tracking server is its own UI.
+            f"Open the MLflow UI:  {redact(uri)}"
+            if uri.startswith(("http://", "https://"))
+            else "Open the MLflow UI:  [bold]python experiments/run.py ui[/bold]"
+            + (
+                f" --tracking-uri {shlex.quote(redact(uri))}"
+                if uri and uri != "sqlite:///mlruns/mlflow.db"
+                else ""
+            )
+            + f"\n   (or: mlflow ui --backend-store-uri {shlex.quote(redact(uri))} --host 127.0.0.1)"
+        ),
         soft_wrap=True,
     )
 
@@ -702,6 +744,31 @@ def training_runs_url(tracking_uri: str, host: str, port: int, experiment: str |
     return f"{page}?workflowType=machine_learning"
 
 
+def run_server_command(args: argparse.Namespace) -> int:
+    """``run.py server``: serve the store with sign-in, or ``--add-user NAME``."""
+    from lightning_batch.store_uri import resolve_tracking_uri, warn_if_password
+    from lightning_batch.tracking.server import add_user, read_new_password, run_server
+
+    store = args.tracking_uri or resolve_tracking_uri(None)
+    if store.startswith(("http://", "https://")):
+        raise UserError(
+            f"the server serves a store, not another server: --tracking-uri {store!r} is one; pass "
+            "sqlite:///PATH or postgresql://USER@HOST/DB (or unset MLFLOW_TRACKING_URI)"
+        )
+    warn_if_password(store, "--tracking-uri")
+    if args.add_user:
+        add_user(store, args.add_user, read_new_password(args.add_user))
+        print(
+            f"user {args.add_user!r} added; they set MLFLOW_TRACKING_USERNAME={args.add_user} and "
+            "MLFLOW_TRACKING_PASSWORD in their environment",
+            flush=True,
+        )
+        return 0
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    return run_server(store, args.host, args.port, args.insecure, args.workers)
+
+
 def run_ui(args: argparse.Namespace) -> int:
     from lightning_batch.store_uri import resolve_tracking_uri
     from lightning_batch.tracking.store import ensure_store
@@ -760,6 +827,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_dashboard(args)
         if args.command == "ui":
             return run_ui(args)
+        if args.command == "server":
+            return run_server_command(args)
         if args.command == "runs":
             return run_runs(args)
         if args.command == "predict":

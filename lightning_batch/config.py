@@ -50,6 +50,7 @@ from lightning_batch.plugin.checks import (
     text,
 )
 from lightning_batch.plugin.options import BatchSizeOptions, check_options, option, option_fields
+from lightning_batch.store_uri import redact
 
 __all__ = ["RunConfig", "declared_options", "load_yaml_config", "parse_augment", "parse_batch_size"]
 
@@ -549,6 +550,14 @@ class RunConfig(BatchSizeOptions):
     def to_dict(self) -> dict[str, Any]:
         """Plain values (lists, not tuples), as YAML and MLflow params take them."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def to_record(self) -> dict[str, Any]:
+        """:meth:`to_dict` as it is written down (MLflow params, ``config.yaml``): any password in
+        the tracking URI redacted. A resume takes the URI from its command line, not from there."""
+        values = self.to_dict()
+        if values.get("tracking_uri"):
+            values["tracking_uri"] = redact(values["tracking_uri"])
+        return values
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with ``changes`` (not yet validated)."""

@@ -11,7 +11,9 @@ Examples:
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 
@@ -39,3 +41,44 @@ def redact(url: str) -> str:
     credentials, host = rest.rsplit("@", 1)
     user = credentials.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
+
+
+def has_password(url: str) -> bool:
+    """Whether ``url`` carries a password (``scheme://user:password@host/...``).
+
+    >>> has_password("postgresql://me:secret@db/optuna"), has_password("postgresql://me@db/optuna")
+    (True, False)
+    """
+    try:
+        return urlsplit(url).password is not None
+    except ValueError:
+        return False
+
+
+#: The redacted URLs warned about, space-separated: in the environment, so that the processes a
+#: command starts (tuning workers, DDP ranks) do not repeat the warning.
+_WARNED_ENV = "LIGHTNING_BATCH_PASSWORD_URLS_WARNED"
+
+
+def warn_if_password(url: str, what: str) -> None:
+    """One line on stderr (once per URL, for a command and the processes it starts) when ``url``
+    carries a password.
+
+    The URL still works; but a password there ends up in ``ps``, shell histories and anything that
+    prints the URL unredacted. Each tool has a place for it instead. MLflow's client is also told
+    not to print its "View run at URL" lines, which would show the password in full.
+    """
+    if not has_password(url):
+        return
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    warned = os.environ.get(_WARNED_ENV, "").split()
+    if redact(url) in warned:
+        return
+    os.environ[_WARNED_ENV] = " ".join([*warned, redact(url)])
+    scheme = urlsplit(url).scheme
+    instead = (
+        "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead"
+        if scheme.startswith("http")
+        else "put it in PGPASSWORD or a .pgpass file (PGPASSFILE) instead"
+    )
+    print(f"warning: {what} {redact(url)} carries a password; {instead}", file=sys.stderr, flush=True)

@@ -41,7 +41,7 @@ from lightning_batch.plugin._lightning_compat import destroy_process_group_at_ex
 from lightning_batch.plugin.callback import DynamicBatchSize
 from lightning_batch.plugin.checkpoint_io import AtomicCheckpointIO
 from lightning_batch.plugin.progress import BatchProgressBar
-from lightning_batch.store_uri import resolve_tracking_uri
+from lightning_batch.store_uri import resolve_tracking_uri, warn_if_password
 from lightning_batch.tabular.augment import Augmenter
 from lightning_batch.tabular.datamodule import TabularDataModule
 from lightning_batch.tabular.lr_search import LrSearch, optimizer_factory, range_test
@@ -49,6 +49,7 @@ from lightning_batch.tabular.networks import build_model, check_model_for_data
 from lightning_batch.tabular.task_module import TaskModule
 from lightning_batch.tracking.datasets import dataset_input_fields
 from lightning_batch.tracking.run_record import RunRecord, checkpoint_dir, load_resumable_config
+from lightning_batch.tracking.store import check_store_access
 
 # Every run is recorded in MLflow and ends with plots: say so now, not after the fit (no import cost).
 check(("mlflow", "matplotlib"), "tracking", "the tabular training path (it records runs in MLflow)")
@@ -234,6 +235,10 @@ def prepare_run(cfg: RunConfig, resume_run_id: str | None = None) -> PreparedRun
     placement = resolve_placement(cfg)  # a GPU that is not there is an error before the data is read
     check_strategy(placement)
     rank = process_rank(placement)
+    uri = resolve_tracking_uri(cfg.tracking_uri)
+    if rank == 0:  # the only rank that opens the store
+        warn_if_password(uri, "the tracking URI")
+        check_store_access(uri)
     dm = TabularDataModule(cfg, describe_source=dataset_input_fields)
     dm.setup()
     cfg = cfg.replace(task=dm.task).validate()  # a file source's task is known only now: the model default
@@ -251,7 +256,7 @@ def prepare_run(cfg: RunConfig, resume_run_id: str | None = None) -> PreparedRun
         # hyperparameters the module saves and logs, as if it had been given.
         torch.random.set_rng_state(initial)
         module = build_module(cfg, dm)
-    return PreparedRun(cfg, placement, rank, dm, module, resolve_tracking_uri(cfg.tracking_uri), search)
+    return PreparedRun(cfg, placement, rank, dm, module, uri, search)
 
 
 def search_lr(cfg: RunConfig, dm: TabularDataModule, module: TaskModule) -> LrSearch:
@@ -318,7 +323,7 @@ def run_params(run: PreparedRun) -> dict[str, Any]:
     data = run.dm.prepared
     assert data is not None
     return {
-        **run.cfg.to_dict(),
+        **run.cfg.to_record(),
         "accelerator_resolved": run.placement.accelerator,
         "devices_resolved": run.placement.devices,
         "strategy_resolved": run.placement.strategy,

@@ -86,7 +86,7 @@ def _cases(folder: Path) -> dict[str, tuple[list[str], str]]:
         "tune: space file missing": ([*tune, "--space", str(folder / "none.yaml")], "not found"),
         "tune: storage not an RDB URL": ([*tune, "--storage", "redis://localhost"], "must be an RDB URL"),
         "tune: storage server down": (
-            [*tune, "--storage", "postgresql://nobody:secret@127.0.0.1:9/none"],
+            [*tune, "--storage", "postgresql://nobody@127.0.0.1:9/none"],
             "cannot open the Optuna storage",
         ),
         "tune: bad data": (["tune", "--data", "mnist"], "unknown dataset"),

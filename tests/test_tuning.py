@@ -30,7 +30,7 @@ from .conftest import RUN_PY, free_port, subprocess_env, wait_for
 #: A small regression problem: a trial is ~1 s of training.
 SMALL = dict(data="synthetic-regression", rows=2000, features=4, epochs=3)
 #: Where .ci/postgres.sh puts the test database (override with LIGHTNING_BATCH_TEST_POSTGRES).
-DEFAULT_POSTGRES = "postgresql://lightning_batch:lightning_batch@127.0.0.1:5432/lightning_batch_test"
+DEFAULT_POSTGRES = "postgresql://lightning_batch:lb-pg-secret-7c2e@127.0.0.1:5432/lightning_batch_test"
 
 RUN_STATUS_OF_TRIAL = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}
 

@@ -169,8 +169,10 @@ class DecisionsKept:
     >>> for step, updates in ((5, 3), (10, 3), (15, 3)):
     ...     fresh = kept.fresh_measurements(updates)
     ...     kept.add(step, 0, 32, "keep: gain 1% < 5%", fresh, measured=True)
-    >>> [(e["step"], e["last_step"], e["count"], e["reason"]) for e in kept.entries]
-    [(5, 5, 1, 'keep: gain 1% < 5%'), (10, 15, 2, 'keep: no new noise measurement since the previous decision')]
+    >>> for entry in kept.entries:
+    ...     print(entry["step"], entry["last_step"], entry["count"], entry["reason"])
+    5 5 1 keep: gain 1% < 5%
+    10 15 2 keep: no new noise measurement since the previous decision
     """
 
     def __init__(self) -> None:

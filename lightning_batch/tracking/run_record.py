@@ -113,10 +113,21 @@ class RunRecord:
     ) -> RunRecord:
         """The run of one fit of ``cfg``: a new one, or ``resume_run_id`` claimed for this process
         (refused while a live process trains it: one writer a run)."""
+        from mlflow.exceptions import MlflowException
+
         open_store(uri)
-        if resume_run_id is not None:
-            claim_for_resume(uri, resume_run_id)
-        return cls(uri, cfg.experiment, cfg.run_name or default_run_name(cfg), tags, resume_run_id)
+        try:
+            if resume_run_id is not None:
+                claim_for_resume(uri, resume_run_id)
+            return cls(uri, cfg.experiment, cfg.run_name or default_run_name(cfg), tags, resume_run_id)
+        except MlflowException as exc:
+            if exc.get_http_status_code() != 403:
+                raise
+            # An authenticated server (run.py server): experiments belong to whoever created them.
+            raise UserError(
+                f"the tracking server refused to write to experiment {cfg.experiment!r} (403: another user "
+                "owns it); pass --experiment NAME of your own, or ask its owner or an admin for EDIT on it"
+            ) from None
 
     # -- the start ----------------------------------------------------------------------------------
 
@@ -127,7 +138,7 @@ class RunRecord:
             self.client.set_tag(self.run_id, "resumed", "true")
             return
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        (self.checkpoints / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (self.checkpoints / "config.yaml").write_text(yaml.safe_dump(cfg.to_record(), sort_keys=False))
         self.logger.log_hyperparams(params)
         with contextlib.suppress(Exception):  # a dataset profile is nice to have, never worth a failed run
             if data.raw_frame is not None:
@@ -204,7 +215,7 @@ class RunRecord:
         data = dm.prepared
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
-            (folder / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            (folder / "config.yaml").write_text(yaml.safe_dump(cfg.to_record(), sort_keys=False))
             preprocessing = {
                 "task": data.task,
                 "classes": data.classes,

@@ -15,10 +15,12 @@ Examples:
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 from lightning_batch._extras import extra_imports
+from lightning_batch.errors import UserError
 from lightning_batch.locks import file_lock
 from lightning_batch.store_uri import sqlite_path
 
@@ -60,6 +62,43 @@ def ensure_store(uri: str) -> None:
 
         # The first client call runs the schema migrations; the lock makes it one process's job.
         MlflowClient(uri).search_experiments(max_results=1)
+
+
+def check_store_access(uri: str) -> None:
+    """Before anything is trained: a tracking server that refuses these credentials is one error line.
+
+    MLflow's client sends ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (basic auth);
+    without them, or with wrong ones, an authenticated server answers 401 to every call, and a run
+    would otherwise be prepared (data, lr search) only to fail when it is created.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    from lightning_batch.store_uri import redact
+
+    with extra_imports("tracking", _FEATURE):
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as exc:
+        status = exc.get_http_status_code()
+        if status == 401:
+            given = "MLFLOW_TRACKING_USERNAME" in os.environ
+            raise UserError(
+                f"the tracking server {redact(uri)} refused "
+                + (
+                    "these credentials (401): check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+                    if given
+                    else "a client without credentials (401): set MLFLOW_TRACKING_USERNAME and "
+                    "MLFLOW_TRACKING_PASSWORD (its admin adds users with `run.py server --add-user NAME`)"
+                )
+            ) from None
+        if status == 403:
+            raise UserError(
+                f"the tracking server {redact(uri)} refused access (403): {exc.message}"
+            ) from None
+        raise
 
 
 def get_or_create_experiment(uri: str, name: str) -> str:

@@ -55,10 +55,11 @@ from lightning_batch import placement as hardware
 from lightning_batch._extras import check, extra_imports
 from lightning_batch.config import RunConfig
 from lightning_batch.errors import UserError
-from lightning_batch.store_uri import redact, resolve_tracking_uri, sqlite_path
+from lightning_batch.store_uri import redact, resolve_tracking_uri, sqlite_path, warn_if_password
 from lightning_batch.tabular import cache as data_cache
 from lightning_batch.tracking.run_owners import claim_run
 from lightning_batch.tracking.run_record import RunRecord, open_store
+from lightning_batch.tracking.store import check_store_access
 from lightning_batch.tune.space import ParamSpec, TuneConfig, apply_params, parse_space
 
 with extra_imports("tune", "Optuna tuning"):
@@ -382,7 +383,7 @@ def ensure_parent_run(
     search = {"space": {n: s.to_dict() for n, s in space.items()}}
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "search_space.json").write_text(json.dumps(search, indent=2))
-        Path(tmp, "base_config.json").write_text(json.dumps(base.to_dict(), indent=2, default=str))
+        Path(tmp, "base_config.json").write_text(json.dumps(base.to_record(), indent=2, default=str))
         record.client.log_artifacts(record.run_id, tmp)
     params = {
         "sampler": options.sampler,
@@ -700,8 +701,11 @@ def tune(base: RunConfig, options: TuneConfig, echo: Echo = print) -> TuneResult
         # setup writes (memory-mapped) instead of reading, cleaning and scaling the source again.
         cache = data_cache.default_cache_dir(base.tracking_uri).resolve()
         base = RunConfig.from_mapping({**base.to_dict(), "data_cache": str(cache)}).validate()
-    TabularDataModule(base).setup()  # bad data fails here, once, before any study or run exists
     tracking_uri = resolve_tracking_uri(base.tracking_uri)
+    warn_if_password(tracking_uri, "the tracking URI")
+    warn_if_password(resolve_storage(options.storage, tracking_uri), "the Optuna storage")
+    check_store_access(tracking_uri)  # a server refusing the credentials: one line, before any work
+    TabularDataModule(base).setup()  # bad data fails here, once, before any study or run exists
     base = RunConfig.from_mapping({**base.to_dict(), "tracking_uri": tracking_uri})
     study, url = open_study(base, options)
     record = ensure_parent_run(study, base, options, url)
