@@ -24,7 +24,11 @@ if ! as_postgres "psql -tAc \"SELECT 1 FROM pg_roles WHERE rolname='lightning_ba
     as_postgres "psql -q -c \"CREATE ROLE lightning_batch LOGIN\"" >&2
 fi
 as_postgres "psql -q -c \"ALTER ROLE lightning_batch PASSWORD '$password'\"" >&2
-if ! as_postgres "psql -tAc \"SELECT 1 FROM pg_database WHERE datname='lightning_batch_test'\"" | grep -q 1; then
-    as_postgres "createdb -O lightning_batch lightning_batch_test" >&2
-fi
+# lightning_batch_test for Optuna's studies, lightning_batch_mlflow for an MLflow store (each tool
+# keeps its schema version in a table named alembic_version: they cannot share a database).
+for database in lightning_batch_test lightning_batch_mlflow; do
+    if ! as_postgres "psql -tAc \"SELECT 1 FROM pg_database WHERE datname='$database'\"" | grep -q 1; then
+        as_postgres "createdb -O lightning_batch $database" >&2
+    fi
+done
 echo "postgresql://lightning_batch:$password@127.0.0.1:5432/lightning_batch_test"

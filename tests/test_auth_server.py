@@ -98,7 +98,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         stop_process_tree(process)
 
 
-def _run_py(folder: Path, *argv: str, user: str | None = None, **env: str) -> subprocess.CompletedProcess:
+def _run_py(
+    folder: Path, *argv: str, user: str | None = None, input_text: str | None = None, **env: str
+) -> subprocess.CompletedProcess:
     credentials = {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": USERS[user]} if user else {}
     # Only the credentials given here: not the admin's, which this test process signs in with.
     inherited = {k: v for k, v in subprocess_env(**env).items() if not k.startswith("MLFLOW_TRACKING_")}
@@ -106,6 +108,7 @@ def _run_py(folder: Path, *argv: str, user: str | None = None, **env: str) -> su
         [sys.executable, str(RUN_PY), *argv],
         cwd=folder,
         env={**inherited, **credentials},
+        input=None if input_text is None else input_text + "\n",
         capture_output=True,
         text=True,
         timeout=600,
@@ -403,3 +406,74 @@ def test_eight_trains_at_once_against_the_server_and_eight_against_sqlite_all_fi
     out = ROOT / "test-output"
     out.mkdir(exist_ok=True)
     (out / "server_load.json").write_text(json.dumps({**figures, "cpus": os.cpu_count()}, indent=2))
+
+
+def test_a_server_on_a_postgresql_store_takes_its_password_from_pgpassword(tmp_path: Path):
+    """The same flags as the rest of the CLI: a PostgreSQL store, its URL without the password
+    (PGPASSWORD for the server, none for the clients); users and permissions in that database."""
+    from urllib.parse import urlsplit
+
+    from .test_tuning import _postgres_reachable, _postgres_url
+
+    url = _postgres_url()
+    if _postgres_reachable(url) is not None:
+        pytest.skip("no PostgreSQL; .ci/postgres.sh installs and starts one")
+    parts = urlsplit(url)
+    # .ci/postgres.sh makes this database for MLflow: Optuna's tables share alembic_version's name.
+    store = f"postgresql://{parts.username}@{parts.hostname}:{parts.port or 5432}/lightning_batch_mlflow"
+    server_env = {"PGPASSWORD": parts.password or ""}
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(RUN_PY),
+            "server",
+            "--tracking-uri",
+            store,
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=subprocess_env(**server_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        lines = _startup_lines(process)
+        assert store in lines[0] and parts.password not in "\n".join(lines)
+        wait_for(f"http://127.0.0.1:{port}/health", 120)
+        user = f"pg-{os.getpid()}"
+        added = _run_py(
+            tmp_path,
+            "server",
+            "--tracking-uri",
+            store,
+            "--add-user",
+            user,
+            **server_env,
+            input_text=USERS["alice"],
+        )
+        assert added.returncode == 0, added.stderr[-2000:]
+        USERS[user] = USERS["alice"]
+        done = _run_py(
+            tmp_path,
+            "train",
+            "--data",
+            "iris",
+            "--epochs",
+            "1",
+            "--lr",
+            "0.1",
+            "--tracking-uri",
+            f"http://127.0.0.1:{port}",
+            "--experiment",
+            f"{user}-exp",
+            user=user,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert not (tmp_path / "mlruns" / "basic_auth.db").exists(), "users live in the PostgreSQL store"
+    finally:
+        stop_process_tree(process)

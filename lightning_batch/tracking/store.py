@@ -79,10 +79,18 @@ def check_store_access(uri: str) -> None:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
+    # MLflow retries a refused connection for minutes; a check needs one retry.
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except MlflowException as exc:
         status = exc.get_http_status_code()
+        if "Max retries exceeded" in exc.message or "Failed to establish" in exc.message:
+            raise UserError(
+                f"cannot reach the tracking server {redact(uri)}; is it running (run.py server), and is the "
+                "address right?"
+            ) from None
         if status == 401:
             given = "MLFLOW_TRACKING_USERNAME" in os.environ
             raise UserError(
@@ -99,6 +107,11 @@ def check_store_access(uri: str) -> None:
                 f"the tracking server {redact(uri)} refused access (403): {exc.message}"
             ) from None
         raise
+    finally:
+        if retries is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = retries
 
 
 def get_or_create_experiment(uri: str, name: str) -> str:
