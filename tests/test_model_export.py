@@ -443,15 +443,15 @@ def test_champion_moves_only_to_a_version_with_a_lower_val_loss(
 
 
 @pytest.fixture
-def registry_uri(store: tuple[Path, str]) -> Iterator[str]:
-    """The module's store, also as MLflow's process-wide tracking URI while the test runs, as a
-    training run leaves it (Lightning's logger sets it): MLflow resolves a new version's
-    ``models:/m-...`` source through that URI."""
+def registry_uri(store: tuple[Path, str], tmp_path: Path) -> Iterator[str]:
+    """The module's store, while MLflow's process-wide tracking URI points at another one (as in a
+    process that trained against another store, or never trained): registering must use the store
+    it is given, not that URI (MLflow resolves a new version's ``models:/m-...`` source through it)."""
     import mlflow
     from mlflow.tracking import is_tracking_uri_set
 
     previous = mlflow.get_tracking_uri() if is_tracking_uri_set() else None
-    mlflow.set_tracking_uri(store[1])
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/another-store.db")
     try:
         yield store[1]
     finally:

@@ -105,8 +105,16 @@ def register_model(
         METRIC: repr(float(val_loss)),
         **(tags or {}),
     }
+    # MLflow's private helper, as prediction.load_model uses it: create_model_version looks a logged
+    # model up through the process-wide tracking URI, which a process that did not train (or trained
+    # against another store) has pointing elsewhere.
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
-    with store_lock(tracking_uri, "registry"):  # the compare-and-move of the champion alias
+    with (
+        store_lock(tracking_uri, "registry"),
+        _use_tracking_uri(tracking_uri),
+    ):  # the compare-and-move of the champion alias
         try:
             client.create_registered_model(
                 name, description="Registered by lightning-batch (run.py --register)."
