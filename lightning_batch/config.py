@@ -414,6 +414,15 @@ class RunConfig(BatchSizeOptions):
         group="optimisation",
         prepares_data=False,
     )
+    max_minutes: float | None = option(
+        None,
+        "stop training after this many minutes of fitting, wherever it is (the best validation checkpoint "
+        "is tested as usual, and the run tagged stopped_early); unset: no time cap",
+        check=optional(number(above=0.0)),
+        example=30,
+        group="optimisation",
+        prepares_data=False,
+    )
     patience: int | None = option(
         10,
         "stop when val_loss has not improved for this many validations (0: off, train every epoch)",

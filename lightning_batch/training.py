@@ -26,12 +26,13 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, Timer
 
 from lightning_batch._extras import check
 from lightning_batch.config import DEFAULT_LR, RunConfig, check_model_for_task
@@ -95,6 +96,13 @@ def early_stop_note(trainer: pl.Trainer) -> str:
             return (
                 f"after epoch {callback.stopped_epoch}: val_loss had not improved for {callback.patience} "
                 f"validations (best {float(callback.best_score):.4g})"
+            )
+        remaining = callback.time_remaining() if isinstance(callback, Timer) else None
+        if isinstance(callback, Timer) and remaining is not None and remaining <= 0.0:
+            minutes = (callback.time_elapsed() + remaining) / 60  # the cap it was given
+            return (
+                f"in epoch {trainer.current_epoch}, step {trainer.global_step}: the time cap of {minutes:g} "
+                "minutes (--max-minutes)"
             )
     return ""
 
@@ -442,6 +450,8 @@ def build_trainer(
     ]
     options: dict[str, Any] = dict(
         max_epochs=cfg.epochs,
+        # Lightning's Timer: checked after every step, so the cap holds within a step's time.
+        max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes is not None else None,
         check_val_every_n_epoch=cfg.val_every,
         logger=record.logger if record is not None else False,
         callbacks=all_callbacks,

@@ -74,3 +74,18 @@ def test_a_first_run_with_defaults_is_as_good_as_scikit_learn(tmp_path, data: st
 @pytest.mark.parametrize("data", ["diabetes", "wine", "iris", "breast_cancer", "digits"])
 def test_every_bundled_set_with_defaults_is_as_good_as_scikit_learn(tmp_path, data: str, model: str):
     _first_run(tmp_path, data, model)
+
+
+def test_a_time_cap_stops_the_fit_and_the_run_says_so(tmp_path):
+    """``max_minutes``: the fit stops at the cap wherever it is (Lightning's Timer), the run still
+    tests its best weights and ends FINISHED, tagged with why it stopped; the cap is a param."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = train(
+        RunConfig(
+            data="synthetic-regression", rows=20000, lr=0.01, epochs=200, max_minutes=0.02, tracking_uri=uri
+        )
+    )
+    run = MlflowClient(uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED" and "test_loss" in run.data.metrics
+    assert "time cap of 0.02 minutes" in run.data.tags["stopped_early"]
+    assert result.epochs < 200 and run.data.params["max_minutes"] == "0.02"
