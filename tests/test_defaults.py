@@ -89,3 +89,68 @@ def test_a_time_cap_stops_the_fit_and_the_run_says_so(tmp_path):
     assert run.info.status == "FINISHED" and "test_loss" in run.data.metrics
     assert "time cap of 0.02 minutes" in run.data.tags["stopped_early"]
     assert result.epochs < 200 and run.data.params["max_minutes"] == "0.02"
+
+
+def _correlated_regression_csv(path, rows: int = 120_000, features: int = 32) -> None:
+    """The issue's CSV: 32 features sharing one common factor (pairwise correlation about 0.5), a
+    target near 3 with a spread in the tens' range (std about 7.6), part of it non-linear."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    x = 0.7 * rng.normal(size=(rows, 1)) + 0.7 * rng.normal(size=(rows, features))
+    w = rng.normal(size=features)
+    y = 3 + 4 * (x @ w) / np.sqrt(features) + 2 * np.sin(x[:, 0]) + rng.normal(size=rows)
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(features)])
+    frame["y"] = y
+    frame.to_csv(path, index=False)
+
+
+@pytest.mark.slow  # 30 epochs of 84,000 rows at B=32: about 15 minutes on 2 CPU cores
+def test_a_120k_row_mlp_with_defaults_trains_30_epochs_and_a_sigkill_resumes_the_same_run(workdir):
+    """The run that diverged before the target was scaled: `--model mlp --epochs 30`, nothing else.
+    SIGKILLed in its second epoch, `--resume RUN_ID` finishes the same run, a good model."""
+    import math
+    import subprocess
+    import sys
+
+    from .conftest import ROOT, RUN_PY, subprocess_env
+
+    _correlated_regression_csv(workdir / "big.csv")
+    flags = ["--data", "big.csv", "--target", "y", "--model", "mlp", "--epochs", "30"]
+    killed = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "run_py_with_faults.py"),
+            "train",
+            *flags,
+            "--checkpoint-every",
+            "1000",
+        ],
+        cwd=workdir,
+        env=subprocess_env(LB_KILL_AT_STEP="4000"),  # epoch 2 of 30 (2,625 steps an epoch)
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("lightning-batch").experiment_id])
+    assert run.info.status == "RUNNING"
+    resumed = subprocess.run(
+        [sys.executable, str(RUN_PY), "train", "--resume", run.info.run_id[:8]],
+        cwd=workdir,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run = client.get_run(run.info.run_id)
+    metrics, tags = run.data.metrics, run.data.tags
+    assert run.info.status == "FINISHED" and tags.get("resumed") == "true"
+    assert metrics["epochs_run"] == 30 or "stopped_early" in tags, "30 epochs, or early stopping's own end"
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert losses and all(math.isfinite(v) for v in losses), "no step diverged"
+    assert "rollback" not in tags and "poor_fit" not in tags
+    assert metrics["test_r2"] > 0.95, metrics
