@@ -49,7 +49,11 @@ def _render(url: str, profile: Path, screenshot: Path | None = None, height: int
     args = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size=1400,{height}"]
     if screenshot is not None:
         screenshot.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([*args, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
+        # Three times the dump's budget: the charts fetch each metric's history before they draw.
+        longer = [
+            a if not a.startswith("--virtual-time-budget") else "--virtual-time-budget=30000" for a in args
+        ]
+        subprocess.run([*longer, f"--screenshot={screenshot}", url], capture_output=True, timeout=180)
     done = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=120)
     return done.stdout
 
