@@ -6,7 +6,8 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all lint docs mutate venv clean
+MUTATE_TARGETS := checkpoint-io run-owners registry logger loader cache
+.PHONY: run test test-all lint docs mutate $(addprefix mutate-,$(MUTATE_TARGETS)) venv clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,11 @@ mutate: $(STAMP)
 	rm -rf mutants
 	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTATE_CHILDREN)
 	$(BIN)/python benchmarks/mutation_score.py
+
+# One module where data can be lost against the tests that guard it (benchmarks/mutate.py TARGETS):
+# make mutate-checkpoint-io, mutate-run-owners, mutate-registry, mutate-logger, mutate-loader, mutate-cache.
+$(addprefix mutate-,$(MUTATE_TARGETS)): mutate-%: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/mutate.py $* --max-children $(MUTATE_CHILDREN)
 
 # ruff, then mypy: strict on the plugin (the base install), mypy's defaults on the rest of the package.
 lint: $(STAMP)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import fnmatch
 import io
 import re
 import sys
@@ -352,6 +353,10 @@ EQUIVALENT: list[tuple[str, str, str, bool]] = [
     ),
 ]
 
+#: Rules for the modules of ``benchmarks/mutate.py``'s targets, by file; tried before ``EQUIVALENT``
+#: (which then applies too), and reported as stale only when their own file was scored.
+EQUIVALENT_IN: dict[str, list[tuple[str, str, str, bool]]] = {}
+
 STATUSES = ("killed", "timeout", "survived", "no tests")
 
 
@@ -405,12 +410,14 @@ def _changes(diff: str) -> list[tuple[str, str, str]]:
     return changes
 
 
-def _equivalent_reason(function: str, diff: str) -> tuple[int, str] | None:
+def _equivalent_reason(function: str, diff: str, path: str = "") -> tuple[tuple[str, int], str] | None:
     changes = _changes(diff)
     if len(changes) != 1:
         return None
     context, before, after = changes[0]
-    for index, (func, pattern, reason, strings_only) in enumerate(EQUIVALENT):
+    rules = [((path, i), rule) for i, rule in enumerate(EQUIVALENT_IN.get(path, []))]
+    rules += [(("", i), rule) for i, rule in enumerate(EQUIVALENT)]
+    for index, (func, pattern, reason, strings_only) in rules:
         if not re.fullmatch(func, function):
             continue
         if strings_only and not _only_a_string_changed(before, after):
@@ -425,21 +432,30 @@ def _equivalent_reason(function: str, diff: str) -> tuple[int, str] | None:
     return None
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--strict", action="store_true", help="exit 1 if a survivor is unexplained")
     parser.add_argument("--quiet", action="store_true", help="no diffs of unexplained survivors")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--target", help="score a run of benchmarks/mutate.py TARGET (its files, and its functions only)"
+    )
+    args = parser.parse_args(argv)
 
     if not Path("mutants").is_dir():
         print("no mutants/ folder: run `mutmut run` (or `make mutate`) first", file=sys.stderr)
         return 2
 
     config()  # reads [tool.mutmut] from ./pyproject.toml
+    selected: list[str] = []
+    if args.target:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from mutate import configure
+
+        selected = configure(args.target).mutants
     rows = []
     unexplained: list[tuple[str, str]] = []
     equivalent_by_reason: dict[str, list[str]] = defaultdict(list)
-    used_entries: set[int] = set()
+    used_entries: set[tuple[str, int]] = set()
     for path in sorted(walk_mutatable_files()):
         if not (Path("mutants") / f"{path}.meta").exists():
             continue
@@ -448,12 +464,14 @@ def main() -> int:
         counts: Counter[str] = Counter()
         equivalent = 0
         for mutant, exit_code in sorted(data.exit_code_by_key.items()):
+            if selected and not any(fnmatch.fnmatch(mutant, pattern) for pattern in selected):
+                continue
             status = status_by_exit_code[exit_code]
             counts[status if status in STATUSES else "other"] += 1
             if status not in ("survived", "no tests"):
                 continue
             diff = get_diff_for_mutant(mutant, path=path)
-            found = _equivalent_reason(_function_of(mutant), diff)
+            found = _equivalent_reason(_function_of(mutant), diff, str(path))
             if found is None:
                 unexplained.append((mutant, diff))
             else:
@@ -474,13 +492,20 @@ def main() -> int:
         print("\nSurvivors judged equivalent:")
         for reason, mutants in sorted(equivalent_by_reason.items()):
             print(f"  {len(mutants):3d}  {reason}")
-    stale = [EQUIVALENT[i][:2] for i in range(len(EQUIVALENT)) if i not in used_entries]
+    scored = [name for name, _, _ in rows]
+    stale = [
+        rule[:2]
+        for key, rules in [("", [] if args.target else EQUIVALENT), *EQUIVALENT_IN.items()]
+        if not key or key in scored
+        for i, rule in enumerate(rules)
+        if (key, i) not in used_entries
+    ]
     if stale:
         print("\nEQUIVALENT entries that matched no survivor (killed now, or the line changed):")
         for func, pattern in stale:
             print(f"       {func}: {pattern}")
 
-    header = f"\n{'file':32} {'killed':>7} {'timeout':>7} {'survived':>8} {'no tests':>8} {'other':>5} {'total':>6} {'equiv':>6} {'score':>7}"
+    header = f"\n{'file':42} {'killed':>7} {'timeout':>7} {'survived':>8} {'no tests':>8} {'other':>5} {'total':>6} {'equiv':>6} {'score':>7}"
     print(header)
     total: Counter[str] = Counter()
     total_equivalent = 0
@@ -502,7 +527,7 @@ def _row(name: str, counts: Counter[str], equivalent: int) -> str:
     relevant = total - equivalent
     score = f"{100.0 * detected / relevant:6.1f}%" if relevant else "     -"
     return (
-        f"{name:32} {counts['killed']:7d} {counts['timeout']:7d} {counts['survived']:8d} "
+        f"{name:42} {counts['killed']:7d} {counts['timeout']:7d} {counts['survived']:8d} "
         f"{counts['no tests']:8d} {counts['other']:5d} {total:6d} {equivalent:6d} {score:>7}"
     )
 

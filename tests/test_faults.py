@@ -297,10 +297,18 @@ def test_the_checkpoint_writer_stages_beside_the_target_and_renames(tmp_path: Pa
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
     orphan = target.parent / f".last.ckpt.{int(dead.stdout)}.tmp"
-    live = target.parent / f".last.ckpt.{os.getppid()}.tmp"
+    # a live process of this test's own: never signal another (mutation testing may turn the probe into one)
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = target.parent / f".last.ckpt.{writer.pid}.tmp"
     orphan.write_bytes(b"PK torn"), live.write_bytes(b"PK busy")
-    AtomicCheckpointIO().save_checkpoint({"w": torch.arange(5)}, target)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"w": torch.arange(5)}, target)
+    finally:
+        alive = writer.poll() is None
+        writer.kill()
+        writer.wait()
     assert not orphan.exists() and live.exists()
+    assert alive, "the live writer was disturbed by the check"
 
 
 def test_the_checkpoint_s_bytes_are_on_disk_before_it_is_renamed_over_the_last_one(
