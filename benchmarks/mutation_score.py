@@ -355,7 +355,70 @@ EQUIVALENT: list[tuple[str, str, str, bool]] = [
 
 #: Rules for the modules of ``benchmarks/mutate.py``'s targets, by file; tried before ``EQUIVALENT``
 #: (which then applies too), and reported as stale only when their own file was scored.
-EQUIVALENT_IN: dict[str, list[tuple[str, str, str, bool]]] = {}
+PAGE_SIZE = (
+    "the page size of an MLflow search (its default is 1000): any size returns the same runs, page by page; "
+    "only the number of requests differs"
+)
+EQUIVALENT_IN: dict[str, list[tuple[str, str, str, bool]]] = {
+    "lightning_batch/tracking/run_owners.py": [
+        (
+            r"_search",
+            r"page: int = 1000 => .*page: int = 1001$|max_results=page, order_by=order_by, page_token=token => "
+            r"ids, filter_string=filter_string, (max_results=None, )?order_by=order_by, page_token=token$",
+            PAGE_SIZE,
+            False,
+        ),
+        (
+            r"experiment_names",
+            r"max_results=1000, page_token=token\) => .*(max_results=1001, page_token=token\)|ViewType\.ALL, page_token=token\))$",
+            PAGE_SIZE,
+            False,
+        ),
+        (
+            r"list_runs",
+            r"DESC\"\], min\(limit \+ 1, 1000\)\): => .*DESC\"\], (None|min\(limit \+ 2, 1000\)|min\(limit \+ 1, 1001\)|)\):$",
+            PAGE_SIZE,
+            False,
+        ),
+        (
+            r"_search|experiment_names",
+            r"^token = None => token = \"\"$",
+            "MLflow reads an empty page token as none: the first page either way",
+            False,
+        ),
+        (
+            r"list_runs",
+            r"query, \[\"attributes\.start_time DESC\"\], (.*) => .*query, (None|\[\"attributes\.start_time desc\"\]), \1$",
+            "MLflow's own order is start_time DESC already, and its order_by keywords are case-insensitive",
+            False,
+        ),
+        (
+            r"claim_for_resume",
+            r"store_lock\(tracking_uri, \"resume\"\): => .*store_lock\(tracking_uri, (None|\"XXresumeXX\"|\"RESUME\")\):$",
+            "the lock file's name: claim_for_resume is the only user of this lock, under whatever name",
+            False,
+        ),
+        (
+            r"claim_run",
+            r"\.get\(ERROR_TAG, \"\"\) => .*\.get\(ERROR_TAG, \"XXXX\"\)$",
+            "the default for a run without an error tag: any text that does not start with 'process lost'",
+            False,
+        ),
+        (
+            r"process_start",
+            r"state in \(\"Z\", \"X\"\) else .* => .*state in \(\"Z\", \"(XXXXX|x)\"\) else",
+            "state X (dead) is never seen in /proc (proc(5)), nor 'x' after Linux 3.13; zombies (Z) are tested",
+            False,
+        ),
+        (
+            r"process_start",
+            r"^return \"\" => return \"XXXX\"$",
+            "psutil's AccessDenied (no /proc): '' and any other text that is not a number leave the pid alone to "
+            "decide (_same_start's ValueError), as the start recorded there is psutil's number too",
+            False,
+        ),
+    ],
+}
 
 STATUSES = ("killed", "timeout", "survived", "no tests")
 
@@ -436,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--strict", action="store_true", help="exit 1 if a survivor is unexplained")
     parser.add_argument("--quiet", action="store_true", help="no diffs of unexplained survivors")
+    parser.add_argument("--names", action="store_true", help="print only the unexplained survivors' names")
     parser.add_argument(
         "--target", help="score a run of benchmarks/mutate.py TARGET (its files, and its functions only)"
     )
@@ -484,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
         print("no mutmut results under mutants/: run `mutmut run` first", file=sys.stderr)
         return 2
 
+    if args.names:
+        print("\n".join(mutant for mutant, _ in unexplained))
+        return 0
     if not args.quiet:
         for mutant, diff in unexplained:
             print(f"\n# {mutant}: not equivalent? (a test gap, or add it to EQUIVALENT)\n{diff}")

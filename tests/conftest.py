@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -29,6 +30,25 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def tracking_uri(workdir: Path) -> str:
     return f"sqlite:///{workdir}/mlruns/mlflow.db"
+
+
+@pytest.fixture(scope="session")
+def migrated_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty sqlite MLflow store (MLflow's schema migrations applied) to copy: migrating a new one
+    costs seconds. Made once per MLflow version and kept beside pytest's temporary folders for later
+    sessions (mutation testing runs the same tests hundreds of times); copy it, never open it."""
+    import mlflow
+
+    from lightning_batch.tracking.store import ensure_store
+
+    kept = tmp_path_factory.getbasetemp().parent / f"lightning-batch-empty-mlflow-{mlflow.__version__}.db"
+    if not kept.is_file():
+        db = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+        ensure_store(f"sqlite:///{db}")
+        staged = kept.with_name(f"{kept.name}.{os.getpid()}.tmp")
+        shutil.copyfile(db, staged)
+        os.replace(staged, kept)  # whole or not at all, whoever else makes it at the same time
+    return kept
 
 
 def quiet_trainer(epochs: int, callbacks: list | None = None, **options) -> pl.Trainer:

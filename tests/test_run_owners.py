@@ -9,12 +9,14 @@ experiments are created as MLflow 3 model-training experiments.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -35,25 +37,16 @@ from lightning_batch.tracking.run_owners import (
 from lightning_batch.tracking.store import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
-    ensure_store,
     get_or_create_experiment,
 )
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A migrated, empty sqlite store, made once: creating one costs seconds (MLflow's migrations)."""
-    db = tmp_path_factory.mktemp("store") / "mlflow.db"
-    ensure_store(f"sqlite:///{db}")
-    return db
-
-
 @pytest.fixture
-def store(empty_store: Path, workdir: Path) -> str:
+def store(migrated_store: Path, workdir: Path) -> str:
     """A fresh copy of the empty store at ``mlruns/mlflow.db`` in this test's folder; its URI."""
     db = workdir / "mlruns" / "mlflow.db"
     db.parent.mkdir()
-    shutil.copyfile(empty_store, db)
+    shutil.copyfile(migrated_store, db)
     return f"sqlite:///{db}"
 
 
@@ -291,3 +284,328 @@ def test_resuming_a_run_whose_owner_is_alive_is_refused_in_one_line(
     assert Owner.from_tags(claimed.data.tags) == Owner.of_this_process()
     assert claimed.info.status == "RUNNING"
     run_owners.claim_for_resume(store, run_id)  # its own run: not refused
+
+
+# -- where a run can be lost or wrongly ended (the mutation target `make mutate-run-owners`) -------
+
+
+def test_a_resume_claims_a_reaped_run_running_again(store: str):
+    """The reaped run is FAILED; --resume's claim makes it RUNNING under this process, clears the
+    error, keeps the history; a reap after that leaves it (its owner lives)."""
+    client = MlflowClient(store)
+    experiment = get_or_create_experiment(store, "claimed")
+    run_id = _run(client, experiment, "lost", _killed_owner().tags())
+    assert [r.info.run_id for r in run_owners.reap_lost_runs(client)] == [run_id]
+    assert client.get_run(run_id).info.status == "FAILED"
+    run_owners.claim_for_resume(store, run_id)
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING"
+    assert Owner.from_tags(run.data.tags) == Owner.of_this_process()
+    assert ERROR_TAG not in run.data.tags and PROCESS_LOST_TAG in run.data.tags
+    assert run_owners.reap_lost_runs(client) == []
+
+
+def test_a_resume_is_not_refused_by_this_process_another_host_or_a_finished_run(store: str):
+    """Refused only while a live process of this host, other than this one, trains the run."""
+    client = MlflowClient(store)
+    experiment = get_or_create_experiment(store, "not-refused")
+    owner_process = subprocess.Popen(["sleep", "60"])
+    try:
+        live = Owner(socket.gethostname(), owner_process.pid, process_start(owner_process.pid))
+        cases = {
+            "mine": Owner.of_this_process().tags(),
+            "other-host": {**live.tags(), OWNER_HOST_TAG: "another-machine"},
+            "finished": live.tags(),
+        }
+        runs = {name: _run(client, experiment, name, tags) for name, tags in cases.items()}
+        client.set_terminated(runs["finished"], "FINISHED")
+        for run_id in runs.values():
+            run_owners.claim_for_resume(store, run_id)
+            run = client.get_run(run_id)
+            assert run.info.status == "RUNNING"
+            assert Owner.from_tags(run.data.tags) == Owner.of_this_process()
+    finally:
+        owner_process.kill()
+        owner_process.wait(timeout=10)
+
+
+def test_a_reaped_run_s_error_says_how_to_go_on_by_its_kind(store: str):
+    client = MlflowClient(store)
+    experiment = get_or_create_experiment(store, "kinds")
+    dead = _killed_owner()
+    kinds = {
+        "study": {"lightning_batch.role": "study", "optuna_study": "wine"},
+        "unnamed-study": {"lightning_batch.role": "study"},
+        "trial": {"optuna_trial_number": "3", "lightning_batch.role": "trial"},
+        "run": {},
+    }
+    runs = {name: _run(client, experiment, name, {**dead.tags(), **tags}) for name, tags in kinds.items()}
+    assert len(run_owners.reap_lost_runs(client)) == 4
+    hints = {
+        "study": "run.py tune --study wine continues the study",
+        "unnamed-study": "run.py tune --study <name> continues the study",
+        "trial": "the study retries its trial (its heartbeat went stale)",
+        "run": f"resume it with: python experiments/run.py train --resume {runs['run']}",
+    }
+    for name, run_id in runs.items():
+        error = client.get_run(run_id).data.tags[ERROR_TAG]
+        assert error.startswith(f"process lost: {dead} is gone") and error.endswith(f"; {hints[name]}"), error
+
+
+def test_reap_quietly_reaps_the_whole_store_and_names_the_runs_in_one_warning(
+    store: str, caplog: pytest.LogCaptureFixture
+):
+    client = MlflowClient(store)
+    dead = _killed_owner()
+    lost = [
+        _run(client, get_or_create_experiment(store, name), name, dead.tags()) for name in ("first", "second")
+    ]
+    with caplog.at_level("WARNING"):
+        reaped = run_owners.reap_quietly(store)
+    assert sorted(reaped) == sorted(lost)
+    assert all(client.get_run(r).info.status == "FAILED" for r in lost)
+    records = [r for r in caplog.records if r.name == "lightning_batch"]
+    assert len(records) == 1 and records[0].levelname == "WARNING"
+    message = records[0].getMessage()
+    assert (
+        message.startswith(f"marked FAILED (process lost): {', '.join(reaped)}; ")
+        and "run.py runs" in message
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert run_owners.reap_quietly(store) == []
+    assert not [r for r in caplog.records if r.name == "lightning_batch"], "nothing reaped, nothing said"
+
+
+def test_reap_quietly_on_a_store_it_cannot_read_says_nothing(caplog: pytest.LogCaptureFixture):
+    with caplog.at_level("WARNING"):
+        assert run_owners.reap_quietly("no-such-scheme://store") == []
+    assert not [r for r in caplog.records if r.name == "lightning_batch"]
+
+
+def test_runs_lists_the_newest_first_and_says_whether_there_are_more(store: str):
+    client = MlflowClient(store)
+    experiment = get_or_create_experiment(store, "listed")
+    ids = [client.create_run(experiment, start_time=1_000_000 + i).info.run_id for i in range(52)]
+    newest = ids[::-1]
+    for limit, more in ((3, True), (51, True), (52, False), (60, False)):
+        runs, has_more = run_owners.list_runs(client, [experiment], limit=limit)
+        assert ([r.info.run_id for r in runs], has_more) == (newest[:limit], more), limit
+    runs, has_more = run_owners.list_runs(client, [experiment])
+    assert ([r.info.run_id for r in runs], has_more) == (newest[:50], True)
+    client.set_terminated(ids[0], "FAILED")
+    runs, has_more = run_owners.list_runs(client, [experiment], "FAILED", limit=1)
+    assert ([r.info.run_id for r in runs], has_more) == ([ids[0]], False)
+
+
+def test_the_machine_id_is_systemd_s_or_else_d_bus_s(monkeypatch: pytest.MonkeyPatch):
+    """A simulated machine: /etc/machine-id missing or empty falls back to D-Bus's copy; neither: None."""
+    files: dict[str, str] = {}
+
+    def read_text(path: Path, *args, **kwargs) -> str:
+        if str(path) not in files:
+            raise FileNotFoundError(path)
+        return files[str(path)]
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    assert run_owners.machine_id() is None
+    files["/var/lib/dbus/machine-id"] = "dbus-id\n"
+    assert run_owners.machine_id() == "dbus-id"
+    files["/etc/machine-id"] = "\n"
+    assert run_owners.machine_id() == "dbus-id"
+    files["/etc/machine-id"] = "systemd-id\n"
+    assert run_owners.machine_id() == "systemd-id"
+
+
+def test_a_search_goes_through_every_page_in_the_order_asked(store: str):
+    client = MlflowClient(store)
+    experiment = get_or_create_experiment(store, "paged")
+    ids = [client.create_run(experiment, start_time=1_000_000 + i).info.run_id for i in range(5)]
+    client.set_terminated(ids[2], "FINISHED")
+    found = list(
+        itertools.islice(run_owners._search(client, [experiment], "", ["attributes.start_time ASC"], 2), 10)
+    )
+    assert [r.info.run_id for r in found] == ids
+    running = run_owners._search(client, [experiment], "attributes.status = 'RUNNING'", page=2)
+    assert [r.info.run_id for r in itertools.islice(running, 10)] == [ids[4], ids[3], ids[1], ids[0]]
+    assert list(run_owners._search(client, [], "")) == []
+
+
+def test_only_a_running_run_whose_owner_is_gone_is_lost(store: str):
+    client = MlflowClient(store)
+    experiment = get_or_create_experiment(store, "lost-or-not")
+    dead = _killed_owner()
+    lost = _run(client, experiment, "lost", dead.tags())
+    finished = _run(client, experiment, "finished", dead.tags())
+    client.set_terminated(finished, "FINISHED")
+    unowned = _run(client, experiment, "unowned", {})
+    mine = _run(client, experiment, "mine", Owner.of_this_process().tags())
+    assert run_owners.lost_owner(client.get_run(lost)) == dead
+    assert [run_owners.lost_owner(client.get_run(r)) for r in (finished, unowned, mine)] == [None] * 3
+
+
+def test_the_reap_records_who_noticed_and_when(store: str):
+    _reap_and_check_who_noticed_and_when(store)
+
+
+def _reap_and_check_who_noticed_and_when(store: str) -> None:
+    client = MlflowClient(store)
+    experiment = get_or_create_experiment(store, "noticed")
+    dead = _killed_owner()
+    run_id = _run(client, experiment, "lost", dead.tags())
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    run_owners.reap_lost_runs(client)
+    after = datetime.now(timezone.utc)
+    tag = client.get_run(run_id).data.tags[PROCESS_LOST_TAG]
+    head, _, when = tag.rpartition(" at ")
+    assert head == f"{dead}; noticed by pid {os.getpid()}"
+    assert before <= datetime.strptime(when, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc) <= after
+
+
+def test_a_host_name_with_a_quote_is_reaped_too(store: str, monkeypatch: pytest.MonkeyPatch):
+    """MLflow's filter grammar cannot quote such a name: the runs are filtered after the query."""
+    monkeypatch.setattr(socket, "gethostname", lambda: "bob's-laptop")
+    client = MlflowClient(store)
+    experiment = get_or_create_experiment(store, "quoted")
+    dead = _killed_owner()
+    assert dead.host == "bob's-laptop"
+    lost = _run(client, experiment, "lost", dead.tags())
+    _run(client, experiment, "elsewhere", {**dead.tags(), OWNER_HOST_TAG: "bob-s-laptop"})
+    assert [r.info.run_id for r in run_owners.reap_lost_runs(client)] == [lost]
+
+
+def _psutil_ticks(pid: int) -> float:
+    """A process's start in clock ticks since boot, by psutil (an independent reading of /proc)."""
+    import psutil
+
+    return (psutil.Process(pid).create_time() - psutil.boot_time()) * os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/sys/kernel/random/boot_id").exists(), reason="Linux /proc only")
+def test_on_linux_a_start_is_the_boot_and_its_clock_tick_even_for_a_name_with_parentheses(tmp_path: Path):
+    """``BOOT_ID/TICKS``: the boot's id and the start in ticks (as psutil reads it); a command name
+    holding ``) `` and spaces does not shift the fields."""
+    odd = tmp_path / "x) 1 2 3"
+    shutil.copy(shutil.which("sleep"), odd)
+    child = subprocess.Popen([str(odd), "60"])
+    try:
+        for pid in (os.getpid(), child.pid):
+            boot, _, ticks = process_start(pid).partition("/")
+            assert boot == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+            assert abs(int(ticks) - _psutil_ticks(pid)) <= 2, pid
+        assert Owner(socket.gethostname(), child.pid, process_start(child.pid)).state() == "alive"
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+
+
+@pytest.fixture
+def without_proc_boot_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A simulated system without /proc's boot id (macOS, BSD): starts are psutil's create_time."""
+    real = Path.read_text
+
+    def read_text(path: Path, *args, **kwargs) -> str:
+        if str(path) == "/proc/sys/kernel/random/boot_id":
+            raise FileNotFoundError(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+
+
+def test_elsewhere_a_start_is_psutils_create_time_and_a_zombie_is_gone(without_proc_boot_id: None):
+    import psutil
+
+    assert process_start(os.getpid()) == f"{psutil.Process().create_time():.2f}"
+    child = subprocess.Popen(["sleep", "60"])
+    started = process_start(child.pid)
+    assert started == f"{psutil.Process(child.pid).create_time():.2f}"
+    child.send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process_start(child.pid) is None, "a zombie is not running"
+    owner = Owner(socket.gethostname(), child.pid, started)
+    assert owner.state() == "gone"
+    child.wait(timeout=10)
+    assert process_start(child.pid) is None and owner.state() == "gone"
+
+
+def test_elsewhere_a_start_is_compared_to_within_a_second(without_proc_boot_id: None):
+    me = Owner.of_this_process()
+    now = float(me.started)
+    assert Owner(me.host, me.pid, f"{now + 0.5:.2f}").state() == "alive"
+    assert Owner(me.host, me.pid, f"{now - 0.5:.2f}").state() == "alive"
+    assert Owner(me.host, me.pid, f"{now + 1.5:.2f}").state() == "gone"
+    assert Owner(me.host, me.pid, f"{now - 1.5:.2f}").state() == "gone"
+    assert Owner(me.host, me.pid, "boot/123").state() == "gone", "a start recorded on Linux is exact"
+    assert Owner(me.host, me.pid, "damaged").state() == "alive", "unknown: the pid alone decides"
+    # exactly one second apart is another start
+    assert not run_owners._same_start("100.00", "101.00") and run_owners._same_start("100.00", "100.99")
+    assert not run_owners._same_start("100.00", "boot/100"), "one side exact: exact"
+
+
+def test_an_owner_is_this_machines_by_host_name_and_machine_id():
+    me = Owner.of_this_process()
+    if Path("/etc/machine-id").is_file():
+        assert me.machine == Path("/etc/machine-id").read_text().strip()
+    assert Owner.from_tags(me.tags()) == me and me.state() == "alive"
+    assert Owner(me.host, me.pid, me.started, "another-machine-id").state() == "elsewhere"
+    assert Owner(me.host, me.pid, me.started, None).state() == "alive", "no machine id recorded"
+    for tags in ({OWNER_PID_TAG: "12"}, {OWNER_HOST_TAG: "", OWNER_PID_TAG: "12"}, {OWNER_HOST_TAG: "h"}):
+        assert Owner.from_tags(tags) is None, tags
+
+
+def test_a_run_claimed_while_being_reaped_is_left_to_its_new_owner(store: str):
+    """Between the search and the reap each run is read again: one a resume claimed meanwhile (here,
+    the first the reaper reads again) is left RUNNING under its new owner; the other lost one is
+    still reaped."""
+    client = MlflowClient(store)
+    experiment = get_or_create_experiment(store, "raced")
+    dead = _killed_owner()
+    lost = [_run(client, experiment, name, dead.tags()) for name in ("a", "b")]
+    claimed: list[str] = []
+
+    class Racing:
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def get_run(self, run_id):
+            if not claimed:
+                claimed.append(run_id)
+                run_owners.claim_run(client, run_id)  # another process's resume, as it happens
+            return client.get_run(run_id)
+
+    reaped = [r.info.run_id for r in run_owners.reap_lost_runs(Racing())]
+    (other,) = set(lost) - set(claimed)
+    assert reaped == [other]
+    assert client.get_run(claimed[0]).info.status == "RUNNING"
+    assert client.get_run(other).info.status == "FAILED"
+
+
+def test_the_reap_time_is_utc_whatever_the_local_zone(store: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TZ", "JST-9")
+    time.tzset()
+    try:
+        _reap_and_check_who_noticed_and_when(store)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_every_experiment_is_searched_deleted_ones_and_every_page(store: str):
+    """A store may answer in pages smaller than asked (a server's cap): every page is read; deleted
+    experiments count (their runs may still be RUNNING)."""
+    client = MlflowClient(store)
+    ids = [get_or_create_experiment(store, f"e{i}") for i in range(4)]
+    client.delete_experiment(ids[1])
+    calls: list[int] = []
+
+    class SmallPages:
+        def search_experiments(self, **kwargs):
+            calls.append(1)
+            assert len(calls) < 50, "the same page again and again"
+            return client.search_experiments(**{**kwargs, "max_results": 2})
+
+    names = run_owners.experiment_names(SmallPages())
+    assert names == {e: f"e{i}" for i, e in enumerate(ids)} | {"0": "Default"}
+    assert len(calls) == 3
