@@ -360,6 +360,41 @@ PAGE_SIZE = (
     "only the number of requests differs"
 )
 EQUIVALENT_IN: dict[str, list[tuple[str, str, str, bool]]] = {
+    "lightning_batch/tracking/model_registry.py": [
+        (
+            r"register_model",
+            r"model_id = model_uri\.removeprefix\(\"models:/\"\) if model_uri\.startswith\(\"models:/m-\"\) else None => "
+            r"|model_id=model_id\n? => .*(model_id=None|version_tags, )$|tags=version_tags, model_id=model_id => .*version_tags, $",
+            "the logged-model id given to create_model_version: MLflow's sqlite and REST registries use it only to "
+            "find the run id, which is given too (a Databricks Unity Catalog registry reads it; not run here)",
+            False,
+        ),
+        (
+            r"register_model",
+            r"registry_uri=tracking_uri\) => .*(registry_uri=None\)|tracking_uri=tracking_uri, \))$",
+            "MLflow's registry URI defaults to the client's own tracking URI",
+            False,
+        ),
+        (
+            r"register_model",
+            r"experiment\.name if experiment is not None else \"\", => .*(or True else \"\"|else \"XXXX\"),$",
+            "unreachable: a run's experiment is always found (a deleted one too)",
+            False,
+        ),
+        (
+            r"register_model",
+            r"store_lock\(tracking_uri, \"registry\"\): .* => .*store_lock\(tracking_uri, (None|\"XXregistryXX\"|\"REGISTRY\")\):",
+            "the lock file's name: register_model is the only user of this lock, under whatever name",
+            False,
+        ),
+        (
+            r"register_run",
+            r"client = MlflowClient\(tracking_uri\) => client = MlflowClient\(None\)$",
+            "MLflow's sqlite registry resolves a new version's models:/m-... source through the process-wide "
+            "tracking URI (its own TODO), so register_run works only where that URI is this store already",
+            False,
+        ),
+    ],
     "lightning_batch/tracking/run_owners.py": [
         (
             r"_search",
