@@ -411,6 +411,39 @@ EQUIVALENT_IN: dict[str, list[tuple[str, str, str, bool]]] = {
             False,
         ),
     ],
+    "lightning_batch/plugin/loader.py": [
+        (
+            r"adopt_train_loader",
+            r"torch\.randint\(2\*\*31 - 1, \(\)\)\.item\(\)\) => "
+            r".*torch\.randint\((2\*\*31 \+ 1|2 \* 31 - 1|3\*\*31 - 1|2\*\*32 - 1|2\*\*31 - 2), \(\)\)\.item\(\)\)$",
+            "the range of the random seed every rank then shares: any range gives a seed torch accepts",
+            False,
+        ),
+        (
+            r"adopt_train_loader",
+            r"broadcast\(seed, src=0\)\) => .*broadcast\(seed, \)\)$",
+            "Lightning's broadcast sends from rank 0 by default",
+            False,
+        ),
+        (
+            r"adopt_train_loader|resizable_equivalent",
+            r"^(rebuilt|shuffle) = False => \1 = None$",
+            "None is as falsy as False (both are read as truth values only)",
+            False,
+        ),
+        (
+            r"adopt_train_loader",
+            r"getattr\(trainer, \"datamodule\", None\), (.*) => .*getattr\(trainer, \"datamodule\", \), \1$",
+            "a Trainer always has a datamodule attribute (None without one)",
+            False,
+        ),
+        (
+            r"resizable_equivalent",
+            r"getattr\(loader, \"batch_sampler\", None\) => .*getattr\(loader, \"batch_sampler\", \)$",
+            "a DataLoader always has a batch_sampler attribute (None without automatic batching)",
+            False,
+        ),
+    ],
     "lightning_batch/tracking/run_owners.py": [
         (
             r"_search",
