@@ -444,6 +444,14 @@ EQUIVALENT_IN: dict[str, list[tuple[str, str, str, bool]]] = {
             False,
         ),
     ],
+    "lightning_batch/tabular/cache.py": [
+        (
+            r"cache_key",
+            r"\.hexdigest\(\)\[:16\] => .*\.hexdigest\(\)\[:17\]$",
+            "how many hex digits of a preparation module's SHA-256 the key keeps: any prefix changes with its bytes",
+            False,
+        ),
+    ],
     "lightning_batch/tracking/run_owners.py": [
         (
             r"_search",
