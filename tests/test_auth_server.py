@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -111,7 +112,7 @@ def _run_py(
         input=None if input_text is None else input_text + "\n",
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,  # 8 at once on 2 cores
     )
 
 
@@ -374,20 +375,24 @@ def test_eight_trains_at_once_against_the_server_and_eight_against_sqlite_all_fi
         folder = tmp_path / name
         folder.mkdir()
         stop = [False]
+        watcher = threading.Thread(target=watch, args=(stop,), daemon=True)
+        if name == "server":
+            watcher.start()
         started = time.perf_counter()
-        with ThreadPoolExecutor(9) as pool:
-            watcher = pool.submit(watch, stop) if name == "server" else None
-            runs = list(
-                pool.map(
-                    lambda i, folder=folder, target=target: _run_py(
-                        folder, *argv, *target, "--run-name", f"load-{i}", user="alice"
-                    ),
-                    range(8),
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                runs = list(
+                    pool.map(
+                        lambda i, folder=folder, target=target: _run_py(
+                            folder, *argv, *target, "--run-name", f"load-{i}", user="alice"
+                        ),
+                        range(8),
+                    )
                 )
-            )
+        finally:  # a failed train must not leave the watcher running (and the test hanging on it)
             stop[0] = True
-            if watcher is not None:
-                watcher.result()
+            if watcher.is_alive():
+                watcher.join()
         figures[f"{name}_wall_seconds"] = round(time.perf_counter() - started, 1)
         for done in runs:
             assert done.returncode == 0, done.stderr[-3000:]
