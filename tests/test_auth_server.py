@@ -87,7 +87,9 @@ def _add_user(folder: Path, name: str, password: str) -> subprocess.CompletedPro
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     folder = tmp_path_factory.mktemp("team")
-    process, port = _start(folder)
+    # One worker: uvicorn's multi-worker supervisor killed all 4 workers of a server on a machine
+    # loaded by two test suites (health checks unanswered) and restarted none, hanging every client.
+    process, port = _start(folder, "--workers", "1")
     try:
         startup = _startup_lines(process)
         wait_for(f"http://127.0.0.1:{port}/health", 120)
