@@ -185,6 +185,20 @@ def test_finalize_of_an_unused_logger_creates_no_run(store: str):
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
+def test_values_logged_before_the_run_exists_are_written_by_finalize(store: str, monkeypatch):
+    """A user's own loop may log a few values and finish before anything asked for the run (the
+    project's training reads run_id first; Lightning's logger creates the run only then): finalize
+    creates the run and writes them, rather than returning early with them in the buffer."""
+    Writes(monkeypatch)
+    log = logger.BufferedMLFlowLogger(experiment_name="late", tracking_uri=store)
+    log.log_metrics({"loss": 0.5}, step=1)
+    log.finalize()
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("late").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert _history(store, run.info.run_id, "loss") == [(1, 0.5)]
+
+
 def test_a_failed_run_ends_failed_after_its_values_are_written(store: str, monkeypatch):
     Writes(monkeypatch)
     log = _started(store, "failed")

@@ -102,8 +102,8 @@ class BufferedMLFlowLogger(MLFlowLogger):
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
-        if not self._initialized:
-            return
+        if not self._initialized and not self._pending:
+            return  # nothing was logged: no run to create (Lightning's own rule)
         try:
             self.flush()
         finally:
