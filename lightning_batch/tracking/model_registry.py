@@ -126,7 +126,7 @@ def register_model(
             name, source=model_uri, run_id=run_id, tags=version_tags, model_id=model_id
         )
         holder = _champion(client, name)
-        previous = holder.version if holder is not None else None
+        previous = str(holder.version) if holder is not None else None  # an int from a sqlite store
         previous_loss = _loss(holder.tags.get(METRIC)) if holder is not None else None
         better = math.isfinite(val_loss) and (
             holder is None or (previous_loss is not None and val_loss < previous_loss)
