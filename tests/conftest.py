@@ -6,10 +6,12 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 import warnings
 from pathlib import Path
+from typing import IO
 
 import lightning.pytorch as pl
 import pytest
@@ -92,6 +94,22 @@ def wait_for(url: str, seconds: float) -> bytes:
             last = exc
             time.sleep(0.5)
     raise AssertionError(f"{url} did not answer in {seconds} s: {last}")
+
+
+def drain_to_file(stream: IO[str], into: Path) -> None:
+    """Copy what a server writes to ``stream`` into ``into``, on a daemon thread, until it closes.
+
+    An MLflow server (``run.py server`` or ``ui``) writes an access line per request to stdout. A
+    pipe nobody reads fills after ~64 KiB (about 800 requests) and then blocks the server mid-request:
+    a test that reads only the first lines must hand the rest to this.
+    """
+
+    def copy() -> None:
+        with into.open("a") as out:
+            for line in stream:
+                out.write(line)
+
+    threading.Thread(target=copy, daemon=True).start()
 
 
 def stop_process_tree(process: subprocess.Popen) -> None:

@@ -24,7 +24,7 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from .conftest import ROOT, RUN_PY, free_port, stop_process_tree, subprocess_env, wait_for
+from .conftest import ROOT, RUN_PY, drain_to_file, free_port, stop_process_tree, subprocess_env, wait_for
 
 pytestmark = pytest.mark.slow  # CI runs the slow suite after `make test` (.ci/run)
 
@@ -66,23 +66,15 @@ def _start(folder: Path, *extra: str, **env: str) -> tuple[subprocess.Popen, int
 def _startup_lines(process: subprocess.Popen, folder: Path) -> list[str]:
     """The lines run.py prints before MLflow takes over (the last ends with "Ctrl-C stops it").
 
-    The rest of stdout is then copied to ``server.out`` beside ``server.err``, by a thread, for as
-    long as the server runs: uvicorn writes an access line per request to stdout, and a pipe nobody
-    reads fills after ~64 KiB and blocks the server's event loop mid-request (what hung the load
-    test of an earlier stop)."""
+    The rest of stdout then goes to ``server.out`` (:func:`drain_to_file`: a pipe nobody read is
+    what hung the load test of an earlier stop)."""
     assert process.stdout is not None
     lines = []
     while not lines or "Ctrl-C" not in lines[-1]:
         line = process.stdout.readline()
         assert line, f"the server exited: {lines}"
         lines.append(line.rstrip("\n"))
-
-    def drain(stdout, into: Path) -> None:
-        with into.open("a") as out:
-            for line in stdout:
-                out.write(line)
-
-    threading.Thread(target=drain, args=(process.stdout, folder / "server.out"), daemon=True).start()
+    drain_to_file(process.stdout, folder / "server.out")
     return lines
 
 

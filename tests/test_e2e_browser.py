@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from .conftest import ROOT, RUN_PY, free_port, stop_process_tree, subprocess_env, wait_for
+from .conftest import ROOT, RUN_PY, drain_to_file, free_port, stop_process_tree, subprocess_env, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -121,6 +121,7 @@ def test_mlflow_ui_shows_the_runs_the_model_the_registry_and_the_charts(workdir:
     try:
         assert server.stdout is not None
         printed_url = next(w for w in server.stdout.readline().split() if w.startswith("http://"))
+        drain_to_file(server.stdout, workdir / "ui.out")  # the server's access lines, unread
         wait_for(f"http://127.0.0.1:{port}/health", 120)
         base = f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}"
         view = "?workflowType=machine_learning"
