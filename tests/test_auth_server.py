@@ -122,6 +122,14 @@ def _run_py(
     )
 
 
+def _train(
+    folder: Path, uri: str, experiment: str, *extra: str, epochs: int = 1, user: str | None = None
+) -> subprocess.CompletedProcess:
+    """``run.py train`` on iris (lr 0.1, so no lr search) into ``experiment`` of the store at ``uri``."""
+    argv = ["train", "--data", "iris", "--epochs", str(epochs), "--lr", "0.1", "--tracking-uri", uri]
+    return _run_py(folder, *argv, "--experiment", experiment, *extra, user=user)
+
+
 def _error_lines(stderr: str) -> list[str]:
     """stderr without the warnings Python and MLflow's web stack print on import."""
     return [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -174,20 +182,7 @@ def test_with_credentials_train_tune_register_and_predict_go_through_the_server(
     """Alice trains (with --register), runs a 2-worker study, then predicts with the champion: all
     through the server, artifacts included (her machine has no store of its own)."""
     uri = ["--tracking-uri", server.url, "--experiment", "alice-exp"]
-    trained = _run_py(
-        tmp_path,
-        "train",
-        "--data",
-        "iris",
-        "--epochs",
-        "3",
-        "--lr",
-        "0.1",
-        *uri,
-        "--register",
-        "iris-team",
-        user="alice",
-    )
+    trained = _train(tmp_path, server.url, "alice-exp", "--register", "iris-team", epochs=3, user="alice")
     assert trained.returncode == 0, trained.stderr[-3000:]
     study = ["--study", "team-study", "--trials", "4", "--workers", "2", "--retrain", "none"]
     storage = ["--storage", f"sqlite:///{tmp_path}/optuna.db"]
@@ -235,21 +230,7 @@ def test_with_credentials_train_tune_register_and_predict_go_through_the_server(
 def test_another_user_cannot_change_or_delete_an_experiment_they_do_not_own(
     server: Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
-    owned = _run_py(
-        tmp_path,
-        "train",
-        "--data",
-        "iris",
-        "--epochs",
-        "1",
-        "--lr",
-        "0.1",
-        "--tracking-uri",
-        server.url,
-        "--experiment",
-        "alice-owned",
-        user="alice",
-    )
+    owned = _train(tmp_path, server.url, "alice-owned", user="alice")
     assert owned.returncode == 0, owned.stderr[-3000:]
     experiment = server.admin_client(monkeypatch).get_experiment_by_name("alice-owned")
     bob = ("bob", USERS["bob"])
@@ -264,21 +245,7 @@ def test_another_user_cannot_change_or_delete_an_experiment_they_do_not_own(
         )
         assert response.status_code == 403, (action, response.text)
     # Bob's run into Alice's experiment: one line, exit 2, and the experiment untouched.
-    refused = _run_py(
-        tmp_path,
-        "train",
-        "--data",
-        "iris",
-        "--epochs",
-        "1",
-        "--lr",
-        "0.1",
-        "--tracking-uri",
-        server.url,
-        "--experiment",
-        "alice-owned",
-        user="bob",
-    )
+    refused = _train(tmp_path, server.url, "alice-owned", user="bob")
     assert refused.returncode == 2
     (line,) = _error_lines(refused.stderr)
     assert "403" in line and "--experiment" in line
@@ -292,20 +259,7 @@ def test_a_password_in_the_tracking_url_works_warns_once_and_is_written_nowhere(
 ):
     secret = USERS["alice"]
     url = server.url.replace("http://", f"http://alice:{secret}@")
-    done = _run_py(
-        tmp_path,
-        "train",
-        "--data",
-        "iris",
-        "--epochs",
-        "2",
-        "--lr",
-        "0.1",
-        "--tracking-uri",
-        url,
-        "--experiment",
-        "alice-url",
-    )
+    done = _train(tmp_path, url, "alice-url", epochs=2)
     assert done.returncode == 0, done.stderr[-3000:]
     warnings = [line for line in done.stderr.splitlines() if "carries a password" in line]
     assert len(warnings) == 1 and "MLFLOW_TRACKING_PASSWORD" in warnings[0]
@@ -451,21 +405,7 @@ def test_a_server_on_a_postgresql_store_takes_its_password_from_pgpassword(tmp_p
         )
         assert added.returncode == 0, added.stderr[-2000:]
         USERS[user] = USERS["alice"]
-        done = _run_py(
-            tmp_path,
-            "train",
-            "--data",
-            "iris",
-            "--epochs",
-            "1",
-            "--lr",
-            "0.1",
-            "--tracking-uri",
-            f"http://127.0.0.1:{port}",
-            "--experiment",
-            f"{user}-exp",
-            user=user,
-        )
+        done = _train(tmp_path, f"http://127.0.0.1:{port}", f"{user}-exp", user=user)
         assert done.returncode == 0, done.stderr[-3000:]
         assert not (tmp_path / "mlruns" / "basic_auth.db").exists(), "users live in the PostgreSQL store"
     finally:
