@@ -109,7 +109,7 @@ def test_adamw_in_a_plain_module_gets_the_square_root_rule_times_its_own_schedul
     class LrAtEveryStep(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             lr = trainer.optimizers[0].param_groups[0]["lr"]
-            seen.append((trainer.current_epoch, resize.batch_size, lr))
+            seen.append((trainer.current_epoch, resize.batch_size, len(batch[0]), lr))
 
     lr0, b0 = 0.01, 16
     resize = DynamicBatchSize(policy="schedule", milestones=[1, 2], schedule_factor=2.0, probe_memory=False)
@@ -125,9 +125,12 @@ def test_adamw_in_a_plain_module_gets_the_square_root_rule_times_its_own_schedul
     )
     trainer.fit(AdamWRegressor(lr=lr0), datamodule=PlainDataModule(batch_size=b0, rows=640))
     assert logger.params["lr_rule_resolved"] == "sqrt"
-    assert {b for _, b, _ in seen} == {16, 32, 64}, "the schedule moved the batch"
-    for epoch, batch, lr in seen:
-        assert lr == pytest.approx(lr0 * 0.5**epoch * math.sqrt(batch / b0), rel=1e-9), (epoch, batch)
+    assert {b for _, b, _, _ in seen} == {16, 32, 64}, "the schedule moved the batch"
+    assert any(rows < batch for _, batch, rows, _ in seen), "some epoch ends on a short step"
+    for epoch, batch, rows, lr in seen:
+        # An epoch's short last step: the rule at its own rows, between lr0 and the batch's lr.
+        scale = min(max(math.sqrt(rows / b0), 1.0), math.sqrt(batch / b0))
+        assert lr == pytest.approx(lr0 * 0.5**epoch * scale, rel=1e-9), (epoch, batch, rows)
 
 
 def test_every_param_group_is_rescaled_by_the_rule_and_its_scheduler_follows():
@@ -163,7 +166,7 @@ def test_every_param_group_is_rescaled_by_the_rule_and_its_scheduler_follows():
     class LrsAtEveryStep(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             lrs = [group["lr"] for group in trainer.optimizers[0].param_groups]
-            seen.append((trainer.current_epoch, resize.batch_size, lrs))
+            seen.append((trainer.current_epoch, resize.batch_size, len(batch[0]), lrs))
 
     b0 = 16
     resize = DynamicBatchSize(
@@ -172,7 +175,67 @@ def test_every_param_group_is_rescaled_by_the_rule_and_its_scheduler_follows():
     trainer = quiet_trainer(3, [resize, LrsAtEveryStep()])
     trainer.fit(PerLayerLrs(), datamodule=PlainDataModule(batch_size=b0, rows=320))
     assert [d["to"] for d in resize.decisions] == [32], "the schedule doubled the batch in epoch 1"
-    assert {(epoch, batch) for epoch, batch, _ in seen} == {(0, 16), (1, 16), (1, 32), (2, 32)}
-    for epoch, batch, lrs in seen:
-        expected = [lr0 * 0.5**epoch * batch / b0 for lr0 in lrs0]
-        assert lrs == pytest.approx(expected, rel=1e-9), (epoch, batch)
+    assert {(epoch, batch) for epoch, batch, _, _ in seen} == {(0, 16), (1, 16), (1, 32), (2, 32)}
+    assert any(rows < batch for _, batch, rows, _ in seen), "an epoch ends on a short step"
+    for epoch, batch, rows, lrs in seen:
+        # An epoch's short last step: the rule at its own rows, between lr0 and the batch's lr.
+        scale = min(max(rows / b0, 1.0), batch / b0)
+        expected = [lr0 * 0.5**epoch * scale for lr0 in lrs0]
+        assert lrs == pytest.approx(expected, rel=1e-9), (epoch, batch, rows)
+
+
+def test_a_checkpoint_saved_during_a_short_step_resumes_at_the_lrs_of_the_unbroken_fit(tmp_path):
+    """A user's callback listed before ours saves in the middle of an epoch's short last step, while
+    its lr is lowered to the rule's for its rows: the resumed fit trains every later step at the lr
+    the unbroken fit did (the batch's lr comes back, not the short step's)."""
+    import lightning.pytorch as pl
+    import torch
+
+    from lightning_batch import DynamicBatchSize
+
+    from .conftest import quiet_trainer
+    from .plain_project import PlainDataModule, PlainRegressor
+
+    class Stop(Exception):
+        pass
+
+    class LrsAtEveryStep(pl.Callback):
+        def __init__(self) -> None:
+            self.lrs: list[float] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    class SaveInTheShortStepOfEpoch1(pl.Callback):
+        def __init__(self, resize: DynamicBatchSize) -> None:
+            self.resize = resize
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.current_epoch == 1 and len(batch[0]) < self.resize.batch_size:
+                trainer.save_checkpoint(tmp_path / "short.ckpt")
+                raise Stop
+
+    def fit(stop: bool, ckpt_path=None) -> tuple[LrsAtEveryStep, DynamicBatchSize]:
+        resize = DynamicBatchSize(
+            policy="schedule", lr_rule="linear", milestones=[1], schedule_factor=4.0, probe_memory=False
+        )
+        record = LrsAtEveryStep()
+        saver = [SaveInTheShortStepOfEpoch1(resize)] if stop else []
+        pl.seed_everything(0, verbose=False)
+        trainer = quiet_trainer(3, [*saver, resize, record])
+        trainer.fit(
+            PlainRegressor(lr=0.01), datamodule=PlainDataModule(batch_size=16, rows=200), ckpt_path=ckpt_path
+        )
+        return record, resize
+
+    unbroken, _ = fit(stop=False)
+    with pytest.raises(Stop):
+        fit(stop=True)
+    saved = torch.load(tmp_path / "short.ckpt", weights_only=True)
+    (own,) = [state for key, state in saved["callbacks"].items() if key.startswith("DynamicBatchSize")]
+    assert own["full_step_lr_scale"] == 4.0 and own["lr_scale"] < 4.0, (
+        "saved while the short step's lr was lower"
+    )
+    resumed, _ = fit(stop=False, ckpt_path=tmp_path / "short.ckpt")
+    assert resumed.lrs == pytest.approx(unbroken.lrs[-len(resumed.lrs) :], rel=1e-12)
+    assert resumed.lrs[0] == pytest.approx(0.04), "the next step trains at the batch's lr"

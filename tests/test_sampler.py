@@ -228,6 +228,24 @@ def test_trained_position_is_saved_not_the_fetched_one():
     assert torch.equal(torch.cat([*fetched[:2], rest]), sampler.permutation())
 
 
+def test_untrained_rows_count_from_the_last_trained_batch_not_the_fetched_one():
+    sampler = ResizableBatchSampler(30, batch_size=4, seed=7)
+    assert sampler.batch_trained() == 0  # a consumer reports trained batches (the callback does)
+    iterator = iter(sampler)
+    assert sampler.untrained_rows() == 30
+    next(iterator), next(iterator)  # 8 rows fetched, none trained yet
+    assert sampler.untrained_rows() == 30
+    sampler.batch_trained()
+    assert sampler.untrained_rows() == 26  # the second batch is only fetched
+    sampler.batch_size = 6
+    next(iterator)
+    sampler.batch_trained(), sampler.batch_trained()
+    assert sampler.untrained_rows() == 30 - 14
+    unconsumed = ResizableBatchSampler(30, batch_size=4, seed=7)  # no consumer: fetched is trained
+    next(iter(unconsumed))
+    assert unconsumed.untrained_rows() == 26
+
+
 def test_without_a_consumer_the_fetched_position_is_saved():
     sampler = ResizableBatchSampler(30, batch_size=4, seed=7)
     iterator = iter(sampler)

@@ -44,18 +44,21 @@ class Scheduled(PlainRegressor):
 
 
 class LrBySamples(pl.Callback):
-    """``(rows trained before the step, batch size chosen, lr the step trained with)`` per step, and the
-    last lr (the chosen size, not the rows: an epoch's short last batch trains at the chosen size's lr)."""
+    """``(rows trained before the step, batch size chosen, lr the step trained with)`` per step, the
+    rows of each step (an epoch's short last step trains at the lr rule's scale for its own rows),
+    and the last lr."""
 
     def __init__(self, resize: DynamicBatchSize | None = None) -> None:
         self.resize = resize
         self.steps: list[tuple[int, int, float]] = []
+        self.rows: list[int] = []
         self.samples = 0
         self.last_lr = math.nan
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         chosen = self.resize.batch_size if self.resize is not None else B0
         self.steps.append((self.samples, chosen, trainer.optimizers[0].param_groups[0]["lr"]))
+        self.rows.append(len(batch[0]))
         self.samples += len(batch[0])
 
     def on_train_end(self, trainer, pl_module):
@@ -92,9 +95,12 @@ def test_a_step_schedule_ends_at_its_floor_and_follows_samples_as_at_the_startin
     assert {b for _, b, _ in growing.steps} == {16, 32, 64}, "the batch grew"
     assert len(growing.steps) < 0.7 * len(fixed.steps)  # 120 steps at B0
     assert growing.last_lr <= 0.01 * LR0 and fixed.last_lr <= 0.01 * LR0
-    for samples, batch, lr in growing.steps:
-        # AdamW's rule (auto -> sqrt) scales the schedule's lr by √(B/B0) on top.
-        assert lr / math.sqrt(batch / B0) == pytest.approx(fixed_lr[samples], rel=1e-6, abs=1e-12), samples
+    assert any(rows < batch for (_, batch, _), rows in zip(growing.steps, growing.rows, strict=True))
+    for (samples, batch, lr), rows in zip(growing.steps, growing.rows, strict=True):
+        # AdamW's rule (auto -> sqrt) scales the schedule's lr by √(B/B0) on top; an epoch's short
+        # last step by the rule at its own rows, between 1 and the batch's.
+        scale = min(max(math.sqrt(rows / B0), 1.0), math.sqrt(batch / B0))
+        assert lr / scale == pytest.approx(fixed_lr[samples], rel=1e-6, abs=1e-12), samples
 
 
 def test_without_schedule_progress_the_schedule_is_cut_short():

@@ -164,6 +164,7 @@ class DynamicBatchSize(Callback):
         self.history: list[dict[str, float]] = []
         self._samples_seen = 0
         self._rows_in_step = 0  # rows of the optimizer step so far (its micro-batches, with accumulation)
+        self._full_step_lr_scale: float | None = None  # the batch's lr scale, while a short step trains
         #: The noise meter of this fit, the last measurement and the share measured exactly.
         self.measurement = FitNoiseMeasurement(self.ema, opts.fallback_microbatches, opts.noise_gradients)
         #: How far step-interval lr schedulers have come, in starting-batch steps (``schedule_progress``).
@@ -360,6 +361,7 @@ class DynamicBatchSize(Callback):
             return
         if self.passes.in_charge and self._sampler is not None:  # an epoch's last step may be short
             self.passes.last_step_of_epoch(trainer, self._sampler.untrained_batches() + 1, batch_idx)
+        self._lower_lr_for_a_short_step(trainer)
         # global_step moves on in the optimizer step: what to measure is decided here, at the start.
         measure, fallback = self.clock.begin_step(trainer.global_step)
         self.measurement.begin_step(measure, batch, fallback)
@@ -386,6 +388,9 @@ class DynamicBatchSize(Callback):
         self.measurement.rows_since_measurement += rows
         self._rows_in_step += rows
         step_done = optimizer_step_done(trainer)
+        if step_done and self._full_step_lr_scale is not None:  # the batch's lr, before any decision
+            self._set_lr_scale(trainer, self._full_step_lr_scale)
+            self._full_step_lr_scale = None
         if not self.clock.measuring:
             self.clock.record_step(rows, seconds)
         elif step_done:  # a measured step spans its passes: measured once, over all their rows
@@ -500,6 +505,22 @@ class DynamicBatchSize(Callback):
         """The sampler's batch (one pass) for an optimizer step of ``step_rows`` rows."""
         return self._split(step_rows)[0]
 
+    def _lower_lr_for_a_short_step(self, trainer: pl.Trainer) -> None:
+        """At a step's first pass: an epoch's short last step trains at the lr rule's scale for its
+        own rows, between 1 (lr0) and the batch's. At a batch near the epoch's size (104 of iris's
+        106 rows) the 2-row rest would otherwise take the lr raised for 104 rows, and its noisy
+        gradient jolt the fit every epoch."""
+        if self._sampler is None or self.lr_scale <= 1.0 or not self.batch_size:
+            return
+        full = self.batch_size * self.passes_per_step
+        rows = min(full, self._sampler.untrained_rows() + self._sampler.last_global_rows)
+        if not 0 < rows < full:
+            return
+        context = self._context(trainer)
+        scale = self.controller.lr_rule.scale(rows, context.base_batch, context.grad_sqr, context.trace_sigma)
+        self._full_step_lr_scale = self.lr_scale
+        self._set_lr_scale(trainer, min(max(float(scale), 1.0), self.lr_scale))
+
     def _set_lr_scale(self, trainer: pl.Trainer, scale: float) -> None:
         """Multiply every lr by ``scale / current scale``; schedulers' base lrs follow, so they stay coherent."""
         ratio = scale / self.lr_scale
@@ -537,6 +558,8 @@ class DynamicBatchSize(Callback):
             "base_batch": self.base_batch,
             "batch_size": self.batch_size,
             "lr_scale": self.lr_scale,
+            # Saved by a callback in the middle of a short step: the batch's scale to go back to.
+            "full_step_lr_scale": self._full_step_lr_scale,
             "ceiling": self.ceiling,
             "probe": self.probe.state_dict() if self.probe is not None else None,
             "ema": self.ema.state_dict(),
@@ -569,6 +592,8 @@ class DynamicBatchSize(Callback):
         self.base_batch = state["base_batch"]
         self.batch_size = state["batch_size"]
         self.lr_scale = float(state["lr_scale"])  # the optimizer's lr was restored with it
+        if state.get("full_step_lr_scale") is not None:  # saved during a short step: its lr was lowered
+            self._set_lr_scale(trainer, float(state["full_step_lr_scale"]))
         self.ceiling = state["ceiling"]
         self.probe = MemoryProbeResult.from_state_dict(state["probe"]) if state["probe"] else None
         self.ema.load_state_dict(state["ema"])

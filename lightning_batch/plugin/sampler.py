@@ -177,6 +177,12 @@ class ResizableBatchSampler(BatchSampler):
         ahead = sum(self._in_flight) if self._tracks_training else 0
         return self._steps_for(self.num_samples - (self.cursor - ahead))
 
+    def untrained_rows(self) -> int:
+        """Rows (global) this epoch has still to train, counted from the last batch trained (a batch
+        fetched ahead is not trained yet)."""
+        ahead = sum(self._in_flight) if self._tracks_training else 0
+        return self.num_samples - (self.cursor - ahead)
+
     def remaining_batches(self) -> int:
         """Steps left in this epoch if the batch size stays as it is now."""
         return self._steps_for(self.num_samples - self.cursor)
