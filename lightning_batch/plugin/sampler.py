@@ -174,8 +174,7 @@ class ResizableBatchSampler(BatchSampler):
     def untrained_batches(self) -> int:
         """Batches this epoch still trains at the current size, counted from the last batch trained (a
         batch fetched ahead is not trained yet)."""
-        ahead = sum(self._in_flight) if self._tracks_training else 0
-        return self._steps_for(self.num_samples - (self.cursor - ahead))
+        return self._steps_for(self.untrained_rows())
 
     def untrained_rows(self) -> int:
         """Rows (global) this epoch has still to train, counted from the last batch trained (a batch
